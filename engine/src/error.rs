@@ -1,0 +1,130 @@
+//! The engine's error type. A bad *record* is never an error: it becomes an
+//! `import_errors` row. These are the failures that stop a command.
+
+use std::path::PathBuf;
+
+/// Everything that can stop a fhirflow command, with where it happened.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid {what} {value:?}: {reason}")]
+    InvalidPartition {
+        what: &'static str,
+        value: String,
+        reason: &'static str,
+    },
+
+    #[error("configuration: {0}")]
+    Config(String),
+
+    #[error("config file {path}: {source}")]
+    ConfigFile {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
+    #[error("input {path}: {reason}")]
+    Input { path: PathBuf, reason: String },
+
+    #[error("{stage}: object store {location}: {source}")]
+    Store {
+        stage: &'static str,
+        location: String,
+        #[source]
+        source: object_store::Error,
+    },
+
+    #[error("{stage}: reading {location}: {source}")]
+    Io {
+        stage: &'static str,
+        location: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{stage}: {context}: {source}")]
+    Query {
+        stage: &'static str,
+        context: String,
+        #[source]
+        source: datafusion::error::DataFusionError,
+    },
+
+    #[error("{stage}: writing Parquet {location}: {source}")]
+    Parquet {
+        stage: &'static str,
+        location: String,
+        #[source]
+        source: parquet::errors::ParquetError,
+    },
+
+    #[error("{stage}: {location} changed while the run read it ({detail})")]
+    InputChanged {
+        stage: &'static str,
+        location: String,
+        detail: String,
+    },
+
+    #[error(
+        "curate tenant {tenant} date {date}: records do not add up: read {read} != \
+         curated {curated} + rejected {rejected} + duplicates {duplicates}; nothing was published"
+    )]
+    Conservation {
+        tenant: String,
+        date: String,
+        read: u64,
+        curated: u64,
+        rejected: u64,
+        duplicates: u64,
+    },
+
+    #[error("{0}")]
+    Usage(String),
+
+    /// The reader of a stream went away (a query's LIMIT was reached).
+    #[error("cancelled: the consumer stopped reading")]
+    Cancelled,
+
+    #[error("internal: task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn store(
+        stage: &'static str,
+        location: impl ToString,
+        source: object_store::Error,
+    ) -> Self {
+        Error::Store {
+            stage,
+            location: location.to_string(),
+            source,
+        }
+    }
+
+    pub fn query(
+        stage: &'static str,
+        context: impl Into<String>,
+        source: datafusion::error::DataFusionError,
+    ) -> Self {
+        Error::Query {
+            stage,
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// The process exit code documented in the README.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::InvalidPartition { .. }
+            | Error::Usage(_)
+            | Error::Config(_)
+            | Error::ConfigFile { .. } => 2,
+            Error::Conservation { .. } => 3,
+            _ => 1,
+        }
+    }
+}

@@ -1,0 +1,462 @@
+//! The storage layout (DESIGN.md, "Storage layout"): the only place that turns
+//! partition values into object paths, and the only place that reads them back.
+//!
+//! ```text
+//! raw/tenantGuid=<guid>/source_system=<system>/import_date=<YYYY-MM-DD>/<Type>[.NNN].ndjson[.gz]
+//! curated/tenantGuid=<guid>/import_date=<YYYY-MM-DD>/<Type>-processed[.NNN].ndjson
+//! metadata/<table>/tenantGuid=<guid>/import_date=<YYYY-MM-DD>/<run_id>.parquet
+//! metadata/_commits/tenantGuid=<guid>/import_date=<YYYY-MM-DD>/<run_id>.json
+//! <layer>/_staging/<run_id>/...   (a run's writes, before it commits)
+//! ```
+//!
+//! Partition values are validated types: nothing a source sends can choose
+//! where data is written.
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::NaiveDate;
+use object_store::path::Path;
+
+use crate::error::Error;
+use crate::fhir;
+
+/// A tenant id: a GUID, kept in lower-case hyphenated form so that one tenant
+/// has exactly one path and one label code.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TenantGuid(String);
+
+impl FromStr for TenantGuid {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        let bad = |reason| Error::InvalidPartition {
+            what: "tenant GUID",
+            value: s.to_string(),
+            reason,
+        };
+        let b = s.as_bytes();
+        if b.len() != 36 {
+            return Err(bad(
+                "expected 36 characters like 0f8fad5b-d9cb-469f-a165-70867728950e",
+            ));
+        }
+        for (i, c) in b.iter().enumerate() {
+            let ok = if matches!(i, 8 | 13 | 18 | 23) {
+                *c == b'-'
+            } else {
+                c.is_ascii_hexdigit()
+            };
+            if !ok {
+                return Err(bad("expected hex digits in groups 8-4-4-4-12"));
+            }
+        }
+        Ok(TenantGuid(s.to_ascii_lowercase()))
+    }
+}
+
+/// A source system name: `[A-Za-z0-9_-]{1,64}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceSystem(String);
+
+impl FromStr for SourceSystem {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        let ok = (1..=64).contains(&s.len())
+            && s.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-');
+        if ok {
+            Ok(SourceSystem(s.to_string()))
+        } else {
+            Err(Error::InvalidPartition {
+                what: "source system",
+                value: s.to_string(),
+                reason: "expected 1 to 64 of A-Z a-z 0-9 _ -",
+            })
+        }
+    }
+}
+
+/// An import date, `YYYY-MM-DD`, a real calendar date.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ImportDate(pub NaiveDate);
+
+impl FromStr for ImportDate {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        let well_formed = s.len() == 10
+            && s.bytes().enumerate().all(|(i, c)| {
+                if i == 4 || i == 7 {
+                    c == b'-'
+                } else {
+                    c.is_ascii_digit()
+                }
+            });
+        match NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+            Ok(d) if well_formed => Ok(ImportDate(d)),
+            _ => Err(Error::InvalidPartition {
+                what: "import date",
+                value: s.to_string(),
+                reason: "expected a real date as YYYY-MM-DD",
+            }),
+        }
+    }
+}
+
+impl ImportDate {
+    pub fn today() -> Self {
+        ImportDate(chrono::Utc::now().date_naive())
+    }
+    /// Days since 1970-01-01, Arrow's Date32.
+    pub fn days_since_epoch(self) -> i32 {
+        (self.0 - NaiveDate::from_ymd_opt(1970, 1, 1).unwrap()).num_days() as i32
+    }
+}
+
+macro_rules! display_as_str {
+    ($($t:ty),*) => {$(
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+        impl $t {
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+    )*};
+}
+display_as_str!(TenantGuid, SourceSystem);
+
+impl fmt::Display for ImportDate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0.format("%Y-%m-%d"))
+    }
+}
+
+/// A raw file name: `<Type>.ndjson`, `<Type>.<NNN>.ndjson`, optionally `.gz`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RawFileName {
+    pub resource_type: &'static str,
+    name: String,
+}
+
+impl RawFileName {
+    pub fn parse(name: &str) -> Option<Self> {
+        let stem = name.strip_suffix(".gz").unwrap_or(name);
+        let stem = stem.strip_suffix(".ndjson")?;
+        let ty = match stem.split_once('.') {
+            Some((ty, seq)) if !seq.is_empty() && seq.bytes().all(|c| c.is_ascii_digit()) => ty,
+            Some(_) => return None,
+            None => stem,
+        };
+        let resource_type = fhir::resource_type(ty)?;
+        Some(RawFileName {
+            resource_type,
+            name: name.to_string(),
+        })
+    }
+    pub fn is_gzip(&self) -> bool {
+        self.name.ends_with(".gz")
+    }
+    pub fn as_str(&self) -> &str {
+        &self.name
+    }
+}
+
+/// The resource type of a curated file name, `<Type>-processed[.NNN].ndjson`.
+pub fn curated_file_type(name: &str) -> Option<&'static str> {
+    let (ty, rest) = name.split_once("-processed")?;
+    let ok = rest == ".ndjson"
+        || rest
+            .strip_prefix('.')
+            .and_then(|r| r.strip_suffix(".ndjson"))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|c| c.is_ascii_digit()));
+    ok.then(|| fhir::resource_type(ty)).flatten()
+}
+
+/// The three layers, each under its own root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layer {
+    Raw,
+    Curated,
+    Metadata,
+}
+
+impl Layer {
+    pub fn dir(self) -> &'static str {
+        match self {
+            Layer::Raw => "raw",
+            Layer::Curated => "curated",
+            Layer::Metadata => "metadata",
+        }
+    }
+}
+
+/// The metadata tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetadataTable {
+    ImportJobs,
+    ImportErrors,
+    ImportMetrics,
+}
+
+impl MetadataTable {
+    pub const ALL: [MetadataTable; 3] = [
+        MetadataTable::ImportJobs,
+        MetadataTable::ImportErrors,
+        MetadataTable::ImportMetrics,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            MetadataTable::ImportJobs => "import_jobs",
+            MetadataTable::ImportErrors => "import_errors",
+            MetadataTable::ImportMetrics => "import_metrics",
+        }
+    }
+}
+
+fn tenant_seg(t: &TenantGuid) -> String {
+    format!("tenantGuid={t}")
+}
+fn date_seg(d: ImportDate) -> String {
+    format!("import_date={d}")
+}
+
+/// Builds every object path from a layer root's prefix.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    /// The prefix inside the store under which the layer directory lives.
+    pub prefix: Path,
+}
+
+impl Paths {
+    pub fn new(prefix: Path) -> Self {
+        Paths { prefix }
+    }
+
+    fn join<'a>(&self, parts: impl IntoIterator<Item = &'a str>) -> Path {
+        let mut p = self.prefix.clone();
+        for part in parts {
+            p = p.join(part);
+        }
+        p
+    }
+
+    pub fn layer(&self, layer: Layer) -> Path {
+        self.join([layer.dir()])
+    }
+
+    pub fn raw_tenant(&self, t: &TenantGuid) -> Path {
+        self.join(["raw", &tenant_seg(t)])
+    }
+
+    pub fn raw_partition(&self, t: &TenantGuid, s: &SourceSystem, d: ImportDate) -> Path {
+        self.join([
+            "raw",
+            &tenant_seg(t),
+            &format!("source_system={s}"),
+            &date_seg(d),
+        ])
+    }
+
+    pub fn raw_file(
+        &self,
+        t: &TenantGuid,
+        s: &SourceSystem,
+        d: ImportDate,
+        f: &RawFileName,
+    ) -> Path {
+        self.raw_partition(t, s, d).join(f.as_str())
+    }
+
+    pub fn curated_partition(&self, t: &TenantGuid, d: ImportDate) -> Path {
+        self.join(["curated", &tenant_seg(t), &date_seg(d)])
+    }
+
+    /// The curated file of a type: `<Type>-processed.ndjson` when the type fits
+    /// in one part, else `<Type>-processed.<NNN>.ndjson` numbered from 001.
+    pub fn curated_file(
+        &self,
+        t: &TenantGuid,
+        d: ImportDate,
+        ty: &str,
+        part: Option<usize>,
+    ) -> Path {
+        let name = match part {
+            None => format!("{ty}-processed.ndjson"),
+            Some(n) => format!("{ty}-processed.{n:03}.ndjson"),
+        };
+        self.curated_partition(t, d).join(name)
+    }
+
+    pub fn metadata_file(
+        &self,
+        table: MetadataTable,
+        t: &TenantGuid,
+        d: ImportDate,
+        run: &str,
+    ) -> Path {
+        self.join([
+            "metadata",
+            table.name(),
+            &tenant_seg(t),
+            &date_seg(d),
+            &format!("{run}.parquet"),
+        ])
+    }
+
+    pub fn metadata_table(&self, table: MetadataTable) -> Path {
+        self.join(["metadata", table.name()])
+    }
+
+    pub fn commits_root(&self) -> Path {
+        self.join(["metadata", "_commits"])
+    }
+
+    pub fn commits(&self, t: &TenantGuid, d: ImportDate) -> Path {
+        self.join(["metadata", "_commits", &tenant_seg(t), &date_seg(d)])
+    }
+
+    pub fn staging(&self, layer: Layer, run: &str) -> Path {
+        self.join([layer.dir(), "_staging", run])
+    }
+
+    pub fn staging_root(&self, layer: Layer) -> Path {
+        self.join([layer.dir(), "_staging"])
+    }
+
+    /// Where `final_path` (under this root) is staged for `run`.
+    pub fn staged(&self, layer: Layer, run: &str, final_path: &Path) -> Path {
+        let rel = final_path
+            .prefix_match(&self.layer(layer))
+            .expect("staged paths are built from this layer");
+        let mut p = self.staging(layer, run);
+        for part in rel {
+            p = p.join(part);
+        }
+        p
+    }
+}
+
+/// Partition values read back from a path below a layer directory.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PathPartition {
+    pub tenant: Option<TenantGuid>,
+    pub source_system: Option<SourceSystem>,
+    pub date: Option<ImportDate>,
+    pub file_name: String,
+}
+
+/// Reads `key=value` segments of `path` after `base`; values that do not
+/// validate make the whole path unrecognised (None), so a stray object can
+/// never pose as a partition.
+pub fn parse_partition(base: &Path, path: &Path) -> Option<PathPartition> {
+    let mut out = PathPartition::default();
+    let parts: Vec<_> = path.prefix_match(base)?.collect();
+    let (file, dirs) = parts.split_last()?;
+    for seg in dirs {
+        let (k, v) = seg.as_ref().split_once('=')?;
+        match k {
+            "tenantGuid" => out.tenant = Some(v.parse().ok()?),
+            "source_system" => out.source_system = Some(v.parse().ok()?),
+            "import_date" => out.date = Some(v.parse().ok()?),
+            _ => return None,
+        }
+    }
+    out.file_name = file.as_ref().to_string();
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validates_partition_values() {
+        assert_eq!(
+            "0F8FAD5B-D9CB-469F-A165-70867728950E"
+                .parse::<TenantGuid>()
+                .unwrap()
+                .as_str(),
+            "0f8fad5b-d9cb-469f-a165-70867728950e"
+        );
+        for bad in [
+            "",
+            "../x",
+            "0f8fad5b-d9cb-469f-a165-70867728950",
+            "0f8fad5bxd9cb-469f-a165-70867728950e",
+        ] {
+            assert!(bad.parse::<TenantGuid>().is_err(), "{bad}");
+        }
+        assert!("epic_prod-1".parse::<SourceSystem>().is_ok());
+        for bad in ["", "a/b", "..", "a b", &"x".repeat(65)] {
+            assert!(bad.parse::<SourceSystem>().is_err(), "{bad}");
+        }
+        assert!("2024-02-29".parse::<ImportDate>().is_ok());
+        for bad in [
+            "2023-02-29",
+            "2024-1-01",
+            "20240101",
+            "2024-01-01/..",
+            "+2024-01-01",
+        ] {
+            assert!(bad.parse::<ImportDate>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn parses_raw_file_names() {
+        assert_eq!(
+            RawFileName::parse("Patient.ndjson").unwrap().resource_type,
+            "Patient"
+        );
+        assert_eq!(
+            RawFileName::parse("Patient.001.ndjson.gz")
+                .unwrap()
+                .resource_type,
+            "Patient"
+        );
+        for bad in [
+            "log.ndjson",
+            "Patient.json",
+            "Patient.x.ndjson",
+            "Patient..ndjson",
+            "Foo.ndjson",
+        ] {
+            assert!(RawFileName::parse(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn builds_and_reads_back_paths() {
+        let p = Paths::new(Path::from("lake"));
+        let t: TenantGuid = "0f8fad5b-d9cb-469f-a165-70867728950e".parse().unwrap();
+        let s: SourceSystem = "epic".parse().unwrap();
+        let d: ImportDate = "2024-05-01".parse().unwrap();
+        let f = RawFileName::parse("Patient.000.ndjson").unwrap();
+        let path = p.raw_file(&t, &s, d, &f);
+        assert_eq!(
+            path.as_ref(),
+            "lake/raw/tenantGuid=0f8fad5b-d9cb-469f-a165-70867728950e/source_system=epic/import_date=2024-05-01/Patient.000.ndjson"
+        );
+        let back = parse_partition(&p.layer(Layer::Raw), &path).unwrap();
+        assert_eq!(back.tenant, Some(t.clone()));
+        assert_eq!(back.source_system, Some(s));
+        assert_eq!(back.file_name, "Patient.000.ndjson");
+        let c = p.curated_file(&t, d, "Patient", Some(2));
+        assert!(c
+            .as_ref()
+            .ends_with("import_date=2024-05-01/Patient-processed.002.ndjson"));
+        let staged = p.staged(Layer::Curated, "r1", &c);
+        assert_eq!(
+            staged.as_ref(),
+            "lake/curated/_staging/r1/tenantGuid=0f8fad5b-d9cb-469f-a165-70867728950e/import_date=2024-05-01/Patient-processed.002.ndjson"
+        );
+        assert!(parse_partition(
+            &p.layer(Layer::Raw),
+            &Path::from("lake/raw/tenantGuid=x/a.ndjson")
+        )
+        .is_none());
+    }
+}

@@ -1,0 +1,31 @@
+//! fhirflow: a batch engine that carries FHIR R4 NDJSON from external sources
+//! through a multi-tenant lake (raw → curated → metadata) toward HealthLake.
+//!
+//! The modules follow the flow:
+//!
+//! * [`ingest`]: local NDJSON files land in the raw layer;
+//! * [`raw`]: reading raw NDJSON line by line;
+//! * [`curate`]: parse and key, dedup, label, write (DESIGN.md's steps);
+//! * [`commit`]: staging and the commit protocol every write goes through;
+//! * [`metadata`]: `import_jobs`, `import_errors`, `import_metrics`;
+//! * [`sql`]: one DataFusion session over every layer.
+//!
+//! [`layout`] is the one place that builds object paths; [`storage`] opens
+//! layer roots; [`settings`] resolves configuration.
+
+pub mod commit;
+pub mod curate;
+pub mod error;
+pub mod fhir;
+pub mod ingest;
+pub mod layout;
+pub mod metadata;
+pub mod model;
+pub mod raw;
+pub mod report;
+pub mod run;
+pub mod settings;
+pub mod sql;
+pub mod storage;
+
+pub use error::{Error, Result};

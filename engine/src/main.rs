@@ -1,0 +1,334 @@
+//! The `fhirflow` command.
+//!
+//! Exit codes: 0 success; 1 a run failed (storage, I/O, query); 2 bad usage,
+//! configuration or partition value (nothing was written); 3 a curate run
+//! whose records did not add up (nothing was published).
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use fhirflow::curate::{CurateReport, TypeSummary};
+use fhirflow::layout::{ImportDate, SourceSystem, TenantGuid};
+use fhirflow::report::Reporter;
+use fhirflow::settings::{Overrides, Settings};
+use fhirflow::storage::Lake;
+use fhirflow::{Error, Result};
+
+/// Carries FHIR R4 NDJSON through a multi-tenant lake: raw → curated → metadata.
+#[derive(Parser)]
+#[command(name = "fhirflow", version)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct Global {
+    /// Config file (default: ./fhirflow.toml when it exists).
+    #[arg(long, global = true, env = "FHIRFLOW_CONFIG")]
+    config: Option<PathBuf>,
+    /// Root of every layer: a folder, or a URL (file:///…, s3://bucket/prefix, memory://).
+    #[arg(long, global = true, env = "FHIRFLOW_LAKE")]
+    lake: Option<String>,
+    /// Root of the raw layer, when not the lake's.
+    #[arg(long, global = true, env = "FHIRFLOW_RAW_ROOT")]
+    raw_root: Option<String>,
+    /// Root of the curated layer, when not the lake's.
+    #[arg(long, global = true, env = "FHIRFLOW_CURATED_ROOT")]
+    curated_root: Option<String>,
+    /// Root of the metadata layer, when not the lake's.
+    #[arg(long, global = true, env = "FHIRFLOW_METADATA_ROOT")]
+    metadata_root: Option<String>,
+    /// The system of the tenant label in meta.security.
+    #[arg(long, global = true, env = "FHIRFLOW_TENANT_LABEL_SYSTEM")]
+    tenant_label_system: Option<String>,
+    /// Reject lines longer than this many bytes.
+    #[arg(long, global = true, env = "FHIRFLOW_MAX_LINE_BYTES")]
+    max_line_bytes: Option<usize>,
+    /// Reject JSON nested deeper than this.
+    #[arg(long, global = true, env = "FHIRFLOW_MAX_DEPTH")]
+    max_depth: Option<usize>,
+    /// Split curated files into numbered parts above this many bytes.
+    #[arg(long, global = true, env = "FHIRFLOW_PART_MAX_BYTES")]
+    part_max_bytes: Option<u64>,
+    /// Files processed at once (default: the number of cores).
+    #[arg(long, global = true, env = "FHIRFLOW_CONCURRENCY")]
+    concurrency: Option<usize>,
+    /// Print only results and errors.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct Partition {
+    /// The tenant: a GUID such as 0f8fad5b-d9cb-469f-a165-70867728950e.
+    #[arg(long)]
+    tenant: TenantGuid,
+    /// The import date, YYYY-MM-DD.
+    #[arg(long)]
+    date: ImportDate,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Land NDJSON files or folders in the raw layer.
+    Ingest {
+        /// Files named <Type>.ndjson or <Type>.NNN.ndjson (optionally .gz), or folders of them.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// The tenant GUID.
+        #[arg(long)]
+        tenant: TenantGuid,
+        /// The source system, [A-Za-z0-9_-]{1,64}.
+        #[arg(long)]
+        source_system: SourceSystem,
+        /// The import date, YYYY-MM-DD (default: today, UTC).
+        #[arg(long)]
+        date: Option<ImportDate>,
+    },
+    /// Curate every raw file of one tenant and date into the curated layer.
+    Curate {
+        #[command(flatten)]
+        partition: Partition,
+    },
+    /// Run SQL over every layer (raw.<type>, curated.<type>, metadata.import_*).
+    Sql {
+        /// The query.
+        query: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Ingest the given paths (if any), then curate the tenant and date, with a summary.
+    Run {
+        /// Files or folders to ingest first.
+        paths: Vec<PathBuf>,
+        /// The tenant GUID.
+        #[arg(long)]
+        tenant: TenantGuid,
+        /// The source system (required with paths).
+        #[arg(long)]
+        source_system: Option<SourceSystem>,
+        /// The import date, YYYY-MM-DD (default: today, UTC).
+        #[arg(long)]
+        date: Option<ImportDate>,
+    },
+    /// Print the resolved settings (secrets masked).
+    Config,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Table,
+    Csv,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let mut msg = format!("fhirflow: error: {e}");
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                // Variants already show their source inline; print only news.
+                let text = s.to_string();
+                if !msg.contains(&text) {
+                    msg.push_str(&format!("\n  caused by: {text}"));
+                }
+                source = s.source();
+            }
+            eprintln!("{msg}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let g = &cli.global;
+    let overrides = Overrides {
+        lake: g.lake.clone(),
+        raw_root: g.raw_root.clone(),
+        curated_root: g.curated_root.clone(),
+        metadata_root: g.metadata_root.clone(),
+        tenant_label_system: g.tenant_label_system.clone(),
+        max_line_bytes: g.max_line_bytes,
+        max_depth: g.max_depth,
+        part_max_bytes: g.part_max_bytes,
+        concurrency: g.concurrency,
+    };
+    let settings = Settings::resolve(g.config.as_deref(), &overrides)?;
+    if let Command::Config = cli.command {
+        print!("{}", settings.to_masked_toml());
+        return Ok(());
+    }
+    let lake = Lake::open(&settings)?;
+    let bar = Bar::new(g.quiet);
+    match cli.command {
+        Command::Config => unreachable!("handled above"),
+        Command::Ingest {
+            paths,
+            tenant,
+            source_system,
+            date,
+        } => {
+            let date = date.unwrap_or_else(ImportDate::today);
+            let report =
+                fhirflow::ingest::ingest(&lake, &paths, &tenant, &source_system, date).await?;
+            print_ingest(&report, g.quiet);
+        }
+        Command::Curate { partition } => {
+            let report =
+                fhirflow::curate::curate(&lake, &settings, &partition.tenant, partition.date, &bar)
+                    .await?;
+            print_summary(&report);
+        }
+        Command::Run {
+            paths,
+            tenant,
+            source_system,
+            date,
+        } => {
+            let plan = fhirflow::run::RunPlan {
+                paths,
+                tenant,
+                source_system,
+                date: date.unwrap_or_else(ImportDate::today),
+            };
+            let report = fhirflow::run::run(&lake, &settings, &plan, &bar).await?;
+            if let Some(i) = &report.ingest {
+                print_ingest(i, g.quiet);
+            }
+            print_summary(&report.curate);
+        }
+        Command::Sql { query, format } => {
+            let ctx = fhirflow::sql::session(&lake, &settings).await?;
+            let q = |e| Error::query("sql", "query", e);
+            let batches = ctx
+                .sql(&query)
+                .await
+                .map_err(q)?
+                .collect()
+                .await
+                .map_err(q)?;
+            let out = std::io::stdout();
+            let mut out = out.lock();
+            let w = |e: arrow::error::ArrowError| Error::Usage(format!("writing the result: {e}"));
+            match format {
+                Format::Table => {
+                    let table = arrow::util::pretty::pretty_format_batches(&batches).map_err(w)?;
+                    writeln!(out, "{table}").ok();
+                }
+                Format::Csv => {
+                    let mut writer = arrow::csv::Writer::new(&mut out);
+                    for b in &batches {
+                        writer.write(b).map_err(w)?;
+                    }
+                }
+                Format::Json => {
+                    let mut writer = arrow::json::LineDelimitedWriter::new(&mut out);
+                    for b in &batches {
+                        writer.write(b).map_err(w)?;
+                    }
+                    writer.finish().map_err(w)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_ingest(report: &fhirflow::ingest::IngestReport, quiet: bool) {
+    if quiet {
+        return;
+    }
+    let bytes: u64 = report.files.iter().map(|f| f.bytes).sum();
+    println!(
+        "ingested {} files ({:.1} MB)",
+        report.files.len(),
+        bytes as f64 / 1e6
+    );
+    for s in &report.skipped {
+        println!("  skipped {} (not <Type>[.NNN].ndjson[.gz])", s.display());
+    }
+}
+
+fn print_summary(r: &CurateReport) {
+    println!(
+        "curated tenant {} date {} (run {}) in {:.2} s",
+        r.tenant, r.date, r.run_id, r.seconds
+    );
+    println!(
+        "{:<28} {:>10} {:>10} {:>9} {:>11} {:>9}",
+        "resource type", "in", "curated", "rejected", "duplicates", "MB/s"
+    );
+    let row = |s: &TypeSummary, secs: f64| {
+        println!(
+            "{:<28} {:>10} {:>10} {:>9} {:>11} {:>9.1}",
+            s.resource_type,
+            s.records_in,
+            s.curated,
+            s.rejected,
+            s.duplicates,
+            s.bytes_in as f64 / 1e6 / secs.max(1e-9)
+        );
+    };
+    for s in &r.types {
+        row(s, s.seconds);
+    }
+    row(&r.total, r.seconds);
+    if r.total.rejected > 0 {
+        println!(
+            "rejected records: fhirflow sql \"SELECT source_file, line_no, error_code, message FROM metadata.import_errors WHERE job_id = '{}'\"",
+            r.run_id
+        );
+    }
+}
+
+/// A progress bar on a terminal; nothing otherwise.
+struct Bar(Option<indicatif::ProgressBar>);
+
+impl Bar {
+    fn new(quiet: bool) -> Self {
+        if quiet || !std::io::stderr().is_terminal() {
+            return Bar(None);
+        }
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .expect("template")
+            .progress_chars("=> "),
+        );
+        Bar(Some(bar))
+    }
+}
+
+impl Reporter for Bar {
+    fn start(&self, stage: &str, total_bytes: u64) {
+        if let Some(b) = &self.0 {
+            b.set_message(stage.to_string());
+            b.set_length(total_bytes);
+        }
+    }
+    fn advance(&self, bytes: u64) {
+        if let Some(b) = &self.0 {
+            b.inc(bytes);
+        }
+    }
+    fn finish(&self) {
+        if let Some(b) = &self.0 {
+            b.finish_and_clear();
+        }
+    }
+}

@@ -1,0 +1,285 @@
+//! The metadata layer: `import_jobs`, `import_errors` and `import_metrics`
+//! as Parquet (Snappy), Hive-partitioned by tenant and import date
+//! (DESIGN.md, "Metadata tables"). Each run writes one file per table, named
+//! by its run id, and the files become visible when the run commits.
+//!
+//! The files also carry `tenant_guid` and `import_date` as columns, so a file
+//! read on its own is self-describing.
+
+use std::sync::{Arc, LazyLock};
+
+use arrow::array::{
+    ArrayRef, BooleanArray, Date32Array, Float64Array, RecordBatch, StringArray,
+    TimestampMicrosecondArray, UInt64Array,
+};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use object_store::path::Path;
+use parquet::arrow::async_writer::{AsyncArrowWriter, ParquetObjectWriter};
+use parquet::basic::Compression;
+use parquet::file::properties::WriterProperties;
+
+use crate::error::{Error, Result};
+use crate::layout::MetadataTable;
+use crate::storage::Root;
+
+/// `import_jobs`: one row per stage run.
+#[derive(Debug, Clone, Default)]
+pub struct JobRow {
+    pub job_id: String,
+    pub stage: String,
+    pub tenant_guid: String,
+    pub source_system: Option<String>,
+    pub import_date: i32,
+    pub started_at: i64,
+    pub ended_at: i64,
+    pub status: String,
+    pub input_uri: String,
+    pub output_uri: String,
+    pub records_in: u64,
+    pub records_out: u64,
+    pub records_rejected: u64,
+    pub records_duplicate: u64,
+    pub healthlake_job_id: Option<String>,
+    pub healthlake_status: Option<String>,
+    pub message: Option<String>,
+    pub engine_version: String,
+}
+
+/// `import_errors`: one row per rejected record.
+#[derive(Debug, Clone, Default)]
+pub struct ErrorRow {
+    pub job_id: String,
+    pub stage: String,
+    pub tenant_guid: String,
+    pub import_date: i32,
+    pub source_file: String,
+    pub line_no: Option<u64>,
+    pub resource_type: Option<String>,
+    pub resource_id: Option<String>,
+    pub error_code: String,
+    pub message: String,
+    pub location: Option<String>,
+    pub record: Option<String>,
+}
+
+/// `import_metrics`: one row per (job, resource type, stage).
+#[derive(Debug, Clone, Default)]
+pub struct MetricRow {
+    pub job_id: String,
+    pub stage: String,
+    pub tenant_guid: String,
+    pub import_date: i32,
+    pub resource_type: String,
+    pub records_in: u64,
+    pub records_out: u64,
+    pub records_rejected: u64,
+    pub records_duplicate: u64,
+    pub records_exact_duplicate: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub elapsed_seconds: f64,
+    pub records_per_second: f64,
+    pub mb_per_second: f64,
+    /// records_in = records_out + records_rejected + records_duplicate.
+    pub conserved: bool,
+}
+
+fn ts() -> DataType {
+    DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+}
+
+static JOBS: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("job_id", DataType::Utf8, false),
+        Field::new("stage", DataType::Utf8, false),
+        Field::new("tenant_guid", DataType::Utf8, false),
+        Field::new("source_system", DataType::Utf8, true),
+        Field::new("import_date", DataType::Date32, false),
+        Field::new("started_at", ts(), false),
+        Field::new("ended_at", ts(), false),
+        Field::new("status", DataType::Utf8, false),
+        Field::new("input_uri", DataType::Utf8, false),
+        Field::new("output_uri", DataType::Utf8, false),
+        Field::new("records_in", DataType::UInt64, false),
+        Field::new("records_out", DataType::UInt64, false),
+        Field::new("records_rejected", DataType::UInt64, false),
+        Field::new("records_duplicate", DataType::UInt64, false),
+        Field::new("healthlake_job_id", DataType::Utf8, true),
+        Field::new("healthlake_status", DataType::Utf8, true),
+        Field::new("message", DataType::Utf8, true),
+        Field::new("engine_version", DataType::Utf8, false),
+    ]))
+});
+
+static ERRORS: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("job_id", DataType::Utf8, false),
+        Field::new("stage", DataType::Utf8, false),
+        Field::new("tenant_guid", DataType::Utf8, false),
+        Field::new("import_date", DataType::Date32, false),
+        Field::new("source_file", DataType::Utf8, false),
+        Field::new("line_no", DataType::UInt64, true),
+        Field::new("resource_type", DataType::Utf8, true),
+        Field::new("resource_id", DataType::Utf8, true),
+        Field::new("error_code", DataType::Utf8, false),
+        Field::new("message", DataType::Utf8, false),
+        Field::new("location", DataType::Utf8, true),
+        Field::new("record", DataType::Utf8, true),
+    ]))
+});
+
+static METRICS: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("job_id", DataType::Utf8, false),
+        Field::new("stage", DataType::Utf8, false),
+        Field::new("tenant_guid", DataType::Utf8, false),
+        Field::new("import_date", DataType::Date32, false),
+        Field::new("resource_type", DataType::Utf8, false),
+        Field::new("records_in", DataType::UInt64, false),
+        Field::new("records_out", DataType::UInt64, false),
+        Field::new("records_rejected", DataType::UInt64, false),
+        Field::new("records_duplicate", DataType::UInt64, false),
+        Field::new("records_exact_duplicate", DataType::UInt64, false),
+        Field::new("bytes_in", DataType::UInt64, false),
+        Field::new("bytes_out", DataType::UInt64, false),
+        Field::new("elapsed_seconds", DataType::Float64, false),
+        Field::new("records_per_second", DataType::Float64, false),
+        Field::new("mb_per_second", DataType::Float64, false),
+        Field::new("conserved", DataType::Boolean, false),
+    ]))
+});
+
+pub fn schema(table: MetadataTable) -> SchemaRef {
+    match table {
+        MetadataTable::ImportJobs => JOBS.clone(),
+        MetadataTable::ImportErrors => ERRORS.clone(),
+        MetadataTable::ImportMetrics => METRICS.clone(),
+    }
+}
+
+fn utf8<'a>(v: impl Iterator<Item = &'a str>) -> ArrayRef {
+    Arc::new(StringArray::from_iter_values(v))
+}
+fn utf8_opt<'a>(v: impl Iterator<Item = Option<&'a str>>) -> ArrayRef {
+    Arc::new(v.collect::<StringArray>())
+}
+fn u64s(v: impl Iterator<Item = u64>) -> ArrayRef {
+    Arc::new(v.collect::<UInt64Array>())
+}
+fn dates(v: impl Iterator<Item = i32>) -> ArrayRef {
+    Arc::new(Date32Array::from_iter_values(v))
+}
+fn times(v: impl Iterator<Item = i64>) -> ArrayRef {
+    Arc::new(
+        v.map(Some)
+            .collect::<TimestampMicrosecondArray>()
+            .with_timezone("UTC"),
+    )
+}
+fn f64s(v: impl Iterator<Item = f64>) -> ArrayRef {
+    Arc::new(v.collect::<Float64Array>())
+}
+
+pub fn jobs_batch(rows: &[JobRow]) -> RecordBatch {
+    let r = rows;
+    RecordBatch::try_new(
+        schema(MetadataTable::ImportJobs),
+        vec![
+            utf8(r.iter().map(|x| x.job_id.as_str())),
+            utf8(r.iter().map(|x| x.stage.as_str())),
+            utf8(r.iter().map(|x| x.tenant_guid.as_str())),
+            utf8_opt(r.iter().map(|x| x.source_system.as_deref())),
+            dates(r.iter().map(|x| x.import_date)),
+            times(r.iter().map(|x| x.started_at)),
+            times(r.iter().map(|x| x.ended_at)),
+            utf8(r.iter().map(|x| x.status.as_str())),
+            utf8(r.iter().map(|x| x.input_uri.as_str())),
+            utf8(r.iter().map(|x| x.output_uri.as_str())),
+            u64s(r.iter().map(|x| x.records_in)),
+            u64s(r.iter().map(|x| x.records_out)),
+            u64s(r.iter().map(|x| x.records_rejected)),
+            u64s(r.iter().map(|x| x.records_duplicate)),
+            utf8_opt(r.iter().map(|x| x.healthlake_job_id.as_deref())),
+            utf8_opt(r.iter().map(|x| x.healthlake_status.as_deref())),
+            utf8_opt(r.iter().map(|x| x.message.as_deref())),
+            utf8(r.iter().map(|x| x.engine_version.as_str())),
+        ],
+    )
+    .expect("import_jobs columns match")
+}
+
+pub fn errors_batch(rows: &[ErrorRow]) -> RecordBatch {
+    let r = rows;
+    RecordBatch::try_new(
+        schema(MetadataTable::ImportErrors),
+        vec![
+            utf8(r.iter().map(|x| x.job_id.as_str())),
+            utf8(r.iter().map(|x| x.stage.as_str())),
+            utf8(r.iter().map(|x| x.tenant_guid.as_str())),
+            dates(r.iter().map(|x| x.import_date)),
+            utf8(r.iter().map(|x| x.source_file.as_str())),
+            Arc::new(r.iter().map(|x| x.line_no).collect::<UInt64Array>()),
+            utf8_opt(r.iter().map(|x| x.resource_type.as_deref())),
+            utf8_opt(r.iter().map(|x| x.resource_id.as_deref())),
+            utf8(r.iter().map(|x| x.error_code.as_str())),
+            utf8(r.iter().map(|x| x.message.as_str())),
+            utf8_opt(r.iter().map(|x| x.location.as_deref())),
+            utf8_opt(r.iter().map(|x| x.record.as_deref())),
+        ],
+    )
+    .expect("import_errors columns match")
+}
+
+pub fn metrics_batch(rows: &[MetricRow]) -> RecordBatch {
+    let r = rows;
+    RecordBatch::try_new(
+        schema(MetadataTable::ImportMetrics),
+        vec![
+            utf8(r.iter().map(|x| x.job_id.as_str())),
+            utf8(r.iter().map(|x| x.stage.as_str())),
+            utf8(r.iter().map(|x| x.tenant_guid.as_str())),
+            dates(r.iter().map(|x| x.import_date)),
+            utf8(r.iter().map(|x| x.resource_type.as_str())),
+            u64s(r.iter().map(|x| x.records_in)),
+            u64s(r.iter().map(|x| x.records_out)),
+            u64s(r.iter().map(|x| x.records_rejected)),
+            u64s(r.iter().map(|x| x.records_duplicate)),
+            u64s(r.iter().map(|x| x.records_exact_duplicate)),
+            u64s(r.iter().map(|x| x.bytes_in)),
+            u64s(r.iter().map(|x| x.bytes_out)),
+            f64s(r.iter().map(|x| x.elapsed_seconds)),
+            f64s(r.iter().map(|x| x.records_per_second)),
+            f64s(r.iter().map(|x| x.mb_per_second)),
+            Arc::new(
+                r.iter()
+                    .map(|x| Some(x.conserved))
+                    .collect::<BooleanArray>(),
+            ),
+        ],
+    )
+    .expect("import_metrics columns match")
+}
+
+/// Writes `batch` as one Snappy Parquet object at `path`.
+pub async fn write_parquet(
+    root: &Root,
+    stage: &'static str,
+    path: &Path,
+    batch: &RecordBatch,
+) -> Result<()> {
+    let props = WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .set_created_by(format!("fhirflow {}", env!("CARGO_PKG_VERSION")))
+        .build();
+    let location = root.url_of(path);
+    let perr = |source| Error::Parquet {
+        stage,
+        location: location.clone(),
+        source,
+    };
+    let writer = ParquetObjectWriter::new(root.store.clone(), path.clone());
+    let mut w = AsyncArrowWriter::try_new(writer, batch.schema(), Some(props)).map_err(perr)?;
+    w.write(batch).await.map_err(perr)?;
+    w.close().await.map_err(perr)?;
+    Ok(())
+}

@@ -1,0 +1,189 @@
+//! The record model (DESIGN.md, "The record model"): one NDJSON line is one
+//! Arrow row holding the exact line text, its partition, its lineage and the
+//! few key columns curation needs.
+
+use std::sync::{Arc, LazyLock};
+
+use arrow::array::{
+    ArrayRef, Date32Array, RecordBatch, StringArray, StringBuilder, TimestampMicrosecondBuilder,
+    UInt64Builder,
+};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+
+use crate::curate::parse::Keys;
+
+/// Which columns a [`RowsBuilder`] fills.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// The record model with an `error` column: every line of a raw file.
+    Raw,
+    /// The record model: every line of a curated file.
+    Curated,
+    /// Key columns plus `content_hash`, no text: what dedup reads.
+    Keyed,
+}
+
+fn partition_and_lineage() -> Vec<Field> {
+    vec![
+        Field::new("tenant_guid", DataType::Utf8, false),
+        Field::new("source_system", DataType::Utf8, true),
+        Field::new("import_date", DataType::Date32, false),
+        Field::new("source_file", DataType::Utf8, false),
+        Field::new("line_no", DataType::UInt64, false),
+        Field::new("resource_type", DataType::Utf8, true),
+        Field::new("id", DataType::Utf8, true),
+        Field::new("version_id", DataType::Utf8, true),
+        Field::new(
+            "last_updated",
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+            true,
+        ),
+    ]
+}
+
+static RAW: LazyLock<SchemaRef> = LazyLock::new(|| {
+    let mut f = partition_and_lineage();
+    f.push(Field::new("resource", DataType::Utf8, false));
+    f.push(Field::new("error", DataType::Utf8, true));
+    Arc::new(Schema::new(f))
+});
+static CURATED: LazyLock<SchemaRef> = LazyLock::new(|| {
+    let mut f = partition_and_lineage();
+    f.push(Field::new("resource", DataType::Utf8, false));
+    Arc::new(Schema::new(f))
+});
+static KEYED: LazyLock<SchemaRef> = LazyLock::new(|| {
+    let mut f = partition_and_lineage();
+    f.push(Field::new("content_hash", DataType::UInt64, false));
+    Arc::new(Schema::new(f))
+});
+
+pub fn schema(shape: Shape) -> SchemaRef {
+    match shape {
+        Shape::Raw => RAW.clone(),
+        Shape::Curated => CURATED.clone(),
+        Shape::Keyed => KEYED.clone(),
+    }
+}
+
+/// Where the rows of one file come from.
+#[derive(Debug, Clone)]
+pub struct FileOrigin {
+    pub tenant: String,
+    pub source_system: Option<String>,
+    pub import_date: i32,
+    pub source_file: String,
+}
+
+/// Builds record-model batches for the rows of one file.
+pub struct RowsBuilder {
+    shape: Shape,
+    origin: FileOrigin,
+    rows: usize,
+    line_no: UInt64Builder,
+    resource_type: StringBuilder,
+    id: StringBuilder,
+    version_id: StringBuilder,
+    last_updated: TimestampMicrosecondBuilder,
+    resource: StringBuilder,
+    error: StringBuilder,
+    content_hash: UInt64Builder,
+}
+
+impl RowsBuilder {
+    pub fn new(shape: Shape, origin: FileOrigin) -> Self {
+        RowsBuilder {
+            shape,
+            origin,
+            rows: 0,
+            line_no: UInt64Builder::new(),
+            resource_type: StringBuilder::new(),
+            id: StringBuilder::new(),
+            version_id: StringBuilder::new(),
+            last_updated: TimestampMicrosecondBuilder::new().with_timezone("UTC"),
+            resource: StringBuilder::new(),
+            error: StringBuilder::new(),
+            content_hash: UInt64Builder::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows == 0
+    }
+
+    /// A line that passed step 1.
+    pub fn push_keys(&mut self, line_no: u64, k: &Keys<'_>) {
+        self.rows += 1;
+        self.line_no.append_value(line_no);
+        self.resource_type.append_value(k.resource_type);
+        self.id.append_value(&k.id);
+        self.version_id.append_option(k.version_id.as_deref());
+        self.last_updated.append_option(k.last_updated);
+        match self.shape {
+            Shape::Keyed => self
+                .content_hash
+                .append_value(xxhash_rust::xxh3::xxh3_64(k.text.as_bytes())),
+            Shape::Raw => {
+                self.resource.append_value(k.text);
+                self.error.append_null();
+            }
+            Shape::Curated => self.resource.append_value(k.text),
+        }
+    }
+
+    /// A line that failed step 1 (raw tables show it with its reason).
+    pub fn push_rejected(
+        &mut self,
+        line_no: u64,
+        resource_type: Option<&str>,
+        id: Option<&str>,
+        text: &str,
+        error: &str,
+    ) {
+        debug_assert_eq!(self.shape, Shape::Raw);
+        self.rows += 1;
+        self.line_no.append_value(line_no);
+        self.resource_type.append_option(resource_type);
+        self.id.append_option(id);
+        self.version_id.append_null();
+        self.last_updated.append_null();
+        self.resource.append_value(text);
+        self.error.append_value(error);
+    }
+
+    /// The rows so far as one batch; the builder is empty afterwards.
+    pub fn finish(&mut self) -> RecordBatch {
+        let n = std::mem::take(&mut self.rows);
+        let o = &self.origin;
+        let repeat = |v: &str| -> ArrayRef {
+            Arc::new(StringArray::from_iter_values(std::iter::repeat_n(v, n)))
+        };
+        let mut cols: Vec<ArrayRef> = vec![
+            repeat(&o.tenant),
+            match &o.source_system {
+                Some(s) => repeat(s),
+                None => Arc::new(StringArray::new_null(n)),
+            },
+            Arc::new(Date32Array::from(vec![o.import_date; n])),
+            repeat(&o.source_file),
+            Arc::new(self.line_no.finish()),
+            Arc::new(self.resource_type.finish()),
+            Arc::new(self.id.finish()),
+            Arc::new(self.version_id.finish()),
+            Arc::new(self.last_updated.finish()),
+        ];
+        match self.shape {
+            Shape::Keyed => cols.push(Arc::new(self.content_hash.finish())),
+            Shape::Raw => {
+                cols.push(Arc::new(self.resource.finish()));
+                cols.push(Arc::new(self.error.finish()));
+            }
+            Shape::Curated => cols.push(Arc::new(self.resource.finish())),
+        }
+        RecordBatch::try_new(schema(self.shape), cols).expect("columns match the schema")
+    }
+}

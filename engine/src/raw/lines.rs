@@ -1,0 +1,221 @@
+//! Splits an NDJSON byte stream into lines, in bounded memory.
+//!
+//! * A line longer than the limit is reported as [`Line::TooLong`] and skipped
+//!   without ever being held whole, so one bad line cannot exhaust memory.
+//! * Blank lines are skipped; a UTF-8 byte order mark at the start of the
+//!   stream and a `\r` before each `\n` are dropped.
+//! * Line numbers are physical (1-based, blank lines counted), so a user can
+//!   find a reported line in an editor.
+
+use std::io::{self, Read};
+
+/// One line handed to the callback.
+#[derive(Debug)]
+pub enum Line<'a> {
+    /// The line without its terminator. `last_unterminated` is true for a
+    /// final line that has no newline (a file possibly cut short).
+    Text {
+        bytes: &'a [u8],
+        last_unterminated: bool,
+    },
+    /// The line was longer than the limit; `len` is its full length.
+    TooLong { len: u64 },
+}
+
+/// Totals of one pass over a stream.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LineTotals {
+    /// Bytes read from the (decompressed) stream.
+    pub bytes: u64,
+    /// Physical lines, blank ones included.
+    pub physical_lines: u64,
+}
+
+const READ_CHUNK: usize = 1 << 20;
+
+/// Calls `f(line_no, line)` for every non-blank line of `reader`.
+pub fn for_each_line<R: Read, E: From<io::Error>>(
+    mut reader: R,
+    max_line: usize,
+    mut f: impl FnMut(u64, Line<'_>) -> Result<(), E>,
+) -> Result<LineTotals, E> {
+    let mut buf: Vec<u8> = vec![0; READ_CHUNK];
+    let (mut start, mut end) = (0usize, 0usize);
+    let mut totals = LineTotals::default();
+    let mut line_no = 0u64;
+    let mut first = true;
+    // Bytes of an over-long line skipped so far (None when not skipping).
+    let mut skipping: Option<u64> = None;
+    let mut eof = false;
+
+    let deliver = |line_no: u64,
+                   mut bytes: &[u8],
+                   first: &mut bool,
+                   last: bool,
+                   f: &mut dyn FnMut(u64, Line<'_>) -> Result<(), E>| {
+        if std::mem::take(first) {
+            bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+        }
+        let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
+        if bytes.iter().all(|c| matches!(c, b' ' | b'\t' | b'\r')) {
+            return Ok(());
+        }
+        f(
+            line_no,
+            Line::Text {
+                bytes,
+                last_unterminated: last,
+            },
+        )
+    };
+
+    loop {
+        // Deliver every complete line in the buffer.
+        while let Some(i) = memchr::memchr(b'\n', &buf[start..end]) {
+            line_no += 1;
+            match skipping.take() {
+                Some(skipped) => {
+                    first = false;
+                    f(
+                        line_no,
+                        Line::TooLong {
+                            len: skipped + i as u64,
+                        },
+                    )?;
+                }
+                None if i > max_line => {
+                    first = false;
+                    f(line_no, Line::TooLong { len: i as u64 })?;
+                }
+                None => deliver(line_no, &buf[start..start + i], &mut first, false, &mut f)?,
+            }
+            start += i + 1;
+        }
+        if eof {
+            break;
+        }
+        // An unfinished line: stop keeping it once it is over the limit.
+        if skipping.is_some() || end - start > max_line {
+            *skipping.get_or_insert(0) += (end - start) as u64;
+            start = end;
+        }
+        // Make room: move the partial line to the front, grow if it fills the buffer.
+        if start > 0 {
+            buf.copy_within(start..end, 0);
+            end -= start;
+            start = 0;
+        }
+        if end == buf.len() {
+            buf.resize(buf.len() * 2, 0);
+        }
+        let n = loop {
+            match reader.read(&mut buf[end..]) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        totals.bytes += n as u64;
+        end += n;
+        if n == 0 {
+            eof = true;
+            if let Some(skipped) = skipping.take() {
+                line_no += 1;
+                f(
+                    line_no,
+                    Line::TooLong {
+                        len: skipped + (end - start) as u64,
+                    },
+                )?;
+                start = end;
+            } else if start < end {
+                line_no += 1;
+                if end - start > max_line {
+                    f(
+                        line_no,
+                        Line::TooLong {
+                            len: (end - start) as u64,
+                        },
+                    )?;
+                } else {
+                    deliver(line_no, &buf[start..end], &mut first, true, &mut f)?;
+                }
+                start = end;
+            }
+        }
+    }
+    totals.physical_lines = line_no;
+    Ok(totals)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(input: &[u8], max: usize) -> Vec<(u64, String)> {
+        let mut out = Vec::new();
+        // A reader that returns 3 bytes at a time exercises the refills.
+        struct Slow<'a>(&'a [u8]);
+        impl Read for Slow<'_> {
+            fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+                let n = self.0.len().min(b.len()).min(3);
+                b[..n].copy_from_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                Ok(n)
+            }
+        }
+        for_each_line::<_, io::Error>(Slow(input), max, |n, l| {
+            out.push((
+                n,
+                match l {
+                    Line::Text {
+                        bytes,
+                        last_unterminated,
+                    } => {
+                        format!(
+                            "{}{}",
+                            String::from_utf8_lossy(bytes),
+                            if last_unterminated { "$" } else { "" }
+                        )
+                    }
+                    Line::TooLong { len } => format!("TOO_LONG({len})"),
+                },
+            ));
+            Ok(())
+        })
+        .unwrap();
+        out
+    }
+
+    #[test]
+    fn splits_and_tolerates_bom_crlf_blank() {
+        let got = lines(b"\xEF\xBB\xBF{\"a\":1}\r\n\n  \r\n{\"b\":2}\n{\"c\"", 100);
+        assert_eq!(
+            got,
+            vec![
+                (1, "{\"a\":1}".into()),
+                (4, "{\"b\":2}".into()),
+                (5, "{\"c\"$".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn skips_long_lines_in_bounded_memory() {
+        let mut input = Vec::new();
+        input.extend_from_slice(b"short\n");
+        input.extend(std::iter::repeat_n(b'x', 50));
+        input.extend_from_slice(b"\nok\n");
+        input.extend(std::iter::repeat_n(b'y', 30));
+        let got = lines(&input, 10);
+        assert_eq!(
+            got,
+            vec![
+                (1, "short".into()),
+                (2, "TOO_LONG(50)".into()),
+                (3, "ok".into()),
+                (4, "TOO_LONG(30)".into())
+            ]
+        );
+    }
+}

@@ -1,0 +1,160 @@
+//! One DataFusion session with every layer registered and the UDF library:
+//!
+//! | schema     | tables                                                    |
+//! | ---------- | --------------------------------------------------------- |
+//! | `raw`      | one per resource type present, e.g. `raw.patient`        |
+//! | `curated`  | one per resource type of the committed partitions         |
+//! | `metadata` | `import_jobs`, `import_errors`, `import_metrics`          |
+//!
+//! Raw and curated tables use the record model (partition columns included);
+//! metadata tables read the Parquet files of committed runs only.
+
+pub mod ndjson_table;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use datafusion::catalog::{MemorySchemaProvider, TableProvider};
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{
+    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+};
+use datafusion::datasource::MemTable;
+use datafusion::prelude::SessionContext;
+use object_store::ObjectStoreExt;
+
+use crate::commit;
+use crate::error::{Error, Result};
+use crate::layout::{parse_partition, Layer, MetadataTable};
+use crate::metadata;
+use crate::model::{FileOrigin, Shape};
+use crate::raw::LayerFile;
+use crate::settings::Settings;
+use crate::storage::{Lake, Root};
+use ndjson_table::NdjsonTable;
+
+const STAGE: &str = "sql";
+
+/// A session over `lake` with every layer and UDF registered.
+pub async fn session(lake: &Lake, settings: &Settings) -> Result<SessionContext> {
+    let ctx = SessionContext::new();
+    for root in [&lake.raw, &lake.curated, &lake.metadata] {
+        ctx.register_object_store(&root.store_url, root.store.clone());
+    }
+    fhirflow_udfs::register_all(&ctx);
+    let catalog = ctx.catalog("datafusion").expect("default catalog");
+    for schema in ["raw", "curated", "metadata"] {
+        catalog
+            .register_schema(schema, Arc::new(MemorySchemaProvider::new()))
+            .map_err(|e| Error::query(STAGE, "register schema", e))?;
+    }
+    let register = |name: String, table: Arc<dyn TableProvider>| {
+        ctx.register_table(name.as_str(), table)
+            .map(|_| ())
+            .map_err(|e| Error::query(STAGE, format!("register {name}"), e))
+    };
+
+    // raw: every object of the layer whose path is a valid raw partition.
+    let base = lake.raw.paths.layer(Layer::Raw);
+    let mut raw: BTreeMap<&'static str, Vec<LayerFile>> = BTreeMap::new();
+    for obj in lake.raw.list(STAGE, &base).await? {
+        let Some(p) = parse_partition(&base, &obj.location) else {
+            continue;
+        };
+        let (Some(t), Some(s), Some(d)) = (&p.tenant, &p.source_system, p.date) else {
+            continue;
+        };
+        let Some(name) = crate::layout::RawFileName::parse(&p.file_name) else {
+            continue;
+        };
+        raw.entry(name.resource_type).or_default().push(LayerFile {
+            file_type: Some(name.resource_type),
+            gzip: name.is_gzip(),
+            origin: FileOrigin {
+                tenant: t.to_string(),
+                source_system: Some(s.to_string()),
+                import_date: d.days_since_epoch(),
+                source_file: lake.raw.url_of(&obj.location),
+            },
+            meta: obj,
+        });
+    }
+    for (ty, files) in raw {
+        let t = NdjsonTable::new(lake.raw.clone(), Shape::Raw, files, &settings.curate)
+            .map_err(|e| Error::query(STAGE, "raw table", e))?;
+        register(format!("raw.{}", ty.to_ascii_lowercase()), Arc::new(t))?;
+    }
+
+    // curated and metadata: only what committed runs published.
+    let visible = commit::visible(lake).await?;
+    let cbase = lake.curated.paths.layer(Layer::Curated);
+    let mut curated: BTreeMap<&'static str, Vec<LayerFile>> = BTreeMap::new();
+    for path in &visible.curated {
+        let Some(p) = parse_partition(&cbase, path) else {
+            continue;
+        };
+        let (Some(t), Some(d)) = (&p.tenant, p.date) else {
+            continue;
+        };
+        let Some(ty) = crate::layout::curated_file_type(&p.file_name) else {
+            continue;
+        };
+        let Ok(meta) = lake.curated.store.head(path).await else {
+            continue;
+        };
+        curated.entry(ty).or_default().push(LayerFile {
+            file_type: Some(ty),
+            gzip: false,
+            origin: FileOrigin {
+                tenant: t.to_string(),
+                source_system: None,
+                import_date: d.days_since_epoch(),
+                source_file: lake.curated.url_of(path),
+            },
+            meta,
+        });
+    }
+    for (ty, files) in curated {
+        let t = NdjsonTable::new(
+            lake.curated.clone(),
+            Shape::Curated,
+            files,
+            &settings.curate,
+        )
+        .map_err(|e| Error::query(STAGE, "curated table", e))?;
+        register(format!("curated.{}", ty.to_ascii_lowercase()), Arc::new(t))?;
+    }
+    for table in MetadataTable::ALL {
+        let files = &visible.metadata[table.name()];
+        let provider = metadata_table(&ctx, &lake.metadata, table, files).await?;
+        register(format!("metadata.{}", table.name()), provider)?;
+    }
+    Ok(ctx)
+}
+
+async fn metadata_table(
+    ctx: &SessionContext,
+    root: &Root,
+    table: MetadataTable,
+    files: &[object_store::path::Path],
+) -> Result<Arc<dyn TableProvider>> {
+    let schema = metadata::schema(table);
+    let q = |e| Error::query(STAGE, format!("metadata.{}", table.name()), e);
+    if files.is_empty() {
+        let empty: Vec<RecordBatch> = Vec::new();
+        return Ok(Arc::new(MemTable::try_new(schema, vec![empty]).map_err(q)?));
+    }
+    let urls = files
+        .iter()
+        .map(|p| ListingTableUrl::parse(root.url_of(p)))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(q)?;
+    let options =
+        ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+    let config = ListingTableConfig::new_with_multi_paths(urls)
+        .with_listing_options(options)
+        .with_schema(schema);
+    let _ = ctx;
+    Ok(Arc::new(ListingTable::try_new(config).map_err(q)?))
+}

@@ -1,0 +1,212 @@
+//! Layer roots: an object_store URL (or a local folder) turned into a store
+//! and the prefix under which `raw/`, `curated/` and `metadata/` live.
+//!
+//! Reading goes through here too: [`Root::open_sync`] gives a blocking
+//! `Read` over an object (a plain file for local roots, a streamed body for
+//! remote ones) so the CPU-bound line scanning runs on blocking threads.
+
+use std::io::Read;
+use std::sync::Arc;
+
+use futures::TryStreamExt;
+use object_store::aws::AmazonS3Builder;
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::path::Path;
+use object_store::{GetResultPayload, ObjectMeta, ObjectStore, ObjectStoreExt, PutPayload};
+use url::Url;
+
+use crate::error::{Error, Result};
+use crate::layout::Paths;
+use crate::settings::{S3Settings, Settings};
+
+/// One layer root.
+#[derive(Debug, Clone)]
+pub struct Root {
+    pub store: Arc<dyn ObjectStore>,
+    /// The URL of the store itself (scheme and authority), for DataFusion.
+    pub store_url: Url,
+    pub paths: Paths,
+}
+
+/// The three layer roots of a lake.
+#[derive(Debug, Clone)]
+pub struct Lake {
+    pub raw: Root,
+    pub curated: Root,
+    pub metadata: Root,
+}
+
+impl Lake {
+    /// Opens the roots named by `settings`. Roots that name the same URL share
+    /// one store (so `memory://` is one lake, not three).
+    pub fn open(settings: &Settings) -> Result<Lake> {
+        let main = Root::open(&settings.lake, &settings.s3)?;
+        let other = |v: &Option<String>| match v {
+            Some(url) if url != &settings.lake => Root::open(url, &settings.s3),
+            _ => Ok(main.clone()),
+        };
+        Ok(Lake {
+            raw: other(&settings.raw_root)?,
+            curated: other(&settings.curated_root)?,
+            metadata: other(&settings.metadata_root)?,
+        })
+    }
+}
+
+impl Root {
+    /// `location` is a URL or a local folder (created when missing).
+    pub fn open(location: &str, s3: &S3Settings) -> Result<Root> {
+        let bad = |reason: String| Error::Config(format!("lake root {location:?}: {reason}"));
+        let url = if location.contains("://") {
+            Url::parse(location).map_err(|e| bad(e.to_string()))?
+        } else {
+            std::fs::create_dir_all(location).map_err(|e| bad(e.to_string()))?;
+            let abs = std::fs::canonicalize(location).map_err(|e| bad(e.to_string()))?;
+            Url::from_directory_path(&abs).map_err(|_| bad("not an absolute folder".into()))?
+        };
+        let (store, store_url, prefix): (Arc<dyn ObjectStore>, Url, Path) = match url.scheme() {
+            "file" => {
+                let dir = url
+                    .to_file_path()
+                    .map_err(|_| bad("not a local path".into()))?;
+                std::fs::create_dir_all(&dir).map_err(|e| bad(e.to_string()))?;
+                let prefix = Path::from_filesystem_path(&dir).map_err(|e| bad(e.to_string()))?;
+                (
+                    Arc::new(LocalFileSystem::new()),
+                    Url::parse("file:///").unwrap(),
+                    prefix,
+                )
+            }
+            "memory" => (
+                Arc::new(InMemory::new()),
+                Url::parse("memory:///").unwrap(),
+                Path::from(url.path().trim_matches('/')),
+            ),
+            "s3" => {
+                let bucket = url.host_str().ok_or_else(|| bad("no bucket".into()))?;
+                let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
+                if let Some(e) = &s3.endpoint {
+                    // S3-compatible stores (and moto in tests) want path-style URLs.
+                    b = b.with_endpoint(e).with_virtual_hosted_style_request(false);
+                }
+                if let Some(r) = &s3.region {
+                    b = b.with_region(r);
+                }
+                if s3.allow_http {
+                    b = b.with_allow_http(true);
+                }
+                if let (Some(k), Some(s)) = (&s3.access_key_id, &s3.secret_access_key) {
+                    b = b.with_access_key_id(k).with_secret_access_key(s);
+                }
+                if let Some(t) = &s3.session_token {
+                    b = b.with_token(t);
+                }
+                let store = b.build().map_err(|e| bad(e.to_string()))?;
+                (
+                    Arc::new(store),
+                    Url::parse(&format!("s3://{bucket}/")).unwrap(),
+                    Path::from(url.path().trim_matches('/')),
+                )
+            }
+            other => return Err(bad(format!("unsupported scheme {other:?}"))),
+        };
+        Ok(Root {
+            store,
+            store_url,
+            paths: Paths::new(prefix),
+        })
+    }
+
+    /// The full URL of an object, for messages and metadata rows.
+    pub fn url_of(&self, path: &Path) -> String {
+        format!("{}{}", self.store_url, path)
+    }
+
+    /// Every object below `prefix`, sorted by path.
+    pub async fn list(&self, stage: &'static str, prefix: &Path) -> Result<Vec<ObjectMeta>> {
+        let mut all: Vec<ObjectMeta> = self
+            .store
+            .list(Some(prefix))
+            .try_collect()
+            .await
+            .map_err(|e| Error::store(stage, self.url_of(prefix), e))?;
+        all.sort_by(|a, b| a.location.cmp(&b.location));
+        Ok(all)
+    }
+
+    pub async fn put(&self, stage: &'static str, path: &Path, bytes: Vec<u8>) -> Result<()> {
+        self.store
+            .put(path, PutPayload::from(bytes))
+            .await
+            .map(|_| ())
+            .map_err(|e| Error::store(stage, self.url_of(path), e))
+    }
+
+    pub async fn get_bytes(
+        &self,
+        stage: &'static str,
+        path: &Path,
+    ) -> Result<Option<bytes::Bytes>> {
+        match self.store.get(path).await {
+            Ok(r) => Ok(Some(
+                r.bytes()
+                    .await
+                    .map_err(|e| Error::store(stage, self.url_of(path), e))?,
+            )),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(Error::store(stage, self.url_of(path), e)),
+        }
+    }
+
+    /// Deletes `path`; a missing object is not an error.
+    pub async fn delete(&self, stage: &'static str, path: &Path) -> Result<()> {
+        match self.store.delete(path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(Error::store(stage, self.url_of(path), e)),
+        }
+    }
+
+    pub async fn rename(&self, stage: &'static str, from: &Path, to: &Path) -> Result<()> {
+        self.store.rename(from, to).await.map_err(|e| {
+            Error::store(
+                stage,
+                format!("{} -> {}", self.url_of(from), self.url_of(to)),
+                e,
+            )
+        })
+    }
+
+    /// A blocking reader over an object, checked against `expect` (size and
+    /// e-tag) so that a file replaced between two reads is noticed. Call from
+    /// a blocking thread.
+    pub fn open_sync(
+        &self,
+        stage: &'static str,
+        meta: &ObjectMeta,
+    ) -> Result<Box<dyn Read + Send>> {
+        let handle = tokio::runtime::Handle::current();
+        let path = meta.location.clone();
+        let result = handle
+            .block_on(self.store.get(&path))
+            .map_err(|e| Error::store(stage, self.url_of(&path), e))?;
+        if result.meta.size != meta.size || result.meta.e_tag != meta.e_tag {
+            return Err(Error::InputChanged {
+                stage,
+                location: self.url_of(&path),
+                detail: format!("size {} became {}", meta.size, result.meta.size),
+            });
+        }
+        Ok(match result.payload {
+            // Local files: read the file directly, no async round trips.
+            GetResultPayload::File(file, _) => Box::new(file),
+            GetResultPayload::Stream(stream) => {
+                let stream = stream.map_err(std::io::Error::other);
+                let reader = tokio_util::io::StreamReader::new(stream);
+                Box::new(tokio_util::io::SyncIoBridge::new_with_handle(
+                    reader, handle,
+                ))
+            }
+        })
+    }
+}

@@ -1,0 +1,67 @@
+//! The Arrow plumbing shared by the string UDFs, written once: arguments may
+//! be scalars or arrays of Utf8, LargeUtf8 or Utf8View; each function file
+//! supplies only its per-row logic.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, AsArray, StringBuilder};
+use arrow::datatypes::DataType;
+use datafusion::common::{exec_err, Result};
+use datafusion::logical_expr::{ColumnarValue, ScalarFunctionArgs};
+
+/// Read access to one string argument, whatever its Arrow encoding.
+enum StrColumn<'a> {
+    Utf8(&'a arrow::array::StringArray),
+    Large(&'a arrow::array::LargeStringArray),
+    View(&'a arrow::array::StringViewArray),
+}
+
+impl StrColumn<'_> {
+    fn get(&self, i: usize) -> Option<&str> {
+        match self {
+            StrColumn::Utf8(a) => a.is_valid(i).then(|| a.value(i)),
+            StrColumn::Large(a) => a.is_valid(i).then(|| a.value(i)),
+            StrColumn::View(a) => a.is_valid(i).then(|| a.value(i)),
+        }
+    }
+}
+
+fn str_column<'a>(name: &str, array: &'a ArrayRef) -> Result<StrColumn<'a>> {
+    Ok(match array.data_type() {
+        DataType::Utf8 => StrColumn::Utf8(array.as_string::<i32>()),
+        DataType::LargeUtf8 => StrColumn::Large(array.as_string::<i64>()),
+        DataType::Utf8View => StrColumn::View(array.as_string_view()),
+        other => return exec_err!("{name} expects string arguments, got {other}"),
+    })
+}
+
+/// Evaluates `f` row by row over string arguments and returns a Utf8 column.
+/// `f` gets one `Option<&str>` per argument (None for SQL NULL) and returns
+/// the row's value (None for NULL).
+pub(crate) fn map_strings<F>(
+    name: &str,
+    args: ScalarFunctionArgs,
+    mut f: F,
+) -> Result<ColumnarValue>
+where
+    F: for<'r> FnMut(&[Option<&'r str>]) -> Option<Cow<'r, str>>,
+{
+    let rows = args.number_rows;
+    let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+    let columns = arrays
+        .iter()
+        .map(|a| str_column(name, a))
+        .collect::<Result<Vec<_>>>()?;
+    let mut out = StringBuilder::with_capacity(rows, 0);
+    let mut row: Vec<Option<&str>> = Vec::with_capacity(columns.len());
+    for i in 0..rows {
+        row.clear();
+        row.extend(columns.iter().map(|c| c.get(i)));
+        match f(&row) {
+            Some(v) => out.append_value(v),
+            None => out.append_null(),
+        }
+    }
+    Ok(ColumnarValue::Array(Arc::new(out.finish())))
+}

@@ -1,0 +1,83 @@
+//! SQL: `fhir_tenant_label(resource, tenant [, system])` and
+//! `fhir_tenant_label_error(resource, tenant [, system])`.
+//!
+//! The first returns the resource with exactly one tenant label (see
+//! [`crate::tenant_label`]), or NULL where it cannot be labelled; the second
+//! returns why not (NULL when it can), so a rule can turn it into a
+//! `reject_reason`.
+//!
+//! ```sql
+//! SELECT fhir_tenant_label(resource, tenant_guid) FROM curated.patient;
+//! ```
+
+use std::any::Any;
+
+use arrow::datatypes::DataType;
+use datafusion::common::Result;
+use datafusion::logical_expr::{
+    ColumnarValue, ScalarFunctionArgs, ScalarUDFImpl, Signature, TypeSignature, Volatility,
+};
+
+use crate::strings::map_strings;
+use crate::tenant_label::{apply_tenant_label, DEFAULT_TENANT_SYSTEM};
+
+/// Nesting limit used when the UDF scans a resource in SQL.
+const SQL_MAX_DEPTH: usize = 256;
+
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct TenantLabel {
+    signature: Signature,
+    report_error: bool,
+}
+
+impl TenantLabel {
+    /// `fhir_tenant_label`.
+    pub fn label() -> Self {
+        Self::new(false)
+    }
+    /// `fhir_tenant_label_error`.
+    pub fn error() -> Self {
+        Self::new(true)
+    }
+    fn new(report_error: bool) -> Self {
+        Self {
+            signature: Signature::one_of(
+                vec![TypeSignature::String(2), TypeSignature::String(3)],
+                Volatility::Immutable,
+            ),
+            report_error,
+        }
+    }
+}
+
+impl ScalarUDFImpl for TenantLabel {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn name(&self) -> &str {
+        if self.report_error {
+            "fhir_tenant_label_error"
+        } else {
+            "fhir_tenant_label"
+        }
+    }
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+    fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
+        Ok(DataType::Utf8)
+    }
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let report_error = self.report_error;
+        map_strings(self.name(), args, |row| {
+            let (resource, tenant) = (row[0]?, row[1]?);
+            let system = row.get(2).copied().unwrap_or(Some(DEFAULT_TENANT_SYSTEM))?;
+            let result = apply_tenant_label(resource, system, tenant, SQL_MAX_DEPTH);
+            match (result, report_error) {
+                (Ok(labelled), false) => Some(labelled),
+                (Err(e), true) => Some(e.to_string().into()),
+                _ => None,
+            }
+        })
+    }
+}
