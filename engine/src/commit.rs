@@ -60,10 +60,15 @@ pub struct Move {
 /// Aborts the process when `FHIRFLOW_FAILPOINT` names this point: lets the
 /// tests kill a run at exact places of the protocol. Costs one env lookup.
 pub fn failpoint(name: &str) {
-    if std::env::var_os("FHIRFLOW_FAILPOINT").is_some_and(|v| v == name) {
+    if failpoint_active(name) {
         eprintln!("fhirflow: failpoint {name}: aborting");
         std::process::abort();
     }
+}
+
+/// Whether `FHIRFLOW_FAILPOINT` names `name` (for faults other than a crash).
+pub fn failpoint_active(name: &str) -> bool {
+    std::env::var_os("FHIRFLOW_FAILPOINT").is_some_and(|v| v == name)
 }
 
 /// Publishes a run's staged output (steps 1 to 5 above).

@@ -1,1 +1,9 @@
+//! fhirflow's integration tests: each module proves one property of
+//! issue 2 against a real lake in a temporary folder.
 
+mod bad_input;
+mod cli;
+mod crash;
+mod dedup;
+mod labels;
+mod lossless;

@@ -426,10 +426,14 @@ impl<'a> Scanner<'a> {
         let kind = match self.peek() {
             Some(b'{') => Kind::Object,
             Some(b'[') => Kind::Array,
-            Some(b'"') => Kind::String,
-            Some(b't' | b'f') => Kind::Bool,
-            Some(b'n') => Kind::Null,
-            _ => Kind::Number,
+            // Scalars return their own span (a string's carries `escaped`).
+            Some(b'"') => return self.string(),
+            Some(b'-' | b'0'..=b'9') => return self.number(),
+            Some(b't') => return self.literal(b"true", Kind::Bool),
+            Some(b'f') => return self.literal(b"false", Kind::Bool),
+            Some(b'n') => return self.literal(b"null", Kind::Null),
+            None => return Err(JsonError::Truncated { offset: self.pos }),
+            Some(_) => return Err(self.syntax("expected a JSON value")),
         };
         let mut stack: Vec<bool> = Vec::new();
         loop {
@@ -798,7 +802,10 @@ mod tests {
         assert_eq!(m.security_entries.len(), 2);
         assert_eq!(m.security_entries[0].code.unwrap().raw_str(src), Some("c"));
         assert_eq!(m.security_entries[1].system, None);
-        assert_eq!(&src[m.last_member_end.unwrap()..][..1], "]");
+        // The end of meta's last member: where a new member is inserted.
+        let end = m.last_member_end.unwrap();
+        assert!(src[..end].ends_with("}]"));
+        assert_eq!(&src[end..end + 1], "}");
         assert_eq!(r.duplicate_member, None);
     }
 

@@ -234,7 +234,7 @@ mod tests {
         let k = key_line(line.as_bytes(), Some("Patient"), 16, false).unwrap();
         assert_eq!(k.id, "p-1");
         assert_eq!(k.version_id.as_deref(), Some("2"));
-        assert_eq!(k.last_updated, Some(1_704_067_201_500_000));
+        assert_eq!(k.last_updated, Some(1_704_063_601_500_000));
     }
 
     #[test]

@@ -1,0 +1,106 @@
+//! Dedup: one survivor per (resourceType, id), chosen by version, then
+//! lastUpdated, then import date, file and line; exact duplicates counted.
+
+use fhirflow_tests::*;
+
+fn obs(id: &str, version: Option<&str>, updated: Option<&str>, extra: &str) -> String {
+    let mut meta = Vec::new();
+    if let Some(v) = version {
+        meta.push(format!(r#""versionId":"{v}""#));
+    }
+    if let Some(u) = updated {
+        meta.push(format!(r#""lastUpdated":"{u}""#));
+    }
+    let meta = if meta.is_empty() {
+        String::new()
+    } else {
+        format!(r#","meta":{{{}}}"#, meta.join(","))
+    };
+    format!(
+        r#"{{"resourceType":"Observation","id":"{id}"{meta},"status":"final","note":"{extra}"}}"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_survivor_is_chosen_as_designed() {
+    let t = TestLake::new();
+    let a = t.input("a");
+    let b = t.input("b");
+    let lines_a = [
+        // Version 10 beats 9 and 2: versions compare as numbers.
+        obs("v", Some("2"), Some("2024-01-03T00:00:00Z"), "v2"),
+        obs("v", Some("10"), Some("2024-01-01T00:00:00Z"), "v10"),
+        obs("v", Some("9"), Some("2024-01-05T00:00:00Z"), "v9"),
+        // Same version: the later lastUpdated wins.
+        obs("u", Some("1"), Some("2024-01-01T00:00:00+00:00"), "early"),
+        obs("u", Some("1"), Some("2024-01-01T01:00:00+00:00"), "late"),
+        // Exact duplicates: the same text three times.
+        obs("x", None, None, "same"),
+        obs("x", None, None, "same"),
+        // A lone resource.
+        obs("lone", None, None, "lone"),
+    ];
+    // In file b (a later source file), a tie on every key: the later file wins.
+    let lines_b = [
+        obs("t", None, None, "later-file"),
+        obs("x", None, None, "same"),
+    ];
+    let lines_a0 = [obs("t", None, None, "zero-file")];
+    write_lines(
+        &a,
+        "Observation.001.ndjson",
+        &lines_a.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    write_lines(
+        &a,
+        "Observation.000.ndjson",
+        &lines_a0.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    write_lines(
+        &b,
+        "Observation.002.ndjson",
+        &lines_b.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    t.ingest(&[a], "sys-a").await;
+    t.ingest(&[b], "sys-b").await;
+    let report = t.curate().await.unwrap();
+    assert_eq!(report.total.records_in, 11);
+    assert_eq!(report.total.curated, 5);
+    assert_eq!(report.total.duplicates, 6);
+    // x twice more, and nothing else identical to its survivor.
+    assert_eq!(report.total.exact_duplicates, 2);
+
+    let rows = t
+        .sql("SELECT id, json_note FROM (SELECT id, regexp_match(resource, '\"note\":\"([^\"]*)\"')[1] AS json_note FROM curated.observation) ORDER BY id")
+        .await;
+    let got: Vec<(String, String)> = rows
+        .into_iter()
+        .map(|r| (r[0].clone(), r[1].clone()))
+        .collect();
+    let want = [
+        ("lone", "lone"),
+        ("t", "later-file"),
+        ("u", "late"),
+        ("v", "v10"),
+        ("x", "same"),
+    ];
+    assert_eq!(
+        got,
+        want.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect::<Vec<_>>()
+    );
+
+    let m = t
+        .sql("SELECT records_duplicate, records_exact_duplicate, conserved FROM metadata.import_metrics")
+        .await;
+    assert_eq!(m, vec![vec!["6".to_string(), "2".into(), "true".into()]]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_dedup_query_is_a_readable_sql_file() {
+    let sql = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../queries/dedup.sql"))
+        .unwrap();
+    assert_eq!(sql, fhirflow::curate::dedup::DEDUP_SQL);
+    assert!(sql.contains("ROW_NUMBER()"));
+}
