@@ -145,6 +145,179 @@ pub fn check_meta_shape(scanned: &Scanned) -> Result<(), LabelError> {
     Ok(())
 }
 
+/// The label of one tenant, its JSON text built once.
+#[derive(Debug, Clone)]
+pub struct TenantLabeller {
+    system: String,
+    tenant: String,
+    /// `{"system":…,"code":…}`
+    label: String,
+    /// The texts inserted in each case, prebuilt.
+    with_meta: String,
+    with_security: String,
+    security_alone: String,
+    after_entry: String,
+}
+
+/// The edit that gives a resource exactly one tenant label.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LabelEdit<'l> {
+    /// Already labelled: write the line as it is.
+    Unchanged,
+    /// Insert `text` at byte `at`.
+    Insert {
+        at: usize,
+        text: std::borrow::Cow<'l, str>,
+    },
+    /// Remove these byte ranges (extra copies of the label), in order.
+    Remove(Vec<std::ops::Range<usize>>),
+}
+
+impl LabelEdit<'_> {
+    /// The length of the edited text.
+    pub fn edited_len(&self, src_len: usize) -> usize {
+        match self {
+            LabelEdit::Unchanged => src_len,
+            LabelEdit::Insert { text, .. } => src_len + text.len(),
+            LabelEdit::Remove(ranges) => src_len - ranges.iter().map(|r| r.len()).sum::<usize>(),
+        }
+    }
+
+    /// Calls `f` with the pieces of the edited text, in order, so that a
+    /// writer can stream them without building the line.
+    pub fn for_each_piece<'s>(&'s self, src: &'s str, mut f: impl FnMut(&'s str)) {
+        match self {
+            LabelEdit::Unchanged => f(src),
+            LabelEdit::Insert { at, text } => {
+                f(&src[..*at]);
+                f(text);
+                f(&src[*at..]);
+            }
+            LabelEdit::Remove(ranges) => {
+                let mut from = 0;
+                for r in ranges {
+                    f(&src[from..r.start]);
+                    from = r.end;
+                }
+                f(&src[from..]);
+            }
+        }
+    }
+}
+
+impl TenantLabeller {
+    pub fn new(system: &str, tenant: &str) -> Self {
+        let label = format!(
+            "{{\"system\":{},\"code\":{}}}",
+            serde_json::Value::from(system),
+            serde_json::Value::from(tenant)
+        );
+        TenantLabeller {
+            system: system.to_string(),
+            tenant: tenant.to_string(),
+            with_meta: format!(",\"meta\":{{\"security\":[{label}]}}"),
+            with_security: format!(",\"security\":[{label}]"),
+            security_alone: format!("\"security\":[{label}]"),
+            after_entry: format!(",{label}"),
+            label,
+        }
+    }
+
+    /// Plans the edit for a scanned resource (see the table at the top).
+    pub fn plan<'l>(&'l self, src: &str, scanned: &Scanned) -> Result<LabelEdit<'l>, LabelError> {
+        check_meta_shape(scanned)?;
+        let Some(meta) = scanned.meta else {
+            // No meta: add one after `id` (FHIR's usual place), or first.
+            return Ok(match scanned.id {
+                Some(id) => LabelEdit::Insert {
+                    at: id.end,
+                    text: self.with_meta.as_str().into(),
+                },
+                None => {
+                    let open = scanned.root.start + 1;
+                    let empty = src[open..scanned.root.end - 1].trim().is_empty();
+                    let block = &self.with_meta[1..];
+                    LabelEdit::Insert {
+                        at: open,
+                        text: if empty {
+                            block.into()
+                        } else {
+                            format!("{block},").into()
+                        },
+                    }
+                }
+            });
+        };
+        let fields = &scanned.meta_fields;
+        let Some(security) = fields.security else {
+            return Ok(match fields.last_member_end {
+                Some(end) => LabelEdit::Insert {
+                    at: end,
+                    text: self.with_security.as_str().into(),
+                },
+                None => LabelEdit::Insert {
+                    at: meta.start + 1,
+                    text: self.security_alone.as_str().into(),
+                },
+            });
+        };
+        // Find the entries that use the tenant system.
+        let mut ours: Vec<usize> = Vec::new();
+        for (index, e) in fields.security_entries.iter().enumerate() {
+            if !e.system.is_some_and(|s| s.str_eq(src, &self.system)) {
+                continue;
+            }
+            let code = e
+                .code
+                .filter(|c| c.kind == Kind::String)
+                .and_then(|c| c.decoded(src))
+                .ok_or(LabelError::TenantLabelWithoutCode { index })?;
+            // Tenant ids are GUIDs: compare without regard to hex case.
+            if !code.eq_ignore_ascii_case(&self.tenant) {
+                return Err(LabelError::ForeignTenant {
+                    index,
+                    code: code.into_owned(),
+                });
+            }
+            ours.push(index);
+        }
+        let entries = &fields.security_entries;
+        Ok(match ours.as_slice() {
+            [] => match entries.last() {
+                Some(last) => LabelEdit::Insert {
+                    at: last.span.end,
+                    text: self.after_entry.as_str().into(),
+                },
+                None => LabelEdit::Insert {
+                    at: security.start + 1,
+                    text: self.label.as_str().into(),
+                },
+            },
+            [_] => LabelEdit::Unchanged,
+            // Keep the first copy; drop each later one with the separator
+            // before it (the end of the previous entry up to its own end).
+            [_, extra @ ..] => LabelEdit::Remove(
+                extra
+                    .iter()
+                    .map(|&i| entries[i - 1].span.end..entries[i].span.end)
+                    .collect(),
+            ),
+        })
+    }
+
+    /// The labelled resource as a string (`Cow::Borrowed` when unchanged).
+    pub fn apply<'a>(&self, src: &'a str, max_depth: usize) -> Result<Cow<'a, str>, LabelError> {
+        let scanned = scan_resource(src, max_depth).map_err(LabelError::Json)?;
+        if self.plan(src, &scanned)? == LabelEdit::Unchanged {
+            return Ok(Cow::Borrowed(src));
+        }
+        let edit = self.plan(src, &scanned)?;
+        let mut s = String::with_capacity(edit.edited_len(src.len()));
+        edit.for_each_piece(src, |piece| s.push_str(piece));
+        Ok(s.into())
+    }
+}
+
 /// Returns `resource` with exactly one tenant label for `tenant`, editing only
 /// what the label needs. `Cow::Borrowed` when the label was already there.
 pub fn apply_tenant_label<'a>(
@@ -153,95 +326,7 @@ pub fn apply_tenant_label<'a>(
     tenant: &str,
     max_depth: usize,
 ) -> Result<Cow<'a, str>, LabelError> {
-    let scanned = scan_resource(resource, max_depth).map_err(LabelError::Json)?;
-    apply_to_scanned(resource, &scanned, system, tenant)
-}
-
-/// [`apply_tenant_label`] for a line that has already been scanned.
-pub fn apply_to_scanned<'a>(
-    src: &'a str,
-    scanned: &Scanned,
-    system: &str,
-    tenant: &str,
-) -> Result<Cow<'a, str>, LabelError> {
-    check_meta_shape(scanned)?;
-    let label = || {
-        format!(
-            "{{\"system\":{},\"code\":{}}}",
-            serde_json::Value::from(system),
-            serde_json::Value::from(tenant)
-        )
-    };
-    let Some(meta) = scanned.meta else {
-        // No meta: add one after `id` (FHIR's usual place), or first.
-        let block = format!("\"meta\":{{\"security\":[{}]}}", label());
-        return Ok(match scanned.id {
-            Some(id) => insert(src, id.end, &format!(",{block}")).into(),
-            None => {
-                let open = scanned.root.start + 1;
-                let empty = src[open..scanned.root.end - 1].trim().is_empty();
-                let sep = if empty { "" } else { "," };
-                insert(src, open, &format!("{block}{sep}")).into()
-            }
-        });
-    };
-    let fields = &scanned.meta_fields;
-    let Some(security) = fields.security else {
-        return Ok(match fields.last_member_end {
-            Some(end) => insert(src, end, &format!(",\"security\":[{}]", label())),
-            None => insert(src, meta.start + 1, &format!("\"security\":[{}]", label())),
-        }
-        .into());
-    };
-    // Find the entries that use the tenant system.
-    let mut ours: Vec<usize> = Vec::new();
-    for (index, e) in fields.security_entries.iter().enumerate() {
-        if !e.system.is_some_and(|s| s.str_eq(src, system)) {
-            continue;
-        }
-        let code = e
-            .code
-            .filter(|c| c.kind == Kind::String)
-            .and_then(|c| c.decoded(src))
-            .ok_or(LabelError::TenantLabelWithoutCode { index })?;
-        // Tenant ids are GUIDs: compare without regard to hex case.
-        if !code.eq_ignore_ascii_case(tenant) {
-            return Err(LabelError::ForeignTenant {
-                index,
-                code: code.into_owned(),
-            });
-        }
-        ours.push(index);
-    }
-    match ours.as_slice() {
-        [] => Ok(match fields.security_entries.last() {
-            Some(last) => insert(src, last.span.end, &format!(",{}", label())),
-            None => insert(src, security.start + 1, &label()),
-        }
-        .into()),
-        [_] => Ok(Cow::Borrowed(src)),
-        [_, extra @ ..] => {
-            // Keep the first copy; drop each later one with the separator
-            // before it (the end of the previous entry up to its own end).
-            let entries = &fields.security_entries;
-            let mut out = String::with_capacity(src.len());
-            let mut from = 0;
-            for &i in extra {
-                out.push_str(&src[from..entries[i - 1].span.end]);
-                from = entries[i].span.end;
-            }
-            out.push_str(&src[from..]);
-            Ok(out.into())
-        }
-    }
-}
-
-fn insert(src: &str, at: usize, text: &str) -> String {
-    let mut out = String::with_capacity(src.len() + text.len());
-    out.push_str(&src[..at]);
-    out.push_str(text);
-    out.push_str(&src[at..]);
-    out
+    TenantLabeller::new(system, tenant).apply(resource, max_depth)
 }
 
 #[cfg(test)]

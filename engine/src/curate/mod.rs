@@ -26,7 +26,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arrow::array::RecordBatch;
-use fhirflow_udfs::tenant_label::apply_tenant_label;
+use fhirflow_udfs::json::scan_resource;
+use fhirflow_udfs::tenant_label::{LabelError, TenantLabeller};
 use tokio::sync::Semaphore;
 
 use crate::commit::{self, failpoint, Move};
@@ -517,8 +518,8 @@ impl Run {
     ) -> Result<write::Written> {
         let started = Instant::now();
         let c = &self.settings.curate;
-        let system = self.settings.tenant_label_system.as_str();
-        let tenant = self.tenant.as_str();
+        let labeller =
+            TenantLabeller::new(&self.settings.tenant_label_system, self.tenant.as_str());
         let mut out = write::PartWriter::new(
             &self.lake.curated,
             &self.tenant,
@@ -562,9 +563,12 @@ impl Run {
                             "line {line_no} was accepted but is now invalid UTF-8"
                         ))
                     })?;
-                    match apply_tenant_label(text, system, tenant, c.max_depth) {
+                    let edit = scan_resource(text, c.max_depth)
+                        .map_err(LabelError::Json)
+                        .and_then(|scanned| labeller.plan(text, &scanned));
+                    match edit {
                         Ok(_) if std::mem::take(&mut lose_one) => Ok(()),
-                        Ok(labelled) => out.write_line(labelled.as_bytes()),
+                        Ok(edit) => out.write_edited(text, &edit),
                         Err(e) => {
                             let id = key_line(bytes, file.file_type, c.max_depth, false)
                                 .ok()

@@ -7,6 +7,8 @@ use std::io::Write;
 use object_store::buffered::BufWriter;
 use tokio_util::io::SyncIoBridge;
 
+use fhirflow_udfs::tenant_label::LabelEdit;
+
 use crate::commit::Move;
 use crate::error::{Error, Result};
 use crate::layout::{ImportDate, Layer, TenantGuid};
@@ -31,7 +33,9 @@ pub struct Written {
 }
 
 struct Part {
-    writer: SyncIoBridge<BufWriter>,
+    /// Small writes (a line is three pieces) are gathered before they cross
+    /// into the async upload buffer.
+    writer: std::io::BufWriter<SyncIoBridge<BufWriter>>,
     staged: object_store::path::Path,
     bytes: u64,
 }
@@ -81,9 +85,9 @@ impl<'a> PartWriter<'a> {
         }
     }
 
-    /// Appends one line (a newline is added).
-    pub fn write_line(&mut self, line: &[u8]) -> Result<()> {
-        let len = line.len() as u64 + 1;
+    /// Appends one line, `src` with `edit` applied, and a newline.
+    pub fn write_edited(&mut self, src: &str, edit: &LabelEdit<'_>) -> Result<()> {
+        let len = edit.edited_len(src.len()) as u64 + 1;
         if self
             .current
             .as_ref()
@@ -101,17 +105,22 @@ impl<'a> PartWriter<'a> {
             let handle = tokio::runtime::Handle::current();
             let writer = BufWriter::with_capacity(self.root.store.clone(), staged.clone(), BUFFER);
             self.current = Some(Part {
-                writer: SyncIoBridge::new_with_handle(writer, handle),
+                writer: std::io::BufWriter::with_capacity(
+                    1 << 16,
+                    SyncIoBridge::new_with_handle(writer, handle),
+                ),
                 staged,
                 bytes: 0,
             });
         }
         let part = self.current.as_mut().expect("part open");
-        let res = part
-            .writer
-            .write_all(line)
-            .and_then(|_| part.writer.write_all(b"\n"));
-        if let Err(e) = res {
+        let mut res = Ok(());
+        edit.for_each_piece(src, |piece| {
+            if res.is_ok() {
+                res = part.writer.write_all(piece.as_bytes());
+            }
+        });
+        if let Err(e) = res.and_then(|_| part.writer.write_all(b"\n")) {
             let staged = part.staged.clone();
             return Err(self.io_err(&staged)(e));
         }
@@ -122,8 +131,12 @@ impl<'a> PartWriter<'a> {
     }
 
     fn close_part(&mut self) -> Result<()> {
-        if let Some(mut part) = self.current.take() {
-            part.writer
+        if let Some(part) = self.current.take() {
+            let mut bridge = part
+                .writer
+                .into_inner()
+                .map_err(|e| self.io_err(&part.staged)(e.into_error()))?;
+            bridge
                 .shutdown()
                 .map_err(|e| self.io_err(&part.staged)(e))?;
             self.done.push(part.staged);

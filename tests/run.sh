@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Runs the whole test suite from a fresh clone: installs what the tests need
+# (a Python virtual environment in .venv for the servers later stages test
+# against, from tests/requirements.txt), builds the binary the CLI tests call,
+# and runs every Rust test. The tests start and stop their own servers.
+#
+# Needs ../shared beside the repository (the public FHIR data sets).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -d ../shared/data ]; then
+    echo "tests/run.sh: ../shared is missing beside the repository" >&2
+    exit 1
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+.venv/bin/pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+
+cargo build --workspace --bins
+cargo test --workspace --no-fail-fast "$@"
