@@ -61,6 +61,9 @@ struct Global {
     /// Print only results and errors.
     #[arg(short, long, global = true)]
     quiet: bool,
+    /// Also print the time of each phase of a curate run.
+    #[arg(short, long, global = true)]
+    verbose: bool,
 }
 
 #[derive(Args)]
@@ -190,7 +193,7 @@ async fn run(cli: Cli) -> Result<()> {
             let report =
                 fhirflow::curate::curate(&lake, &settings, &partition.tenant, partition.date, &bar)
                     .await?;
-            print_summary(&report);
+            print_summary(&report, g.verbose);
         }
         Command::Run {
             paths,
@@ -208,7 +211,7 @@ async fn run(cli: Cli) -> Result<()> {
             if let Some(i) = &report.ingest {
                 print_ingest(i, g.quiet);
             }
-            print_summary(&report.curate);
+            print_summary(&report.curate, g.verbose);
         }
         Command::Sql { query, format } => {
             let ctx = fhirflow::sql::session(&lake, &settings).await?;
@@ -262,7 +265,12 @@ fn print_ingest(report: &fhirflow::ingest::IngestReport, quiet: bool) {
     }
 }
 
-fn print_summary(r: &CurateReport) {
+fn print_summary(r: &CurateReport, verbose: bool) {
+    if verbose {
+        for (name, secs) in &r.phases {
+            eprintln!("phase {name:<20} {secs:>8.3} s");
+        }
+    }
     println!(
         "curated tenant {} date {} (run {}) in {:.2} s",
         r.tenant, r.date, r.run_id, r.seconds

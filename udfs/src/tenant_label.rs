@@ -152,57 +152,44 @@ pub struct TenantLabeller {
     tenant: String,
     /// `{"system":…,"code":…}`
     label: String,
-    /// The texts inserted in each case, prebuilt.
+    /// The texts inserted in each case, prebuilt (see [`Piece`]).
     with_meta: String,
+    meta_first: String,
+    meta_first_comma: String,
     with_security: String,
     security_alone: String,
     after_entry: String,
 }
 
-/// The edit that gives a resource exactly one tenant label.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LabelEdit<'l> {
-    /// Already labelled: write the line as it is.
-    Unchanged,
-    /// Insert `text` at byte `at`.
-    Insert {
-        at: usize,
-        text: std::borrow::Cow<'l, str>,
-    },
-    /// Remove these byte ranges (extra copies of the label), in order.
-    Remove(Vec<std::ops::Range<usize>>),
+/// Which text an insertion adds: a small value, so that a plan made while
+/// scanning can be kept per line and applied later without scanning again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Piece {
+    /// `,"meta":{"security":[L]}` after `id`.
+    MetaAfterId,
+    /// `"meta":{"security":[L]}` first in an empty object.
+    MetaFirst,
+    /// `"meta":{"security":[L]},` first in an object without `id`.
+    MetaFirstComma,
+    /// `,"security":[L]` after meta's last member.
+    SecurityAfterMember,
+    /// `"security":[L]` in an empty meta.
+    SecurityAlone,
+    /// `,L` after the last security label.
+    EntryAfterLast,
+    /// `L` in an empty security array.
+    EntryAlone,
 }
 
-impl LabelEdit<'_> {
-    /// The length of the edited text.
-    pub fn edited_len(&self, src_len: usize) -> usize {
-        match self {
-            LabelEdit::Unchanged => src_len,
-            LabelEdit::Insert { text, .. } => src_len + text.len(),
-            LabelEdit::Remove(ranges) => src_len - ranges.iter().map(|r| r.len()).sum::<usize>(),
-        }
-    }
-
-    /// Calls `f` with the pieces of the edited text, in order, so that a
-    /// writer can stream them without building the line.
-    pub fn for_each_piece<'s>(&'s self, src: &'s str, mut f: impl FnMut(&'s str)) {
-        match self {
-            LabelEdit::Unchanged => f(src),
-            LabelEdit::Insert { at, text } => {
-                f(&src[..*at]);
-                f(text);
-                f(&src[*at..]);
-            }
-            LabelEdit::Remove(ranges) => {
-                let mut from = 0;
-                for r in ranges {
-                    f(&src[from..r.start]);
-                    from = r.end;
-                }
-                f(&src[from..]);
-            }
-        }
-    }
+/// The edit that gives a resource exactly one tenant label.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LabelEdit {
+    /// Already labelled: write the line as it is.
+    Unchanged,
+    /// Insert the text of `piece` at byte `at`.
+    Insert { at: usize, piece: Piece },
+    /// Remove these byte ranges (extra copies of the label), in order.
+    Remove(Vec<std::ops::Range<usize>>),
 }
 
 impl TenantLabeller {
@@ -216,6 +203,8 @@ impl TenantLabeller {
             system: system.to_string(),
             tenant: tenant.to_string(),
             with_meta: format!(",\"meta\":{{\"security\":[{label}]}}"),
+            meta_first: format!("\"meta\":{{\"security\":[{label}]}}"),
+            meta_first_comma: format!("\"meta\":{{\"security\":[{label}]}},"),
             with_security: format!(",\"security\":[{label}]"),
             security_alone: format!("\"security\":[{label}]"),
             after_entry: format!(",{label}"),
@@ -223,26 +212,73 @@ impl TenantLabeller {
         }
     }
 
+    /// The text a [`Piece`] inserts.
+    pub fn text(&self, piece: Piece) -> &str {
+        match piece {
+            Piece::MetaAfterId => &self.with_meta,
+            Piece::MetaFirst => &self.meta_first,
+            Piece::MetaFirstComma => &self.meta_first_comma,
+            Piece::SecurityAfterMember => &self.with_security,
+            Piece::SecurityAlone => &self.security_alone,
+            Piece::EntryAfterLast => &self.after_entry,
+            Piece::EntryAlone => &self.label,
+        }
+    }
+
+    /// The length of `src` once `edit` is applied.
+    pub fn edited_len(&self, src_len: usize, edit: &LabelEdit) -> usize {
+        match edit {
+            LabelEdit::Unchanged => src_len,
+            LabelEdit::Insert { piece, .. } => src_len + self.text(*piece).len(),
+            LabelEdit::Remove(ranges) => src_len - ranges.iter().map(|r| r.len()).sum::<usize>(),
+        }
+    }
+
+    /// Calls `f` with the pieces of the edited text, in order, so that a
+    /// writer can stream them without building the line.
+    pub fn for_each_piece<'s>(
+        &'s self,
+        src: &'s str,
+        edit: &LabelEdit,
+        mut f: impl FnMut(&'s str),
+    ) {
+        match edit {
+            LabelEdit::Unchanged => f(src),
+            LabelEdit::Insert { at, piece } => {
+                f(&src[..*at]);
+                f(self.text(*piece));
+                f(&src[*at..]);
+            }
+            LabelEdit::Remove(ranges) => {
+                let mut from = 0;
+                for r in ranges {
+                    f(&src[from..r.start]);
+                    from = r.end;
+                }
+                f(&src[from..]);
+            }
+        }
+    }
+
     /// Plans the edit for a scanned resource (see the table at the top).
-    pub fn plan<'l>(&'l self, src: &str, scanned: &Scanned) -> Result<LabelEdit<'l>, LabelError> {
+    pub fn plan(&self, src: &str, scanned: &Scanned) -> Result<LabelEdit, LabelError> {
         check_meta_shape(scanned)?;
         let Some(meta) = scanned.meta else {
             // No meta: add one after `id` (FHIR's usual place), or first.
             return Ok(match scanned.id {
                 Some(id) => LabelEdit::Insert {
                     at: id.end,
-                    text: self.with_meta.as_str().into(),
+                    piece: Piece::MetaAfterId,
                 },
                 None => {
                     let open = scanned.root.start + 1;
                     let empty = src[open..scanned.root.end - 1].trim().is_empty();
-                    let block = &self.with_meta[1..];
                     LabelEdit::Insert {
                         at: open,
-                        text: if empty {
-                            block.into()
+                        piece: if empty {
+                            Piece::MetaFirst
                         } else {
-                            format!("{block},").into()
+                            Piece::MetaFirstComma
                         },
                     }
                 }
@@ -253,11 +289,11 @@ impl TenantLabeller {
             return Ok(match fields.last_member_end {
                 Some(end) => LabelEdit::Insert {
                     at: end,
-                    text: self.with_security.as_str().into(),
+                    piece: Piece::SecurityAfterMember,
                 },
                 None => LabelEdit::Insert {
                     at: meta.start + 1,
-                    text: self.security_alone.as_str().into(),
+                    piece: Piece::SecurityAlone,
                 },
             });
         };
@@ -286,11 +322,11 @@ impl TenantLabeller {
             [] => match entries.last() {
                 Some(last) => LabelEdit::Insert {
                     at: last.span.end,
-                    text: self.after_entry.as_str().into(),
+                    piece: Piece::EntryAfterLast,
                 },
                 None => LabelEdit::Insert {
                     at: security.start + 1,
-                    text: self.label.as_str().into(),
+                    piece: Piece::EntryAlone,
                 },
             },
             [_] => LabelEdit::Unchanged,
@@ -312,8 +348,8 @@ impl TenantLabeller {
             return Ok(Cow::Borrowed(src));
         }
         let edit = self.plan(src, &scanned)?;
-        let mut s = String::with_capacity(edit.edited_len(src.len()));
-        edit.for_each_piece(src, |piece| s.push_str(piece));
+        let mut s = String::with_capacity(self.edited_len(src.len(), &edit));
+        self.for_each_piece(src, &edit, |piece| s.push_str(piece));
         Ok(s.into())
     }
 }

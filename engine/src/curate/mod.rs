@@ -27,7 +27,7 @@ use std::time::Instant;
 
 use arrow::array::RecordBatch;
 use fhirflow_udfs::json::scan_resource;
-use fhirflow_udfs::tenant_label::{LabelError, TenantLabeller};
+use fhirflow_udfs::tenant_label::{LabelEdit, LabelError, Piece, TenantLabeller};
 use tokio::sync::Semaphore;
 
 use crate::commit::{self, failpoint, Move};
@@ -40,7 +40,7 @@ use crate::raw::{read_lines, LayerFile};
 use crate::report::Reporter;
 use crate::settings::Settings;
 use crate::storage::Lake;
-use parse::{key_line, label_reject, Reject};
+use parse::{key_and_scan, key_line, label_reject, Reject};
 
 const STAGE: &str = "curate";
 
@@ -87,6 +87,22 @@ pub struct CurateReport {
     /// Wall-clock seconds of the whole run.
     pub seconds: f64,
     pub curated_files: Vec<String>,
+    /// Wall-clock seconds of each phase: pass 1, dedup, pass 2, commit.
+    pub phases: Vec<(&'static str, f64)>,
+}
+
+/// What pass 2 does with one accepted line, decided in pass 1 so that pass 2
+/// copies bytes instead of scanning JSON again.
+#[derive(Debug, Clone, Copy)]
+struct LinePlan {
+    line_no: u64,
+    /// The line's length, checked again in pass 2.
+    len: u32,
+    /// Where the label goes (None: already labelled, or see `rescan`).
+    insert: Option<(u32, Piece)>,
+    /// The label step needs a full look in pass 2: the line carries another
+    /// tenant's label, a malformed one, or extra copies of ours (rare).
+    rescan: bool,
 }
 
 /// The outcome of pass 1 over one file.
@@ -95,6 +111,8 @@ struct Scanned {
     errors: Vec<ErrorRow>,
     /// Lines rejected in step 1, ascending.
     rejected: Vec<u64>,
+    /// Accepted lines, ascending.
+    plans: Vec<LinePlan>,
     records: u64,
     bytes: u64,
     seconds: f64,
@@ -138,7 +156,7 @@ impl Run {
     }
 
     /// Pass 1 over one file, on a blocking thread.
-    fn scan(&self, file: &LayerFile) -> Result<Scanned> {
+    fn scan(&self, file: &LayerFile, labeller: &TenantLabeller) -> Result<Scanned> {
         let started = Instant::now();
         let c = &self.settings.curate;
         let mut rows = RowsBuilder::new(Shape::Keyed, file.origin.clone());
@@ -146,6 +164,7 @@ impl Run {
             keyed: Vec::new(),
             errors: Vec::new(),
             rejected: Vec::new(),
+            plans: Vec::new(),
             records: 0,
             bytes: 0,
             seconds: 0.0,
@@ -163,17 +182,33 @@ impl Run {
                     Line::Text {
                         bytes,
                         last_unterminated,
-                    } => match key_line(bytes, file.file_type, c.max_depth, last_unterminated) {
-                        // Steps 2 (validation) and 3 (rules) plug in here.
-                        Ok(keys) => {
-                            rows.push_keys(line_no, &keys);
-                            if rows.len() >= c.batch_rows {
-                                out.keyed.push(rows.finish());
+                    } => {
+                        match key_and_scan(bytes, file.file_type, c.max_depth, last_unterminated) {
+                            // Steps 2 (validation) and 3 (rules) plug in here.
+                            Ok((keys, scanned)) => {
+                                rows.push_keys(line_no, &keys);
+                                if rows.len() >= c.batch_rows {
+                                    out.keyed.push(rows.finish());
+                                }
+                                // Step 5 is planned now and applied to survivors in pass 2.
+                                let (insert, rescan) = match labeller.plan(keys.text, &scanned) {
+                                    Ok(LabelEdit::Unchanged) => (None, false),
+                                    Ok(LabelEdit::Insert { at, piece }) => {
+                                        (Some((at as u32, piece)), false)
+                                    }
+                                    Ok(LabelEdit::Remove(_)) | Err(_) => (None, true),
+                                };
+                                out.plans.push(LinePlan {
+                                    line_no,
+                                    len: bytes.len() as u32,
+                                    insert,
+                                    rescan,
+                                });
+                                None
                             }
-                            None
+                            Err(r) => Some((r, Some(bytes))),
                         }
-                        Err(r) => Some((r, Some(bytes))),
-                    },
+                    }
                     Line::TooLong { len } => Some((
                         Reject::new(
                             "LINE_TOO_LONG",
@@ -216,6 +251,47 @@ impl Run {
         out.seconds = started.elapsed().as_secs_f64();
         Ok(out)
     }
+}
+
+/// Pass 2's input for one raw file.
+struct FileWork {
+    plans: Vec<LinePlan>,
+    /// Line numbers of duplicates, ascending.
+    duplicates: Vec<u64>,
+}
+
+/// Pass 2's output for one raw file.
+#[derive(Debug, Default)]
+struct Written {
+    curated: u64,
+    bytes_out: u64,
+    /// Staged parts, in order.
+    parts: Vec<object_store::path::Path>,
+    errors: Vec<ErrorRow>,
+    seconds: f64,
+}
+
+/// Runs `jobs` on blocking threads, at most `concurrency` at once; their
+/// results in order.
+async fn run_blocking<T, F>(concurrency: usize, jobs: impl IntoIterator<Item = F>) -> Result<Vec<T>>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T> + Send + 'static,
+{
+    let limit = Arc::new(Semaphore::new(concurrency));
+    let mut tasks = Vec::new();
+    for f in jobs {
+        let limit = limit.clone();
+        tasks.push(tokio::spawn(async move {
+            let _permit = limit.acquire_owned().await.expect("semaphore open");
+            tokio::task::spawn_blocking(f).await?
+        }));
+    }
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        out.push(t.await??);
+    }
+    Ok(out)
 }
 
 fn is_bad_input(e: &Error) -> bool {
@@ -298,37 +374,44 @@ pub async fn curate(
         )));
     }
     let total_bytes: u64 = files.iter().map(|f| f.meta.size).sum();
+    let mut phases: Vec<(&'static str, f64)> = Vec::new();
+    let mut phase_start = Instant::now();
+    let mut phase = |name: &'static str| {
+        phases.push((name, phase_start.elapsed().as_secs_f64()));
+        phase_start = Instant::now();
+    };
     reporter.start("curate", 2 * total_bytes);
 
-    // Pass 1: parse and key, files in parallel.
-    let limit = Arc::new(Semaphore::new(settings.curate.concurrency));
-    let mut tasks = Vec::new();
-    for i in 0..files.len() {
-        let (run, files, limit) = (run.clone(), files.clone(), limit.clone());
-        tasks.push(tokio::spawn(async move {
-            let _permit = limit.acquire_owned().await.expect("semaphore open");
-            tokio::task::spawn_blocking(move || run.scan(&files[i])).await?
-        }));
-    }
-    let mut scans = Vec::with_capacity(files.len());
-    for (task, file) in tasks.into_iter().zip(files.iter()) {
-        scans.push(task.await??);
-        reporter.advance(file.meta.size);
-    }
+    // Pass 1: parse and key (and plan the label), files in parallel.
+    let labeller = Arc::new(TenantLabeller::new(
+        &settings.tenant_label_system,
+        tenant.as_str(),
+    ));
+    let scans = run_blocking(
+        settings.curate.concurrency,
+        (0..files.len()).map(|i| {
+            let (run, files, labeller) = (run.clone(), files.clone(), labeller.clone());
+            move || run.scan(&files[i], &labeller)
+        }),
+    )
+    .await?;
+    reporter.advance(total_bytes);
+    phase("parse and key");
 
     // Dedup over the keys of every accepted record.
+    let mut scans = scans;
     let keyed: Vec<RecordBatch> = scans
         .iter_mut()
         .flat_map(|s| std::mem::take(&mut s.keyed))
         .collect();
     let duplicates = dedup::find_duplicates(keyed, settings.curate.memory_limit_mb).await?;
+    phase("dedup");
 
-    // Per type: the files in path order and the lines each must skip.
-    let mut by_type: BTreeMap<&'static str, Vec<usize>> = BTreeMap::new();
+    // Per file: what pass 2 writes. Counts per type.
     let mut summaries: BTreeMap<String, TypeSummary> = BTreeMap::new();
     let mut errors: Vec<ErrorRow> = Vec::new();
-    let mut skips: Vec<Vec<u64>> = Vec::with_capacity(files.len());
-    for (i, (file, scan)) in files.iter().zip(scans.iter_mut()).enumerate() {
+    let mut work: Vec<FileWork> = Vec::with_capacity(files.len());
+    for (file, scan) in files.iter().zip(scans.iter_mut()) {
         let ty = type_key(file);
         let s = summaries
             .entry(ty.to_string())
@@ -347,46 +430,44 @@ pub async fn curate(
         s.bytes_in += scan.bytes;
         s.seconds += scan.seconds;
         errors.append(&mut scan.errors);
-        let mut skip: Vec<u64> = scan
-            .rejected
-            .iter()
-            .copied()
-            .chain(dups.iter().map(|d| d.0))
-            .collect();
-        skip.sort_unstable();
-        skips.push(skip);
-        if file.file_type.is_some() {
-            by_type.entry(ty).or_default().push(i);
-        }
+        work.push(FileWork {
+            plans: std::mem::take(&mut scan.plans),
+            duplicates: dups.iter().map(|d| d.0).collect(),
+        });
     }
     drop(scans);
 
-    // Pass 2: label and write, resource types in parallel.
-    let skips = Arc::new(skips);
-    let mut tasks = Vec::new();
-    for (ty, idxs) in by_type {
-        let (run, files, skips, limit) = (run.clone(), files.clone(), skips.clone(), limit.clone());
-        tasks.push(tokio::spawn(async move {
-            let _permit = limit.acquire_owned().await.expect("semaphore open");
-            tokio::task::spawn_blocking(move || run.label_and_write(ty, &files, &idxs, &skips))
-                .await?
-        }));
-    }
-    let mut moves: Vec<Move> = Vec::new();
-    for task in tasks {
-        let w = task.await??;
-        reporter.advance(w.bytes_in);
+    // Pass 2: label and write the survivors, files in parallel.
+    let written = run_blocking(
+        settings.curate.concurrency,
+        work.into_iter().enumerate().map(|(i, w)| {
+            let (run, files, labeller) = (run.clone(), files.clone(), labeller.clone());
+            move || run.label_and_write(i, &files[i], w, &labeller)
+        }),
+    )
+    .await?;
+    reporter.advance(total_bytes);
+    // Parts of each type in raw file order (files are sorted by path).
+    let mut parts: BTreeMap<&'static str, Vec<object_store::path::Path>> = BTreeMap::new();
+    for (file, w) in files.iter().zip(written) {
         let s = summaries
-            .get_mut(w.resource_type)
+            .get_mut(type_key(file))
             .expect("type seen in pass 1");
         s.curated += w.curated;
         s.rejected += w.errors.len() as u64;
         s.bytes_out += w.bytes_out;
         s.seconds += w.seconds;
         errors.extend(w.errors);
-        moves.extend(w.parts);
+        if let Some(ty) = file.file_type {
+            parts.entry(ty).or_default().extend(w.parts);
+        }
     }
+    let moves: Vec<Move> = parts
+        .into_iter()
+        .flat_map(|(ty, staged)| write::name_parts(&lake.curated, tenant, date, ty, staged))
+        .collect();
     failpoint("after-curated-staged");
+    phase("label and write");
 
     // Conservation, per type and in total.
     let mut total = TypeSummary {
@@ -468,6 +549,7 @@ pub async fn curate(
     failpoint("after-metadata-staged");
 
     let record = commit::publish(lake, tenant, date, &run.run_id, &moves, &metadata_moves).await?;
+    phase("metadata and commit");
     reporter.finish();
     Ok(CurateReport {
         run_id: run.run_id.clone(),
@@ -477,6 +559,7 @@ pub async fn curate(
         total,
         seconds: started.elapsed().as_secs_f64(),
         curated_files: record.curated_files,
+        phases,
     })
 }
 
@@ -508,89 +591,108 @@ impl Run {
         }
     }
 
-    /// Pass 2 for one resource type, on a blocking thread.
+    /// Pass 2 for one raw file, on a blocking thread: the survivors, labelled.
     fn label_and_write(
         &self,
-        ty: &'static str,
-        files: &[LayerFile],
-        idxs: &[usize],
-        skips: &[Vec<u64>],
-    ) -> Result<write::Written> {
+        index: usize,
+        file: &LayerFile,
+        work: FileWork,
+        labeller: &TenantLabeller,
+    ) -> Result<Written> {
         let started = Instant::now();
         let c = &self.settings.curate;
-        let labeller =
-            TenantLabeller::new(&self.settings.tenant_label_system, self.tenant.as_str());
-        let mut out = write::PartWriter::new(
+        let mut out = Written::default();
+        let Some(ty) = file.file_type else {
+            return Ok(out); // every line was rejected in pass 1
+        };
+        let mut writer = write::PartWriter::new(
             &self.lake.curated,
             &self.tenant,
             self.date,
             &self.run_id,
             ty,
+            index,
             c.part_max_bytes,
         );
-        let mut errors = Vec::new();
-        // Test fault: drop one line on the floor, to prove the conservation
-        // check catches a record lost by a bug.
+        // Test fault: drop one line on the floor, to prove that the
+        // conservation check catches a record lost by a bug.
         let mut lose_one = commit::failpoint_active("lose-a-line");
-        for &i in idxs {
-            let file = &files[i];
-            let skip = &skips[i];
-            let mut next_skip = 0;
-            let changed = |detail: String| Error::InputChanged {
-                stage: STAGE,
-                location: file.origin.source_file.clone(),
-                detail,
-            };
-            let result = read_lines(
-                &self.lake.raw,
-                STAGE,
-                file,
-                c.max_line_bytes,
-                |line_no, line| {
-                    while next_skip < skip.len() && skip[next_skip] < line_no {
-                        next_skip += 1;
-                    }
-                    if skip.get(next_skip) == Some(&line_no) {
-                        return Ok(());
-                    }
-                    let Line::Text { bytes, .. } = line else {
+        let changed = |detail: String| Error::InputChanged {
+            stage: STAGE,
+            location: file.origin.source_file.clone(),
+            detail,
+        };
+        let (plans, dups) = (&work.plans, &work.duplicates);
+        let (mut next_plan, mut next_dup) = (0, 0);
+        let result = read_lines(
+            &self.lake.raw,
+            STAGE,
+            file,
+            c.max_line_bytes,
+            |line_no, line| {
+                // Lines without a plan were rejected in pass 1.
+                let Some(plan) = plans.get(next_plan).filter(|p| p.line_no == line_no) else {
+                    return Ok(());
+                };
+                next_plan += 1;
+                while next_dup < dups.len() && dups[next_dup] < line_no {
+                    next_dup += 1;
+                }
+                if dups.get(next_dup) == Some(&line_no) {
+                    return Ok(());
+                }
+                let bytes = match line {
+                    Line::Text { bytes, .. } if bytes.len() == plan.len as usize => bytes,
+                    _ => {
                         return Err(changed(format!(
-                            "line {line_no} was accepted but is now too long"
-                        )));
-                    };
-                    let text = std::str::from_utf8(bytes).map_err(|_| {
-                        changed(format!(
-                            "line {line_no} was accepted but is now invalid UTF-8"
-                        ))
-                    })?;
-                    let edit = scan_resource(text, c.max_depth)
+                            "line {line_no} is not the line read before"
+                        )))
+                    }
+                };
+                let text = std::str::from_utf8(bytes)
+                    .map_err(|_| changed(format!("line {line_no} is no longer UTF-8")))?;
+                let edit = if plan.rescan {
+                    // Step 5 in full: scan again to find the edit or the reason.
+                    let planned = scan_resource(text, c.max_depth)
                         .map_err(LabelError::Json)
                         .and_then(|scanned| labeller.plan(text, &scanned));
-                    match edit {
-                        Ok(_) if std::mem::take(&mut lose_one) => Ok(()),
-                        Ok(edit) => out.write_edited(text, &edit),
+                    match planned {
+                        Ok(edit) => edit,
                         Err(e) => {
                             let id = key_line(bytes, file.file_type, c.max_depth, false)
                                 .ok()
                                 .map(|k| k.id.into_owned());
                             let r = label_reject(&e, ty, id.as_deref());
-                            errors.push(self.error_row(file, Some(line_no), r, Some(bytes)));
-                            Ok(())
+                            out.errors
+                                .push(self.error_row(file, Some(line_no), r, Some(bytes)));
+                            return Ok(());
                         }
                     }
-                },
-            );
-            match result {
-                Ok(_) => {}
-                // Already reported by pass 1 as FILE_UNREADABLE.
-                Err(e) if is_bad_input(&e) => {}
-                Err(e) => return Err(e),
-            }
+                } else {
+                    match plan.insert {
+                        Some((at, piece)) => LabelEdit::Insert {
+                            at: at as usize,
+                            piece,
+                        },
+                        None => LabelEdit::Unchanged,
+                    }
+                };
+                if std::mem::take(&mut lose_one) {
+                    return Ok(());
+                }
+                writer.write(labeller, text, &edit)
+            },
+        );
+        match result {
+            Ok(_) => {}
+            // Already reported by pass 1 as FILE_UNREADABLE.
+            Err(e) if is_bad_input(&e) => {}
+            Err(e) => return Err(e),
         }
-        let mut w = out.finish()?;
-        w.errors = errors;
-        w.bytes_in = idxs.iter().map(|&i| files[i].meta.size).sum();
-        w.seconds = started.elapsed().as_secs_f64();
-        Ok(w)
+        out.curated = writer.lines;
+        out.bytes_out = writer.bytes;
+        out.parts = writer.finish()?;
+        out.seconds = started.elapsed().as_secs_f64();
+        Ok(out)
     }
 }

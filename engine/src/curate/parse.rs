@@ -61,6 +61,16 @@ pub fn key_line<'a>(
     max_depth: usize,
     last_unterminated: bool,
 ) -> Result<Keys<'a>, Reject> {
+    key_and_scan(bytes, file_type, max_depth, last_unterminated).map(|(keys, _)| keys)
+}
+
+/// [`key_line`], also returning the scan (its spans serve the label step).
+pub fn key_and_scan<'a>(
+    bytes: &'a [u8],
+    file_type: Option<&'static str>,
+    max_depth: usize,
+    last_unterminated: bool,
+) -> Result<(Keys<'a>, Scanned), Reject> {
     let text = std::str::from_utf8(bytes).map_err(|e| {
         Reject::new(
             "INVALID_UTF8",
@@ -68,7 +78,8 @@ pub fn key_line<'a>(
         )
     })?;
     let scanned = scan_resource(text, max_depth).map_err(|e| json_reject(&e, last_unterminated))?;
-    key_scanned(text, &scanned, file_type)
+    let keys = key_scanned(text, &scanned, file_type)?;
+    Ok((keys, scanned))
 }
 
 fn json_reject(e: &JsonError, last_unterminated: bool) -> Reject {

@@ -1,56 +1,49 @@
-//! Curation step 6, the curated NDJSON: one writer per resource type that
-//! streams lines into the run's staging area and starts a new numbered part
-//! before a file would pass the configured size (HealthLake's per-file limit).
+//! Curation step 6, the curated NDJSON. Pass 2 writes each raw file's
+//! surviving lines into the run's staging area as one or more parts, starting
+//! a new part before one would pass the configured size (HealthLake's
+//! per-file limit). Writing per raw file lets both cores work whatever the mix
+//! of resource types; [`name_parts`] then gives the parts of each type their
+//! final names in raw file order, so the output does not depend on timing.
 
 use std::io::Write;
 
+use fhirflow_udfs::tenant_label::{LabelEdit, TenantLabeller};
 use object_store::buffered::BufWriter;
+use object_store::path::Path;
 use tokio_util::io::SyncIoBridge;
-
-use fhirflow_udfs::tenant_label::LabelEdit;
 
 use crate::commit::Move;
 use crate::error::{Error, Result};
 use crate::layout::{ImportDate, Layer, TenantGuid};
-use crate::metadata::ErrorRow;
 use crate::storage::Root;
 
 const STAGE: &str = "curate";
 /// Upload buffer: large enough for few multipart requests on S3.
-const BUFFER: usize = 8 << 20;
-
-/// What pass 2 produced for one resource type.
-#[derive(Debug)]
-pub struct Written {
-    pub resource_type: &'static str,
-    pub curated: u64,
-    pub bytes_out: u64,
-    /// Raw bytes (as stored) of the type's files, for progress.
-    pub bytes_in: u64,
-    pub parts: Vec<Move>,
-    pub errors: Vec<ErrorRow>,
-    pub seconds: f64,
-}
+const UPLOAD_BUFFER: usize = 8 << 20;
+/// Small writes (a line is up to three pieces) are gathered before they cross
+/// into the async upload buffer.
+const LINE_BUFFER: usize = 1 << 16;
 
 struct Part {
-    /// Small writes (a line is three pieces) are gathered before they cross
-    /// into the async upload buffer.
     writer: std::io::BufWriter<SyncIoBridge<BufWriter>>,
-    staged: object_store::path::Path,
+    staged: Path,
     bytes: u64,
 }
 
+/// Writes the curated lines of one raw file.
 pub struct PartWriter<'a> {
     root: &'a Root,
     tenant: &'a TenantGuid,
     date: ImportDate,
     run_id: &'a str,
     ty: &'static str,
+    /// Makes staged names unique per raw file: its index in the run.
+    file_index: usize,
     max_bytes: u64,
     current: Option<Part>,
-    done: Vec<object_store::path::Path>,
-    lines: u64,
-    bytes: u64,
+    done: Vec<Path>,
+    pub lines: u64,
+    pub bytes: u64,
 }
 
 impl<'a> PartWriter<'a> {
@@ -60,6 +53,7 @@ impl<'a> PartWriter<'a> {
         date: ImportDate,
         run_id: &'a str,
         ty: &'static str,
+        file_index: usize,
         max_bytes: u64,
     ) -> Self {
         PartWriter {
@@ -68,6 +62,7 @@ impl<'a> PartWriter<'a> {
             date,
             run_id,
             ty,
+            file_index,
             max_bytes,
             current: None,
             done: Vec::new(),
@@ -76,7 +71,7 @@ impl<'a> PartWriter<'a> {
         }
     }
 
-    fn io_err(&self, path: &object_store::path::Path) -> impl Fn(std::io::Error) -> Error + '_ {
+    fn io_err(&self, path: &Path) -> impl Fn(std::io::Error) -> Error {
         let location = self.root.url_of(path);
         move |source| Error::Io {
             stage: STAGE,
@@ -85,9 +80,9 @@ impl<'a> PartWriter<'a> {
         }
     }
 
-    /// Appends one line, `src` with `edit` applied, and a newline.
-    pub fn write_edited(&mut self, src: &str, edit: &LabelEdit<'_>) -> Result<()> {
-        let len = edit.edited_len(src.len()) as u64 + 1;
+    /// Appends `src` with `edit` applied, and a newline.
+    pub fn write(&mut self, labeller: &TenantLabeller, src: &str, edit: &LabelEdit) -> Result<()> {
+        let len = labeller.edited_len(src.len(), edit) as u64 + 1;
         if self
             .current
             .as_ref()
@@ -96,26 +91,31 @@ impl<'a> PartWriter<'a> {
             self.close_part()?;
         }
         if self.current.is_none() {
-            let n = self.done.len() + 1;
+            // A staged name only; the final one is given by `name_parts`.
+            let name = format!(
+                "{}-processed.f{:06}.{:03}.ndjson",
+                self.ty,
+                self.file_index,
+                self.done.len() + 1
+            );
             let target = self
                 .root
                 .paths
-                .curated_file(self.tenant, self.date, self.ty, Some(n));
+                .curated_partition(self.tenant, self.date)
+                .join(name.as_str());
             let staged = self.root.paths.staged(Layer::Curated, self.run_id, &target);
-            let handle = tokio::runtime::Handle::current();
-            let writer = BufWriter::with_capacity(self.root.store.clone(), staged.clone(), BUFFER);
+            let upload =
+                BufWriter::with_capacity(self.root.store.clone(), staged.clone(), UPLOAD_BUFFER);
+            let bridge = SyncIoBridge::new_with_handle(upload, tokio::runtime::Handle::current());
             self.current = Some(Part {
-                writer: std::io::BufWriter::with_capacity(
-                    1 << 16,
-                    SyncIoBridge::new_with_handle(writer, handle),
-                ),
+                writer: std::io::BufWriter::with_capacity(LINE_BUFFER, bridge),
                 staged,
                 bytes: 0,
             });
         }
         let part = self.current.as_mut().expect("part open");
         let mut res = Ok(());
-        edit.for_each_piece(src, |piece| {
+        labeller.for_each_piece(src, edit, |piece| {
             if res.is_ok() {
                 res = part.writer.write_all(piece.as_bytes());
             }
@@ -132,45 +132,40 @@ impl<'a> PartWriter<'a> {
 
     fn close_part(&mut self) -> Result<()> {
         if let Some(part) = self.current.take() {
-            let mut bridge = part
-                .writer
-                .into_inner()
-                .map_err(|e| self.io_err(&part.staged)(e.into_error()))?;
-            bridge
-                .shutdown()
-                .map_err(|e| self.io_err(&part.staged)(e))?;
+            let err = self.io_err(&part.staged);
+            let mut bridge = part.writer.into_inner().map_err(|e| err(e.into_error()))?;
+            bridge.shutdown().map_err(err)?;
             self.done.push(part.staged);
         }
         Ok(())
     }
 
-    /// Closes the last part. A type that fits in one part is named
-    /// `<Type>-processed.ndjson`, otherwise parts are numbered from 001.
-    pub fn finish(mut self) -> Result<Written> {
+    /// Closes the last part; the staged parts, in order.
+    pub fn finish(mut self) -> Result<Vec<Path>> {
         self.close_part()?;
-        let single = self.done.len() == 1;
-        let parts = self
-            .done
-            .iter()
-            .enumerate()
-            .map(|(i, staged)| Move {
-                staged: staged.clone(),
-                target: self.root.paths.curated_file(
-                    self.tenant,
-                    self.date,
-                    self.ty,
-                    (!single).then_some(i + 1),
-                ),
-            })
-            .collect();
-        Ok(Written {
-            resource_type: self.ty,
-            curated: self.lines,
-            bytes_out: self.bytes,
-            bytes_in: 0,
-            parts,
-            errors: Vec::new(),
-            seconds: 0.0,
-        })
+        Ok(std::mem::take(&mut self.done))
     }
+}
+
+/// Final names for the staged parts of one resource type, given in raw file
+/// order: `<Type>-processed.ndjson` when there is one part, otherwise
+/// `<Type>-processed.001.ndjson`, `.002`, … .
+pub fn name_parts(
+    root: &Root,
+    tenant: &TenantGuid,
+    date: ImportDate,
+    ty: &str,
+    staged: Vec<Path>,
+) -> Vec<Move> {
+    let single = staged.len() == 1;
+    staged
+        .into_iter()
+        .enumerate()
+        .map(|(i, staged)| Move {
+            staged,
+            target: root
+                .paths
+                .curated_file(tenant, date, ty, (!single).then_some(i + 1)),
+        })
+        .collect()
 }
