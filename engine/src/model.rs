@@ -5,10 +5,10 @@
 use std::sync::{Arc, LazyLock};
 
 use arrow::array::{
-    ArrayRef, Date32Array, RecordBatch, StringArray, StringBuilder, TimestampMicrosecondBuilder,
-    UInt64Builder,
+    ArrayRef, Date32Array, DictionaryArray, Int32Array, RecordBatch, StringArray, StringBuilder,
+    TimestampMicrosecondBuilder, UInt64Builder,
 };
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::datatypes::{DataType, Field, Int32Type, Schema, SchemaRef, TimeUnit};
 
 use crate::curate::parse::Keys;
 
@@ -52,8 +52,23 @@ static CURATED: LazyLock<SchemaRef> = LazyLock::new(|| {
     f.push(Field::new("resource", DataType::Utf8, false));
     Arc::new(Schema::new(f))
 });
+/// The columns that are the same for every row of a file are dictionary
+/// encoded in the keyed table: dedup's memory is then mostly the ids.
+const KEYED_PER_FILE: [&str; 3] = ["tenant_guid", "source_system", "source_file"];
+
 static KEYED: LazyLock<SchemaRef> = LazyLock::new(|| {
-    let mut f = partition_and_lineage();
+    let mut f: Vec<Field> = partition_and_lineage()
+        .into_iter()
+        .map(|f| {
+            if KEYED_PER_FILE.contains(&f.name().as_str()) {
+                let dict =
+                    DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8));
+                Field::new(f.name(), dict, f.is_nullable())
+            } else {
+                f
+            }
+        })
+        .collect();
     f.push(Field::new("content_hash", DataType::UInt64, false));
     Arc::new(Schema::new(f))
 });
@@ -159,17 +174,32 @@ impl RowsBuilder {
     pub fn finish(&mut self) -> RecordBatch {
         let n = std::mem::take(&mut self.rows);
         let o = &self.origin;
-        let repeat = |v: &str| -> ArrayRef {
-            Arc::new(StringArray::from_iter_values(std::iter::repeat_n(v, n)))
+        let keyed = self.shape == Shape::Keyed;
+        // A value that is the same on every row of the file.
+        let repeat = |v: Option<&str>| -> ArrayRef {
+            match (v, keyed) {
+                (Some(v), true) => {
+                    let values = Arc::new(StringArray::from(vec![v]));
+                    Arc::new(DictionaryArray::<Int32Type>::new(
+                        Int32Array::from(vec![0; n]),
+                        values,
+                    ))
+                }
+                (None, true) => Arc::new(DictionaryArray::<Int32Type>::new(
+                    Int32Array::new_null(n),
+                    Arc::new(StringArray::new_null(0)),
+                )),
+                (Some(v), false) => {
+                    Arc::new(StringArray::from_iter_values(std::iter::repeat_n(v, n)))
+                }
+                (None, false) => Arc::new(StringArray::new_null(n)),
+            }
         };
         let mut cols: Vec<ArrayRef> = vec![
-            repeat(&o.tenant),
-            match &o.source_system {
-                Some(s) => repeat(s),
-                None => Arc::new(StringArray::new_null(n)),
-            },
+            repeat(Some(&o.tenant)),
+            repeat(o.source_system.as_deref()),
             Arc::new(Date32Array::from(vec![o.import_date; n])),
-            repeat(&o.source_file),
+            repeat(Some(&o.source_file)),
             Arc::new(self.line_no.finish()),
             Arc::new(self.resource_type.finish()),
             Arc::new(self.id.finish()),

@@ -48,7 +48,10 @@ pub async fn find_duplicates(
     let mut out: Duplicates = HashMap::new();
     while let Some(batch) = stream.next().await {
         let batch = batch.map_err(q("queries/dedup.sql"))?;
-        let file = batch.column(0).as_string::<i32>();
+        // source_file is dictionary encoded in `keyed`.
+        let file = arrow::compute::cast(batch.column(0), &arrow::datatypes::DataType::Utf8)
+            .map_err(|e| Error::query(stage, "queries/dedup.sql", e.into()))?;
+        let file = file.as_string::<i32>();
         let line = batch.column(1).as_primitive::<UInt64Type>();
         let exact = batch.column(4).as_boolean();
         for i in 0..batch.num_rows() {

@@ -272,8 +272,12 @@ struct Written {
 }
 
 /// Runs `jobs` on blocking threads, at most `concurrency` at once; their
-/// results in order.
-async fn run_blocking<T, F>(concurrency: usize, jobs: impl IntoIterator<Item = F>) -> Result<Vec<T>>
+/// results in order. `done(i)` is called as job `i`'s result is collected.
+async fn run_blocking<T, F>(
+    concurrency: usize,
+    jobs: impl IntoIterator<Item = F>,
+    mut done: impl FnMut(usize),
+) -> Result<Vec<T>>
 where
     T: Send + 'static,
     F: FnOnce() -> Result<T> + Send + 'static,
@@ -288,8 +292,9 @@ where
         }));
     }
     let mut out = Vec::with_capacity(tasks.len());
-    for t in tasks {
+    for (i, t) in tasks.into_iter().enumerate() {
         out.push(t.await??);
+        done(i);
     }
     Ok(out)
 }
@@ -393,9 +398,9 @@ pub async fn curate(
             let (run, files, labeller) = (run.clone(), files.clone(), labeller.clone());
             move || run.scan(&files[i], &labeller)
         }),
+        |i| reporter.advance(files[i].meta.size),
     )
     .await?;
-    reporter.advance(total_bytes);
     phase("parse and key");
 
     // Dedup over the keys of every accepted record.
@@ -444,9 +449,9 @@ pub async fn curate(
             let (run, files, labeller) = (run.clone(), files.clone(), labeller.clone());
             move || run.label_and_write(i, &files[i], w, &labeller)
         }),
+        |i| reporter.advance(files[i].meta.size),
     )
     .await?;
-    reporter.advance(total_bytes);
     // Parts of each type in raw file order (files are sorted by path).
     let mut parts: BTreeMap<&'static str, Vec<object_store::path::Path>> = BTreeMap::new();
     for (file, w) in files.iter().zip(written) {
