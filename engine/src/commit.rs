@@ -205,14 +205,15 @@ pub struct Visible {
 /// Reads every commit record and intent of the lake.
 pub async fn visible(lake: &Lake) -> Result<Visible> {
     let root = lake.metadata.paths.commits_root();
-    // partition dir -> (committed records by run id, intent present?)
-    let mut parts: BTreeMap<String, (BTreeMap<String, CommitRecord>, Option<String>)> =
+    // (tenant, date) -> (committed records by run id, the intent's run id)
+    type Partition = (Option<TenantGuid>, Option<ImportDate>);
+    let mut parts: BTreeMap<Partition, (BTreeMap<String, CommitRecord>, Option<String>)> =
         BTreeMap::new();
     for obj in lake.metadata.list(STAGE, &root).await? {
         let Some(pp) = parse_partition(&root, &obj.location) else {
             continue;
         };
-        let key = format!("{:?}/{:?}", pp.tenant, pp.date);
+        let key = (pp.tenant.clone(), pp.date);
         let Some(bytes) = lake.metadata.get_bytes(STAGE, &obj.location).await? else {
             continue; // deleted since the listing (an intent being removed)
         };

@@ -525,6 +525,28 @@ impl<'a> Scanner<'a> {
         }
     }
 
+    /// After an item of a container closed by `close`: true when a comma
+    /// says another item follows, false when the container ends here.
+    fn next_item(&mut self, close: u8) -> Result<bool, JsonError> {
+        self.ws();
+        match self.peek() {
+            Some(b',') => {
+                self.pos += 1;
+                self.ws();
+                Ok(true)
+            }
+            Some(c) if c == close => {
+                self.pos += 1;
+                Ok(false)
+            }
+            _ => Err(self.syntax(if close == b'}' {
+                "expected ',' or '}' in object"
+            } else {
+                "expected ',' or ']' in array"
+            })),
+        }
+    }
+
     /// At a member's key: the key string, whitespace, colon, whitespace.
     fn member_key(&mut self) -> Result<Span, JsonError> {
         if self.peek() != Some(b'"') {
@@ -555,17 +577,8 @@ impl<'a> Scanner<'a> {
                 let key = self.member_key()?;
                 on_member(self, key)?;
                 last_end = Some(self.pos);
-                self.ws();
-                match self.peek() {
-                    Some(b',') => {
-                        self.pos += 1;
-                        self.ws();
-                    }
-                    Some(b'}') => {
-                        self.pos += 1;
-                        break;
-                    }
-                    _ => return Err(self.syntax("expected ',' or '}' in object")),
+                if !self.next_item(b'}')? {
+                    break;
                 }
             }
         }
@@ -688,17 +701,8 @@ impl<'a> Scanner<'a> {
                     }
                 };
                 entries.push(entry);
-                self.ws();
-                match self.peek() {
-                    Some(b',') => {
-                        self.pos += 1;
-                        self.ws();
-                    }
-                    Some(b']') => {
-                        self.pos += 1;
-                        break;
-                    }
-                    _ => return Err(self.syntax("expected ',' or ']' in array")),
+                if !self.next_item(b']')? {
+                    break;
                 }
             }
         }

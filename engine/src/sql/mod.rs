@@ -127,14 +127,13 @@ pub async fn session(lake: &Lake, settings: &Settings) -> Result<SessionContext>
     }
     for table in MetadataTable::ALL {
         let files = &visible.metadata[table.name()];
-        let provider = metadata_table(&ctx, &lake.metadata, table, files).await?;
+        let provider = metadata_table(&lake.metadata, table, files)?;
         register(format!("metadata.{}", table.name()), provider)?;
     }
     Ok(ctx)
 }
 
-async fn metadata_table(
-    ctx: &SessionContext,
+fn metadata_table(
     root: &Root,
     table: MetadataTable,
     files: &[object_store::path::Path],
@@ -155,6 +154,5 @@ async fn metadata_table(
     let config = ListingTableConfig::new_with_multi_paths(urls)
         .with_listing_options(options)
         .with_schema(schema);
-    let _ = ctx;
     Ok(Arc::new(ListingTable::try_new(config).map_err(q)?))
 }
