@@ -7,18 +7,21 @@
 -- byte-identical to the survivor's (same content hash).
 --
 -- Input: `keyed`, one row per record that passed the earlier steps, with the
--- record model's key and lineage columns and `content_hash` (xxh3-64 of the
--- line), but not the resource text: dedup needs only the keys, so its memory
--- grows with the number of records, not their size.
+-- record model's key and lineage columns, `content_hash` (xxh3-64 of the
+-- line) and `key_hash` (xxh3-64 of tenant, resource type and id), but not the
+-- resource text: dedup needs only the keys, so its memory grows with the
+-- number of records, not their size.
 --
 -- Output: one row per duplicate. The engine writes every other row.
 --
--- Only ids that occur more than once are ranked: a grouped count finds them
--- cheaply, while the ranking window costs DataFusion time per group.
+-- Only ids that occur more than once are ranked. `repeated` finds them by
+-- key_hash, which costs a fraction of grouping by the strings themselves; a
+-- hash collision only adds rows to rank (the ranking partitions by the real
+-- key), so it can never merge two ids.
 WITH repeated AS (
-    SELECT tenant_guid, resource_type, id
+    SELECT key_hash
     FROM keyed
-    GROUP BY tenant_guid, resource_type, id
+    GROUP BY key_hash
     HAVING count(*) > 1
 ),
 ranked AS (
@@ -29,10 +32,7 @@ ranked AS (
            ROW_NUMBER() OVER survivor_first AS survivor_rank,
            k.content_hash = FIRST_VALUE(k.content_hash) OVER survivor_first AS exact_duplicate
     FROM keyed k
-    JOIN repeated r
-      ON k.tenant_guid = r.tenant_guid
-     AND k.resource_type = r.resource_type
-     AND k.id = r.id
+    WHERE k.key_hash IN (SELECT key_hash FROM repeated)
     WINDOW survivor_first AS (
         PARTITION BY k.tenant_guid, k.resource_type, k.id
         ORDER BY TRY_CAST(k.version_id AS DECIMAL(38, 0)) DESC NULLS LAST,

@@ -267,8 +267,12 @@ fn print_ingest(report: &fhirflow::ingest::IngestReport, quiet: bool) {
 
 fn print_summary(r: &CurateReport, verbose: bool) {
     if verbose {
-        for (name, secs) in &r.phases {
-            eprintln!("phase {name:<20} {secs:>8.3} s");
+        for p in &r.phases {
+            let peak = p
+                .peak_rss_mb
+                .map(|m| format!(", peak memory so far {m:.0} MB"))
+                .unwrap_or_default();
+            eprintln!("phase {:<20} {:>8.3} s{peak}", p.name, p.seconds);
         }
     }
     println!(

@@ -10,6 +10,8 @@ use arrow::array::{
 };
 use arrow::datatypes::{DataType, Field, Int32Type, Schema, SchemaRef, TimeUnit};
 
+use xxhash_rust::xxh3::{xxh3_64, Xxh3};
+
 use crate::curate::parse::Keys;
 
 /// Which columns a [`RowsBuilder`] fills.
@@ -19,7 +21,8 @@ pub enum Shape {
     Raw,
     /// The record model: every line of a curated file.
     Curated,
-    /// Key columns plus `content_hash`, no text: what dedup reads.
+    /// Key columns plus `content_hash` (of the line) and `key_hash` (of
+    /// tenant, resource type and id), no text: what dedup reads.
     Keyed,
 }
 
@@ -70,6 +73,7 @@ static KEYED: LazyLock<SchemaRef> = LazyLock::new(|| {
         })
         .collect();
     f.push(Field::new("content_hash", DataType::UInt64, false));
+    f.push(Field::new("key_hash", DataType::UInt64, false));
     Arc::new(Schema::new(f))
 });
 
@@ -103,6 +107,7 @@ pub struct RowsBuilder {
     resource: StringBuilder,
     error: StringBuilder,
     content_hash: UInt64Builder,
+    key_hash: UInt64Builder,
 }
 
 impl RowsBuilder {
@@ -119,6 +124,7 @@ impl RowsBuilder {
             resource: StringBuilder::new(),
             error: StringBuilder::new(),
             content_hash: UInt64Builder::new(),
+            key_hash: UInt64Builder::new(),
         }
     }
 
@@ -139,9 +145,16 @@ impl RowsBuilder {
         self.version_id.append_option(k.version_id.as_deref());
         self.last_updated.append_option(k.last_updated);
         match self.shape {
-            Shape::Keyed => self
-                .content_hash
-                .append_value(xxhash_rust::xxh3::xxh3_64(k.text.as_bytes())),
+            Shape::Keyed => {
+                self.content_hash.append_value(xxh3_64(k.text.as_bytes()));
+                // (tenant, resource type, id); the tenant is the file's.
+                let mut h = Xxh3::new();
+                for part in [self.origin.tenant.as_str(), k.resource_type, &k.id] {
+                    h.update(part.as_bytes());
+                    h.update(b"/");
+                }
+                self.key_hash.append_value(h.digest());
+            }
             Shape::Raw => {
                 self.resource.append_value(k.text);
                 self.error.append_null();
@@ -207,7 +220,10 @@ impl RowsBuilder {
             Arc::new(self.last_updated.finish()),
         ];
         match self.shape {
-            Shape::Keyed => cols.push(Arc::new(self.content_hash.finish())),
+            Shape::Keyed => {
+                cols.push(Arc::new(self.content_hash.finish()));
+                cols.push(Arc::new(self.key_hash.finish()));
+            }
             Shape::Raw => {
                 cols.push(Arc::new(self.resource.finish()));
                 cols.push(Arc::new(self.error.finish()));

@@ -87,8 +87,26 @@ pub struct CurateReport {
     /// Wall-clock seconds of the whole run.
     pub seconds: f64,
     pub curated_files: Vec<String>,
-    /// Wall-clock seconds of each phase: pass 1, dedup, pass 2, commit.
-    pub phases: Vec<(&'static str, f64)>,
+    /// Each phase: pass 1, dedup, pass 2, commit.
+    pub phases: Vec<Phase>,
+}
+
+/// One phase of a run, for engineers tuning throughput.
+#[derive(Debug, Clone)]
+pub struct Phase {
+    pub name: &'static str,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+    /// The process's peak resident memory so far (Linux only).
+    pub peak_rss_mb: Option<f64>,
+}
+
+/// VmHWM from /proc/self/status, in MB.
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
 }
 
 /// What pass 2 does with one accepted line, decided in pass 1 so that pass 2
@@ -379,10 +397,14 @@ pub async fn curate(
         )));
     }
     let total_bytes: u64 = files.iter().map(|f| f.meta.size).sum();
-    let mut phases: Vec<(&'static str, f64)> = Vec::new();
+    let mut phases: Vec<Phase> = Vec::new();
     let mut phase_start = Instant::now();
     let mut phase = |name: &'static str| {
-        phases.push((name, phase_start.elapsed().as_secs_f64()));
+        phases.push(Phase {
+            name,
+            seconds: phase_start.elapsed().as_secs_f64(),
+            peak_rss_mb: peak_rss_mb(),
+        });
         phase_start = Instant::now();
     };
     reporter.start("curate", 2 * total_bytes);

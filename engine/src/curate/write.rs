@@ -20,6 +20,9 @@ use crate::storage::Root;
 const STAGE: &str = "curate";
 /// Upload buffer: large enough for few multipart requests on S3.
 const UPLOAD_BUFFER: usize = 8 << 20;
+/// Multipart chunks in flight per part: object_store's default (8) holds up to
+/// 64 MB per writer; two keep the disk or network busy at an eighth of that.
+const UPLOADS_IN_FLIGHT: usize = 2;
 /// Small writes (a line is up to three pieces) are gathered before they cross
 /// into the async upload buffer.
 const LINE_BUFFER: usize = 1 << 16;
@@ -105,7 +108,8 @@ impl<'a> PartWriter<'a> {
                 .join(name.as_str());
             let staged = self.root.paths.staged(Layer::Curated, self.run_id, &target);
             let upload =
-                BufWriter::with_capacity(self.root.store.clone(), staged.clone(), UPLOAD_BUFFER);
+                BufWriter::with_capacity(self.root.store.clone(), staged.clone(), UPLOAD_BUFFER)
+                    .with_max_concurrency(UPLOADS_IN_FLIGHT);
             let bridge = SyncIoBridge::new_with_handle(upload, tokio::runtime::Handle::current());
             self.current = Some(Part {
                 writer: std::io::BufWriter::with_capacity(LINE_BUFFER, bridge),
