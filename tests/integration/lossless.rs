@@ -110,3 +110,76 @@ async fn number_text_escapes_and_unicode_are_untouched() {
         assert_label_only_edit(raw.as_bytes(), cur);
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn large_types_are_split_into_numbered_parts_in_order() {
+    let t = TestLake::with(|s| s.curate.part_max_bytes = 400);
+    let dir = t.input("parts");
+    let lines: Vec<String> = (0..20)
+        .map(|i| {
+            format!(
+                r#"{{"resourceType":"Condition","id":"c{i:02}","note":[{{"text":"{}"}}]}}"#,
+                "n".repeat(50)
+            )
+        })
+        .collect();
+    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+    write_lines(&dir, "Condition.000.ndjson", &refs[..10]);
+    write_lines(&dir, "Condition.001.ndjson", &refs[10..]);
+    write_lines(
+        &dir,
+        "Patient.ndjson",
+        &[r#"{"resourceType":"Patient","id":"p"}"#],
+    );
+    t.ingest(&[dir], "src").await;
+    t.curate().await.unwrap();
+
+    let files = t.curated_files();
+    let names: Vec<&String> = files.keys().collect();
+    assert!(names.len() > 3, "{names:?}");
+    assert!(
+        files.contains_key("Patient-processed.ndjson"),
+        "one part keeps the plain name: {names:?}"
+    );
+    let mut joined = Vec::new();
+    for (n, (name, bytes)) in files
+        .iter()
+        .filter(|(n, _)| n.starts_with("Condition"))
+        .enumerate()
+    {
+        assert_eq!(name, &format!("Condition-processed.{:03}.ndjson", n + 1));
+        assert!(bytes.len() <= 400, "{name} has {} bytes", bytes.len());
+        joined.extend_from_slice(bytes);
+    }
+    // The parts, in order, are the raw lines in raw file order, labelled.
+    let got: Vec<&[u8]> = joined
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert_eq!(got.len(), 20);
+    for (raw, cur) in lines.iter().zip(got) {
+        assert_label_only_edit(raw.as_bytes(), cur);
+    }
+    let rows = t.sql("SELECT count(*) FROM curated.condition").await;
+    assert_eq!(rows, vec![vec!["20".to_string()]]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lake_in_memory_works_end_to_end() {
+    let t = TestLake::with(|s| s.lake = "memory://".into());
+    let dir = t.input("mem");
+    write_lines(
+        &dir,
+        "Patient.ndjson",
+        &[
+            r#"{"resourceType":"Patient","id":"p"}"#,
+            r#"{"resourceType":"Patient","id":"p"}"#,
+        ],
+    );
+    t.ingest(&[dir], "src").await;
+    let report = t.curate().await.unwrap();
+    assert_eq!((report.total.curated, report.total.duplicates), (1, 1));
+    let rows = t.sql("SELECT m.records_exact_duplicate, c.id FROM metadata.import_metrics m, curated.patient c").await;
+    assert_eq!(rows, vec![vec!["1".to_string(), "p".into()]]);
+    assert!(!t.root().exists(), "nothing was written to disk");
+}
