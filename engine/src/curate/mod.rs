@@ -6,16 +6,23 @@
 //!
 //! * **pass 1** (files in parallel): step 1, parse and key ([`parse`]); the
 //!   validation (step 2) and rules (step 3) seams sit here. Accepted lines
-//!   become key rows, rejected lines `import_errors` rows.
+//!   become key rows plus a few bytes saying where the tenant label will go;
+//!   rejected lines become `import_errors` rows.
 //! * **dedup** (step 4, [`dedup`]): `queries/dedup.sql` over the key rows.
-//! * **pass 2** (resource types in parallel, files in path order): every line
-//!   that is neither rejected nor a duplicate gets the tenant label (step 5)
-//!   and is written to the run's staging area ([`write`]).
+//! * **pass 2** (files in parallel): every line that is neither rejected nor
+//!   a duplicate gets the tenant label (step 5) as planned in pass 1, without
+//!   a second parse, and is written to the run's staging area ([`write`]).
+//!   The label's rare hard cases (another tenant's label, extra copies) are
+//!   scanned again here, after dedup, as DESIGN.md orders the steps.
 //! * **commit** (step 6): metadata Parquet, the conservation check, then
 //!   [`crate::commit::publish`].
 //!
-//! Raw objects are checked (size and e-tag) when pass 2 reopens them: a file
-//! replaced between the passes fails the run instead of mixing two versions.
+//! Raw objects are checked when pass 2 reopens them (size and e-tag, and each
+//! line's length): a file replaced between the passes fails the run instead
+//! of mixing two versions.
+//!
+//! One curate run per (tenant, date) at a time: a run cleans up what earlier,
+//! killed runs of its partition left in staging.
 
 pub mod dedup;
 pub mod parse;
@@ -127,8 +134,8 @@ struct LinePlan {
 struct Scanned {
     keyed: Vec<RecordBatch>,
     errors: Vec<ErrorRow>,
-    /// Lines rejected in step 1, ascending.
-    rejected: Vec<u64>,
+    /// Lines rejected in step 1.
+    rejected: u64,
     /// Accepted lines, ascending.
     plans: Vec<LinePlan>,
     records: u64,
@@ -181,7 +188,7 @@ impl Run {
         let mut out = Scanned {
             keyed: Vec::new(),
             errors: Vec::new(),
-            rejected: Vec::new(),
+            rejected: 0,
             plans: Vec::new(),
             records: 0,
             bytes: 0,
@@ -239,7 +246,7 @@ impl Run {
                     )),
                 };
                 if let Some((r, text)) = rejected {
-                    out.rejected.push(line_no);
+                    out.rejected += 1;
                     out.errors
                         .push(self.error_row(file, Some(line_no), r, text));
                 }
@@ -414,7 +421,7 @@ pub async fn curate(
         &settings.tenant_label_system,
         tenant.as_str(),
     ));
-    let scans = run_blocking(
+    let mut scans = run_blocking(
         settings.curate.concurrency,
         (0..files.len()).map(|i| {
             let (run, files, labeller) = (run.clone(), files.clone(), labeller.clone());
@@ -426,7 +433,6 @@ pub async fn curate(
     phase("parse and key");
 
     // Dedup over the keys of every accepted record.
-    let mut scans = scans;
     let keyed: Vec<RecordBatch> = scans
         .iter_mut()
         .flat_map(|s| std::mem::take(&mut s.keyed))
@@ -451,7 +457,7 @@ pub async fn curate(
             .map(Vec::as_slice)
             .unwrap_or(&[]);
         s.records_in += scan.records;
-        s.rejected += scan.rejected.len() as u64;
+        s.rejected += scan.rejected;
         s.duplicates += dups.len() as u64;
         s.exact_duplicates += dups.iter().filter(|d| d.1).count() as u64;
         s.bytes_in += scan.bytes;
