@@ -314,7 +314,11 @@ impl Bar {
         if quiet || !std::io::stderr().is_terminal() {
             return Bar(None);
         }
-        let bar = indicatif::ProgressBar::new(0);
+        // Hidden until `start` knows the size of the work.
+        let bar = indicatif::ProgressBar::with_draw_target(
+            Some(0),
+            indicatif::ProgressDrawTarget::hidden(),
+        );
         bar.set_style(
             indicatif::ProgressStyle::with_template(
                 "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
@@ -331,6 +335,7 @@ impl Reporter for Bar {
         if let Some(b) = &self.0 {
             b.set_message(stage.to_string());
             b.set_length(total_bytes);
+            b.set_draw_target(indicatif::ProgressDrawTarget::stderr());
         }
     }
     fn advance(&self, bytes: u64) {
