@@ -115,3 +115,40 @@ async fn gzip_input_and_a_corrupt_gzip_file() {
     assert_eq!(errors[0][0], "FILE_UNREADABLE");
     assert!(errors[0][1].ends_with("Condition.001.ndjson.gz"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn many_bad_lines_are_all_reported_with_their_line_numbers() {
+    // More rejections than the error sink holds before it writes a row group.
+    let t = TestLake::new();
+    let dir = t.input("many");
+    let mut text = String::new();
+    for i in 0..10_000 {
+        text.push_str(&format!(
+            "{{\"resourceType\":\"Patient\",\"id\":\"bad_{i}\"}}\n"
+        ));
+        text.push_str(&format!(
+            "{{\"resourceType\":\"Patient\",\"id\":\"ok-{i}\"}}\n"
+        ));
+    }
+    std::fs::write(dir.join("Patient.ndjson"), text).unwrap();
+    t.ingest(&[dir], "src").await;
+    let report = t.curate().await.unwrap();
+    assert_eq!(
+        (report.total.curated, report.total.rejected),
+        (10_000, 10_000)
+    );
+    let rows = t
+        .sql("SELECT count(*), count(DISTINCT line_no), min(line_no), max(line_no), min(error_code), max(error_code) FROM metadata.import_errors")
+        .await;
+    assert_eq!(
+        rows,
+        vec![vec![
+            "10000".to_string(),
+            "10000".into(),
+            "1".into(),
+            "19999".into(),
+            "INVALID_ID".into(),
+            "INVALID_ID".into()
+        ]]
+    );
+}

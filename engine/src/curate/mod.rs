@@ -40,7 +40,7 @@ use tokio::sync::Semaphore;
 use crate::commit::{self, failpoint, Move};
 use crate::error::{Error, Result};
 use crate::layout::{parse_partition, ImportDate, Layer, MetadataTable, RawFileName, TenantGuid};
-use crate::metadata::{self, ErrorRow, JobRow, MetricRow};
+use crate::metadata::{self, ErrorRow, ErrorSink, JobRow, MetricRow};
 use crate::model::{FileOrigin, RowsBuilder, Shape};
 use crate::raw::lines::Line;
 use crate::raw::{read_lines, LayerFile};
@@ -133,7 +133,6 @@ struct LinePlan {
 /// The outcome of pass 1 over one file.
 struct Scanned {
     keyed: Vec<RecordBatch>,
-    errors: Vec<ErrorRow>,
     /// Lines rejected in step 1.
     rejected: u64,
     /// Accepted lines, ascending.
@@ -150,6 +149,8 @@ struct Run {
     tenant: TenantGuid,
     date: ImportDate,
     run_id: String,
+    /// `import_errors`, written as rejections are found.
+    errors: ErrorSink,
 }
 
 impl Run {
@@ -187,7 +188,6 @@ impl Run {
         let mut rows = RowsBuilder::new(Shape::Keyed, file.origin.clone());
         let mut out = Scanned {
             keyed: Vec::new(),
-            errors: Vec::new(),
             rejected: 0,
             plans: Vec::new(),
             records: 0,
@@ -247,8 +247,8 @@ impl Run {
                 };
                 if let Some((r, text)) = rejected {
                     out.rejected += 1;
-                    out.errors
-                        .push(self.error_row(file, Some(line_no), r, text));
+                    self.errors
+                        .push(self.error_row(file, Some(line_no), r, text))?;
                 }
                 Ok(())
             },
@@ -258,7 +258,7 @@ impl Run {
             Err(e) if is_bad_input(&e) => {
                 // A corrupt compressed file: what was read counts, the rest is
                 // reported against the next line and the run goes on.
-                out.errors.push(self.error_row(
+                self.errors.push(self.error_row(
                     file,
                     Some(last_line + 1),
                     Reject::new(
@@ -266,7 +266,7 @@ impl Run {
                         format!("the rest of the file cannot be read: {e}"),
                     ),
                     None,
-                ));
+                ))?;
             }
             Err(e) => return Err(e),
         }
@@ -292,7 +292,8 @@ struct Written {
     bytes_out: u64,
     /// Staged parts, in order.
     parts: Vec<object_store::path::Path>,
-    errors: Vec<ErrorRow>,
+    /// Survivors rejected by the label step.
+    rejected: u64,
     seconds: f64,
 }
 
@@ -387,14 +388,23 @@ pub async fn curate(
 ) -> Result<CurateReport> {
     let started = Instant::now();
     let started_at = chrono::Utc::now().timestamp_micros();
+    commit::recover(lake, tenant, date).await?;
+    let run_id = uuid::Uuid::now_v7().to_string();
+    let paths = &lake.metadata.paths;
+    let errors_target = paths.metadata_file(MetadataTable::ImportErrors, tenant, date, &run_id);
+    let errors_staged = paths.staged(Layer::Metadata, &run_id, &errors_target);
+    let errors = {
+        let (root, path) = (lake.metadata.clone(), errors_staged.clone());
+        tokio::task::spawn_blocking(move || ErrorSink::create(&root, &path)).await??
+    };
     let run = Arc::new(Run {
         lake: lake.clone(),
         settings: settings.clone(),
         tenant: tenant.clone(),
         date,
-        run_id: uuid::Uuid::now_v7().to_string(),
+        run_id,
+        errors,
     });
-    commit::recover(lake, tenant, date).await?;
 
     let files = Arc::new(raw_files(lake, tenant, date).await?);
     if files.is_empty() {
@@ -442,7 +452,6 @@ pub async fn curate(
 
     // Per file: what pass 2 writes. Counts per type.
     let mut summaries: BTreeMap<String, TypeSummary> = BTreeMap::new();
-    let mut errors: Vec<ErrorRow> = Vec::new();
     let mut work: Vec<FileWork> = Vec::with_capacity(files.len());
     for (file, scan) in files.iter().zip(scans.iter_mut()) {
         let ty = type_key(file);
@@ -462,7 +471,6 @@ pub async fn curate(
         s.exact_duplicates += dups.iter().filter(|d| d.1).count() as u64;
         s.bytes_in += scan.bytes;
         s.seconds += scan.seconds;
-        errors.append(&mut scan.errors);
         work.push(FileWork {
             plans: std::mem::take(&mut scan.plans),
             duplicates: dups.iter().map(|d| d.0).collect(),
@@ -487,10 +495,9 @@ pub async fn curate(
             .get_mut(type_key(file))
             .expect("type seen in pass 1");
         s.curated += w.curated;
-        s.rejected += w.errors.len() as u64;
+        s.rejected += w.rejected;
         s.bytes_out += w.bytes_out;
         s.seconds += w.seconds;
-        errors.extend(w.errors);
         if let Some(ty) = file.file_type {
             parts.entry(ty).or_default().extend(w.parts);
         }
@@ -564,10 +571,17 @@ pub async fn curate(
         engine_version: env!("CARGO_PKG_VERSION").into(),
     };
     let metrics: Vec<MetricRow> = types.iter().map(|s| run.metric_row(s)).collect();
-    let mut metadata_moves = Vec::new();
+    let errors_written = {
+        let run = run.clone();
+        tokio::task::spawn_blocking(move || run.errors.finish()).await??
+    };
+    debug_assert!(errors_written >= total.rejected);
+    let mut metadata_moves = vec![Move {
+        staged: errors_staged,
+        target: errors_target,
+    }];
     for (table, batch) in [
         (MetadataTable::ImportJobs, metadata::jobs_batch(&[job])),
-        (MetadataTable::ImportErrors, metadata::errors_batch(&errors)),
         (
             MetadataTable::ImportMetrics,
             metadata::metrics_batch(&metrics),
@@ -696,9 +710,13 @@ impl Run {
                                 .ok()
                                 .map(|k| k.id.into_owned());
                             let r = label_reject(&e, ty, id.as_deref());
-                            out.errors
-                                .push(self.error_row(file, Some(line_no), r, Some(bytes)));
-                            return Ok(());
+                            out.rejected += 1;
+                            return self.errors.push(self.error_row(
+                                file,
+                                Some(line_no),
+                                r,
+                                Some(bytes),
+                            ));
                         }
                     }
                 } else {

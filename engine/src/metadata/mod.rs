@@ -283,3 +283,115 @@ pub async fn write_parquet(
     w.close().await.map_err(perr)?;
     Ok(())
 }
+
+/// `import_errors` rows streamed to one Parquet object as a run finds them,
+/// so that a run over millions of bad lines holds one small batch in memory,
+/// not every row. Shared by the threads of a run; call from blocking threads.
+pub struct ErrorSink {
+    state: std::sync::Mutex<SinkState>,
+    location: String,
+}
+
+struct SinkState {
+    rows: Vec<ErrorRow>,
+    writer: Option<
+        parquet::arrow::ArrowWriter<
+            tokio_util::io::SyncIoBridge<object_store::buffered::BufWriter>,
+        >,
+    >,
+    written: u64,
+}
+
+/// Rows gathered before they are written as one Parquet row group.
+const ERROR_BATCH: usize = 4096;
+
+impl ErrorSink {
+    /// Opens the sink at `path`. Call from a blocking thread.
+    pub fn create(root: &Root, path: &Path) -> Result<ErrorSink> {
+        let location = root.url_of(path);
+        let upload = object_store::buffered::BufWriter::new(root.store.clone(), path.clone());
+        let bridge = tokio_util::io::SyncIoBridge::new_with_handle(
+            upload,
+            tokio::runtime::Handle::current(),
+        );
+        let props = WriterProperties::builder()
+            .set_compression(Compression::SNAPPY)
+            .set_max_row_group_row_count(Some(ERROR_BATCH))
+            .set_created_by(format!("fhirflow {}", env!("CARGO_PKG_VERSION")))
+            .build();
+        let writer = parquet::arrow::ArrowWriter::try_new(
+            bridge,
+            schema(MetadataTable::ImportErrors),
+            Some(props),
+        )
+        .map_err(|source| Error::Parquet {
+            stage: "curate",
+            location: location.clone(),
+            source,
+        })?;
+        Ok(ErrorSink {
+            state: std::sync::Mutex::new(SinkState {
+                rows: Vec::with_capacity(ERROR_BATCH),
+                writer: Some(writer),
+                written: 0,
+            }),
+            location,
+        })
+    }
+
+    fn perr(&self, source: parquet::errors::ParquetError) -> Error {
+        Error::Parquet {
+            stage: "curate",
+            location: self.location.clone(),
+            source,
+        }
+    }
+
+    /// Adds a row; writes a row group when enough have gathered.
+    pub fn push(&self, row: ErrorRow) -> Result<()> {
+        let mut s = self.state.lock().expect("error sink not poisoned");
+        s.rows.push(row);
+        if s.rows.len() >= ERROR_BATCH {
+            self.flush(&mut s)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self, s: &mut SinkState) -> Result<()> {
+        if s.rows.is_empty() {
+            return Ok(());
+        }
+        let batch = errors_batch(&s.rows);
+        s.written += s.rows.len() as u64;
+        s.rows.clear();
+        let writer = s.writer.as_mut().expect("sink open");
+        writer.write(&batch).map_err(|e| self.perr(e))?;
+        writer.flush().map_err(|e| self.perr(e))
+    }
+
+    /// Writes what is left and completes the object; the number of rows.
+    pub fn finish(&self) -> Result<u64> {
+        let mut s = self.state.lock().expect("error sink not poisoned");
+        self.flush(&mut s)?;
+        let writer = s.writer.take().expect("finished once");
+        let mut bridge = writer.into_inner().map_err(|e| self.perr(e))?;
+        bridge.shutdown().map_err(|source| Error::Io {
+            stage: "curate",
+            location: self.location.clone(),
+            source,
+        })?;
+        Ok(s.written)
+    }
+}
+
+impl Drop for ErrorSink {
+    /// A sink abandoned by a failed run still holds a writer whose buffers
+    /// flush into the blocking bridge when dropped: drop it where blocking is
+    /// allowed. Its staged object is removed by the partition's next run.
+    fn drop(&mut self) {
+        let state = self.state.get_mut().map(|s| s.writer.take());
+        if let (Ok(Some(writer)), Ok(handle)) = (state, tokio::runtime::Handle::try_current()) {
+            handle.spawn_blocking(move || drop(writer));
+        }
+    }
+}
