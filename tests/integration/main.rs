@@ -7,3 +7,4 @@ mod crash;
 mod dedup;
 mod labels;
 mod lossless;
+mod sql;

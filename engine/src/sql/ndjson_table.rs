@@ -1,6 +1,10 @@
 //! `raw.<type>` and `curated.<type>`: NDJSON files of a layer as a DataFusion
 //! table in the record model, one partition per file, read in parallel.
 //!
+//! Filters on the partition columns (`tenant_guid`, `source_system`,
+//! `import_date`: equality, `IN`, joined by `AND`) skip files whose path says
+//! they cannot match.
+//!
 //! Raw tables show every non-blank line, including those curation rejects:
 //! their `error` column says why, so analysts can look at bad input with SQL.
 
@@ -11,16 +15,18 @@ use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
 use datafusion::catalog::streaming::StreamingTable;
 use datafusion::catalog::{Session, TableProvider};
+use datafusion::common::ScalarValue;
 use datafusion::datasource::TableType;
 use datafusion::error::{DataFusionError, Result as DfResult};
 use datafusion::execution::TaskContext;
-use datafusion::logical_expr::Expr;
+use datafusion::logical_expr::{Expr, Operator, TableProviderFilterPushDown};
 use datafusion::physical_plan::stream::RecordBatchReceiverStreamBuilder;
 use datafusion::physical_plan::streaming::PartitionStream;
 use datafusion::physical_plan::{ExecutionPlan, SendableRecordBatchStream};
 
 use crate::curate::parse::key_line;
-use crate::model::{schema, RowsBuilder, Shape};
+use crate::layout::ImportDate;
+use crate::model::{schema, FileOrigin, RowsBuilder, Shape};
 use crate::raw::lines::Line;
 use crate::raw::{read_lines, LayerFile};
 use crate::settings::CurateSettings;
@@ -29,7 +35,8 @@ use crate::storage::Root;
 /// The files of one resource type in one layer.
 #[derive(Debug)]
 pub struct NdjsonTable {
-    inner: StreamingTable,
+    schema: SchemaRef,
+    partitions: Vec<Arc<FilePartition>>,
 }
 
 impl NdjsonTable {
@@ -51,12 +58,74 @@ impl NdjsonTable {
                     max_line: limits.max_line_bytes,
                     max_depth: limits.max_depth,
                     batch_rows: limits.batch_rows,
-                }) as Arc<dyn PartitionStream>
+                })
             })
             .collect();
-        Ok(NdjsonTable {
-            inner: StreamingTable::try_new(schema, partitions)?,
-        })
+        Ok(NdjsonTable { schema, partitions })
+    }
+}
+
+/// The partition columns, known from each file's path.
+const PARTITION_COLUMNS: [&str; 3] = ["tenant_guid", "source_system", "import_date"];
+
+/// Whether `e` is a filter on partition columns that [`may_match`] can use.
+fn is_partition_filter(e: &Expr) -> bool {
+    match e {
+        Expr::BinaryExpr(b) if b.op == Operator::And => {
+            is_partition_filter(&b.left) && is_partition_filter(&b.right)
+        }
+        Expr::BinaryExpr(b) if b.op == Operator::Eq => {
+            matches!((&*b.left, &*b.right), (Expr::Column(c), Expr::Literal(..)) | (Expr::Literal(..), Expr::Column(c))
+                if PARTITION_COLUMNS.contains(&c.name.as_str()))
+        }
+        Expr::InList(l) if !l.negated => {
+            matches!(&*l.expr, Expr::Column(c) if PARTITION_COLUMNS.contains(&c.name.as_str()))
+                && l.list.iter().all(|v| matches!(v, Expr::Literal(..)))
+        }
+        _ => false,
+    }
+}
+
+/// False only when no row of a file from `origin` can pass `e`.
+fn may_match(e: &Expr, origin: &FileOrigin) -> bool {
+    let equals = |column: &str, v: &ScalarValue| -> bool {
+        let text = match v {
+            ScalarValue::Utf8(Some(s))
+            | ScalarValue::Utf8View(Some(s))
+            | ScalarValue::LargeUtf8(Some(s)) => Some(s.as_str()),
+            _ => None,
+        };
+        match column {
+            "tenant_guid" => text.is_none_or(|t| t.eq_ignore_ascii_case(&origin.tenant)),
+            "source_system" => text.is_none_or(|t| Some(t) == origin.source_system.as_deref()),
+            "import_date" => match v {
+                ScalarValue::Date32(Some(d)) => *d == origin.import_date,
+                _ => match text.map(|t| t.parse::<ImportDate>()) {
+                    Some(Ok(d)) => d.days_since_epoch() == origin.import_date,
+                    _ => true,
+                },
+            },
+            _ => true,
+        }
+    };
+    match e {
+        Expr::BinaryExpr(b) if b.op == Operator::And => {
+            may_match(&b.left, origin) && may_match(&b.right, origin)
+        }
+        Expr::BinaryExpr(b) if b.op == Operator::Eq => match (&*b.left, &*b.right) {
+            (Expr::Column(c), Expr::Literal(v, _)) | (Expr::Literal(v, _), Expr::Column(c)) => {
+                equals(&c.name, v)
+            }
+            _ => true,
+        },
+        Expr::InList(l) if !l.negated => match &*l.expr {
+            Expr::Column(c) => l.list.iter().any(|v| match v {
+                Expr::Literal(v, _) => equals(&c.name, v),
+                _ => true,
+            }),
+            _ => true,
+        },
+        _ => true,
     }
 }
 
@@ -66,10 +135,27 @@ impl TableProvider for NdjsonTable {
         self
     }
     fn schema(&self) -> SchemaRef {
-        self.inner.schema()
+        self.schema.clone()
     }
     fn table_type(&self) -> TableType {
         TableType::Base
+    }
+    /// Filters on partition columns prune files; DataFusion still applies
+    /// them to the rows (Inexact), so pruning only has to be safe.
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> DfResult<Vec<TableProviderFilterPushDown>> {
+        Ok(filters
+            .iter()
+            .map(|f| {
+                if is_partition_filter(f) {
+                    TableProviderFilterPushDown::Inexact
+                } else {
+                    TableProviderFilterPushDown::Unsupported
+                }
+            })
+            .collect())
     }
     async fn scan(
         &self,
@@ -78,7 +164,15 @@ impl TableProvider for NdjsonTable {
         filters: &[Expr],
         limit: Option<usize>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
-        self.inner.scan(state, projection, filters, limit).await
+        let files: Vec<Arc<dyn PartitionStream>> = self
+            .partitions
+            .iter()
+            .filter(|p| filters.iter().all(|f| may_match(f, &p.file.origin)))
+            .map(|p| p.clone() as Arc<dyn PartitionStream>)
+            .collect();
+        StreamingTable::try_new(self.schema.clone(), files)?
+            .scan(state, projection, &[], limit)
+            .await
     }
 }
 
