@@ -104,3 +104,85 @@ async fn the_dedup_query_is_a_readable_sql_file() {
     assert_eq!(sql, fhirflow::curate::dedup::DEDUP_SQL);
     assert!(sql.contains("ROW_NUMBER()"));
 }
+
+/// A step-2 check for the test: rejects `entered-in-error` records with two
+/// findings.
+struct NoEnteredInError;
+
+impl fhirflow::curate::check::LineCheck for NoEnteredInError {
+    fn check(
+        &self,
+        line: &fhirflow::curate::check::CheckedLine<'_>,
+    ) -> Vec<fhirflow::curate::parse::Reject> {
+        use fhirflow::curate::parse::Reject;
+        if !line.text.contains(r#""status":"entered-in-error""#) {
+            return Vec::new();
+        }
+        let ty = line.resource_type;
+        vec![
+            Reject::new("TEST_STATUS", "entered in error").at(format!("{ty}.status")),
+            Reject::new("TEST_SECOND", "a second finding").at(format!("{ty}.id")),
+        ]
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_record_failing_step_2_takes_no_part_in_dedup() {
+    let t = TestLake::new();
+    let dir = t.input("v");
+    write_lines(
+        &dir,
+        "Observation.ndjson",
+        &[
+            r#"{"resourceType":"Observation","id":"o","meta":{"versionId":"1"},"status":"final"}"#,
+            r#"{"resourceType":"Observation","id":"o","meta":{"versionId":"2"},"status":"entered-in-error"}"#,
+        ],
+    );
+    t.ingest(&[dir], "src").await;
+    let checks: Vec<std::sync::Arc<dyn fhirflow::curate::check::LineCheck>> =
+        vec![std::sync::Arc::new(NoEnteredInError)];
+    let report = fhirflow::curate::curate_with_checks(
+        &t.lake,
+        &t.settings,
+        &tenant(),
+        date(),
+        &fhirflow::report::Quiet,
+        checks,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (
+            report.total.curated,
+            report.total.rejected,
+            report.total.duplicates
+        ),
+        (1, 1, 0)
+    );
+    let kept = t.sql("SELECT version_id FROM curated.observation").await;
+    assert_eq!(
+        kept,
+        vec![vec!["1".to_string()]],
+        "the older valid version survives"
+    );
+    let errors = t
+        .sql("SELECT line_no, error_code, location, resource_id FROM metadata.import_errors ORDER BY error_code")
+        .await;
+    assert_eq!(
+        errors,
+        vec![
+            vec![
+                "2".to_string(),
+                "TEST_SECOND".into(),
+                "Observation.id".into(),
+                "o".into()
+            ],
+            vec![
+                "2".to_string(),
+                "TEST_STATUS".into(),
+                "Observation.status".into(),
+                "o".into()
+            ],
+        ]
+    );
+}

@@ -4,8 +4,8 @@
 //! It runs DESIGN.md's steps in two passes over the raw bytes, so that memory
 //! holds keys, never resource text:
 //!
-//! * **pass 1** (files in parallel): step 1, parse and key ([`parse`]); the
-//!   validation (step 2) and rules (step 3) seams sit here. Accepted lines
+//! * **pass 1** (files in parallel): step 1, parse and key ([`parse`]);
+//!   step 2, the validation checks ([`check`]); the rules (step 3) seam. Accepted lines
 //!   become key rows plus a few bytes saying where the tenant label will go;
 //!   rejected lines become `import_errors` rows.
 //! * **dedup** (step 4, [`dedup`]): `queries/dedup.sql` over the key rows.
@@ -24,6 +24,7 @@
 //! One curate run per (tenant, date) at a time: a run cleans up what earlier,
 //! killed runs of its partition left in staging.
 
+pub mod check;
 pub mod dedup;
 pub mod parse;
 mod write;
@@ -47,6 +48,7 @@ use crate::raw::{read_lines, LayerFile};
 use crate::report::Reporter;
 use crate::settings::Settings;
 use crate::storage::Lake;
+use check::{CheckedLine, LineCheck};
 use parse::{key_and_scan, key_line, label_reject, Reject};
 
 const STAGE: &str = "curate";
@@ -151,6 +153,8 @@ struct Run {
     run_id: String,
     /// `import_errors`, written as rejections are found.
     errors: ErrorSink,
+    /// Step 2's checks.
+    checks: Vec<Arc<dyn LineCheck>>,
 }
 
 impl Run {
@@ -181,6 +185,26 @@ impl Run {
         }
     }
 
+    /// Step 2: the findings of every check, with the record's type and id.
+    fn check(&self, keys: &parse::Keys<'_>, scanned: &fhirflow_udfs::json::Scanned) -> Vec<Reject> {
+        if self.checks.is_empty() {
+            return Vec::new();
+        }
+        let line = CheckedLine {
+            resource_type: keys.resource_type,
+            id: &keys.id,
+            text: keys.text,
+            scanned,
+        };
+        let mut findings: Vec<Reject> = self.checks.iter().flat_map(|c| c.check(&line)).collect();
+        for f in &mut findings {
+            f.resource_type
+                .get_or_insert_with(|| keys.resource_type.to_string());
+            f.resource_id.get_or_insert_with(|| keys.id.to_string());
+        }
+        findings
+    }
+
     /// Pass 1 over one file, on a blocking thread.
     fn scan(&self, file: &LayerFile, labeller: &TenantLabeller) -> Result<Scanned> {
         let started = Instant::now();
@@ -209,8 +233,13 @@ impl Run {
                         last_unterminated,
                     } => {
                         match key_and_scan(bytes, file.file_type, c.max_depth, last_unterminated) {
-                            // Steps 2 (validation) and 3 (rules) plug in here.
-                            Ok((keys, scanned)) => {
+                            Ok((keys, scanned)) => 'accepted: {
+                                // Step 2: validation.
+                                let findings = self.check(&keys, &scanned);
+                                if !findings.is_empty() {
+                                    break 'accepted Some((findings, Some(bytes)));
+                                }
+                                // Step 3 (rules) plugs in here.
                                 rows.push_keys(line_no, &keys);
                                 if rows.len() >= c.batch_rows {
                                     out.keyed.push(rows.finish());
@@ -231,24 +260,27 @@ impl Run {
                                 });
                                 None
                             }
-                            Err(r) => Some((r, Some(bytes))),
+                            Err(r) => Some((vec![r], Some(bytes))),
                         }
                     }
                     Line::TooLong { len } => Some((
-                        Reject::new(
+                        vec![Reject::new(
                             "LINE_TOO_LONG",
                             format!(
                                 "the line has {len} bytes, more than the limit of {}",
                                 c.max_line_bytes
                             ),
-                        ),
+                        )],
                         None,
                     )),
                 };
-                if let Some((r, text)) = rejected {
+                // A rejected line is one record, reported with every reason.
+                if let Some((reasons, text)) = rejected {
                     out.rejected += 1;
-                    self.errors
-                        .push(self.error_row(file, Some(line_no), r, text))?;
+                    for r in reasons {
+                        self.errors
+                            .push(self.error_row(file, Some(line_no), r, text))?;
+                    }
                 }
                 Ok(())
             },
@@ -386,6 +418,18 @@ pub async fn curate(
     date: ImportDate,
     reporter: &dyn Reporter,
 ) -> Result<CurateReport> {
+    curate_with_checks(lake, settings, tenant, date, reporter, Vec::new()).await
+}
+
+/// [`curate`] with step 2's checks.
+pub async fn curate_with_checks(
+    lake: &Lake,
+    settings: &Settings,
+    tenant: &TenantGuid,
+    date: ImportDate,
+    reporter: &dyn Reporter,
+    checks: Vec<Arc<dyn LineCheck>>,
+) -> Result<CurateReport> {
     let started = Instant::now();
     let started_at = chrono::Utc::now().timestamp_micros();
     commit::recover(lake, tenant, date).await?;
@@ -404,6 +448,7 @@ pub async fn curate(
         date,
         run_id,
         errors,
+        checks,
     });
 
     let files = Arc::new(raw_files(lake, tenant, date).await?);

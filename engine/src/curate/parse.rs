@@ -47,7 +47,7 @@ impl Reject {
             resource_id: None,
         }
     }
-    fn at(mut self, location: String) -> Self {
+    pub fn at(mut self, location: String) -> Self {
         self.location = Some(location);
         self
     }
