@@ -7,4 +7,5 @@ mod crash;
 mod dedup;
 mod labels;
 mod lossless;
+mod s3;
 mod sql;
