@@ -306,10 +306,6 @@ impl Paths {
         ])
     }
 
-    pub fn metadata_table(&self, table: MetadataTable) -> Path {
-        self.join(["metadata", table.name()])
-    }
-
     pub fn commits_root(&self) -> Path {
         self.join(["metadata", "_commits"])
     }
