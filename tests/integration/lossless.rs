@@ -9,7 +9,7 @@ use fhirflow_tests::*;
 async fn every_r4_example_survives_byte_for_byte_but_the_label() {
     let t = TestLake::new();
     let examples = shared().join("data/r4-examples");
-    t.ingest(&[examples.clone()], "hl7").await;
+    t.ingest(std::slice::from_ref(&examples), "hl7").await;
     let report = t.curate().await.expect("curate");
 
     // Index raw lines by (type, id) to find each curated line's source.

@@ -14,7 +14,7 @@ async fn the_pipeline_on_s3_gives_the_same_bytes_as_on_local_disk() {
     let local = TestLake::new();
     let sample = shared().join("data/synthea-10");
     for t in [&s3, &local] {
-        t.ingest(&[sample.clone()], "synthea").await;
+        t.ingest(std::slice::from_ref(&sample), "synthea").await;
         let report = t.curate().await.expect("curate");
         assert_eq!(report.total.curated, 7160);
     }

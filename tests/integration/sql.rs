@@ -24,7 +24,7 @@ async fn partition_filters_skip_files_that_cannot_match() {
         (tenant(), &a, other_date),
         (other_tenant, &a, date()),
     ] {
-        fhirflow::ingest::ingest(&t.lake, &[dir.clone()], &tenant, system, d)
+        fhirflow::ingest::ingest(&t.lake, std::slice::from_ref(&dir), &tenant, system, d)
             .await
             .unwrap();
     }
