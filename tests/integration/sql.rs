@@ -55,3 +55,34 @@ async fn partition_filters_skip_files_that_cannot_match() {
     let unfiltered = query("SELECT count(*) FROM raw.patient".into()).await;
     assert!(unfiltered.is_err(), "without filters every file is read");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn json_access_functions_and_operators_work_on_resources() {
+    let t = TestLake::new();
+    let dir = t.input("j");
+    write_lines(
+        &dir,
+        "Patient.ndjson",
+        &[
+            r#"{"resourceType":"Patient","id":"p","gender":"female","name":[{"family":"Doe","given":["A","B"]}],"birthDate":"1970-01-01"}"#,
+        ],
+    );
+    t.ingest(&[dir], "src").await;
+    t.curate().await.unwrap();
+    let rows = t
+        .sql(
+            "SELECT json_get_str(resource, 'gender'), resource->'name'->0->>'family', \
+             json_length(resource, 'name', 0, 'given'), json_get_str(resource, 'meta', 'security', 0, 'code') \
+             FROM curated.patient",
+        )
+        .await;
+    assert_eq!(
+        rows,
+        vec![vec![
+            "female".to_string(),
+            "Doe".into(),
+            "2".into(),
+            TENANT.into()
+        ]]
+    );
+}

@@ -4,7 +4,8 @@
 //! * [`json`]: a validating JSON scanner that reports byte spans.
 //! * [`tenant_label`]: curation step 5, the tenant label in `meta.security`.
 //!
-//! [`register_all`] adds every SQL function to a DataFusion session.
+//! [`register_all`] adds every SQL function to a DataFusion session,
+//! including JSON access from datafusion-functions-json.
 
 pub mod json;
 mod strings;
@@ -24,9 +25,12 @@ pub fn all_udfs() -> Vec<ScalarUDF> {
     ]
 }
 
-/// Registers every SQL function of this crate in `ctx`.
-pub fn register_all(ctx: &SessionContext) {
+/// Registers every SQL function of this crate in `ctx`, and the JSON access
+/// functions of datafusion-functions-json (`json_get_str`, `json_contains`,
+/// `json_length`, the `->` and `->>` operators, …).
+pub fn register_all(ctx: &mut SessionContext) -> datafusion::common::Result<()> {
     for udf in all_udfs() {
         ctx.register_udf(udf);
     }
+    datafusion_functions_json::register_all(ctx)
 }

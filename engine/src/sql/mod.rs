@@ -38,11 +38,15 @@ const STAGE: &str = "sql";
 
 /// A session over `lake` with every layer and UDF registered.
 pub async fn session(lake: &Lake, settings: &Settings) -> Result<SessionContext> {
-    let ctx = SessionContext::new();
+    // The PostgreSQL dialect parses the JSON operators `->` and `->>` (the
+    // generic one reads `->` as a lambda).
+    let config = datafusion::prelude::SessionConfig::new()
+        .set_str("datafusion.sql_parser.dialect", "PostgreSQL");
+    let mut ctx = SessionContext::new_with_config(config);
     for root in [&lake.raw, &lake.curated, &lake.metadata] {
         ctx.register_object_store(&root.store_url, root.store.clone());
     }
-    fhirflow_udfs::register_all(&ctx);
+    fhirflow_udfs::register_all(&mut ctx).map_err(|e| Error::query(STAGE, "register UDFs", e))?;
     let catalog = ctx.catalog("datafusion").expect("default catalog");
     for schema in ["raw", "curated", "metadata"] {
         catalog
