@@ -212,6 +212,11 @@ impl TenantLabeller {
         }
     }
 
+    /// Whether this labeller is for `system` and `tenant`.
+    pub fn is_for(&self, system: &str, tenant: &str) -> bool {
+        self.system == system && self.tenant == tenant
+    }
+
     /// The text a [`Piece`] inserts.
     pub fn text(&self, piece: Piece) -> &str {
         match piece {

@@ -19,7 +19,7 @@ use datafusion::logical_expr::{
 };
 
 use crate::strings::map_strings;
-use crate::tenant_label::{apply_tenant_label, DEFAULT_TENANT_SYSTEM};
+use crate::tenant_label::{TenantLabeller, DEFAULT_TENANT_SYSTEM};
 
 /// Nesting limit used when the UDF scans a resource in SQL.
 const SQL_MAX_DEPTH: usize = 256;
@@ -69,10 +69,18 @@ impl ScalarUDFImpl for TenantLabel {
     }
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
         let report_error = self.report_error;
+        // The tenant and system are almost always the same on every row:
+        // build the labeller (its texts) once, again only when they change.
+        let mut labeller: Option<TenantLabeller> = None;
         map_strings(self.name(), args, |row| {
             let (resource, tenant) = (row[0]?, row[1]?);
             let system = row.get(2).copied().unwrap_or(Some(DEFAULT_TENANT_SYSTEM))?;
-            let result = apply_tenant_label(resource, system, tenant, SQL_MAX_DEPTH);
+            let l = match labeller.take() {
+                Some(l) if l.is_for(system, tenant) => l,
+                _ => TenantLabeller::new(system, tenant),
+            };
+            let result = l.apply(resource, SQL_MAX_DEPTH);
+            labeller = Some(l);
             match (result, report_error) {
                 (Ok(labelled), false) => Some(labelled),
                 (Err(e), true) => Some(e.to_string().into()),

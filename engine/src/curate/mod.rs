@@ -40,11 +40,11 @@ use tokio::sync::Semaphore;
 
 use crate::commit::{self, failpoint, Move};
 use crate::error::{Error, Result};
-use crate::layout::{parse_partition, ImportDate, Layer, MetadataTable, RawFileName, TenantGuid};
+use crate::layout::{ImportDate, Layer, MetadataTable, TenantGuid};
 use crate::metadata::{self, ErrorRow, ErrorSink, JobRow, MetricRow};
-use crate::model::{FileOrigin, RowsBuilder, Shape};
+use crate::model::{RowsBuilder, Shape};
 use crate::raw::lines::Line;
-use crate::raw::{read_lines, LayerFile};
+use crate::raw::{self, read_lines, LayerFile};
 use crate::report::Reporter;
 use crate::settings::Settings;
 use crate::storage::Lake;
@@ -379,35 +379,12 @@ pub async fn raw_files(
     tenant: &TenantGuid,
     date: ImportDate,
 ) -> Result<Vec<LayerFile>> {
-    let root = &lake.raw;
-    let base = root.paths.layer(Layer::Raw);
-    let mut files = Vec::new();
-    for obj in root.list(STAGE, &root.paths.raw_tenant(tenant)).await? {
-        let Some(p) = parse_partition(&base, &obj.location) else {
-            continue;
-        };
-        let (Some(t), Some(system), Some(d)) = (&p.tenant, &p.source_system, p.date) else {
-            continue;
-        };
-        // Names starting with `_` or `.` are the extractor's own files
-        // (manifests, error and deleted files), not resources to curate.
-        if t != tenant || d != date || p.file_name.starts_with(['_', '.']) {
-            continue;
-        }
-        let name = RawFileName::parse(&p.file_name);
-        files.push(LayerFile {
-            file_type: name.as_ref().map(|n| n.resource_type),
-            gzip: p.file_name.ends_with(".gz"),
-            origin: FileOrigin {
-                tenant: tenant.to_string(),
-                source_system: Some(system.to_string()),
-                import_date: date.days_since_epoch(),
-                source_file: root.url_of(&obj.location),
-            },
-            meta: obj,
-        });
-    }
-    Ok(files)
+    let all = raw::list_files(&lake.raw, STAGE, &lake.raw.paths.raw_tenant(tenant)).await?;
+    let day = date.days_since_epoch();
+    Ok(all
+        .into_iter()
+        .filter(|f| f.origin.import_date == day)
+        .collect())
 }
 
 /// Curates (tenant, date): every raw file of every source system.

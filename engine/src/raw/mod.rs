@@ -7,6 +7,7 @@ use std::io::Read;
 use object_store::ObjectMeta;
 
 use crate::error::{Error, Result};
+use crate::layout::{parse_partition, Layer, RawFileName};
 use crate::raw::lines::{for_each_line, Line, LineTotals};
 use crate::storage::Root;
 
@@ -18,6 +19,45 @@ pub struct LayerFile {
     pub file_type: Option<&'static str>,
     pub gzip: bool,
     pub origin: crate::model::FileOrigin,
+}
+
+/// The raw files below `prefix` (a raw partition or a parent of some), sorted
+/// by path. Only paths that are valid raw partitions count; names starting
+/// with `_` or `.` are the extractor's own files (manifests, error and
+/// deleted files), not resources. A name that gives no resource type is
+/// kept with `file_type: None`: curation rejects its lines rather than
+/// ignore them.
+pub async fn list_files(
+    root: &Root,
+    stage: &'static str,
+    prefix: &object_store::path::Path,
+) -> Result<Vec<LayerFile>> {
+    let base = root.paths.layer(Layer::Raw);
+    let mut files = Vec::new();
+    for obj in root.list(stage, prefix).await? {
+        let Some(p) = parse_partition(&base, &obj.location) else {
+            continue;
+        };
+        let (Some(t), Some(system), Some(d)) = (&p.tenant, &p.source_system, p.date) else {
+            continue;
+        };
+        if p.file_name.starts_with(['_', '.']) {
+            continue;
+        }
+        let name = RawFileName::parse(&p.file_name);
+        files.push(LayerFile {
+            file_type: name.as_ref().map(|n| n.resource_type),
+            gzip: p.file_name.ends_with(".gz"),
+            origin: crate::model::FileOrigin {
+                tenant: t.to_string(),
+                source_system: Some(system.to_string()),
+                import_date: d.days_since_epoch(),
+                source_file: root.url_of(&obj.location),
+            },
+            meta: obj,
+        });
+    }
+    Ok(files)
 }
 
 /// Reads `file` line by line on the current (blocking) thread.

@@ -59,30 +59,12 @@ pub async fn session(lake: &Lake, settings: &Settings) -> Result<SessionContext>
             .map_err(|e| Error::query(STAGE, format!("register {name}"), e))
     };
 
-    // raw: every object of the layer whose path is a valid raw partition.
-    let base = lake.raw.paths.layer(Layer::Raw);
+    // raw: every raw file whose name gives a resource type.
     let mut raw: BTreeMap<&'static str, Vec<LayerFile>> = BTreeMap::new();
-    for obj in lake.raw.list(STAGE, &base).await? {
-        let Some(p) = parse_partition(&base, &obj.location) else {
-            continue;
-        };
-        let (Some(t), Some(s), Some(d)) = (&p.tenant, &p.source_system, p.date) else {
-            continue;
-        };
-        let Some(name) = crate::layout::RawFileName::parse(&p.file_name) else {
-            continue;
-        };
-        raw.entry(name.resource_type).or_default().push(LayerFile {
-            file_type: Some(name.resource_type),
-            gzip: name.is_gzip(),
-            origin: FileOrigin {
-                tenant: t.to_string(),
-                source_system: Some(s.to_string()),
-                import_date: d.days_since_epoch(),
-                source_file: lake.raw.url_of(&obj.location),
-            },
-            meta: obj,
-        });
+    for file in crate::raw::list_files(&lake.raw, STAGE, &lake.raw.paths.layer(Layer::Raw)).await? {
+        if let Some(ty) = file.file_type {
+            raw.entry(ty).or_default().push(file);
+        }
     }
     for (ty, files) in raw {
         let t = NdjsonTable::new(lake.raw.clone(), Shape::Raw, files, &settings.curate)
