@@ -1,0 +1,1294 @@
+//! The FHIR R4 validator: one pass over a resource's JSON text that parses it
+//! (strictly, as RFC 8259 JSON) and walks the generated model at the same
+//! time. Nothing is built: no tree, no copies of values except the few a check
+//! keeps (reference strings, codings under a required binding, contained ids).
+//!
+//! What it checks, for every resource type and every nested element (contained
+//! resources and Bundle entries included): unknown elements, JSON kinds,
+//! arrays against the maximum cardinality, minimum and maximum cardinality,
+//! primitive formats ([`crate::primitive`]), choice elements, required
+//! bindings to value sets fully defined in the core package, primitive
+//! extensions (`_element`) and their pairing with the values, empty objects,
+//! arrays and strings, `null` outside primitive arrays, reference formats and
+//! target types, `#local` references to contained resources, and HealthLake's
+//! rule that a resource has an id of the `id` pattern.
+
+use std::borrow::Cow;
+use std::fmt::Write as _;
+
+use crate::model::*;
+use crate::model_types::{Elem, Kind, TypeDef, TypeId};
+use crate::primitive::{self, JsonKind};
+
+/// How much curation checks, as HealthLake's validation levels name them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Level {
+    /// Every check; any error rejects the resource.
+    #[default]
+    Strict,
+    /// Every check except required bindings (value sets).
+    StructureOnly,
+    /// No validation.
+    Off,
+}
+
+impl Level {
+    pub fn parse(s: &str) -> Option<Level> {
+        match s {
+            "strict" => Some(Level::Strict),
+            "structure-only" => Some(Level::StructureOnly),
+            "off" => Some(Level::Off),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::Strict => "strict",
+            Level::StructureOnly => "structure-only",
+            Level::Off => "off",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Severity {
+    Error,
+    Warning,
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        }
+    }
+}
+
+/// One issue found in a resource. Messages name elements, types, codes and
+/// reference types, never other values of the record (they may be PHI).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    pub severity: Severity,
+    /// Stable, kebab-case: see [`CODES`].
+    pub code: &'static str,
+    pub message: String,
+    /// FHIRPath-style, with JSON names: `Observation.component[1].valueQuantity.value`.
+    pub location: String,
+}
+
+/// Every finding code, with what it means.
+pub const CODES: &[(&str, &str)] = &[
+    ("json-syntax", "the text is not valid JSON"),
+    ("not-an-object", "the resource is not a JSON object"),
+    ("too-deep", "nesting deeper than the configured limit"),
+    (
+        "unknown-resource-type",
+        "resourceType is missing or not an R4 resource type",
+    ),
+    (
+        "resource-type-mismatch",
+        "resourceType differs from the expected type",
+    ),
+    ("unknown-element", "a property the definition does not have"),
+    ("duplicate-key", "a property given twice in one object"),
+    (
+        "wrong-kind",
+        "an object, array, string, number or boolean where another kind is required",
+    ),
+    (
+        "array-expected",
+        "a bare value where the definition allows several (an array is required)",
+    ),
+    (
+        "array-not-allowed",
+        "an array where the maximum cardinality is 1",
+    ),
+    (
+        "cardinality-min",
+        "fewer values than the minimum cardinality",
+    ),
+    (
+        "cardinality-max",
+        "more values than the maximum cardinality",
+    ),
+    (
+        "required-missing",
+        "an element with minimum cardinality 1 or more is absent",
+    ),
+    (
+        "choice-multiple",
+        "more than one type given for a choice element value[x]",
+    ),
+    ("empty-object", "{} (FHIR has no empty objects)"),
+    ("empty-array", "[] (FHIR has no empty arrays)"),
+    ("empty-string", "\"\" (FHIR has no empty strings)"),
+    (
+        "null-not-allowed",
+        "null outside an array of primitives paired with its _element",
+    ),
+    (
+        "primitive-extension",
+        "an _element that does not pair with its value",
+    ),
+    (
+        "invalid-format",
+        "a primitive value not in its type's format",
+    ),
+    (
+        "string-too-long",
+        "a string longer than the element's maxLength",
+    ),
+    (
+        "code-not-in-value-set",
+        "a code not in the value set of a required binding",
+    ),
+    (
+        "reference-format",
+        "a reference that is not Type/id, an absolute URL, urn:uuid:, urn:oid: or #id",
+    ),
+    (
+        "reference-target-type",
+        "a reference to a resource type the element does not allow",
+    ),
+    (
+        "reference-local-missing",
+        "a #id reference to no contained resource",
+    ),
+    (
+        "id-missing",
+        "a resource without an id (HealthLake requires one)",
+    ),
+];
+
+/// The validator; cheap to share between threads.
+#[derive(Debug, Clone)]
+pub struct Validator {
+    level: Level,
+    max_depth: usize,
+}
+
+impl Validator {
+    pub fn new(level: Level, max_depth: usize) -> Self {
+        Validator { level, max_depth }
+    }
+
+    pub fn level(&self) -> Level {
+        self.level
+    }
+
+    /// The findings of one resource (`text` is one JSON value). With
+    /// `expected`, a `resourceType` other than it is a finding. Empty when the
+    /// resource is valid, and always empty at [`Level::Off`].
+    pub fn validate(&self, text: &str, expected: Option<&str>) -> Vec<Finding> {
+        if self.level == Level::Off {
+            return Vec::new();
+        }
+        let mut w = Walk {
+            src: text.as_bytes(),
+            text,
+            pos: 0,
+            bindings: self.level == Level::Strict,
+            max_depth: self.max_depth,
+            depth: 0,
+            path: Vec::with_capacity(16),
+            out: Vec::new(),
+            arrays: Vec::new(),
+            scopes: Vec::new(),
+            codings: Vec::new(),
+            capture_depth: usize::MAX,
+        };
+        if let Err(e) = w.root(expected) {
+            let location = w.location("");
+            w.out.push(Finding {
+                severity: Severity::Error,
+                code: e.code,
+                message: format!("{} at byte {}", e.message, e.at),
+                location,
+            });
+        }
+        w.out
+    }
+
+    /// Whether `findings` include an error (warnings do not reject).
+    pub fn has_error(findings: &[Finding]) -> bool {
+        findings.iter().any(|f| f.severity == Severity::Error)
+    }
+}
+
+/// A reason to stop walking: the JSON itself is broken.
+#[derive(Debug)]
+struct Stop {
+    code: &'static str,
+    message: &'static str,
+    at: usize,
+}
+
+type R<T> = Result<T, Stop>;
+
+#[derive(Debug, Clone, Copy)]
+struct Seg<'a> {
+    name: &'a str,
+    index: Option<u32>,
+}
+
+/// A primitive array seen in the current objects, for `x` / `_x` pairing.
+#[derive(Debug)]
+struct PrimArray {
+    depth: usize,
+    slot: u8,
+    ext: bool,
+    len: u32,
+    /// Indexes of the nulls, in a small inline list (more are rare).
+    nulls: Vec<u32>,
+}
+
+/// The contained ids and `#id` references of one (non-contained) resource.
+#[derive(Debug, Default)]
+struct Scope<'a> {
+    contained: Vec<Cow<'a, str>>,
+    local_refs: Vec<(Cow<'a, str>, String)>,
+}
+
+/// What an object walk kept for its caller's checks.
+#[derive(Debug, Default)]
+struct Kept<'a> {
+    /// `Resource.id`, `Reference.reference`, `Coding.code`.
+    value: Option<Cow<'a, str>>,
+    /// `Coding.system`.
+    system: Option<Cow<'a, str>>,
+}
+
+struct Walk<'a> {
+    src: &'a [u8],
+    text: &'a str,
+    pos: usize,
+    bindings: bool,
+    max_depth: usize,
+    depth: usize,
+    path: Vec<Seg<'a>>,
+    out: Vec<Finding>,
+    arrays: Vec<PrimArray>,
+    scopes: Vec<Scope<'a>>,
+    /// (system, code) of the codings of a CodeableConcept under a required binding.
+    codings: Vec<(Option<Cow<'a, str>>, Option<Cow<'a, str>>)>,
+    /// Depth of the Coding objects to keep in `codings`.
+    capture_depth: usize,
+}
+
+const fn byte_mask(b: u8) -> u64 {
+    0x0101_0101_0101_0101u64 * b as u64
+}
+
+/// Whether any byte of `w` is `"`, `\` or a control character.
+#[inline]
+fn has_special(w: u64) -> bool {
+    const LO: u64 = byte_mask(0x01);
+    const HI: u64 = byte_mask(0x80);
+    let zero = |v: u64| v.wrapping_sub(LO) & !v & HI;
+    let quote = zero(w ^ byte_mask(b'"'));
+    let backslash = zero(w ^ byte_mask(b'\\'));
+    let control = w.wrapping_sub(byte_mask(0x20)) & !w & HI;
+    (quote | backslash | control) != 0
+}
+
+impl<'a> Walk<'a> {
+    // ---- findings and locations ------------------------------------------
+
+    fn location(&self, last: &str) -> String {
+        let mut s = String::with_capacity(64);
+        for (i, seg) in self.path.iter().enumerate() {
+            if i > 0 {
+                s.push('.');
+            }
+            s.push_str(seg.name);
+            if let Some(n) = seg.index {
+                let _ = write!(s, "[{n}]");
+            }
+        }
+        if !last.is_empty() {
+            if !s.is_empty() {
+                s.push('.');
+            }
+            s.push_str(last);
+        }
+        s
+    }
+
+    fn error(&mut self, code: &'static str, message: String) {
+        let location = self.location("");
+        self.out.push(Finding {
+            severity: Severity::Error,
+            code,
+            message,
+            location,
+        });
+    }
+
+    fn here(&self) -> &str {
+        self.path.last().map(|s| s.name).unwrap_or("")
+    }
+
+    // ---- JSON ------------------------------------------------------------
+
+    fn stop<T>(&self, message: &'static str) -> R<T> {
+        Err(Stop {
+            code: "json-syntax",
+            message,
+            at: self.pos,
+        })
+    }
+
+    #[inline]
+    fn ws(&mut self) {
+        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.src.get(self.pos) {
+            self.pos += 1;
+        }
+    }
+
+    #[inline]
+    fn peek(&self) -> Option<u8> {
+        self.src.get(self.pos).copied()
+    }
+
+    fn expect(&mut self, c: u8, message: &'static str) -> R<()> {
+        self.ws();
+        if self.peek() == Some(c) {
+            self.pos += 1;
+            Ok(())
+        } else {
+            self.stop(message)
+        }
+    }
+
+    /// A string at `pos` (on its `"`): the raw span inside the quotes and
+    /// whether it has escapes.
+    fn string(&mut self) -> R<(usize, usize, bool)> {
+        let src = self.src;
+        let start = self.pos + 1;
+        let mut i = start;
+        let mut escaped = false;
+        loop {
+            while i + 8 <= src.len() {
+                let w = u64::from_le_bytes(src[i..i + 8].try_into().unwrap());
+                if has_special(w) {
+                    break;
+                }
+                i += 8;
+            }
+            match src.get(i) {
+                None => {
+                    self.pos = i;
+                    return self.stop("unterminated string");
+                }
+                Some(b'"') => {
+                    self.pos = i + 1;
+                    return Ok((start, i, escaped));
+                }
+                Some(b'\\') => {
+                    escaped = true;
+                    match src.get(i + 1) {
+                        Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => i += 2,
+                        Some(b'u')
+                            if src
+                                .get(i + 2..i + 6)
+                                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) =>
+                        {
+                            i += 6
+                        }
+                        _ => {
+                            self.pos = i;
+                            return self.stop("invalid escape in a string");
+                        }
+                    }
+                }
+                Some(c) if *c < 0x20 => {
+                    self.pos = i;
+                    return self.stop("control character in a string");
+                }
+                Some(_) => i += 1,
+            }
+        }
+    }
+
+    fn text_of(&self, (start, end, escaped): (usize, usize, bool)) -> Cow<'a, str> {
+        let raw = &self.text[start..end];
+        if escaped {
+            Cow::Owned(unescape(raw))
+        } else {
+            Cow::Borrowed(raw)
+        }
+    }
+
+    fn number(&mut self) -> R<(usize, usize)> {
+        let src = self.src;
+        let start = self.pos;
+        let mut i = start;
+        let digits = |i: &mut usize| {
+            let s = *i;
+            while src.get(*i).is_some_and(u8::is_ascii_digit) {
+                *i += 1;
+            }
+            *i - s
+        };
+        if src.get(i) == Some(&b'-') {
+            i += 1;
+        }
+        match src.get(i) {
+            Some(b'0') => i += 1,
+            Some(b'1'..=b'9') => {
+                digits(&mut i);
+            }
+            _ => {
+                self.pos = i;
+                return self.stop("invalid number");
+            }
+        }
+        if src.get(i) == Some(&b'.') {
+            i += 1;
+            if digits(&mut i) == 0 {
+                self.pos = i;
+                return self.stop("invalid number");
+            }
+        }
+        if let Some(b'e' | b'E') = src.get(i) {
+            i += 1;
+            if let Some(b'+' | b'-') = src.get(i) {
+                i += 1;
+            }
+            if digits(&mut i) == 0 {
+                self.pos = i;
+                return self.stop("invalid number");
+            }
+        }
+        self.pos = i;
+        Ok((start, i))
+    }
+
+    fn literal(&mut self, word: &'static [u8]) -> R<()> {
+        if self.src[self.pos..].starts_with(word) {
+            self.pos += word.len();
+            Ok(())
+        } else {
+            self.stop("invalid literal")
+        }
+    }
+
+    fn enter(&mut self) -> R<()> {
+        self.depth += 1;
+        if self.depth > self.max_depth {
+            return Err(Stop {
+                code: "too-deep",
+                message: "nesting deeper than the limit",
+                at: self.pos,
+            });
+        }
+        Ok(())
+    }
+
+    /// Skips any value, checking its syntax.
+    fn skip_value(&mut self) -> R<()> {
+        self.ws();
+        match self.peek() {
+            Some(b'{') => {
+                self.enter()?;
+                self.pos += 1;
+                self.ws();
+                if self.peek() == Some(b'}') {
+                    self.pos += 1;
+                } else {
+                    loop {
+                        self.ws();
+                        if self.peek() != Some(b'"') {
+                            return self.stop("expected a property name");
+                        }
+                        self.string()?;
+                        self.expect(b':', "expected ':'")?;
+                        self.skip_value()?;
+                        self.ws();
+                        match self.peek() {
+                            Some(b',') => self.pos += 1,
+                            Some(b'}') => {
+                                self.pos += 1;
+                                break;
+                            }
+                            _ => return self.stop("expected ',' or '}'"),
+                        }
+                    }
+                }
+                self.depth -= 1;
+                Ok(())
+            }
+            Some(b'[') => {
+                self.enter()?;
+                self.pos += 1;
+                self.ws();
+                if self.peek() == Some(b']') {
+                    self.pos += 1;
+                } else {
+                    loop {
+                        self.skip_value()?;
+                        self.ws();
+                        match self.peek() {
+                            Some(b',') => self.pos += 1,
+                            Some(b']') => {
+                                self.pos += 1;
+                                break;
+                            }
+                            _ => return self.stop("expected ',' or ']'"),
+                        }
+                    }
+                }
+                self.depth -= 1;
+                Ok(())
+            }
+            Some(b'"') => self.string().map(drop),
+            Some(b't') => self.literal(b"true"),
+            Some(b'f') => self.literal(b"false"),
+            Some(b'n') => self.literal(b"null"),
+            Some(b'-' | b'0'..=b'9') => self.number().map(drop),
+            None => self.stop("unexpected end of the text"),
+            Some(_) => self.stop("unexpected character"),
+        }
+    }
+
+    /// The `resourceType` of the object at `pos`, without moving; None when
+    /// it has none (or the object is broken: the walk will say so).
+    fn peek_resource_type(&mut self) -> Option<Cow<'a, str>> {
+        let (save, depth) = (self.pos, self.depth);
+        let found = (|| -> R<Option<Cow<'a, str>>> {
+            self.pos += 1;
+            loop {
+                self.ws();
+                if self.peek() != Some(b'"') {
+                    return Ok(None);
+                }
+                let key = self.string()?;
+                self.expect(b':', "")?;
+                self.ws();
+                if &self.src[key.0..key.1] == b"resourceType" {
+                    if self.peek() != Some(b'"') {
+                        return Ok(None);
+                    }
+                    let s = self.string()?;
+                    return Ok(Some(self.text_of(s)));
+                }
+                self.skip_value()?;
+                self.ws();
+                if self.peek() != Some(b',') {
+                    return Ok(None);
+                }
+                self.pos += 1;
+            }
+        })();
+        self.pos = save;
+        self.depth = depth;
+        found.ok().flatten()
+    }
+
+    // ---- the walk ----------------------------------------------------------
+
+    fn root(&mut self, expected: Option<&str>) -> R<()> {
+        self.ws();
+        if self.peek() != Some(b'{') {
+            self.error("not-an-object", "a resource must be a JSON object".into());
+            return self.skip_value();
+        }
+        self.resource(expected, false)?;
+        self.ws();
+        if self.pos != self.src.len() {
+            return self.stop("text after the resource");
+        }
+        Ok(())
+    }
+
+    /// The resource object at `pos`. Returns its id.
+    fn resource(&mut self, expected: Option<&str>, contained: bool) -> R<Option<Cow<'a, str>>> {
+        let rt = self.peek_resource_type();
+        let ty = rt
+            .as_deref()
+            .and_then(|n| RESOURCE_TYPES.binary_search(&n).ok())
+            .map(|i| RESOURCE_TYPE_IDS[i]);
+        let Some(ty) = ty else {
+            let message = match rt {
+                Some(_) => "resourceType is not an R4 resource type".to_string(),
+                None => "the resource has no resourceType".to_string(),
+            };
+            if self.path.is_empty() {
+                self.path.push(Seg {
+                    name: "Resource",
+                    index: None,
+                });
+            }
+            self.error("unknown-resource-type", message);
+            self.skip_value()?;
+            return Ok(None);
+        };
+        let name = TYPES[ty as usize].name;
+        if let Some(want) = expected.filter(|w| *w != name) {
+            self.path.push(Seg { name, index: None });
+            self.error(
+                "resource-type-mismatch",
+                format!("resourceType is {name}, expected {want}"),
+            );
+            self.path.pop();
+        }
+        let root = self.path.is_empty();
+        if root {
+            self.path.push(Seg { name, index: None });
+        }
+        if !contained {
+            self.scopes.push(Scope::default());
+        }
+        let kept = self.object(ty, 0, 0)?;
+        // HealthLake stores the resource of a line under its id; resources
+        // inside it (contained, in a Bundle) may have none.
+        if kept.value.is_none() && root {
+            self.error("id-missing", format!("the {name} has no id"));
+        }
+        if !contained {
+            let scope = self.scopes.pop().unwrap_or_default();
+            for (id, location) in scope.local_refs {
+                if !scope.contained.iter().any(|c| *c == id) {
+                    self.out.push(Finding {
+                        severity: Severity::Error,
+                        code: "reference-local-missing",
+                        message: format!("#{id} names no contained resource"),
+                        location,
+                    });
+                }
+            }
+        }
+        if root {
+            self.path.pop();
+        }
+        Ok(kept.value)
+    }
+
+    /// An object of type `ty` at `pos`, held by an element with the given
+    /// binding and reference targets.
+    fn object(&mut self, ty: TypeId, binding: u16, targets: u16) -> R<Kept<'a>> {
+        let tdef: &'static TypeDef = &TYPES[ty as usize];
+        self.enter()?;
+        self.pos += 1;
+        let arrays_mark = self.arrays.len();
+        let mut kept = Kept::default();
+        let mut seen_value: u128 = 0;
+        let mut seen_ext: u128 = 0;
+        let mut chosen: [(u8, &'static str); 8] = [(u8::MAX, ""); 8];
+        let mut n_chosen = 0;
+        // A CodeableConcept under a required binding keeps its codings.
+        let cc_binding = ty == T_CODEABLECONCEPT && binding != 0 && self.bindings;
+        let (codings_mark, outer_capture) = (self.codings.len(), self.capture_depth);
+        if cc_binding {
+            // The codings: objects inside the `coding` array.
+            self.capture_depth = self.depth + 2;
+        }
+        let capture_coding = ty == T_CODING && self.depth == outer_capture;
+
+        self.ws();
+        if self.peek() == Some(b'}') {
+            self.pos += 1;
+            self.error("empty-object", "an object must not be empty".into());
+        } else {
+            loop {
+                self.ws();
+                if self.peek() != Some(b'"') {
+                    return self.stop("expected a property name");
+                }
+                let key_span = self.string()?;
+                let key = self.text_of(key_span);
+                self.expect(b':', "expected ':'")?;
+                self.ws();
+                let key: &'a str = match key {
+                    Cow::Borrowed(k) => k,
+                    // Escapes in a property name: FHIR has none, so it is unknown.
+                    Cow::Owned(_) => "\u{FFFD}",
+                };
+                if key == "resourceType" && tdef.kind == Kind::Resource {
+                    // Checked by `resource`, which found it first.
+                    self.skip_value()?;
+                } else {
+                    let (ext, name) = match key.strip_prefix('_') {
+                        Some(n) => (true, n),
+                        None => (false, key),
+                    };
+                    self.path.push(Seg {
+                        name: key,
+                        index: None,
+                    });
+                    match tdef.elem(name.as_bytes()) {
+                        Some(e) if !ext || (e.ty as usize) < ANY_RESOURCE as usize => {
+                            let slot = &tdef.slots[e.slot as usize];
+                            let bit = 1u128 << e.slot;
+                            if slot.choice {
+                                match chosen[..n_chosen].iter().find(|c| c.0 == e.slot) {
+                                    Some((_, other)) if *other != e.key => self.error(
+                                        "choice-multiple",
+                                        format!("{} has both {other} and {}", slot.name, e.key),
+                                    ),
+                                    Some(_) => {}
+                                    None if n_chosen < chosen.len() => {
+                                        chosen[n_chosen] = (e.slot, e.key);
+                                        n_chosen += 1;
+                                    }
+                                    None => {}
+                                }
+                            }
+                            let seen = if ext { &mut seen_ext } else { &mut seen_value };
+                            let again = *seen & bit != 0;
+                            *seen |= bit;
+                            if again {
+                                self.error("duplicate-key", format!("{key} is given twice"));
+                            }
+                            let keep = match (tdef.kind, e.key) {
+                                (Kind::Resource, "id") => true,
+                                _ => {
+                                    (ty == T_REFERENCE && e.key == "reference")
+                                        || (capture_coding
+                                            && (e.key == "code" || e.key == "system"))
+                                }
+                            };
+                            let value = self.element(tdef, e, ext, keep)?;
+                            if keep && !ext {
+                                if e.key == "system" {
+                                    kept.system = value;
+                                } else {
+                                    kept.value = value;
+                                }
+                            }
+                        }
+                        _ => {
+                            self.error(
+                                "unknown-element",
+                                format!("{} has no element {key}", tdef.name),
+                            );
+                            self.skip_value()?;
+                        }
+                    }
+                    self.path.pop();
+                }
+                self.ws();
+                match self.peek() {
+                    Some(b',') => self.pos += 1,
+                    Some(b'}') => {
+                        self.pos += 1;
+                        break;
+                    }
+                    _ => return self.stop("expected ',' or '}'"),
+                }
+            }
+        }
+
+        // Required elements: a primitive is present with a value or an extension.
+        let seen = seen_value | seen_ext;
+        for &s in tdef.required {
+            if seen & (1u128 << s) == 0 {
+                let slot = &tdef.slots[s as usize];
+                let location = self.location(slot.name);
+                self.out.push(Finding {
+                    severity: Severity::Error,
+                    code: "required-missing",
+                    message: format!("{}.{} is required (min {})", tdef.name, slot.name, slot.min),
+                    location,
+                });
+            }
+        }
+        self.pair_primitive_arrays(tdef, arrays_mark, seen_value, seen_ext);
+
+        if ty == T_REFERENCE {
+            if let Some(r) = &kept.value {
+                self.check_reference(r.clone(), targets);
+            }
+        }
+        if cc_binding {
+            self.check_codeable_concept(binding, codings_mark);
+            self.codings.truncate(codings_mark);
+            self.capture_depth = outer_capture;
+        }
+        if capture_coding {
+            self.codings.push((kept.system.take(), kept.value.take()));
+        }
+        self.depth -= 1;
+        Ok(kept)
+    }
+
+    /// The value of element `e` (or of `_e` when `ext`), at `pos`.
+    fn element(
+        &mut self,
+        tdef: &'static TypeDef,
+        e: &'static Elem,
+        ext: bool,
+        keep: bool,
+    ) -> R<Option<Cow<'a, str>>> {
+        let slot = &tdef.slots[e.slot as usize];
+        let many = slot.max > 1;
+        let primitive = (e.ty as usize) < ANY_RESOURCE as usize;
+        if self.peek() != Some(b'[') {
+            if many {
+                self.error(
+                    "array-expected",
+                    format!(
+                        "{}.{} can repeat: its value must be an array",
+                        tdef.name, slot.name
+                    ),
+                );
+            }
+            return self.item(e, ext, keep);
+        }
+        if !many {
+            self.error(
+                "array-not-allowed",
+                format!(
+                    "{}.{} has at most one value: an array is not allowed",
+                    tdef.name, slot.name
+                ),
+            );
+        }
+        self.enter()?;
+        self.pos += 1;
+        self.ws();
+        let mut n: u32 = 0;
+        let mut nulls = Vec::new();
+        if self.peek() == Some(b']') {
+            self.pos += 1;
+            self.error("empty-array", "an array must not be empty".into());
+        } else {
+            loop {
+                self.ws();
+                if let Some(seg) = self.path.last_mut() {
+                    seg.index = Some(n);
+                }
+                if self.peek() == Some(b'n') {
+                    self.literal(b"null")?;
+                    if primitive {
+                        nulls.push(n);
+                    } else {
+                        self.error("null-not-allowed", "null is not a value".into());
+                    }
+                } else {
+                    self.item(e, ext, false)?;
+                }
+                n += 1;
+                self.ws();
+                match self.peek() {
+                    Some(b',') => self.pos += 1,
+                    Some(b']') => {
+                        self.pos += 1;
+                        break;
+                    }
+                    _ => return self.stop("expected ',' or ']'"),
+                }
+            }
+            if let Some(seg) = self.path.last_mut() {
+                seg.index = None;
+            }
+        }
+        self.depth -= 1;
+        if many && n > 0 {
+            if n > slot.max {
+                self.error(
+                    "cardinality-max",
+                    format!(
+                        "{}.{} has {n} values, at most {} allowed",
+                        tdef.name, slot.name, slot.max
+                    ),
+                );
+            } else if n < slot.min {
+                self.error(
+                    "cardinality-min",
+                    format!(
+                        "{}.{} has {n} values, at least {} required",
+                        tdef.name, slot.name, slot.min
+                    ),
+                );
+            }
+        }
+        if primitive && n > 0 {
+            self.arrays.push(PrimArray {
+                depth: self.depth,
+                slot: e.slot,
+                ext,
+                len: n,
+                nulls,
+            });
+        }
+        Ok(None)
+    }
+
+    /// One value of element `e` (not an array).
+    fn item(&mut self, e: &'static Elem, ext: bool, keep: bool) -> R<Option<Cow<'a, str>>> {
+        if self.peek() == Some(b'n') {
+            self.literal(b"null")?;
+            self.error(
+                "null-not-allowed",
+                "null is allowed only in an array of primitives paired with its _element".into(),
+            );
+            return Ok(None);
+        }
+        if ext {
+            if self.peek() != Some(b'{') {
+                self.error(
+                    "wrong-kind",
+                    "a primitive's _element must be an object".into(),
+                );
+                self.skip_value()?;
+                return Ok(None);
+            }
+            self.object(T_ELEMENT, 0, 0)?;
+            return Ok(None);
+        }
+        let target = &TYPES[e.ty as usize];
+        match target.kind {
+            Kind::Prim => self.primitive(e, keep),
+            _ if self.peek() != Some(b'{') => {
+                self.error(
+                    "wrong-kind",
+                    format!(
+                        "{} is a {}: its value must be an object",
+                        self.here(),
+                        target.name
+                    ),
+                );
+                self.skip_value()?;
+                Ok(None)
+            }
+            Kind::AnyResource => {
+                let contained = e.key == "contained";
+                let id = self.resource(None, contained)?;
+                if contained {
+                    if let (Some(id), Some(scope)) = (id, self.scopes.last_mut()) {
+                        scope.contained.push(id);
+                    }
+                }
+                Ok(None)
+            }
+            _ => Ok(self.object(e.ty, e.binding, e.targets)?.value),
+        }
+    }
+
+    /// A primitive value of element `e`, at `pos`.
+    fn primitive(&mut self, e: &'static Elem, keep: bool) -> R<Option<Cow<'a, str>>> {
+        let kind = primitive::json_kind(e.ty);
+        let type_name = TYPES[e.ty as usize].name;
+        let found = match self.peek() {
+            Some(b'"') => JsonKind::String,
+            Some(b't' | b'f') => JsonKind::Bool,
+            Some(b'-' | b'0'..=b'9') => JsonKind::Number,
+            _ => {
+                self.error(
+                    "wrong-kind",
+                    format!(
+                        "{} is a {type_name}: an object or array is not a value",
+                        self.here()
+                    ),
+                );
+                self.skip_value()?;
+                return Ok(None);
+            }
+        };
+        if found != kind {
+            let want = match kind {
+                JsonKind::String => "a JSON string",
+                JsonKind::Number => "a JSON number",
+                JsonKind::Bool => "true or false",
+            };
+            self.error(
+                "wrong-kind",
+                format!("{} is a {type_name}: its value must be {want}", self.here()),
+            );
+            self.skip_value()?;
+            return Ok(None);
+        }
+        match kind {
+            JsonKind::Bool => {
+                self.skip_value()?;
+                Ok(None)
+            }
+            JsonKind::Number => {
+                let (s, t) = self.number()?;
+                if let Err(why) = primitive::check_number(e.ty, &self.text[s..t]) {
+                    self.error("invalid-format", format!("the {type_name} value {why}"));
+                }
+                Ok(None)
+            }
+            JsonKind::String => {
+                let span = self.string()?;
+                if span.0 == span.1 {
+                    self.error("empty-string", "a string must not be empty".into());
+                    return Ok(None);
+                }
+                let value = self.text_of(span);
+                if let Err(why) = primitive::check_string(e.ty, &value) {
+                    self.error("invalid-format", format!("the {type_name} value {why}"));
+                }
+                if e.max_len > 0 && value.chars().count() > e.max_len as usize {
+                    self.error(
+                        "string-too-long",
+                        format!("longer than the maxLength of {} characters", e.max_len),
+                    );
+                }
+                if e.ty == T_CODE && e.binding != 0 && self.bindings {
+                    let vs = &VALUE_SETS[e.binding as usize - 1];
+                    if !vs.has_code(&value) {
+                        self.error(
+                            "code-not-in-value-set",
+                            format!(
+                                "'{}' is not in the required value set {}",
+                                clip(&value),
+                                vs.url
+                            ),
+                        );
+                    }
+                }
+                Ok(keep.then_some(value))
+            }
+        }
+    }
+
+    // ---- checks at the end of an object --------------------------------
+
+    /// `x` and `_x` arrays: the same length, and every null in one paired
+    /// with a value in the other.
+    fn pair_primitive_arrays(
+        &mut self,
+        tdef: &TypeDef,
+        mark: usize,
+        seen_value: u128,
+        seen_ext: u128,
+    ) {
+        if self.arrays.len() == mark {
+            return;
+        }
+        let arrays: Vec<PrimArray> = self.arrays.drain(mark..).collect();
+        for a in &arrays {
+            if a.depth != self.depth {
+                continue;
+            }
+            let bit = 1u128 << a.slot;
+            let name = tdef.slots[a.slot as usize].name;
+            let other = arrays
+                .iter()
+                .find(|b| b.depth == a.depth && b.slot == a.slot && b.ext != a.ext);
+            match other {
+                None => {
+                    let has_other = if a.ext { seen_value } else { seen_ext } & bit != 0;
+                    if has_other {
+                        let location = self.location(&format!("_{name}"));
+                        self.out.push(Finding {
+                            severity: Severity::Error,
+                            code: "primitive-extension",
+                            message: format!(
+                                "{name} is an array and _{name} is not (or the reverse)"
+                            ),
+                            location,
+                        });
+                    } else if !a.nulls.is_empty() {
+                        let key = if a.ext {
+                            format!("_{name}")
+                        } else {
+                            name.to_string()
+                        };
+                        let location = self.location(&format!("{key}[{}]", a.nulls[0]));
+                        self.out.push(Finding {
+                            severity: Severity::Error,
+                            code: "null-not-allowed",
+                            message: format!("null in {key} has no counterpart"),
+                            location,
+                        });
+                    }
+                }
+                Some(b) if !a.ext => {
+                    if a.len != b.len {
+                        let location = self.location(&format!("_{name}"));
+                        self.out.push(Finding {
+                            severity: Severity::Error,
+                            code: "primitive-extension",
+                            message: format!(
+                                "{name} has {} items and _{name} has {}",
+                                a.len, b.len
+                            ),
+                            location,
+                        });
+                    } else if let Some(i) = a.nulls.iter().find(|i| b.nulls.contains(i)) {
+                        let location = self.location(&format!("{name}[{i}]"));
+                        self.out.push(Finding {
+                            severity: Severity::Error,
+                            code: "null-not-allowed",
+                            message: format!("{name}[{i}] and _{name}[{i}] are both null"),
+                            location,
+                        });
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+    }
+
+    fn check_reference(&mut self, r: Cow<'a, str>, targets: u16) {
+        let location = self.location("reference");
+        let bad = |this: &mut Self, code: &'static str, message: String| {
+            this.out.push(Finding {
+                severity: Severity::Error,
+                code,
+                message,
+                location: location.clone(),
+            })
+        };
+        if let Some(local) = r.strip_prefix('#') {
+            if !local.is_empty() {
+                if !crate::is_valid_id(local) {
+                    bad(
+                        self,
+                        "reference-format",
+                        "a #local reference must name an id".into(),
+                    );
+                } else if let Some(scope) = self.scopes.last_mut() {
+                    let local = match &r {
+                        Cow::Borrowed(s) => Cow::Borrowed(&s[1..]),
+                        Cow::Owned(s) => Cow::Owned(s[1..].to_string()),
+                    };
+                    scope.local_refs.push((local, location.clone()));
+                }
+            }
+            return;
+        }
+        if r.starts_with("urn:uuid:") {
+            if primitive::check_string(T_UUID, &r).is_err() {
+                bad(
+                    self,
+                    "reference-format",
+                    "not a valid urn:uuid: reference".into(),
+                );
+            }
+            return;
+        }
+        if r.starts_with("urn:oid:") {
+            if primitive::check_string(T_OID, &r).is_err() {
+                bad(
+                    self,
+                    "reference-format",
+                    "not a valid urn:oid: reference".into(),
+                );
+            }
+            return;
+        }
+        let absolute = r.contains("://");
+        if r.bytes().any(|c| c.is_ascii_whitespace()) {
+            bad(
+                self,
+                "reference-format",
+                "a reference must not contain whitespace".into(),
+            );
+            return;
+        }
+        // Type/id or Type/id/_history/vid, at the end of an absolute URL too.
+        let mut parts: Vec<&str> = r.split('/').collect();
+        if parts.len() >= 4 && parts[parts.len() - 2] == "_history" {
+            parts.truncate(parts.len() - 2);
+        }
+        let typed = match parts.as_slice() {
+            [.., ty, id] if RESOURCE_TYPES.binary_search(ty).is_ok() && crate::is_valid_id(id) => {
+                Some(*ty)
+            }
+            _ => None,
+        };
+        match typed {
+            None if absolute => {}
+            None => bad(
+                self,
+                "reference-format",
+                "a relative reference must be Type/id with an R4 resource type and a valid id"
+                    .into(),
+            ),
+            Some(ty) if absolute || parts.len() == 2 => {
+                let allowed = TARGETS[targets as usize];
+                if !allowed.is_empty() && allowed.binary_search(&ty).is_err() {
+                    bad(
+                        self,
+                        "reference-target-type",
+                        format!("a reference to a {ty}; allowed: {}", allowed.join(", ")),
+                    );
+                }
+            }
+            Some(_) => bad(
+                self,
+                "reference-format",
+                "a relative reference must be Type/id (or Type/id/_history/version)".into(),
+            ),
+        }
+    }
+
+    fn check_codeable_concept(&mut self, binding: u16, mark: usize) {
+        let vs = &VALUE_SETS[binding as usize - 1];
+        let codings = &self.codings[mark..];
+        let ok = codings.iter().any(|(system, code)| match (system, code) {
+            (Some(s), Some(c)) => vs.has(s, c),
+            _ => false,
+        });
+        if !ok {
+            let message = if codings.is_empty() {
+                format!("no coding from the required value set {}", vs.url)
+            } else {
+                format!(
+                    "none of the codings is in the required value set {}",
+                    vs.url
+                )
+            };
+            self.error("code-not-in-value-set", message);
+        }
+    }
+}
+
+/// A code or value shortened for a message.
+fn clip(s: &str) -> Cow<'_, str> {
+    match s.char_indices().nth(40) {
+        Some((i, _)) => Cow::Owned(format!("{}…", &s[..i])),
+        None => Cow::Borrowed(s),
+    }
+}
+
+/// The text of a JSON string body whose escapes were checked.
+fn unescape(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len());
+    let mut chars = raw.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('b') => out.push('\u{8}'),
+            Some('f') => out.push('\u{c}'),
+            Some('n') => out.push('\n'),
+            Some('r') => out.push('\r'),
+            Some('t') => out.push('\t'),
+            Some('u') => {
+                let hex = |chars: &mut std::str::Chars| {
+                    let h: String = chars.take(4).collect();
+                    u32::from_str_radix(&h, 16).unwrap_or(0xFFFD)
+                };
+                let hi = hex(&mut chars);
+                let cp = if (0xD800..0xDC00).contains(&hi) && chars.as_str().starts_with("\\u") {
+                    let mut ahead = chars.clone();
+                    ahead.next();
+                    ahead.next();
+                    let lo = hex(&mut ahead);
+                    if (0xDC00..0xE000).contains(&lo) {
+                        chars = ahead;
+                        0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00)
+                    } else {
+                        hi
+                    }
+                } else {
+                    hi
+                };
+                out.push(char::from_u32(cp).unwrap_or('\u{FFFD}'));
+            }
+            Some(other) => out.push(other),
+            None => {}
+        }
+    }
+    out
+}
