@@ -55,14 +55,62 @@ pub struct TypeDef {
     pub required: &'static [u8],
 }
 
-impl TypeDef {
-    pub fn elem(&self, key: &[u8]) -> Option<&'static Elem> {
-        let elems: &'static [Elem] = self.elems;
-        elems
-            .binary_search_by(|e| e.key.as_bytes().cmp(key))
-            .ok()
-            .map(|i| &elems[i])
+/// The element `key` of type `ty`, through one open-addressing hash table
+/// over every (type, key) of the model, built on first use. Property lookup is
+/// the validator's most frequent operation.
+#[inline]
+pub fn lookup(ty: TypeId, key: &[u8]) -> Option<&'static Elem> {
+    static TABLE: std::sync::OnceLock<Vec<u32>> = std::sync::OnceLock::new();
+    let table = TABLE.get_or_init(build_table);
+    let mask = table.len() - 1;
+    let mut i = hash(ty, key) & mask;
+    loop {
+        let entry = table[i];
+        if entry == u32::MAX {
+            return None;
+        }
+        let (t, e) = ((entry >> 16) as TypeId, (entry & 0xFFFF) as usize);
+        if t == ty {
+            let elem = &crate::model::TYPES[t as usize].elems[e];
+            if elem.key.as_bytes() == key {
+                return Some(elem);
+            }
+        }
+        i = (i + 1) & mask;
     }
+}
+
+fn build_table() -> Vec<u32> {
+    let types = &crate::model::TYPES;
+    let n: usize = types.iter().map(|t| t.elems.len()).sum();
+    let size = (n * 4).next_power_of_two();
+    let mut table = vec![u32::MAX; size];
+    for (t, def) in types.iter().enumerate() {
+        for (e, elem) in def.elems.iter().enumerate() {
+            let mut i = hash(t as TypeId, elem.key.as_bytes()) & (size - 1);
+            while table[i] != u32::MAX {
+                i = (i + 1) & (size - 1);
+            }
+            table[i] = ((t as u32) << 16) | e as u32;
+        }
+    }
+    table
+}
+
+#[inline]
+fn hash(ty: TypeId, key: &[u8]) -> usize {
+    const K: u64 = 0x517c_c1b7_2722_0a95;
+    let mut h = (ty as u64).wrapping_mul(K) ^ key.len() as u64;
+    let mut chunks = key.chunks_exact(8);
+    for c in &mut chunks {
+        h = (h.rotate_left(5) ^ u64::from_le_bytes(c.try_into().unwrap())).wrapping_mul(K);
+    }
+    let mut last = 0u64;
+    for (i, b) in chunks.remainder().iter().enumerate() {
+        last |= (*b as u64) << (8 * i);
+    }
+    h = (h.rotate_left(5) ^ last).wrapping_mul(K);
+    (h ^ (h >> 29)) as usize
 }
 
 /// The codes of a value set, per code system, each list sorted.

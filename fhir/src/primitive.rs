@@ -233,15 +233,28 @@ fn is_date_time(b: &[u8], instant: bool) -> bool {
 
 /// `(\s*([0-9a-zA-Z\+/=]){4}\s*)+`
 fn is_base64(b: &[u8]) -> bool {
-    let mut n = 0usize;
-    for &c in b {
-        if c.is_ascii_alphanumeric() || matches!(c, b'+' | b'/' | b'=') {
-            n += 1;
-        } else if !is_ws(c) {
-            return false;
+    // 1: a base64 character, 0: whitespace, 2: anything else.
+    const CLASS: [u8; 256] = {
+        let mut t = [2u8; 256];
+        let mut c = 0;
+        while c < 256 {
+            let b = c as u8;
+            if b.is_ascii_alphanumeric() || b == b'+' || b == b'/' || b == b'=' {
+                t[c] = 1;
+            } else if b == b' ' || b == b'\t' || b == b'\r' || b == b'\n' {
+                t[c] = 0;
+            }
+            c += 1;
         }
+        t
+    };
+    let (mut n, mut bad) = (0usize, 0u8);
+    for &c in b {
+        let k = CLASS[c as usize];
+        n += (k & 1) as usize;
+        bad |= k & 2;
     }
-    n > 0 && n % 4 == 0
+    bad == 0 && n > 0 && n % 4 == 0
 }
 
 /// Narrative.div: an XHTML `<div>` element (the namespace is the reader's

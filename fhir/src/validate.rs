@@ -718,7 +718,7 @@ impl<'a> Walk<'a> {
                         name: key,
                         index: None,
                     });
-                    match tdef.elem(name.as_bytes()) {
+                    match crate::model_types::lookup(ty, name.as_bytes()) {
                         Some(e) if !ext || (e.ty as usize) < ANY_RESOURCE as usize => {
                             let slot = &tdef.slots[e.slot as usize];
                             let bit = 1u128 << e.slot;
@@ -1127,13 +1127,13 @@ impl<'a> Walk<'a> {
     }
 
     fn check_reference(&mut self, r: Cow<'a, str>, targets: u16) {
-        let location = self.location("reference");
         let bad = |this: &mut Self, code: &'static str, message: String| {
+            let location = this.location("reference");
             this.out.push(Finding {
                 severity: Severity::Error,
                 code,
                 message,
-                location: location.clone(),
+                location,
             })
         };
         if let Some(local) = r.strip_prefix('#') {
@@ -1144,12 +1144,15 @@ impl<'a> Walk<'a> {
                         "reference-format",
                         "a #local reference must name an id".into(),
                     );
-                } else if let Some(scope) = self.scopes.last_mut() {
+                } else if !self.scopes.is_empty() {
+                    let location = self.location("reference");
                     let local = match &r {
                         Cow::Borrowed(s) => Cow::Borrowed(&s[1..]),
                         Cow::Owned(s) => Cow::Owned(s[1..].to_string()),
                     };
-                    scope.local_refs.push((local, location.clone()));
+                    if let Some(scope) = self.scopes.last_mut() {
+                        scope.local_refs.push((local, location));
+                    }
                 }
             }
             return;
@@ -1174,7 +1177,6 @@ impl<'a> Walk<'a> {
             }
             return;
         }
-        let absolute = r.contains("://");
         if r.bytes().any(|c| c.is_ascii_whitespace()) {
             bad(
                 self,
@@ -1184,16 +1186,17 @@ impl<'a> Walk<'a> {
             return;
         }
         // Type/id or Type/id/_history/vid, at the end of an absolute URL too.
-        let mut parts: Vec<&str> = r.split('/').collect();
-        if parts.len() >= 4 && parts[parts.len() - 2] == "_history" {
-            parts.truncate(parts.len() - 2);
+        let absolute = r.contains("://");
+        let mut tail = r.rsplitn(5, '/');
+        let mut last = [tail.next(), tail.next(), tail.next(), tail.next()];
+        let history = last[1] == Some("_history");
+        if history {
+            last = [last[2], last[3], None, None];
         }
-        let typed = match parts.as_slice() {
-            [.., ty, id] if RESOURCE_TYPES.binary_search(ty).is_ok() && crate::is_valid_id(id) => {
-                Some(*ty)
-            }
-            _ => None,
-        };
+        let (id, ty) = (last[0].unwrap_or(""), last[1]);
+        let relative_parts = r.split('/').count() - if history { 2 } else { 0 };
+        let typed =
+            ty.filter(|ty| RESOURCE_TYPES.binary_search(ty).is_ok() && crate::is_valid_id(id));
         match typed {
             None if absolute => {}
             None => bad(
@@ -1202,7 +1205,7 @@ impl<'a> Walk<'a> {
                 "a relative reference must be Type/id with an R4 resource type and a valid id"
                     .into(),
             ),
-            Some(ty) if absolute || parts.len() == 2 => {
+            Some(ty) if absolute || relative_parts == 2 => {
                 let allowed = TARGETS[targets as usize];
                 if !allowed.is_empty() && allowed.binary_search(&ty).is_err() {
                     bad(
