@@ -58,6 +58,9 @@ struct Global {
     /// Files processed at once (default: the number of cores).
     #[arg(long, global = true, env = "FHIRFLOW_CONCURRENCY")]
     concurrency: Option<usize>,
+    /// FHIR validation in curate: strict, structure-only (no value-set bindings) or off.
+    #[arg(long, global = true, env = "FHIRFLOW_VALIDATION")]
+    validation: Option<fhirflow_fhir::Level>,
     /// Print only results and errors.
     #[arg(short, long, global = true)]
     quiet: bool,
@@ -168,6 +171,7 @@ async fn run(cli: Cli) -> Result<()> {
         max_depth: g.max_depth,
         part_max_bytes: g.part_max_bytes,
         concurrency: g.concurrency,
+        validation: g.validation,
     };
     let settings = Settings::resolve(g.config.as_deref(), &overrides)?;
     if let Command::Config = cli.command {

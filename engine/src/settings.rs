@@ -49,6 +49,9 @@ pub struct CurateSettings {
     pub concurrency: usize,
     /// Memory DataFusion may use for the dedup query before it spills, in MiB.
     pub memory_limit_mb: usize,
+    /// Step 2, FHIR R4 validation: `strict` (any error rejects),
+    /// `structure-only` (value-set bindings are not checked) or `off`.
+    pub validation: fhirflow_fhir::Level,
 }
 
 /// S3 (and S3-compatible) access. Credentials otherwise come from the
@@ -88,6 +91,7 @@ impl Default for CurateSettings {
             batch_rows: 8192,
             concurrency: std::thread::available_parallelism().map_or(2, |n| n.get()),
             memory_limit_mb: 512,
+            validation: fhirflow_fhir::Level::Strict,
         }
     }
 }
@@ -105,6 +109,7 @@ pub struct Overrides {
     pub max_depth: Option<usize>,
     pub part_max_bytes: Option<u64>,
     pub concurrency: Option<usize>,
+    pub validation: Option<fhirflow_fhir::Level>,
 }
 
 impl Settings {
@@ -138,6 +143,7 @@ impl Settings {
         set!(curate.max_depth <- o.max_depth);
         set!(curate.part_max_bytes <- o.part_max_bytes);
         set!(curate.concurrency <- o.concurrency);
+        set!(curate.validation <- o.validation);
         s.check()?;
         Ok(s)
     }
@@ -201,7 +207,7 @@ mod tests {
         let path = dir.path().join("f.toml");
         std::fs::write(
             &path,
-            "lake = \"s3://b/p\"\n[curate]\nmax_depth = 7\n[s3]\nsecret_access_key = \"hunter2\"\n",
+            "lake = \"s3://b/p\"\n[curate]\nmax_depth = 7\nvalidation = \"structure-only\"\n[s3]\nsecret_access_key = \"hunter2\"\n",
         )
         .unwrap();
         let o = Overrides {
@@ -211,6 +217,7 @@ mod tests {
         let s = Settings::resolve(Some(&path), &o).unwrap();
         assert_eq!(s.lake, "s3://b/p");
         assert_eq!(s.curate.max_depth, 9);
+        assert_eq!(s.curate.validation, fhirflow_fhir::Level::StructureOnly);
         let shown = s.to_masked_toml();
         assert!(!shown.contains("hunter2"));
         assert!(shown.contains("****"));

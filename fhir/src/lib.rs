@@ -13,7 +13,7 @@ pub mod primitive;
 pub mod validate;
 
 pub use model::RESOURCE_TYPES;
-pub use validate::{Finding, Level, Severity, Validator};
+pub use validate::{Finding, Level, Outcome, Severity, Validator};
 
 /// The canonical `&'static str` of a resource type name, if it is one.
 pub fn resource_type(name: &str) -> Option<&'static str> {

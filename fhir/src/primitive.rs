@@ -91,6 +91,13 @@ pub fn check_string(ty: TypeId, s: &str) -> Result<(), &'static str> {
     }
 }
 
+/// Leading or trailing whitespace, which FHIR strings SHOULD not have
+/// (datatypes.html#string).
+pub fn has_outer_whitespace(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.first().is_some_and(|c| is_ws(*c)) || b.last().is_some_and(|c| is_ws(*c))
+}
+
 fn is_ws(c: u8) -> bool {
     matches!(c, b' ' | b'\t' | b'\r' | b'\n')
 }

@@ -21,7 +21,8 @@ use crate::model_types::{Elem, Kind, TypeDef, TypeId};
 use crate::primitive::{self, JsonKind};
 
 /// How much curation checks, as HealthLake's validation levels name them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Level {
     /// Every check; any error rejects the resource.
     #[default]
@@ -32,16 +33,27 @@ pub enum Level {
     Off,
 }
 
-impl Level {
-    pub fn parse(s: &str) -> Option<Level> {
+impl std::str::FromStr for Level {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Level, String> {
         match s {
-            "strict" => Some(Level::Strict),
-            "structure-only" => Some(Level::StructureOnly),
-            "off" => Some(Level::Off),
-            _ => None,
+            "strict" => Ok(Level::Strict),
+            "structure-only" => Ok(Level::StructureOnly),
+            "off" => Ok(Level::Off),
+            _ => Err(format!(
+                "'{s}' is not a validation level (strict, structure-only, off)"
+            )),
         }
     }
+}
 
+impl std::fmt::Display for Level {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Level {
     pub fn as_str(self) -> &'static str {
         match self {
             Level::Strict => "strict",
@@ -71,7 +83,7 @@ impl Severity {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Finding {
     pub severity: Severity,
-    /// Stable, kebab-case: see [`CODES`].
+    /// Stable, as in `import_errors.error_code`: see [`CODES`].
     pub code: &'static str,
     pub message: String,
     /// FHIRPath-style, with JSON names: `Observation.component[1].valueQuantity.value`.
@@ -80,87 +92,102 @@ pub struct Finding {
 
 /// Every finding code, with what it means.
 pub const CODES: &[(&str, &str)] = &[
-    ("json-syntax", "the text is not valid JSON"),
-    ("not-an-object", "the resource is not a JSON object"),
-    ("too-deep", "nesting deeper than the configured limit"),
+    ("INVALID_JSON", "the text is not valid JSON"),
+    ("NOT_AN_OBJECT", "the resource is not a JSON object"),
+    ("TOO_DEEP", "nesting deeper than the configured limit"),
     (
-        "unknown-resource-type",
+        "UNKNOWN_RESOURCE_TYPE",
         "resourceType is missing or not an R4 resource type",
     ),
     (
-        "resource-type-mismatch",
+        "RESOURCE_TYPE_MISMATCH",
         "resourceType differs from the expected type",
     ),
-    ("unknown-element", "a property the definition does not have"),
-    ("duplicate-key", "a property given twice in one object"),
+    ("UNKNOWN_ELEMENT", "a property the definition does not have"),
+    ("DUPLICATE_KEY", "a property given twice in one object"),
     (
-        "wrong-kind",
+        "WRONG_KIND",
         "an object, array, string, number or boolean where another kind is required",
     ),
     (
-        "array-expected",
+        "ARRAY_EXPECTED",
         "a bare value where the definition allows several (an array is required)",
     ),
     (
-        "array-not-allowed",
+        "ARRAY_NOT_ALLOWED",
         "an array where the maximum cardinality is 1",
     ),
     (
-        "cardinality-min",
+        "CARDINALITY_MIN",
         "fewer values than the minimum cardinality",
     ),
     (
-        "cardinality-max",
+        "CARDINALITY_MAX",
         "more values than the maximum cardinality",
     ),
     (
-        "required-missing",
+        "REQUIRED_MISSING",
         "an element with minimum cardinality 1 or more is absent",
     ),
     (
-        "choice-multiple",
+        "CHOICE_MULTIPLE",
         "more than one type given for a choice element value[x]",
     ),
-    ("empty-object", "{} (FHIR has no empty objects)"),
-    ("empty-array", "[] (FHIR has no empty arrays)"),
-    ("empty-string", "\"\" (FHIR has no empty strings)"),
+    ("EMPTY_OBJECT", "{} (FHIR has no empty objects)"),
+    ("EMPTY_ARRAY", "[] (FHIR has no empty arrays)"),
+    ("EMPTY_STRING", "\"\" (FHIR has no empty strings)"),
     (
-        "null-not-allowed",
+        "NULL_NOT_ALLOWED",
         "null outside an array of primitives paired with its _element",
     ),
     (
-        "primitive-extension",
+        "PRIMITIVE_EXTENSION",
         "an _element that does not pair with its value",
     ),
     (
-        "invalid-format",
+        "INVALID_FORMAT",
         "a primitive value not in its type's format",
     ),
     (
-        "string-too-long",
+        "STRING_TOO_LONG",
         "a string longer than the element's maxLength",
     ),
     (
-        "code-not-in-value-set",
+        "CODE_NOT_IN_VALUE_SET",
         "a code not in the value set of a required binding",
     ),
     (
-        "reference-format",
+        "REFERENCE_FORMAT",
         "a reference that is not Type/id, an absolute URL, urn:uuid:, urn:oid: or #id",
     ),
     (
-        "reference-target-type",
+        "REFERENCE_TARGET_TYPE",
         "a reference to a resource type the element does not allow",
     ),
     (
-        "reference-local-missing",
+        "REFERENCE_LOCAL_MISSING",
         "a #id reference to no contained resource",
     ),
     (
-        "id-missing",
+        "MISSING_ID",
         "a resource without an id (HealthLake requires one)",
     ),
 ];
+
+/// The findings of one resource, with its type and id where it has them.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Outcome {
+    pub resource_type: Option<&'static str>,
+    pub id: Option<String>,
+    pub findings: Vec<Finding>,
+}
+
+impl Outcome {
+    /// Whether a finding is an error (warnings do not reject).
+    pub fn has_error(&self) -> bool {
+        Validator::has_error(&self.findings)
+    }
+}
 
 /// The validator; cheap to share between threads.
 #[derive(Debug, Clone)]
@@ -182,8 +209,13 @@ impl Validator {
     /// `expected`, a `resourceType` other than it is a finding. Empty when the
     /// resource is valid, and always empty at [`Level::Off`].
     pub fn validate(&self, text: &str, expected: Option<&str>) -> Vec<Finding> {
+        self.outcome(text, expected).findings
+    }
+
+    /// [`Validator::validate`], with the resource's type and id.
+    pub fn outcome(&self, text: &str, expected: Option<&str>) -> Outcome {
         if self.level == Level::Off {
-            return Vec::new();
+            return Outcome::default();
         }
         let mut w = Walk {
             src: text.as_bytes(),
@@ -198,6 +230,8 @@ impl Validator {
             scopes: Vec::new(),
             codings: Vec::new(),
             capture_depth: usize::MAX,
+            root_type: None,
+            root_id: None,
         };
         if let Err(e) = w.root(expected) {
             let location = w.location("");
@@ -208,7 +242,11 @@ impl Validator {
                 location,
             });
         }
-        w.out
+        Outcome {
+            resource_type: w.root_type,
+            id: w.root_id,
+            findings: w.out,
+        }
     }
 
     /// Whether `findings` include an error (warnings do not reject).
@@ -275,6 +313,8 @@ struct Walk<'a> {
     codings: Vec<(Option<Cow<'a, str>>, Option<Cow<'a, str>>)>,
     /// Depth of the Coding objects to keep in `codings`.
     capture_depth: usize,
+    root_type: Option<&'static str>,
+    root_id: Option<String>,
 }
 
 const fn byte_mask(b: u8) -> u64 {
@@ -334,7 +374,7 @@ impl<'a> Walk<'a> {
 
     fn stop<T>(&self, message: &'static str) -> R<T> {
         Err(Stop {
-            code: "json-syntax",
+            code: "INVALID_JSON",
             message,
             at: self.pos,
         })
@@ -479,7 +519,7 @@ impl<'a> Walk<'a> {
         self.depth += 1;
         if self.depth > self.max_depth {
             return Err(Stop {
-                code: "too-deep",
+                code: "TOO_DEEP",
                 message: "nesting deeper than the limit",
                 at: self.pos,
             });
@@ -592,7 +632,7 @@ impl<'a> Walk<'a> {
     fn root(&mut self, expected: Option<&str>) -> R<()> {
         self.ws();
         if self.peek() != Some(b'{') {
-            self.error("not-an-object", "a resource must be a JSON object".into());
+            self.error("NOT_AN_OBJECT", "a resource must be a JSON object".into());
             return self.skip_value();
         }
         self.resource(expected, false)?;
@@ -621,7 +661,7 @@ impl<'a> Walk<'a> {
                     index: None,
                 });
             }
-            self.error("unknown-resource-type", message);
+            self.error("UNKNOWN_RESOURCE_TYPE", message);
             self.skip_value()?;
             return Ok(None);
         };
@@ -629,7 +669,7 @@ impl<'a> Walk<'a> {
         if let Some(want) = expected.filter(|w| *w != name) {
             self.path.push(Seg { name, index: None });
             self.error(
-                "resource-type-mismatch",
+                "RESOURCE_TYPE_MISMATCH",
                 format!("resourceType is {name}, expected {want}"),
             );
             self.path.pop();
@@ -637,6 +677,7 @@ impl<'a> Walk<'a> {
         let root = self.path.is_empty();
         if root {
             self.path.push(Seg { name, index: None });
+            self.root_type = Some(name);
         }
         if !contained {
             self.scopes.push(Scope::default());
@@ -644,8 +685,11 @@ impl<'a> Walk<'a> {
         let kept = self.object(ty, 0, 0)?;
         // HealthLake stores the resource of a line under its id; resources
         // inside it (contained, in a Bundle) may have none.
-        if kept.value.is_none() && root {
-            self.error("id-missing", format!("the {name} has no id"));
+        if root {
+            match &kept.value {
+                Some(id) => self.root_id = Some(id.to_string()),
+                None => self.error("MISSING_ID", format!("the {name} has no id")),
+            }
         }
         if !contained {
             let scope = self.scopes.pop().unwrap_or_default();
@@ -653,7 +697,7 @@ impl<'a> Walk<'a> {
                 if !scope.contained.iter().any(|c| *c == id) {
                     self.out.push(Finding {
                         severity: Severity::Error,
-                        code: "reference-local-missing",
+                        code: "REFERENCE_LOCAL_MISSING",
                         message: format!("#{id} names no contained resource"),
                         location,
                     });
@@ -690,7 +734,7 @@ impl<'a> Walk<'a> {
         self.ws();
         if self.peek() == Some(b'}') {
             self.pos += 1;
-            self.error("empty-object", "an object must not be empty".into());
+            self.error("EMPTY_OBJECT", "an object must not be empty".into());
         } else {
             loop {
                 self.ws();
@@ -725,7 +769,7 @@ impl<'a> Walk<'a> {
                             if slot.choice {
                                 match chosen[..n_chosen].iter().find(|c| c.0 == e.slot) {
                                     Some((_, other)) if *other != e.key => self.error(
-                                        "choice-multiple",
+                                        "CHOICE_MULTIPLE",
                                         format!("{} has both {other} and {}", slot.name, e.key),
                                     ),
                                     Some(_) => {}
@@ -740,7 +784,7 @@ impl<'a> Walk<'a> {
                             let again = *seen & bit != 0;
                             *seen |= bit;
                             if again {
-                                self.error("duplicate-key", format!("{key} is given twice"));
+                                self.error("DUPLICATE_KEY", format!("{key} is given twice"));
                             }
                             let keep = match (tdef.kind, e.key) {
                                 (Kind::Resource, "id") => true,
@@ -761,7 +805,7 @@ impl<'a> Walk<'a> {
                         }
                         _ => {
                             self.error(
-                                "unknown-element",
+                                "UNKNOWN_ELEMENT",
                                 format!("{} has no element {key}", tdef.name),
                             );
                             self.skip_value()?;
@@ -789,7 +833,7 @@ impl<'a> Walk<'a> {
                 let location = self.location(slot.name);
                 self.out.push(Finding {
                     severity: Severity::Error,
-                    code: "required-missing",
+                    code: "REQUIRED_MISSING",
                     message: format!("{}.{} is required (min {})", tdef.name, slot.name, slot.min),
                     location,
                 });
@@ -828,7 +872,7 @@ impl<'a> Walk<'a> {
         if self.peek() != Some(b'[') {
             if many {
                 self.error(
-                    "array-expected",
+                    "ARRAY_EXPECTED",
                     format!(
                         "{}.{} can repeat: its value must be an array",
                         tdef.name, slot.name
@@ -839,7 +883,7 @@ impl<'a> Walk<'a> {
         }
         if !many {
             self.error(
-                "array-not-allowed",
+                "ARRAY_NOT_ALLOWED",
                 format!(
                     "{}.{} has at most one value: an array is not allowed",
                     tdef.name, slot.name
@@ -853,7 +897,7 @@ impl<'a> Walk<'a> {
         let mut nulls = Vec::new();
         if self.peek() == Some(b']') {
             self.pos += 1;
-            self.error("empty-array", "an array must not be empty".into());
+            self.error("EMPTY_ARRAY", "an array must not be empty".into());
         } else {
             loop {
                 self.ws();
@@ -865,7 +909,7 @@ impl<'a> Walk<'a> {
                     if primitive {
                         nulls.push(n);
                     } else {
-                        self.error("null-not-allowed", "null is not a value".into());
+                        self.error("NULL_NOT_ALLOWED", "null is not a value".into());
                     }
                 } else {
                     self.item(e, ext, false)?;
@@ -889,7 +933,7 @@ impl<'a> Walk<'a> {
         if many && n > 0 {
             if n > slot.max {
                 self.error(
-                    "cardinality-max",
+                    "CARDINALITY_MAX",
                     format!(
                         "{}.{} has {n} values, at most {} allowed",
                         tdef.name, slot.name, slot.max
@@ -897,7 +941,7 @@ impl<'a> Walk<'a> {
                 );
             } else if n < slot.min {
                 self.error(
-                    "cardinality-min",
+                    "CARDINALITY_MIN",
                     format!(
                         "{}.{} has {n} values, at least {} required",
                         tdef.name, slot.name, slot.min
@@ -922,7 +966,7 @@ impl<'a> Walk<'a> {
         if self.peek() == Some(b'n') {
             self.literal(b"null")?;
             self.error(
-                "null-not-allowed",
+                "NULL_NOT_ALLOWED",
                 "null is allowed only in an array of primitives paired with its _element".into(),
             );
             return Ok(None);
@@ -930,7 +974,7 @@ impl<'a> Walk<'a> {
         if ext {
             if self.peek() != Some(b'{') {
                 self.error(
-                    "wrong-kind",
+                    "WRONG_KIND",
                     "a primitive's _element must be an object".into(),
                 );
                 self.skip_value()?;
@@ -944,7 +988,7 @@ impl<'a> Walk<'a> {
             Kind::Prim => self.primitive(e, keep),
             _ if self.peek() != Some(b'{') => {
                 self.error(
-                    "wrong-kind",
+                    "WRONG_KIND",
                     format!(
                         "{} is a {}: its value must be an object",
                         self.here(),
@@ -978,7 +1022,7 @@ impl<'a> Walk<'a> {
             Some(b'-' | b'0'..=b'9') => JsonKind::Number,
             _ => {
                 self.error(
-                    "wrong-kind",
+                    "WRONG_KIND",
                     format!(
                         "{} is a {type_name}: an object or array is not a value",
                         self.here()
@@ -995,7 +1039,7 @@ impl<'a> Walk<'a> {
                 JsonKind::Bool => "true or false",
             };
             self.error(
-                "wrong-kind",
+                "WRONG_KIND",
                 format!("{} is a {type_name}: its value must be {want}", self.here()),
             );
             self.skip_value()?;
@@ -1009,23 +1053,35 @@ impl<'a> Walk<'a> {
             JsonKind::Number => {
                 let (s, t) = self.number()?;
                 if let Err(why) = primitive::check_number(e.ty, &self.text[s..t]) {
-                    self.error("invalid-format", format!("the {type_name} value {why}"));
+                    self.error("INVALID_FORMAT", format!("the {type_name} value {why}"));
                 }
                 Ok(None)
             }
             JsonKind::String => {
                 let span = self.string()?;
                 if span.0 == span.1 {
-                    self.error("empty-string", "a string must not be empty".into());
+                    self.error("EMPTY_STRING", "a string must not be empty".into());
                     return Ok(None);
                 }
                 let value = self.text_of(span);
-                if let Err(why) = primitive::check_string(e.ty, &value) {
-                    self.error("invalid-format", format!("the {type_name} value {why}"));
+                match primitive::check_string(e.ty, &value) {
+                    Err(why) => {
+                        self.error("INVALID_FORMAT", format!("the {type_name} value {why}"))
+                    }
+                    Ok(()) if e.ty == T_STRING && primitive::has_outer_whitespace(&value) => {
+                        let location = self.location("");
+                        self.out.push(Finding {
+                            severity: Severity::Warning,
+                            code: "STRING_WHITESPACE",
+                            message: format!("the {type_name} value has leading or trailing whitespace (it SHOULD not)"),
+                            location,
+                        });
+                    }
+                    Ok(()) => {}
                 }
                 if e.max_len > 0 && value.chars().count() > e.max_len as usize {
                     self.error(
-                        "string-too-long",
+                        "STRING_TOO_LONG",
                         format!("longer than the maxLength of {} characters", e.max_len),
                     );
                 }
@@ -1033,7 +1089,7 @@ impl<'a> Walk<'a> {
                     let vs = &VALUE_SETS[e.binding as usize - 1];
                     if !vs.has_code(&value) {
                         self.error(
-                            "code-not-in-value-set",
+                            "CODE_NOT_IN_VALUE_SET",
                             format!(
                                 "'{}' is not in the required value set {}",
                                 clip(&value),
@@ -1078,7 +1134,7 @@ impl<'a> Walk<'a> {
                         let location = self.location(&format!("_{name}"));
                         self.out.push(Finding {
                             severity: Severity::Error,
-                            code: "primitive-extension",
+                            code: "PRIMITIVE_EXTENSION",
                             message: format!(
                                 "{name} is an array and _{name} is not (or the reverse)"
                             ),
@@ -1093,7 +1149,7 @@ impl<'a> Walk<'a> {
                         let location = self.location(&format!("{key}[{}]", a.nulls[0]));
                         self.out.push(Finding {
                             severity: Severity::Error,
-                            code: "null-not-allowed",
+                            code: "NULL_NOT_ALLOWED",
                             message: format!("null in {key} has no counterpart"),
                             location,
                         });
@@ -1104,7 +1160,7 @@ impl<'a> Walk<'a> {
                         let location = self.location(&format!("_{name}"));
                         self.out.push(Finding {
                             severity: Severity::Error,
-                            code: "primitive-extension",
+                            code: "PRIMITIVE_EXTENSION",
                             message: format!(
                                 "{name} has {} items and _{name} has {}",
                                 a.len, b.len
@@ -1115,7 +1171,7 @@ impl<'a> Walk<'a> {
                         let location = self.location(&format!("{name}[{i}]"));
                         self.out.push(Finding {
                             severity: Severity::Error,
-                            code: "null-not-allowed",
+                            code: "NULL_NOT_ALLOWED",
                             message: format!("{name}[{i}] and _{name}[{i}] are both null"),
                             location,
                         });
@@ -1141,7 +1197,7 @@ impl<'a> Walk<'a> {
                 if !crate::is_valid_id(local) {
                     bad(
                         self,
-                        "reference-format",
+                        "REFERENCE_FORMAT",
                         "a #local reference must name an id".into(),
                     );
                 } else if !self.scopes.is_empty() {
@@ -1161,7 +1217,7 @@ impl<'a> Walk<'a> {
             if primitive::check_string(T_UUID, &r).is_err() {
                 bad(
                     self,
-                    "reference-format",
+                    "REFERENCE_FORMAT",
                     "not a valid urn:uuid: reference".into(),
                 );
             }
@@ -1171,7 +1227,7 @@ impl<'a> Walk<'a> {
             if primitive::check_string(T_OID, &r).is_err() {
                 bad(
                     self,
-                    "reference-format",
+                    "REFERENCE_FORMAT",
                     "not a valid urn:oid: reference".into(),
                 );
             }
@@ -1180,7 +1236,7 @@ impl<'a> Walk<'a> {
         if r.bytes().any(|c| c.is_ascii_whitespace()) {
             bad(
                 self,
-                "reference-format",
+                "REFERENCE_FORMAT",
                 "a reference must not contain whitespace".into(),
             );
             return;
@@ -1201,7 +1257,7 @@ impl<'a> Walk<'a> {
             None if absolute => {}
             None => bad(
                 self,
-                "reference-format",
+                "REFERENCE_FORMAT",
                 "a relative reference must be Type/id with an R4 resource type and a valid id"
                     .into(),
             ),
@@ -1210,14 +1266,14 @@ impl<'a> Walk<'a> {
                 if !allowed.is_empty() && allowed.binary_search(&ty).is_err() {
                     bad(
                         self,
-                        "reference-target-type",
+                        "REFERENCE_TARGET_TYPE",
                         format!("a reference to a {ty}; allowed: {}", allowed.join(", ")),
                     );
                 }
             }
             Some(_) => bad(
                 self,
-                "reference-format",
+                "REFERENCE_FORMAT",
                 "a relative reference must be Type/id (or Type/id/_history/version)".into(),
             ),
         }
@@ -1239,7 +1295,7 @@ impl<'a> Walk<'a> {
                     vs.url
                 )
             };
-            self.error("code-not-in-value-set", message);
+            self.error("CODE_NOT_IN_VALUE_SET", message);
         }
     }
 }

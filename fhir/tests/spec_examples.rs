@@ -12,108 +12,108 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
-use fhirflow_fhir::{Level, Validator};
+use fhirflow_fhir::{Level, Severity, Validator};
 
 /// (file:line, finding code, why the example is invalid).
 const INVALID: &[(&str, &str, &str)] = &[
     (
         "DeviceMetric.ndjson:1",
-        "reference-target-type",
+        "REFERENCE_TARGET_TYPE",
         "parent refers to a DeviceDefinition; R4 allows Reference(Device)",
     ),
     (
         "DeviceUseStatement.ndjson:1",
-        "reference-target-type",
+        "REFERENCE_TARGET_TYPE",
         "reasonReference refers to a Procedure, not in its target list",
     ),
     (
         "ImplementationGuide.ndjson:2",
-        "reference-format",
+        "REFERENCE_FORMAT",
         "refers to SearchParameter/<66-character id>, over the id limit of 64",
     ),
     (
         "ImplementationGuide.ndjson:2",
-        "required-missing",
+        "REQUIRED_MISSING",
         "the core package's manifest IG has no name and no status (both 1..1)",
     ),
     (
         "ImplementationGuide.ndjson:3",
-        "reference-format",
+        "REFERENCE_FORMAT",
         "the same as line 2",
     ),
     (
         "ImplementationGuide.ndjson:3",
-        "required-missing",
+        "REQUIRED_MISSING",
         "the same as line 2",
     ),
     (
         "MedicationRequest.ndjson:2",
-        "reference-target-type",
+        "REFERENCE_TARGET_TYPE",
         "dispenseRequest.performer refers to a Practitioner; R4 allows Reference(Organization)",
     ),
     (
         "Observation.ndjson:20",
-        "reference-target-type",
+        "REFERENCE_TARGET_TYPE",
         "performer refers to an Encounter",
     ),
     (
         "Questionnaire.ndjson:6",
-        "required-missing",
+        "REQUIRED_MISSING",
         "nested items without linkId (1..1)",
     ),
     (
         "SearchParameter.ndjson:1342",
-        "required-missing",
+        "REQUIRED_MISSING",
         "an extension search parameter without base (1..*)",
     ),
     (
         "SearchParameter.ndjson:1343",
-        "required-missing",
+        "REQUIRED_MISSING",
         "the same",
     ),
     (
         "SearchParameter.ndjson:1344",
-        "required-missing",
+        "REQUIRED_MISSING",
         "the same",
     ),
     (
         "SearchParameter.ndjson:1345",
-        "required-missing",
+        "REQUIRED_MISSING",
         "the same",
     ),
     (
         "SearchParameter.ndjson:1346",
-        "required-missing",
+        "REQUIRED_MISSING",
         "the same",
     ),
     (
         "SearchParameter.ndjson:1395",
-        "invalid-format",
+        "INVALID_FORMAT",
         "its id has 66 characters; ids have at most 64",
     ),
     (
         "SearchParameter.ndjson:1396",
-        "required-missing",
+        "REQUIRED_MISSING",
         "an extension search parameter without base (1..*)",
     ),
     (
         "SearchParameter.ndjson:1397",
-        "required-missing",
+        "REQUIRED_MISSING",
         "the same",
     ),
     (
         "SearchParameter.ndjson:1398",
-        "required-missing",
+        "REQUIRED_MISSING",
         "the same",
     ),
     (
         "SearchParameter.ndjson:1399",
-        "required-missing",
+        "REQUIRED_MISSING",
         "the same",
     ),
     (
         "SearchParameter.ndjson:1400",
-        "required-missing",
+        "REQUIRED_MISSING",
         "the same",
     ),
 ];
@@ -144,7 +144,11 @@ fn every_specification_example_is_valid_but_the_listed_ones() {
         let expected = name.strip_suffix(".ndjson").unwrap();
         for (n, line) in std::fs::read_to_string(path).unwrap().lines().enumerate() {
             lines += 1;
-            for f in validator.validate(line, Some(expected)) {
+            let errors = validator
+                .validate(line, Some(expected))
+                .into_iter()
+                .filter(|f| f.severity == Severity::Error);
+            for f in errors {
                 found.insert((format!("{name}:{}", n + 1), f.code));
             }
         }

@@ -98,7 +98,11 @@ async fn gzip_input_and_a_corrupt_gzip_file() {
     let dir = t.input("gz");
     let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     for i in 0..100 {
-        writeln!(enc, r#"{{"resourceType":"Condition","id":"c{i}"}}"#).unwrap();
+        writeln!(
+            enc,
+            r#"{{"resourceType":"Condition","id":"c{i}","subject":{{"reference":"Patient/p"}}}}"#
+        )
+        .unwrap();
     }
     let gz = enc.finish().unwrap();
     std::fs::write(dir.join("Condition.000.ndjson.gz"), &gz).unwrap();

@@ -17,7 +17,7 @@ fn obs(id: &str, version: Option<&str>, updated: Option<&str>, extra: &str) -> S
         format!(r#","meta":{{{}}}"#, meta.join(","))
     };
     format!(
-        r#"{{"resourceType":"Observation","id":"{id}"{meta},"status":"final","note":"{extra}"}}"#
+        r#"{{"resourceType":"Observation","id":"{id}"{meta},"status":"final","code":{{"text":"{extra}"}}}}"#
     )
 }
 
@@ -71,7 +71,7 @@ async fn the_survivor_is_chosen_as_designed() {
     assert_eq!(report.total.exact_duplicates, 2);
 
     let rows = t
-        .sql("SELECT id, json_note FROM (SELECT id, regexp_match(resource, '\"note\":\"([^\"]*)\"')[1] AS json_note FROM curated.observation) ORDER BY id")
+        .sql("SELECT id, json_get_str(resource, 'code', 'text') FROM curated.observation ORDER BY id")
         .await;
     let got: Vec<(String, String)> = rows
         .into_iter()

@@ -26,3 +26,35 @@ pub trait LineCheck: Send + Sync {
     /// Findings that reject the line; empty when it passes.
     fn check(&self, line: &CheckedLine<'_>) -> Vec<Reject>;
 }
+
+/// Step 2 proper: FHIR R4 validation ([`fhirflow_fhir::Validator`]). A
+/// resource with an error is rejected with every finding (warnings included,
+/// each with its severity in the message).
+pub struct Validation(fhirflow_fhir::Validator);
+
+impl Validation {
+    /// The check for `level`, or None when validation is off.
+    pub fn for_level(level: fhirflow_fhir::Level, max_depth: usize) -> Option<Self> {
+        (level != fhirflow_fhir::Level::Off)
+            .then(|| Validation(fhirflow_fhir::Validator::new(level, max_depth)))
+    }
+}
+
+impl LineCheck for Validation {
+    fn check(&self, line: &CheckedLine<'_>) -> Vec<Reject> {
+        let findings = self.0.validate(line.text, Some(line.resource_type));
+        if !fhirflow_fhir::Validator::has_error(&findings) {
+            return Vec::new();
+        }
+        findings
+            .into_iter()
+            .map(|f| {
+                let message = match f.severity {
+                    fhirflow_fhir::Severity::Error => f.message,
+                    s => format!("{}: {}", s.as_str(), f.message),
+                };
+                Reject::new(f.code, message).at(f.location)
+            })
+            .collect()
+    }
+}

@@ -395,10 +395,17 @@ pub async fn curate(
     date: ImportDate,
     reporter: &dyn Reporter,
 ) -> Result<CurateReport> {
-    curate_with_checks(lake, settings, tenant, date, reporter, Vec::new()).await
+    let mut checks: Vec<Arc<dyn LineCheck>> = Vec::new();
+    if let Some(v) =
+        check::Validation::for_level(settings.curate.validation, settings.curate.max_depth)
+    {
+        checks.push(Arc::new(v));
+    }
+    curate_with_checks(lake, settings, tenant, date, reporter, checks).await
 }
 
-/// [`curate`] with step 2's checks.
+/// [`curate`] with the given step 2 checks (instead of the validation the
+/// settings choose).
 pub async fn curate_with_checks(
     lake: &Lake,
     settings: &Settings,
