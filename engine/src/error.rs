@@ -81,6 +81,10 @@ pub enum Error {
     #[error("{0}")]
     Usage(String),
 
+    /// `fhirflow validate` found resources that are not valid (exit code 1).
+    #[error("{invalid} of {resources} resources are not valid FHIR R4")]
+    Invalid { invalid: u64, resources: u64 },
+
     /// The reader of a stream went away (a query's LIMIT was reached).
     #[error("cancelled: the consumer stopped reading")]
     Cancelled,

@@ -27,5 +27,6 @@ pub mod run;
 pub mod settings;
 pub mod sql;
 pub mod storage;
+pub mod validate;
 
 pub use error::{Error, Result};

@@ -123,8 +123,25 @@ enum Command {
         #[arg(long)]
         date: Option<ImportDate>,
     },
+    /// Validate FHIR R4 files: NDJSON line by line, .json as one resource or Bundle.
+    ///
+    /// Exit code 0 when every resource is valid, 1 when one is not, 2 for usage or I/O errors.
+    Validate {
+        /// Files (.ndjson, .ndjson.gz, .json) or folders of them.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Output: findings and a summary as text, or one JSON document.
+        #[arg(long, value_enum, default_value_t = ValidateFormat::Text)]
+        format: ValidateFormat,
+    },
     /// Print the resolved settings (secrets masked).
     Config,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ValidateFormat {
+    Text,
+    Json,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -178,10 +195,13 @@ async fn run(cli: Cli) -> Result<()> {
         print!("{}", settings.to_masked_toml());
         return Ok(());
     }
+    if let Command::Validate { paths, format } = &cli.command {
+        return validate(&settings, paths, *format);
+    }
     let lake = Lake::open(&settings)?;
     let bar = Bar::new(g.quiet);
     match cli.command {
-        Command::Config => unreachable!("handled above"),
+        Command::Config | Command::Validate { .. } => unreachable!("handled above"),
         Command::Ingest {
             paths,
             tenant,
@@ -252,6 +272,36 @@ async fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn validate(settings: &Settings, paths: &[PathBuf], format: ValidateFormat) -> Result<()> {
+    let level = match settings.curate.validation {
+        fhirflow_fhir::Level::Off => fhirflow_fhir::Level::Strict,
+        level => level,
+    };
+    let validator = fhirflow_fhir::Validator::new(level, settings.curate.max_depth);
+    let format = match format {
+        ValidateFormat::Text => fhirflow::validate::Format::Text,
+        ValidateFormat::Json => fhirflow::validate::Format::Json,
+    };
+    let out = std::io::stdout();
+    let mut out = std::io::BufWriter::new(out.lock());
+    let summary = fhirflow::validate::validate_paths(
+        paths,
+        &validator,
+        settings.curate.max_line_bytes,
+        format,
+        &mut out,
+    )?;
+    out.flush()
+        .map_err(|e| Error::Usage(format!("writing the output: {e}")))?;
+    match summary.total.invalid {
+        0 => Ok(()),
+        invalid => Err(Error::Invalid {
+            invalid,
+            resources: summary.total.resources,
+        }),
+    }
 }
 
 fn print_ingest(report: &fhirflow::ingest::IngestReport, quiet: bool) {

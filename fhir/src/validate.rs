@@ -298,6 +298,9 @@ struct Kept<'a> {
     system: Option<Cow<'a, str>>,
 }
 
+/// (system, code) of one coding.
+type Coding<'a> = (Option<Cow<'a, str>>, Option<Cow<'a, str>>);
+
 struct Walk<'a> {
     src: &'a [u8],
     text: &'a str,
@@ -310,7 +313,7 @@ struct Walk<'a> {
     arrays: Vec<PrimArray>,
     scopes: Vec<Scope<'a>>,
     /// (system, code) of the codings of a CodeableConcept under a required binding.
-    codings: Vec<(Option<Cow<'a, str>>, Option<Cow<'a, str>>)>,
+    codings: Vec<Coding<'a>>,
     /// Depth of the Coding objects to keep in `codings`.
     capture_depth: usize,
     root_type: Option<&'static str>,
@@ -694,7 +697,7 @@ impl<'a> Walk<'a> {
         if !contained {
             let scope = self.scopes.pop().unwrap_or_default();
             for (id, location) in scope.local_refs {
-                if !scope.contained.iter().any(|c| *c == id) {
+                if !scope.contained.contains(&id) {
                     self.out.push(Finding {
                         severity: Severity::Error,
                         code: "REFERENCE_LOCAL_MISSING",

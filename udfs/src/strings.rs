@@ -36,6 +36,27 @@ fn str_column<'a>(name: &str, array: &'a ArrayRef) -> Result<StrColumn<'a>> {
     })
 }
 
+/// Calls `f` for each row of string arguments with one `Option<&str>` per
+/// argument (None for SQL NULL). Returns the number of rows.
+pub(crate) fn for_each_row<F>(name: &str, args: &ScalarFunctionArgs, mut f: F) -> Result<usize>
+where
+    F: for<'r> FnMut(&[Option<&'r str>]),
+{
+    let rows = args.number_rows;
+    let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+    let columns = arrays
+        .iter()
+        .map(|a| str_column(name, a))
+        .collect::<Result<Vec<_>>>()?;
+    let mut row: Vec<Option<&str>> = Vec::with_capacity(columns.len());
+    for i in 0..rows {
+        row.clear();
+        row.extend(columns.iter().map(|c| c.get(i)));
+        f(&row);
+    }
+    Ok(rows)
+}
+
 /// Evaluates `f` row by row over string arguments and returns a Utf8 column.
 /// `f` gets one `Option<&str>` per argument (None for SQL NULL) and returns
 /// the row's value (None for NULL).
@@ -47,21 +68,10 @@ pub(crate) fn map_strings<F>(
 where
     F: for<'r> FnMut(&[Option<&'r str>]) -> Option<Cow<'r, str>>,
 {
-    let rows = args.number_rows;
-    let arrays = ColumnarValue::values_to_arrays(&args.args)?;
-    let columns = arrays
-        .iter()
-        .map(|a| str_column(name, a))
-        .collect::<Result<Vec<_>>>()?;
-    let mut out = StringBuilder::with_capacity(rows, 0);
-    let mut row: Vec<Option<&str>> = Vec::with_capacity(columns.len());
-    for i in 0..rows {
-        row.clear();
-        row.extend(columns.iter().map(|c| c.get(i)));
-        match f(&row) {
-            Some(v) => out.append_value(v),
-            None => out.append_null(),
-        }
-    }
+    let mut out = StringBuilder::with_capacity(args.number_rows, 0);
+    for_each_row(name, &args, |row| match f(row) {
+        Some(v) => out.append_value(v),
+        None => out.append_null(),
+    })?;
     Ok(ColumnarValue::Array(Arc::new(out.finish())))
 }
