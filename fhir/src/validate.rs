@@ -769,12 +769,16 @@ impl<'a> Walk<'a> {
                         Some(e) if !ext || (e.ty as usize) < ANY_RESOURCE as usize => {
                             let slot = &tdef.slots[e.slot as usize];
                             let bit = 1u128 << e.slot;
+                            let mut other_choice = false;
                             if slot.choice {
                                 match chosen[..n_chosen].iter().find(|c| c.0 == e.slot) {
-                                    Some((_, other)) if *other != e.key => self.error(
-                                        "CHOICE_MULTIPLE",
-                                        format!("{} has both {other} and {}", slot.name, e.key),
-                                    ),
+                                    Some((_, other)) if *other != e.key => {
+                                        other_choice = true;
+                                        self.error(
+                                            "CHOICE_MULTIPLE",
+                                            format!("{} has both {other} and {}", slot.name, e.key),
+                                        );
+                                    }
                                     Some(_) => {}
                                     None if n_chosen < chosen.len() => {
                                         chosen[n_chosen] = (e.slot, e.key);
@@ -786,7 +790,7 @@ impl<'a> Walk<'a> {
                             let seen = if ext { &mut seen_ext } else { &mut seen_value };
                             let again = *seen & bit != 0;
                             *seen |= bit;
-                            if again {
+                            if again && !other_choice {
                                 self.error("DUPLICATE_KEY", format!("{key} is given twice"));
                             }
                             let keep = match (tdef.kind, e.key) {
@@ -1131,19 +1135,11 @@ impl<'a> Walk<'a> {
                 .iter()
                 .find(|b| b.depth == a.depth && b.slot == a.slot && b.ext != a.ext);
             match other {
+                // The other side, if present, is not an array: reported as
+                // ARRAY_EXPECTED already.
+                None if (if a.ext { seen_value } else { seen_ext }) & bit != 0 => {}
                 None => {
-                    let has_other = if a.ext { seen_value } else { seen_ext } & bit != 0;
-                    if has_other {
-                        let location = self.location(&format!("_{name}"));
-                        self.out.push(Finding {
-                            severity: Severity::Error,
-                            code: "PRIMITIVE_EXTENSION",
-                            message: format!(
-                                "{name} is an array and _{name} is not (or the reverse)"
-                            ),
-                            location,
-                        });
-                    } else if !a.nulls.is_empty() {
+                    if !a.nulls.is_empty() {
                         let key = if a.ext {
                             format!("_{name}")
                         } else {
