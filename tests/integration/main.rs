@@ -9,3 +9,4 @@ mod labels;
 mod lossless;
 mod s3;
 mod sql;
+mod validation;
