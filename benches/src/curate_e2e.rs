@@ -5,8 +5,9 @@
 //!    (the first group of each UUID xor-ed with `k`, so references stay
 //!    consistent and ids stay valid), and about 5% of lines are written twice
 //!    (exact duplicates).
-//! 2. Runs `fhirflow curate` on it as a child process: wall time, MB/s,
-//!    records/s and peak resident memory (from the kernel's rusage).
+//! 2. Runs `fhirflow curate` on it as a child process, with FHIR validation
+//!    off and then strict: wall time, MB/s, records/s and peak resident
+//!    memory (from the kernel's rusage), and what validation costs.
 //! 3. Runs `benches/peer_duckdb.py` on the same raw files the same way.
 //! 4. Prints both and the throughput ratio.
 //!
@@ -61,7 +62,7 @@ fn main() {
         args.sample.display()
     );
     println!(
-        "{:>8} {:>10} {:<9} {:>8} {:>9} {:>11} {:>9}",
+        "{:>8} {:>10} {:<28} {:>8} {:>9} {:>11} {:>9}",
         "raw MB", "records", "engine", "seconds", "MB/s", "records/s", "peak MB"
     );
     for &size in &args.size_mb {
@@ -84,12 +85,17 @@ fn main() {
                 DATE,
             ])
             .env("FHIRFLOW_LAKE", &lake));
-        let ours = run(Command::new(&args.fhirflow)
-            .args(["curate", "--tenant", TENANT, "--date", DATE, "--quiet"])
-            .env("FHIRFLOW_LAKE", &lake));
+        let curate = |level: &str| {
+            run(Command::new(&args.fhirflow)
+                .args(["curate", "--tenant", TENANT, "--date", DATE, "--quiet"])
+                .args(["--validation", level])
+                .env("FHIRFLOW_LAKE", &lake))
+        };
+        let unvalidated = curate("off");
+        let ours = curate("strict");
         let row = |name: &str, m: &Measured| {
             println!(
-                "{:>8.0} {:>10} {:<9} {:>8.2} {:>9.1} {:>11.0} {:>9.0}",
+                "{:>8.0} {:>10} {:<28} {:>8.2} {:>9.1} {:>11.0} {:>9.0}",
                 mb,
                 records,
                 name,
@@ -99,7 +105,13 @@ fn main() {
                 m.peak_rss_mb
             );
         };
-        row("fhirflow", &ours);
+        row("fhirflow, validation off", &unvalidated);
+        row("fhirflow, validation strict", &ours);
+        println!(
+            "{:>8.0} validation costs {:+.0}% time",
+            mb,
+            (ours.seconds / unvalidated.seconds - 1.0) * 100.0
+        );
 
         if !args.no_peer {
             let out = args.work.join("duckdb-out.ndjson");

@@ -215,6 +215,16 @@ def fill(type_name, owner_path, elements):
             })
 
 
+# What the validator keeps of a value: the id of a resource, the string of a
+# Reference, the system and code of a Coding.
+KEEP = {("Resource", "id"): "Id", ("Reference", "reference"): "Reference",
+        ("Coding", "system"): "System", ("Coding", "code"): "Code"}
+
+
+def keep_of(type_name, kind, key):
+    return KEEP.get(("Resource" if kind == "Resource" else type_name, key), "No")
+
+
 element_sd = sds["http://hl7.org/fhir/StructureDefinition/Element"]
 fill("Element", "Element", element_sd["snapshot"]["element"])
 for t in complex_types + resource_types:
@@ -293,7 +303,8 @@ for name in order:
         w(f"        Slot {{ name: {rs(s['name'])}, min: {s['min']}, max: {maxv(s['max'])}, choice: {str(s['choice']).lower()} }},")
     w("    ], elems: &[")
     for e in t["elems"]:
-        w(f"        Elem {{ key: {rs(e['key'])}, slot: {e['slot']}, ty: {type_id[e['ty']]}, binding: {e['binding']}, targets: {e['targets']}, max_len: {e['max_len']} }},")
+        keep = keep_of(name, t["kind"], e["key"])
+        w(f"        Elem {{ key: {rs(e['key'])}, slot: {e['slot']}, ty: {type_id[e['ty']]}, binding: {e['binding']}, targets: {e['targets']}, max_len: {e['max_len']}, keep: Keep::{keep} }},")
     req = [i for i, s in enumerate(t["slots"]) if s["min"] > 0]
     w("    ], required: &[" + ", ".join(map(str, req)) + "] },")
 w("];")

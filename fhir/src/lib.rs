@@ -17,10 +17,7 @@ pub use validate::{Finding, Level, Outcome, Severity, Validator};
 
 /// The canonical `&'static str` of a resource type name, if it is one.
 pub fn resource_type(name: &str) -> Option<&'static str> {
-    RESOURCE_TYPES
-        .binary_search(&name)
-        .ok()
-        .map(|i| RESOURCE_TYPES[i])
+    model_types::resource_type_id(name.as_bytes()).map(|t| model::TYPES[t as usize].name)
 }
 
 /// HealthLake's resource id pattern `[A-Za-z0-9\-\.]{1,64}`, which is also

@@ -42,6 +42,22 @@ pub struct Elem {
     pub targets: u16,
     /// maxLength of the definition; 0: none.
     pub max_len: u32,
+    /// Whether the validator keeps the value for a check of the object.
+    pub keep: Keep,
+}
+
+/// Values the validator keeps while walking an object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    No,
+    /// `id` of a resource (HealthLake needs one at the top; contained ids
+    /// resolve `#id` references).
+    Id,
+    /// `Reference.reference`.
+    Reference,
+    /// `Coding.system` and `Coding.code`, under a required binding.
+    System,
+    Code,
 }
 
 #[derive(Debug)]
@@ -60,19 +76,20 @@ pub struct TypeDef {
 /// the validator's most frequent operation.
 #[inline]
 pub fn lookup(ty: TypeId, key: &[u8]) -> Option<&'static Elem> {
-    static TABLE: std::sync::OnceLock<Vec<u32>> = std::sync::OnceLock::new();
+    static TABLE: std::sync::OnceLock<Vec<(u64, u32)>> = std::sync::OnceLock::new();
     let table = TABLE.get_or_init(build_table);
     let mask = table.len() - 1;
-    let mut i = hash(ty, key) & mask;
+    let h = hash(ty, key);
+    let mut i = h as usize & mask;
     loop {
-        let entry = table[i];
+        let (eh, entry) = table[i];
         if entry == u32::MAX {
             return None;
         }
-        let (t, e) = ((entry >> 16) as TypeId, (entry & 0xFFFF) as usize);
-        if t == ty {
+        if eh == h {
+            let (t, e) = ((entry >> 16) as TypeId, (entry & 0xFFFF) as usize);
             let elem = &crate::model::TYPES[t as usize].elems[e];
-            if elem.key.as_bytes() == key {
+            if t == ty && eq_small(elem.key.as_bytes(), key) {
                 return Some(elem);
             }
         }
@@ -80,37 +97,107 @@ pub fn lookup(ty: TypeId, key: &[u8]) -> Option<&'static Elem> {
     }
 }
 
-fn build_table() -> Vec<u32> {
+fn build_table() -> Vec<(u64, u32)> {
     let types = &crate::model::TYPES;
     let n: usize = types.iter().map(|t| t.elems.len()).sum();
     let size = (n * 4).next_power_of_two();
-    let mut table = vec![u32::MAX; size];
+    let mut table = vec![(0u64, u32::MAX); size];
     for (t, def) in types.iter().enumerate() {
         for (e, elem) in def.elems.iter().enumerate() {
-            let mut i = hash(t as TypeId, elem.key.as_bytes()) & (size - 1);
-            while table[i] != u32::MAX {
+            let h = hash(t as TypeId, elem.key.as_bytes());
+            let mut i = h as usize & (size - 1);
+            while table[i].1 != u32::MAX {
                 i = (i + 1) & (size - 1);
             }
-            table[i] = ((t as u32) << 16) | e as u32;
+            table[i] = (h, ((t as u32) << 16) | e as u32);
         }
     }
     table
 }
 
+/// The type id of the resource type named `name`, through a hash table
+/// built on first use (references and `resourceType` are looked up often).
 #[inline]
-fn hash(ty: TypeId, key: &[u8]) -> usize {
-    const K: u64 = 0x517c_c1b7_2722_0a95;
-    let mut h = (ty as u64).wrapping_mul(K) ^ key.len() as u64;
-    let mut chunks = key.chunks_exact(8);
-    for c in &mut chunks {
-        h = (h.rotate_left(5) ^ u64::from_le_bytes(c.try_into().unwrap())).wrapping_mul(K);
+pub fn resource_type_id(name: &[u8]) -> Option<TypeId> {
+    static TABLE: std::sync::OnceLock<Vec<(u64, u16)>> = std::sync::OnceLock::new();
+    const NONE: u16 = u16::MAX;
+    let table = TABLE.get_or_init(|| {
+        let names = &crate::model::RESOURCE_TYPES;
+        let size = (names.len() * 4).next_power_of_two();
+        let mut table = vec![(0u64, NONE); size];
+        for (i, n) in names.iter().enumerate() {
+            let h = hash(TypeId::MAX, n.as_bytes());
+            let mut j = h as usize & (size - 1);
+            while table[j].1 != NONE {
+                j = (j + 1) & (size - 1);
+            }
+            table[j] = (h, i as u16);
+        }
+        table
+    });
+    let mask = table.len() - 1;
+    let h = hash(TypeId::MAX, name);
+    let mut j = h as usize & mask;
+    loop {
+        let (eh, i) = table[j];
+        if i == NONE {
+            return None;
+        }
+        if eh == h && eq_small(crate::model::RESOURCE_TYPES[i as usize].as_bytes(), name) {
+            return Some(crate::model::RESOURCE_TYPE_IDS[i as usize]);
+        }
+        j = (j + 1) & mask;
     }
-    let mut last = 0u64;
-    for (i, b) in chunks.remainder().iter().enumerate() {
-        last |= (*b as u64) << (8 * i);
+}
+
+/// `a == b` for short byte strings, with a few loads instead of a call to
+/// memcmp (element names are short).
+#[inline]
+fn eq_small(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n != b.len() {
+        return false;
     }
-    h = (h.rotate_left(5) ^ last).wrapping_mul(K);
-    (h ^ (h >> 29)) as usize
+    let u64_at = |s: &[u8], i: usize| u64::from_le_bytes(s[i..i + 8].try_into().unwrap());
+    let u32_at = |s: &[u8], i: usize| u32::from_le_bytes(s[i..i + 4].try_into().unwrap());
+    match n {
+        0 => true,
+        1..=3 => a[0] == b[0] && a[n / 2] == b[n / 2] && a[n - 1] == b[n - 1],
+        4..=7 => u32_at(a, 0) == u32_at(b, 0) && u32_at(a, n - 4) == u32_at(b, n - 4),
+        8..=16 => u64_at(a, 0) == u64_at(b, 0) && u64_at(a, n - 8) == u64_at(b, n - 8),
+        _ => a == b,
+    }
+}
+
+/// A hash of (type, key) from at most four loads: the first and last eight
+/// (or four) bytes of the key, overlapping when it is short, as small-key
+/// hashes do. Every element name of FHIR R4 is shorter than 64 bytes.
+#[inline]
+fn hash(ty: TypeId, key: &[u8]) -> u64 {
+    const K: u64 = 0x9e37_79b9_7f4a_7c15;
+    let n = key.len();
+    let u64_at = |i: usize| u64::from_le_bytes(key[i..i + 8].try_into().unwrap());
+    let u32_at = |i: usize| u32::from_le_bytes(key[i..i + 4].try_into().unwrap()) as u64;
+    let (a, b) = if n >= 16 {
+        (
+            u64_at(0) ^ u64_at(8).rotate_left(17),
+            u64_at(n - 8) ^ u64_at(n / 2 - 4).rotate_left(31),
+        )
+    } else if n >= 8 {
+        (u64_at(0), u64_at(n - 8))
+    } else if n >= 4 {
+        (u32_at(0), u32_at(n - 4))
+    } else if n > 0 {
+        (
+            key[0] as u64 | (key[n / 2] as u64) << 8 | (key[n - 1] as u64) << 16,
+            0,
+        )
+    } else {
+        (0, 0)
+    };
+    let m = (a ^ K).wrapping_mul(b ^ (ty as u64) << 32 ^ n as u64 ^ K.rotate_left(23));
+    let m = m ^ (m >> 32) ^ a.rotate_left(7);
+    m.wrapping_mul(K) ^ (m >> 29)
 }
 
 /// The codes of a value set, per code system, each list sorted.

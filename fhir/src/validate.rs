@@ -17,7 +17,7 @@ use std::borrow::Cow;
 use std::fmt::Write as _;
 
 use crate::model::*;
-use crate::model_types::{Elem, Kind, TypeDef, TypeId};
+use crate::model_types::{Elem, Keep, Kind, TypeDef, TypeId};
 use crate::primitive::{self, JsonKind};
 
 /// How much curation checks, as HealthLake's validation levels name them.
@@ -95,6 +95,7 @@ pub const CODES: &[(&str, &str)] = &[
     ("INVALID_JSON", "the text is not valid JSON"),
     ("NOT_AN_OBJECT", "the resource is not a JSON object"),
     ("TOO_DEEP", "nesting deeper than the configured limit"),
+    ("TOO_LARGE", "a resource of 4 GiB or more"),
     (
         "UNKNOWN_RESOURCE_TYPE",
         "resourceType is missing or not an R4 resource type",
@@ -217,6 +218,18 @@ impl Validator {
         if self.level == Level::Off {
             return Outcome::default();
         }
+        if text.len() > u32::MAX as usize {
+            // Offsets are 32-bit; HealthLake's limits are far lower.
+            return Outcome {
+                findings: vec![Finding {
+                    severity: Severity::Error,
+                    code: "TOO_LARGE",
+                    message: "a resource of 4 GiB or more".into(),
+                    location: String::new(),
+                }],
+                ..Outcome::default()
+            };
+        }
         let mut w = Walk {
             src: text.as_bytes(),
             text,
@@ -232,13 +245,15 @@ impl Validator {
             capture_depth: usize::MAX,
             root_type: None,
             root_id: None,
+            stopped: None,
         };
-        if let Err(e) = w.root(expected) {
+        if w.root(expected).is_err() {
+            let (code, message, at) = w.stopped.unwrap_or(("INVALID_JSON", "broken JSON", w.pos));
             let location = w.location("");
             w.out.push(Finding {
                 severity: Severity::Error,
-                code: e.code,
-                message: format!("{} at byte {}", e.message, e.at),
+                code,
+                message: format!("{message} at byte {at}"),
                 location,
             });
         }
@@ -249,21 +264,61 @@ impl Validator {
         }
     }
 
+    #[doc(hidden)]
+    /// A parse of `text` with no model (a speed floor for benchmarks).
+    pub fn parse_only(&self, text: &str) -> bool {
+        let mut w = Walk {
+            src: text.as_bytes(),
+            text,
+            pos: 0,
+            bindings: false,
+            max_depth: self.max_depth,
+            depth: 0,
+            path: Vec::new(),
+            out: Vec::new(),
+            arrays: Vec::new(),
+            scopes: Vec::new(),
+            codings: Vec::new(),
+            capture_depth: usize::MAX,
+            root_type: None,
+            root_id: None,
+            stopped: None,
+        };
+        w.skip_value().is_ok()
+    }
+
     /// Whether `findings` include an error (warnings do not reject).
     pub fn has_error(findings: &[Finding]) -> bool {
         findings.iter().any(|f| f.severity == Severity::Error)
     }
 }
 
-/// A reason to stop walking: the JSON itself is broken.
+/// The walk stopped: the JSON itself is broken. What and where is in
+/// [`Walk::stopped`], so that results stay small enough for registers.
 #[derive(Debug)]
-struct Stop {
-    code: &'static str,
-    message: &'static str,
-    at: usize,
-}
+struct Stop;
+
+/// Why the walk stopped: (code, message, byte offset).
+type StopInfo = (&'static str, &'static str, usize);
 
 type R<T> = Result<T, Stop>;
+
+/// A string's body in the text: `start..end`, and whether it has escapes.
+#[derive(Debug, Clone, Copy)]
+struct Str {
+    start: u32,
+    end: u32,
+    escaped: bool,
+}
+
+impl Str {
+    fn is_empty(self) -> bool {
+        self.start == self.end
+    }
+    fn range(self) -> std::ops::Range<usize> {
+        self.start as usize..self.end as usize
+    }
+}
 
 #[derive(Debug, Clone, Copy)]
 struct Seg<'a> {
@@ -318,22 +373,25 @@ struct Walk<'a> {
     capture_depth: usize,
     root_type: Option<&'static str>,
     root_id: Option<String>,
+    stopped: Option<StopInfo>,
 }
 
 const fn byte_mask(b: u8) -> u64 {
     0x0101_0101_0101_0101u64 * b as u64
 }
 
-/// Whether any byte of `w` is `"`, `\` or a control character.
+/// A mask whose lowest set bit is in the first byte of `w` (little-endian)
+/// that is `"`, `\` or a control character; 0 when there is none. (Bits
+/// above the lowest may be false hits, from borrows: only the lowest is used.)
 #[inline]
-fn has_special(w: u64) -> bool {
+fn special(w: u64) -> u64 {
     const LO: u64 = byte_mask(0x01);
     const HI: u64 = byte_mask(0x80);
     let zero = |v: u64| v.wrapping_sub(LO) & !v & HI;
     let quote = zero(w ^ byte_mask(b'"'));
     let backslash = zero(w ^ byte_mask(b'\\'));
     let control = w.wrapping_sub(byte_mask(0x20)) & !w & HI;
-    (quote | backslash | control) != 0
+    quote | backslash | control
 }
 
 impl<'a> Walk<'a> {
@@ -375,12 +433,10 @@ impl<'a> Walk<'a> {
 
     // ---- JSON ------------------------------------------------------------
 
-    fn stop<T>(&self, message: &'static str) -> R<T> {
-        Err(Stop {
-            code: "INVALID_JSON",
-            message,
-            at: self.pos,
-        })
+    #[cold]
+    fn stop<T>(&mut self, message: &'static str) -> R<T> {
+        self.stopped = Some(("INVALID_JSON", message, self.pos));
+        Err(Stop)
     }
 
     #[inline]
@@ -395,6 +451,7 @@ impl<'a> Walk<'a> {
         self.src.get(self.pos).copied()
     }
 
+    #[inline]
     fn expect(&mut self, c: u8, message: &'static str) -> R<()> {
         self.ws();
         if self.peek() == Some(c) {
@@ -407,7 +464,8 @@ impl<'a> Walk<'a> {
 
     /// A string at `pos` (on its `"`): the raw span inside the quotes and
     /// whether it has escapes.
-    fn string(&mut self) -> R<(usize, usize, bool)> {
+    #[inline]
+    fn string(&mut self) -> R<Str> {
         let src = self.src;
         let start = self.pos + 1;
         let mut i = start;
@@ -415,7 +473,9 @@ impl<'a> Walk<'a> {
         loop {
             while i + 8 <= src.len() {
                 let w = u64::from_le_bytes(src[i..i + 8].try_into().unwrap());
-                if has_special(w) {
+                let m = special(w);
+                if m != 0 {
+                    i += (m.trailing_zeros() / 8) as usize;
                     break;
                 }
                 i += 8;
@@ -427,7 +487,11 @@ impl<'a> Walk<'a> {
                 }
                 Some(b'"') => {
                     self.pos = i + 1;
-                    return Ok((start, i, escaped));
+                    return Ok(Str {
+                        start: start as u32,
+                        end: i as u32,
+                        escaped,
+                    });
                 }
                 Some(b'\\') => {
                     escaped = true;
@@ -455,15 +519,17 @@ impl<'a> Walk<'a> {
         }
     }
 
-    fn text_of(&self, (start, end, escaped): (usize, usize, bool)) -> Cow<'a, str> {
-        let raw = &self.text[start..end];
-        if escaped {
+    #[inline]
+    fn text_of(&self, s: Str) -> Cow<'a, str> {
+        let raw = &self.text[s.range()];
+        if s.escaped {
             Cow::Owned(unescape(raw))
         } else {
             Cow::Borrowed(raw)
         }
     }
 
+    #[inline]
     fn number(&mut self) -> R<(usize, usize)> {
         let src = self.src;
         let start = self.pos;
@@ -509,6 +575,7 @@ impl<'a> Walk<'a> {
         Ok((start, i))
     }
 
+    #[inline]
     fn literal(&mut self, word: &'static [u8]) -> R<()> {
         if self.src[self.pos..].starts_with(word) {
             self.pos += word.len();
@@ -518,14 +585,12 @@ impl<'a> Walk<'a> {
         }
     }
 
+    #[inline]
     fn enter(&mut self) -> R<()> {
         self.depth += 1;
         if self.depth > self.max_depth {
-            return Err(Stop {
-                code: "TOO_DEEP",
-                message: "nesting deeper than the limit",
-                at: self.pos,
-            });
+            self.stopped = Some(("TOO_DEEP", "nesting deeper than the limit", self.pos));
+            return Err(Stop);
         }
         Ok(())
     }
@@ -610,7 +675,7 @@ impl<'a> Walk<'a> {
                 let key = self.string()?;
                 self.expect(b':', "")?;
                 self.ws();
-                if &self.src[key.0..key.1] == b"resourceType" {
+                if &self.src[key.range()] == b"resourceType" {
                     if self.peek() != Some(b'"') {
                         return Ok(None);
                     }
@@ -627,6 +692,7 @@ impl<'a> Walk<'a> {
         })();
         self.pos = save;
         self.depth = depth;
+        self.stopped = None;
         found.ok().flatten()
     }
 
@@ -651,8 +717,7 @@ impl<'a> Walk<'a> {
         let rt = self.peek_resource_type();
         let ty = rt
             .as_deref()
-            .and_then(|n| RESOURCE_TYPES.binary_search(&n).ok())
-            .map(|i| RESOURCE_TYPE_IDS[i]);
+            .and_then(|n| crate::model_types::resource_type_id(n.as_bytes()));
         let Some(ty) = ty else {
             let message = match rt {
                 Some(_) => "resourceType is not an R4 resource type".to_string(),
@@ -723,7 +788,8 @@ impl<'a> Walk<'a> {
         let mut kept = Kept::default();
         let mut seen_value: u128 = 0;
         let mut seen_ext: u128 = 0;
-        let mut chosen: [(u8, &'static str); 8] = [(u8::MAX, ""); 8];
+        // The key given for each choice slot seen (by its address).
+        let mut chosen: [(u8, usize); 4] = [(u8::MAX, 0); 4];
         let mut n_chosen = 0;
         // A CodeableConcept under a required binding keeps its codings.
         let cc_binding = ty == T_CODEABLECONCEPT && binding != 0 && self.bindings;
@@ -753,7 +819,7 @@ impl<'a> Walk<'a> {
                     // Escapes in a property name: FHIR has none, so it is unknown.
                     Cow::Owned(_) => "\u{FFFD}",
                 };
-                if key == "resourceType" && tdef.kind == Kind::Resource {
+                if tdef.kind == Kind::Resource && key == "resourceType" {
                     // Checked by `resource`, which found it first.
                     self.skip_value()?;
                 } else {
@@ -772,16 +838,19 @@ impl<'a> Walk<'a> {
                             let mut other_choice = false;
                             if slot.choice {
                                 match chosen[..n_chosen].iter().find(|c| c.0 == e.slot) {
-                                    Some((_, other)) if *other != e.key => {
+                                    Some((_, other)) if *other != e.key.as_ptr() as usize => {
                                         other_choice = true;
                                         self.error(
                                             "CHOICE_MULTIPLE",
-                                            format!("{} has both {other} and {}", slot.name, e.key),
+                                            format!(
+                                                "{} has more than one of its types (one is {})",
+                                                slot.name, e.key
+                                            ),
                                         );
                                     }
                                     Some(_) => {}
                                     None if n_chosen < chosen.len() => {
-                                        chosen[n_chosen] = (e.slot, e.key);
+                                        chosen[n_chosen] = (e.slot, e.key.as_ptr() as usize);
                                         n_chosen += 1;
                                     }
                                     None => {}
@@ -793,17 +862,14 @@ impl<'a> Walk<'a> {
                             if again && !other_choice {
                                 self.error("DUPLICATE_KEY", format!("{key} is given twice"));
                             }
-                            let keep = match (tdef.kind, e.key) {
-                                (Kind::Resource, "id") => true,
-                                _ => {
-                                    (ty == T_REFERENCE && e.key == "reference")
-                                        || (capture_coding
-                                            && (e.key == "code" || e.key == "system"))
-                                }
+                            let keep = match e.keep {
+                                Keep::No => false,
+                                Keep::Id | Keep::Reference => true,
+                                Keep::System | Keep::Code => capture_coding,
                             };
                             let value = self.element(tdef, e, ext, keep)?;
                             if keep && !ext {
-                                if e.key == "system" {
+                                if e.keep == Keep::System {
                                     kept.system = value;
                                 } else {
                                     kept.value = value;
@@ -1066,7 +1132,7 @@ impl<'a> Walk<'a> {
             }
             JsonKind::String => {
                 let span = self.string()?;
-                if span.0 == span.1 {
+                if span.is_empty() {
                     self.error("EMPTY_STRING", "a string must not be empty".into());
                     return Ok(None);
                 }
@@ -1240,6 +1306,22 @@ impl<'a> Walk<'a> {
             );
             return;
         }
+        // A conditional reference, Type?query (Bulk Data exports such as
+        // Synthea's carry them): the type must be one and allowed here.
+        if let Some((ty, query)) = r.split_once('?') {
+            if !ty.contains('/') {
+                match crate::model_types::resource_type_id(ty.as_bytes()) {
+                    Some(_) if !query.is_empty() => self.check_target(ty, targets),
+                    _ => bad(
+                        self,
+                        "REFERENCE_FORMAT",
+                        "a conditional reference must be Type?query with an R4 resource type"
+                            .into(),
+                    ),
+                }
+                return;
+            }
+        }
         // Type/id or Type/id/_history/vid, at the end of an absolute URL too.
         let absolute = r.contains("://");
         let mut tail = r.rsplitn(5, '/');
@@ -1250,8 +1332,9 @@ impl<'a> Walk<'a> {
         }
         let (id, ty) = (last[0].unwrap_or(""), last[1]);
         let relative_parts = r.split('/').count() - if history { 2 } else { 0 };
-        let typed =
-            ty.filter(|ty| RESOURCE_TYPES.binary_search(ty).is_ok() && crate::is_valid_id(id));
+        let typed = ty.filter(|ty| {
+            crate::model_types::resource_type_id(ty.as_bytes()).is_some() && crate::is_valid_id(id)
+        });
         match typed {
             None if absolute => {}
             None => bad(
@@ -1260,21 +1343,25 @@ impl<'a> Walk<'a> {
                 "a relative reference must be Type/id with an R4 resource type and a valid id"
                     .into(),
             ),
-            Some(ty) if absolute || relative_parts == 2 => {
-                let allowed = TARGETS[targets as usize];
-                if !allowed.is_empty() && allowed.binary_search(&ty).is_err() {
-                    bad(
-                        self,
-                        "REFERENCE_TARGET_TYPE",
-                        format!("a reference to a {ty}; allowed: {}", allowed.join(", ")),
-                    );
-                }
-            }
+            Some(ty) if absolute || relative_parts == 2 => self.check_target(ty, targets),
             Some(_) => bad(
                 self,
                 "REFERENCE_FORMAT",
                 "a relative reference must be Type/id (or Type/id/_history/version)".into(),
             ),
+        }
+    }
+
+    fn check_target(&mut self, ty: &str, targets: u16) {
+        let allowed = TARGETS[targets as usize];
+        if !allowed.is_empty() && allowed.binary_search(&ty).is_err() {
+            let location = self.location("reference");
+            self.out.push(Finding {
+                severity: Severity::Error,
+                code: "REFERENCE_TARGET_TYPE",
+                message: format!("a reference to a {ty}; allowed: {}", allowed.join(", ")),
+                location,
+            });
         }
     }
 

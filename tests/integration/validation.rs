@@ -4,9 +4,11 @@
 
 use fhirflow_tests::*;
 
-const GOOD: &str = r#"{"resourceType":"Patient","id":"good","gender":"female","birthDate":"1974-12-25"}"#;
+const GOOD: &str =
+    r#"{"resourceType":"Patient","id":"good","gender":"female","birthDate":"1974-12-25"}"#;
 /// Two errors: a code outside the required value set, and a bad date.
-const BAD_BINDING_AND_DATE: &str = r#"{"resourceType":"Patient","id":"bad","gender":"F","birthDate":"1974-13-01"}"#;
+const BAD_BINDING_AND_DATE: &str =
+    r#"{"resourceType":"Patient","id":"bad","gender":"F","birthDate":"1974-13-01"}"#;
 /// One error, in a binding only: valid at structure-only.
 const BAD_BINDING: &str = r#"{"resourceType":"Patient","id":"binding","gender":"F"}"#;
 
@@ -14,7 +16,11 @@ const BAD_BINDING: &str = r#"{"resourceType":"Patient","id":"binding","gender":"
 async fn invalid_resources_are_rejected_with_every_finding() {
     let t = TestLake::new();
     let dir = t.input("v");
-    write_lines(&dir, "Patient.ndjson", &[GOOD, BAD_BINDING_AND_DATE, BAD_BINDING]);
+    write_lines(
+        &dir,
+        "Patient.ndjson",
+        &[GOOD, BAD_BINDING_AND_DATE, BAD_BINDING],
+    );
     t.ingest(&[dir], "src").await;
     let report = t.curate().await.unwrap();
     assert_eq!((report.total.curated, report.total.rejected), (1, 2));
@@ -44,7 +50,11 @@ async fn the_level_chooses_what_is_checked() {
     ] {
         let t = TestLake::with(|s| s.curate.validation = level);
         let dir = t.input("v");
-        write_lines(&dir, "Patient.ndjson", &[GOOD, BAD_BINDING_AND_DATE, BAD_BINDING]);
+        write_lines(
+            &dir,
+            "Patient.ndjson",
+            &[GOOD, BAD_BINDING_AND_DATE, BAD_BINDING],
+        );
         t.ingest(&[dir], "src").await;
         let report = t.curate().await.unwrap();
         assert_eq!(report.total.curated, curated, "{level}");
@@ -58,14 +68,21 @@ fn the_synthea_sample_is_valid_and_curates_whole_with_the_cli() {
     let out = t.cli(&["validate", sample.to_str().unwrap()], &[]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
-    assert!(stdout.contains("7160 of 7160 resources in 13 files are valid FHIR R4"), "{stdout}");
+    assert!(
+        stdout.contains("7160 of 7160 resources in 13 files are valid FHIR R4"),
+        "{stdout}"
+    );
 }
 
 #[test]
 fn validate_reports_lines_types_and_exit_codes() {
     let t = TestLake::new();
     let dir = t.input("files");
-    write_lines(&dir, "Patient.ndjson", &[GOOD, "", BAD_BINDING_AND_DATE, "{not json"]);
+    write_lines(
+        &dir,
+        "Patient.ndjson",
+        &[GOOD, "", BAD_BINDING_AND_DATE, "{not json"],
+    );
     std::fs::write(
         dir.join("bundle.json"),
         r#"{
@@ -79,10 +96,24 @@ fn validate_reports_lines_types_and_exit_codes() {
     let out = t.cli(&["validate", d], &[]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
-    assert!(stdout.contains("Patient.ndjson:3: error CODE_NOT_IN_VALUE_SET at Patient.gender"), "{stdout}");
-    assert!(stdout.contains("Patient.ndjson:4: error INVALID_JSON"), "{stdout}");
-    assert!(stdout.contains("bundle.json:1: error CODE_NOT_IN_VALUE_SET at Bundle.entry[0].resource.gender"), "{stdout}");
-    assert!(stdout.contains("1 of 4 resources in 2 files are valid FHIR R4"), "{stdout}");
+    assert!(
+        stdout.contains("Patient.ndjson:3: error CODE_NOT_IN_VALUE_SET at Patient.gender"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("Patient.ndjson:4: error INVALID_JSON"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "bundle.json:1: error CODE_NOT_IN_VALUE_SET at Bundle.entry[0].resource.gender"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("1 of 4 resources in 2 files are valid FHIR R4"),
+        "{stdout}"
+    );
 
     let out = t.cli(&["validate", "--format", "json", d], &[]);
     assert_eq!(out.status.code(), Some(1));
@@ -90,8 +121,14 @@ fn validate_reports_lines_types_and_exit_codes() {
     assert_eq!(v["summary"]["total"]["invalid"], 3);
     assert_eq!(v["summary"]["by_type"]["Patient"]["resources"], 2);
     let first = &v["findings"][0];
-    assert_eq!(first["file"].as_str().unwrap(), dir.join("Patient.ndjson").to_str().unwrap());
-    assert_eq!((first["line"].as_u64(), first["id"].as_str()), (Some(3), Some("bad")));
+    assert_eq!(
+        first["file"].as_str().unwrap(),
+        dir.join("Patient.ndjson").to_str().unwrap()
+    );
+    assert_eq!(
+        (first["line"].as_u64(), first["id"].as_str()),
+        (Some(3), Some("bad"))
+    );
 
     // structure-only: the bundle's binding is not checked; the bad date is.
     let out = t.cli(&["validate", "--validation", "structure-only", d], &[]);
