@@ -1187,7 +1187,9 @@ impl<'a> Walk<'a> {
         seen_value: u128,
         seen_ext: u128,
     ) {
-        if self.arrays.len() == mark {
+        // Usually: value arrays with no nulls and no `_x` arrays, nothing to pair.
+        if self.arrays[mark..].iter().all(|a| !a.ext && a.nulls.is_empty()) {
+            self.arrays.truncate(mark);
             return;
         }
         let arrays: Vec<PrimArray> = self.arrays.drain(mark..).collect();
