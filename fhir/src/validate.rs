@@ -1188,7 +1188,10 @@ impl<'a> Walk<'a> {
         seen_ext: u128,
     ) {
         // Usually: value arrays with no nulls and no `_x` arrays, nothing to pair.
-        if self.arrays[mark..].iter().all(|a| !a.ext && a.nulls.is_empty()) {
+        if self.arrays[mark..]
+            .iter()
+            .all(|a| !a.ext && a.nulls.is_empty())
+        {
             self.arrays.truncate(mark);
             return;
         }
