@@ -60,7 +60,7 @@ pub fn check_string(ty: TypeId, s: &str) -> Result<(), &'static str> {
         }
         T_CODE => is_code(b),
         T_ID => crate::is_valid_id(s),
-        T_URI | T_URL | T_CANONICAL => !b.iter().any(|c| is_ws(*c)),
+        T_URI | T_URL | T_CANONICAL => !has_space_or_control(b),
         T_OID => is_oid(b),
         T_UUID => is_uuid(b),
         T_DATE => is_date(b),
@@ -96,6 +96,22 @@ pub fn check_string(ty: TypeId, s: &str) -> Result<(), &'static str> {
 pub fn has_outer_whitespace(s: &str) -> bool {
     let b = s.as_bytes();
     b.first().is_some_and(|c| is_ws(*c)) || b.last().is_some_and(|c| is_ws(*c))
+}
+
+/// Whether `b` has a space or a control character (tab, CR, LF among
+/// them), eight bytes at a time.
+fn has_space_or_control(b: &[u8]) -> bool {
+    const LO: u64 = 0x0101_0101_0101_0101;
+    const HI: u64 = 0x8080_8080_8080_8080;
+    let mut chunks = b.chunks_exact(8);
+    for c in &mut chunks {
+        let w = u64::from_le_bytes(c.try_into().unwrap());
+        // A byte below 0x21 (the high bit of each byte is kept apart).
+        if w.wrapping_sub(LO * 0x21) & !w & HI != 0 {
+            return true;
+        }
+    }
+    chunks.remainder().iter().any(|c| *c <= b' ')
 }
 
 fn is_ws(c: u8) -> bool {
@@ -324,6 +340,10 @@ mod tests {
         );
         assert!(is_uuid(b"urn:uuid:c757873d-ec9a-4326-a141-556f43239520"));
         assert!(!is_uuid(b"urn:uuid:C757873D-EC9A-4326-A141-556F43239520"));
+        assert!(has_space_or_control(b"http://a.example/x y") && has_space_or_control(b"a\tb"));
+        assert!(!has_space_or_control(
+            b"http://a.example/path/\xc3\xa9/more"
+        ));
         assert!(is_base64(b"aGk=\n") && !is_base64(b"aGk") && !is_base64(b"a*k="));
         assert!(is_xhtml_div(
             "<div xmlns=\"http://www.w3.org/1999/xhtml\">x</div>"

@@ -417,6 +417,7 @@ impl<'a> Walk<'a> {
         s
     }
 
+    #[cold]
     fn error(&mut self, code: &'static str, message: String) {
         let location = self.location("");
         self.out.push(Finding {
@@ -811,14 +812,14 @@ impl<'a> Walk<'a> {
                     return self.stop("expected a property name");
                 }
                 let key_span = self.string()?;
-                let key = self.text_of(key_span);
+                // Escapes in a property name: FHIR has none, so it is unknown.
+                let key: &'a str = if key_span.escaped {
+                    "\u{FFFD}"
+                } else {
+                    &self.text[key_span.range()]
+                };
                 self.expect(b':', "expected ':'")?;
                 self.ws();
-                let key: &'a str = match key {
-                    Cow::Borrowed(k) => k,
-                    // Escapes in a property name: FHIR has none, so it is unknown.
-                    Cow::Owned(_) => "\u{FFFD}",
-                };
                 if tdef.kind == Kind::Resource && key == "resourceType" {
                     // Checked by `resource`, which found it first.
                     self.skip_value()?;
@@ -1180,6 +1181,7 @@ impl<'a> Walk<'a> {
 
     /// `x` and `_x` arrays: the same length, and every null in one paired
     /// with a value in the other.
+    #[inline(never)]
     fn pair_primitive_arrays(
         &mut self,
         tdef: &TypeDef,
@@ -1252,6 +1254,7 @@ impl<'a> Walk<'a> {
         }
     }
 
+    #[inline(never)]
     fn check_reference(&mut self, r: Cow<'a, str>, targets: u16) {
         let bad = |this: &mut Self, code: &'static str, message: String| {
             let location = this.location("reference");
@@ -1357,6 +1360,7 @@ impl<'a> Walk<'a> {
         }
     }
 
+    #[inline(never)]
     fn check_target(&mut self, ty: &str, targets: u16) {
         let allowed = TARGETS[targets as usize];
         if !allowed.is_empty() && allowed.binary_search(&ty).is_err() {
@@ -1370,6 +1374,7 @@ impl<'a> Walk<'a> {
         }
     }
 
+    #[inline(never)]
     fn check_codeable_concept(&mut self, binding: u16, mark: usize) {
         let vs = &VALUE_SETS[binding as usize - 1];
         let codings = &self.codings[mark..];
