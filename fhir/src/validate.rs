@@ -1306,7 +1306,23 @@ impl<'a> Walk<'a> {
             }
             return;
         }
-        if r.bytes().any(|c| c.is_ascii_whitespace()) {
+        // One pass: whitespace, the first `?`, the slashes (and the last four).
+        let b = r.as_bytes();
+        let (mut space, mut question, mut slashes) = (false, None, 0usize);
+        let (mut first_slash, mut last) = (None, [None::<usize>; 4]);
+        for (i, &c) in b.iter().enumerate() {
+            match c {
+                b'/' => {
+                    slashes += 1;
+                    first_slash.get_or_insert(i);
+                    last = [Some(i), last[0], last[1], last[2]];
+                }
+                b'?' if question.is_none() => question = Some(i),
+                c if c <= b' ' => space = true,
+                _ => {}
+            }
+        }
+        if space {
             bad(
                 self,
                 "REFERENCE_FORMAT",
@@ -1316,30 +1332,39 @@ impl<'a> Walk<'a> {
         }
         // A conditional reference, Type?query (Bulk Data exports such as
         // Synthea's carry them): the type must be one and allowed here.
-        if let Some((ty, query)) = r.split_once('?') {
-            if !ty.contains('/') {
-                match crate::model_types::resource_type_id(ty.as_bytes()) {
-                    Some(_) if !query.is_empty() => self.check_target(ty, targets),
-                    _ => bad(
-                        self,
-                        "REFERENCE_FORMAT",
-                        "a conditional reference must be Type?query with an R4 resource type"
-                            .into(),
-                    ),
-                }
-                return;
+        if let Some(q) = question.filter(|q| first_slash.is_none_or(|f| f > *q)) {
+            let ty = &r[..q];
+            match crate::model_types::resource_type_id(ty.as_bytes()) {
+                Some(_) if q + 1 < r.len() => self.check_target(ty, targets),
+                _ => bad(
+                    self,
+                    "REFERENCE_FORMAT",
+                    "a conditional reference must be Type?query with an R4 resource type".into(),
+                ),
             }
+            return;
         }
+        // scheme://… : a colon right before the first slash, and a second slash.
+        let absolute =
+            first_slash.is_some_and(|f| f > 0 && b[f - 1] == b':' && b.get(f + 1) == Some(&b'/'));
         // Type/id or Type/id/_history/vid, at the end of an absolute URL too.
-        let absolute = r.contains("://");
-        let mut tail = r.rsplitn(5, '/');
-        let mut last = [tail.next(), tail.next(), tail.next(), tail.next()];
-        let history = last[1] == Some("_history");
-        if history {
-            last = [last[2], last[3], None, None];
-        }
-        let (id, ty) = (last[0].unwrap_or(""), last[1]);
-        let relative_parts = r.split('/').count() - if history { 2 } else { 0 };
+        let segment = |from: Option<usize>, to: Option<usize>| {
+            let start = from.map_or(0, |i| i + 1);
+            &r[start.min(r.len())..to.unwrap_or(r.len()).max(start.min(r.len()))]
+        };
+        let history = last[1].is_some() && segment(last[1], last[0]) == "_history";
+        let (id, ty) = if history {
+            (
+                segment(last[2], last[1]),
+                last[2].map(|_| segment(last[3], last[2])),
+            )
+        } else {
+            (
+                segment(last[0], None),
+                last[0].map(|_| segment(last[1], last[0])),
+            )
+        };
+        let relative_parts = slashes + 1 - if history { 2 } else { 0 };
         let typed = ty.filter(|ty| {
             crate::model_types::resource_type_id(ty.as_bytes()).is_some() && crate::is_valid_id(id)
         });
