@@ -240,7 +240,8 @@ impl Validator {
             path: Vec::with_capacity(16),
             out: Vec::new(),
             arrays: Vec::new(),
-            scopes: Vec::new(),
+            contained_ids: Vec::new(),
+            local_refs: Vec::new(),
             codings: Vec::new(),
             capture_depth: usize::MAX,
             root_type: None,
@@ -259,7 +260,7 @@ impl Validator {
         }
         Outcome {
             resource_type: w.root_type,
-            id: w.root_id,
+            id: w.root_id.map(Cow::into_owned),
             findings: w.out,
         }
     }
@@ -277,7 +278,8 @@ impl Validator {
             path: Vec::new(),
             out: Vec::new(),
             arrays: Vec::new(),
-            scopes: Vec::new(),
+            contained_ids: Vec::new(),
+            local_refs: Vec::new(),
             codings: Vec::new(),
             capture_depth: usize::MAX,
             root_type: None,
@@ -337,13 +339,6 @@ struct PrimArray {
     nulls: Vec<u32>,
 }
 
-/// The contained ids and `#id` references of one (non-contained) resource.
-#[derive(Debug, Default)]
-struct Scope<'a> {
-    contained: Vec<Cow<'a, str>>,
-    local_refs: Vec<(Cow<'a, str>, String)>,
-}
-
 /// What an object walk kept for its caller's checks.
 #[derive(Debug, Default)]
 struct Kept<'a> {
@@ -366,13 +361,16 @@ struct Walk<'a> {
     path: Vec<Seg<'a>>,
     out: Vec<Finding>,
     arrays: Vec<PrimArray>,
-    scopes: Vec<Scope<'a>>,
+    /// Contained ids and `#id` references (with their locations); each
+    /// non-contained resource checks and drops the ones after its marks.
+    contained_ids: Vec<Cow<'a, str>>,
+    local_refs: Vec<(Cow<'a, str>, String)>,
     /// (system, code) of the codings of a CodeableConcept under a required binding.
     codings: Vec<Coding<'a>>,
     /// Depth of the Coding objects to keep in `codings`.
     capture_depth: usize,
     root_type: Option<&'static str>,
-    root_id: Option<String>,
+    root_id: Option<Cow<'a, str>>,
     stopped: Option<StopInfo>,
 }
 
@@ -748,22 +746,20 @@ impl<'a> Walk<'a> {
             self.path.push(Seg { name, index: None });
             self.root_type = Some(name);
         }
-        if !contained {
-            self.scopes.push(Scope::default());
-        }
+        let marks = (self.contained_ids.len(), self.local_refs.len());
         let kept = self.object(ty, 0, 0)?;
         // HealthLake stores the resource of a line under its id; resources
         // inside it (contained, in a Bundle) may have none.
         if root {
             match &kept.value {
-                Some(id) => self.root_id = Some(id.to_string()),
+                Some(id) => self.root_id = Some(id.clone()),
                 None => self.error("MISSING_ID", format!("the {name} has no id")),
             }
         }
-        if !contained {
-            let scope = self.scopes.pop().unwrap_or_default();
-            for (id, location) in scope.local_refs {
-                if !scope.contained.contains(&id) {
+        if !contained && self.local_refs.len() > marks.1 {
+            let refs: Vec<_> = self.local_refs.drain(marks.1..).collect();
+            for (id, location) in refs {
+                if !self.contained_ids[marks.0..].contains(&id) {
                     self.out.push(Finding {
                         severity: Severity::Error,
                         code: "REFERENCE_LOCAL_MISSING",
@@ -772,6 +768,9 @@ impl<'a> Walk<'a> {
                     });
                 }
             }
+        }
+        if !contained {
+            self.contained_ids.truncate(marks.0);
         }
         if root {
             self.path.pop();
@@ -1076,8 +1075,8 @@ impl<'a> Walk<'a> {
                 let contained = e.key == "contained";
                 let id = self.resource(None, contained)?;
                 if contained {
-                    if let (Some(id), Some(scope)) = (id, self.scopes.last_mut()) {
-                        scope.contained.push(id);
+                    if let Some(id) = id {
+                        self.contained_ids.push(id);
                     }
                 }
                 Ok(None)
@@ -1273,15 +1272,13 @@ impl<'a> Walk<'a> {
                         "REFERENCE_FORMAT",
                         "a #local reference must name an id".into(),
                     );
-                } else if !self.scopes.is_empty() {
+                } else {
                     let location = self.location("reference");
                     let local = match &r {
                         Cow::Borrowed(s) => Cow::Borrowed(&s[1..]),
                         Cow::Owned(s) => Cow::Owned(s[1..].to_string()),
                     };
-                    if let Some(scope) = self.scopes.last_mut() {
-                        scope.local_refs.push((local, location));
-                    }
+                    self.local_refs.push((local, location));
                 }
             }
             return;
