@@ -23,10 +23,17 @@ pub fn resource_type(name: &str) -> Option<&'static str> {
 /// HealthLake's resource id pattern `[A-Za-z0-9\-\.]{1,64}`, which is also
 /// FHIR's `id` type.
 pub fn is_valid_id(id: &str) -> bool {
-    (1..=64).contains(&id.len())
-        && id
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'.')
+    const ID_BYTE: [bool; 256] = {
+        let mut t = [false; 256];
+        let mut c = 0;
+        while c < 256 {
+            let b = c as u8;
+            t[c] = b.is_ascii_alphanumeric() || b == b'-' || b == b'.';
+            c += 1;
+        }
+        t
+    };
+    (1..=64).contains(&id.len()) && id.bytes().all(|c| ID_BYTE[c as usize])
 }
 
 #[cfg(test)]

@@ -100,7 +100,7 @@ pub fn has_outer_whitespace(s: &str) -> bool {
 
 /// Whether `b` has a space or a control character (tab, CR, LF among
 /// them), eight bytes at a time.
-fn has_space_or_control(b: &[u8]) -> bool {
+pub(crate) fn has_space_or_control(b: &[u8]) -> bool {
     const LO: u64 = 0x0101_0101_0101_0101;
     const HI: u64 = 0x8080_8080_8080_8080;
     let mut chunks = b.chunks_exact(8);

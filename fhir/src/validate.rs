@@ -1303,27 +1303,24 @@ impl<'a> Walk<'a> {
             }
             return;
         }
-        // One pass: whitespace, the first `?`, the slashes (and the last four).
+        // Whitespace, the first `?`, the first slash and the last four.
         let b = r.as_bytes();
-        let (mut space, mut question, mut slashes) = (false, None, 0usize);
-        let (mut first_slash, mut last) = (None, [None::<usize>; 4]);
-        for (i, &c) in b.iter().enumerate() {
-            match c {
-                b'/' => {
-                    slashes += 1;
-                    first_slash.get_or_insert(i);
-                    last = [Some(i), last[0], last[1], last[2]];
-                }
-                b'?' if question.is_none() => question = Some(i),
-                c if c <= b' ' => space = true,
-                _ => {}
+        let space = primitive::has_space_or_control(b);
+        let question = memchr::memchr(b'?', b);
+        let first_slash = memchr::memchr(b'/', b);
+        let mut last = [None::<usize>; 4];
+        let mut slashes = 0usize;
+        for (n, i) in memchr::memrchr_iter(b'/', b).enumerate() {
+            if n < 4 {
+                last[n] = Some(i);
             }
+            slashes += 1;
         }
         if space {
             bad(
                 self,
                 "REFERENCE_FORMAT",
-                "a reference must not contain whitespace".into(),
+                "a reference must not contain whitespace or control characters".into(),
             );
             return;
         }
