@@ -463,7 +463,7 @@ impl<'a> Walk<'a> {
 
     /// A string at `pos` (on its `"`): the raw span inside the quotes and
     /// whether it has escapes.
-    #[inline]
+    #[inline(always)]
     fn string(&mut self) -> R<Str> {
         let src = self.src;
         let start = self.pos + 1;
