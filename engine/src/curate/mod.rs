@@ -330,28 +330,39 @@ struct Written {
 }
 
 /// Runs `jobs` on blocking threads, at most `concurrency` at once; their
-/// results in order. `done(i)` is called as job `i`'s result is collected.
+/// results in order. Each job comes with its size: the largest start first,
+/// so that no large file is left running alone at the end while the other
+/// threads idle. `done(i)` is called as job `i`'s result is collected.
 async fn run_blocking<T, F>(
     concurrency: usize,
-    jobs: impl IntoIterator<Item = F>,
+    jobs: impl IntoIterator<Item = (u64, F)>,
     mut done: impl FnMut(usize),
 ) -> Result<Vec<T>>
 where
     T: Send + 'static,
     F: FnOnce() -> Result<T> + Send + 'static,
 {
+    let mut jobs: Vec<(usize, u64, F)> = jobs
+        .into_iter()
+        .enumerate()
+        .map(|(i, (size, f))| (i, size, f))
+        .collect();
+    jobs.sort_by_key(|(i, size, _)| (std::cmp::Reverse(*size), *i));
+    // The semaphore queues waiters first come, first served: spawning in
+    // size order starts them in size order.
     let limit = Arc::new(Semaphore::new(concurrency));
-    let mut tasks = Vec::new();
-    for f in jobs {
-        let limit = limit.clone();
-        tasks.push(tokio::spawn(async move {
-            let _permit = limit.acquire_owned().await.expect("semaphore open");
-            tokio::task::spawn_blocking(f).await?
+    let mut tasks: Vec<Option<tokio::task::JoinHandle<Result<T>>>> =
+        (0..jobs.len()).map(|_| None).collect();
+    for (i, _, f) in jobs {
+        let permit = limit.clone().acquire_owned().await.expect("semaphore open");
+        tasks[i] = Some(tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            f()
         }));
     }
     let mut out = Vec::with_capacity(tasks.len());
     for (i, t) in tasks.into_iter().enumerate() {
-        out.push(t.await??);
+        out.push(t.expect("every job was spawned").await??);
         done(i);
     }
     Ok(out)
@@ -464,7 +475,7 @@ pub async fn curate_with_checks(
         settings.curate.concurrency,
         (0..files.len()).map(|i| {
             let (run, files, labeller) = (run.clone(), files.clone(), labeller.clone());
-            move || run.scan(&files[i], &labeller)
+            (files[i].meta.size, move || run.scan(&files[i], &labeller))
         }),
         |i| reporter.advance(files[i].meta.size),
     )
@@ -512,7 +523,9 @@ pub async fn curate_with_checks(
         settings.curate.concurrency,
         work.into_iter().enumerate().map(|(i, w)| {
             let (run, files, labeller) = (run.clone(), files.clone(), labeller.clone());
-            move || run.label_and_write(i, &files[i], w, &labeller)
+            (files[i].meta.size, move || {
+                run.label_and_write(i, &files[i], w, &labeller)
+            })
         }),
         |i| reporter.advance(files[i].meta.size),
     )
