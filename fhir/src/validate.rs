@@ -1303,19 +1303,14 @@ impl<'a> Walk<'a> {
             }
             return;
         }
-        // Whitespace, the first `?`, the first slash and the last four.
         let b = r.as_bytes();
         let space = primitive::has_space_or_control(b);
-        let question = memchr::memchr(b'?', b);
-        let first_slash = memchr::memchr(b'/', b);
-        let mut last = [None::<usize>; 4];
-        let mut slashes = 0usize;
-        for (n, i) in memchr::memrchr_iter(b'/', b).enumerate() {
-            if n < 4 {
-                last[n] = Some(i);
-            }
-            slashes += 1;
-        }
+        let Slashes {
+            first: first_slash,
+            last,
+            count: slashes,
+            question,
+        } = slashes(b);
         if space {
             bad(
                 self,
@@ -1413,6 +1408,35 @@ impl<'a> Walk<'a> {
             self.error("CODE_NOT_IN_VALUE_SET", message);
         }
     }
+}
+
+/// Where the slashes and the first `?` of a reference are.
+struct Slashes {
+    first: Option<usize>,
+    /// The last four, the last first.
+    last: [Option<usize>; 4],
+    count: usize,
+    question: Option<usize>,
+}
+
+/// [`Slashes`] of `b` (references are short: a plain loop beats memchr).
+fn slashes(b: &[u8]) -> Slashes {
+    let mut out = Slashes {
+        first: None,
+        last: [None; 4],
+        count: 0,
+        question: None,
+    };
+    for (i, &c) in b.iter().enumerate() {
+        if c == b'/' {
+            out.first.get_or_insert(i);
+            out.last = [Some(i), out.last[0], out.last[1], out.last[2]];
+            out.count += 1;
+        } else if c == b'?' && out.question.is_none() {
+            out.question = Some(i);
+        }
+    }
+    out
 }
 
 /// A code or value shortened for a message.
