@@ -254,6 +254,48 @@ fn is_date_time(b: &[u8], instant: bool) -> bool {
     }
 }
 
+/// For the body of a JSON string that starts `b` (after its opening quote):
+/// the length of the body when it is valid base64 with no escapes, so that
+/// the closing quote is at that index; None when it is anything else (the
+/// caller then takes the general path, which says what is wrong).
+/// Eight bytes at a time: this runs over every attachment's payload.
+pub fn base64_body(b: &[u8]) -> Option<usize> {
+    const fn m(c: u8) -> u64 {
+        0x0101_0101_0101_0101u64 * c as u64
+    }
+    const HIGH: u64 = m(0x80);
+    // For bytes below 0x80: the high bit of each byte in lo..=hi (no carry
+    // crosses a byte, as every sum stays below 0x100).
+    let in_range = |w: u64, lo: u8, hi: u8| {
+        w.wrapping_add(m(0x80 - lo)) & !w.wrapping_add(m(0x7f - hi)) & HIGH
+    };
+    let (mut i, mut n) = (0usize, 0usize);
+    loop {
+        while let Some(c) = b.get(i..i + 8) {
+            let w = u64::from_le_bytes(c.try_into().unwrap());
+            if w & HIGH != 0 {
+                break;
+            }
+            let ok = in_range(w | m(0x20), b'a', b'z')  // letters, either case
+                | in_range(w, b'/', b'9')                // '/' and digits
+                | in_range(w, b'+', b'+')
+                | in_range(w, b'=', b'=');
+            if ok != HIGH {
+                break;
+            }
+            i += 8;
+            n += 8;
+        }
+        match b.get(i)? {
+            b'"' => return (n > 0 && n % 4 == 0).then_some(i),
+            c if c.is_ascii_alphanumeric() || matches!(c, b'+' | b'/' | b'=') => n += 1,
+            // Whitespace is allowed between groups; written as escapes in JSON.
+            _ => return None,
+        }
+        i += 1;
+    }
+}
+
 /// `(\s*([0-9a-zA-Z\+/=]){4}\s*)+`
 fn is_base64(b: &[u8]) -> bool {
     // 1: a base64 character, 0: whitespace, 2: anything else.
@@ -344,6 +386,11 @@ mod tests {
         assert!(!has_space_or_control(
             b"http://a.example/path/\xc3\xa9/more"
         ));
+        assert_eq!(base64_body(b"aGVsbG8gd29ybGQhIQ==\",x"), Some(20));
+        assert_eq!(base64_body(b"aGVsbG8gd29ybGQhIQ=\",x"), None); // 19 characters
+        assert_eq!(base64_body(b"aGVsbG8g\\nd29y\""), None); // an escape: the general path
+        assert_eq!(base64_body(b"aGVs*G8g\""), None);
+        assert_eq!(base64_body(b"aGVsbG8gd29ybGQh"), None); // no closing quote
         assert!(is_base64(b"aGk=\n") && !is_base64(b"aGk") && !is_base64(b"a*k="));
         assert!(is_xhtml_div(
             "<div xmlns=\"http://www.w3.org/1999/xhtml\">x</div>"

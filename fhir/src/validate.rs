@@ -1131,6 +1131,14 @@ impl<'a> Walk<'a> {
                 Ok(None)
             }
             JsonKind::String => {
+                // Attachments carry large base64 payloads: checked in the
+                // same pass that finds the end of the string.
+                if e.ty == T_BASE64BINARY {
+                    if let Some(end) = primitive::base64_body(&self.src[self.pos + 1..]) {
+                        self.pos += end + 2;
+                        return Ok(None);
+                    }
+                }
                 let span = self.string()?;
                 if span.is_empty() {
                     self.error("EMPTY_STRING", "a string must not be empty".into());
