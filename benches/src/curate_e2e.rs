@@ -46,6 +46,9 @@ struct Args {
     /// Skip the DuckDB run.
     #[arg(long)]
     no_peer: bool,
+    /// Runs of each measurement; the median (by wall time) is printed.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
 }
 
 /// Wall time and peak memory of one child process.
@@ -93,8 +96,13 @@ fn main() {
                 .args(["--validation", level])
                 .env("FHIRFLOW_LAKE", &lake))
         };
-        let unvalidated = curate("off");
-        let ours = curate("strict");
+        // Interleaved, so that a slow spell of the machine hits both.
+        let (mut off, mut strict) = (Vec::new(), Vec::new());
+        for _ in 0..args.runs.max(1) {
+            off.push(curate("off"));
+            strict.push(curate("strict"));
+        }
+        let (unvalidated, ours) = (median(off), median(strict));
         let row = |name: &str, m: &Measured| {
             println!(
                 "{:>8.0} {:>10} {:<28} {:>8.2} {:>9.1} {:>11.0} {:>9.0}",
@@ -118,13 +126,19 @@ fn main() {
         if !args.no_peer {
             let out = args.work.join("duckdb-out.ndjson");
             let raw = lake.join("raw");
-            let peer = run(Command::new(&args.python).args([
-                "benches/peer_duckdb.py",
-                raw.to_str().unwrap(),
-                out.to_str().unwrap(),
-                TENANT,
-                &threads.to_string(),
-            ]));
+            let peer = median(
+                (0..args.runs.max(1))
+                    .map(|_| {
+                        run(Command::new(&args.python).args([
+                            "benches/peer_duckdb.py",
+                            raw.to_str().unwrap(),
+                            out.to_str().unwrap(),
+                            TENANT,
+                            &threads.to_string(),
+                        ]))
+                    })
+                    .collect(),
+            );
             row("duckdb", &peer);
             println!(
                 "{:>8.0} ratio: fhirflow is {:.1}x DuckDB's throughput, at {:.2}x its peak memory",
@@ -135,6 +149,12 @@ fn main() {
             let _ = fs::remove_file(out);
         }
     }
+}
+
+/// The run with the median wall time.
+fn median(mut runs: Vec<Measured>) -> Measured {
+    runs.sort_by(|a, b| a.seconds.total_cmp(&b.seconds));
+    runs.swap_remove(runs.len() / 2)
 }
 
 /// Runs a child to completion; its wall time and peak RSS.
