@@ -265,30 +265,6 @@ impl Validator {
         }
     }
 
-    #[doc(hidden)]
-    /// A parse of `text` with no model (a speed floor for benchmarks).
-    pub fn parse_only(&self, text: &str) -> bool {
-        let mut w = Walk {
-            src: text.as_bytes(),
-            text,
-            pos: 0,
-            bindings: false,
-            max_depth: self.max_depth,
-            depth: 0,
-            path: Vec::new(),
-            out: Vec::new(),
-            arrays: Vec::new(),
-            contained_ids: Vec::new(),
-            local_refs: Vec::new(),
-            codings: Vec::new(),
-            capture_depth: usize::MAX,
-            root_type: None,
-            root_id: None,
-            stopped: None,
-        };
-        w.skip_value().is_ok()
-    }
-
     /// Whether `findings` include an error (warnings do not reject).
     pub fn has_error(findings: &[Finding]) -> bool {
         findings.iter().any(|f| f.severity == Severity::Error)
