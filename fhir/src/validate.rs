@@ -570,6 +570,24 @@ impl<'a> Walk<'a> {
         Ok(())
     }
 
+    /// After a member or an item: `,` (true: another follows) or `close`
+    /// (false: the object or array ends).
+    #[inline]
+    fn more(&mut self, close: u8, message: &'static str) -> R<bool> {
+        self.ws();
+        match self.peek() {
+            Some(b',') => {
+                self.pos += 1;
+                Ok(true)
+            }
+            Some(c) if c == close => {
+                self.pos += 1;
+                Ok(false)
+            }
+            _ => self.stop(message),
+        }
+    }
+
     /// Skips any value, checking its syntax.
     fn skip_value(&mut self) -> R<()> {
         self.ws();
@@ -589,14 +607,8 @@ impl<'a> Walk<'a> {
                         self.string()?;
                         self.expect(b':', "expected ':'")?;
                         self.skip_value()?;
-                        self.ws();
-                        match self.peek() {
-                            Some(b',') => self.pos += 1,
-                            Some(b'}') => {
-                                self.pos += 1;
-                                break;
-                            }
-                            _ => return self.stop("expected ',' or '}'"),
+                        if !self.more(b'}', "expected ',' or '}'")? {
+                            break;
                         }
                     }
                 }
@@ -612,14 +624,8 @@ impl<'a> Walk<'a> {
                 } else {
                     loop {
                         self.skip_value()?;
-                        self.ws();
-                        match self.peek() {
-                            Some(b',') => self.pos += 1,
-                            Some(b']') => {
-                                self.pos += 1;
-                                break;
-                            }
-                            _ => return self.stop("expected ',' or ']'"),
+                        if !self.more(b']', "expected ',' or ']'")? {
+                            break;
                         }
                     }
                 }
@@ -862,14 +868,8 @@ impl<'a> Walk<'a> {
                     }
                     self.path.pop();
                 }
-                self.ws();
-                match self.peek() {
-                    Some(b',') => self.pos += 1,
-                    Some(b'}') => {
-                        self.pos += 1;
-                        break;
-                    }
-                    _ => return self.stop("expected ',' or '}'"),
+                if !self.more(b'}', "expected ',' or '}'")? {
+                    break;
                 }
             }
         }
@@ -964,14 +964,8 @@ impl<'a> Walk<'a> {
                     self.item(e, ext, false)?;
                 }
                 n += 1;
-                self.ws();
-                match self.peek() {
-                    Some(b',') => self.pos += 1,
-                    Some(b']') => {
-                        self.pos += 1;
-                        break;
-                    }
-                    _ => return self.stop("expected ',' or ']'"),
+                if !self.more(b']', "expected ',' or ']'")? {
+                    break;
                 }
             }
             if let Some(seg) = self.path.last_mut() {
