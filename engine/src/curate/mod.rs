@@ -348,23 +348,37 @@ where
         .map(|(i, (size, f))| (i, size, f))
         .collect();
     jobs.sort_by_key(|(i, size, _)| (std::cmp::Reverse(*size), *i));
-    // The semaphore queues waiters first come, first served: spawning in
-    // size order starts them in size order.
+    // One launcher starts the jobs in that order as permits free up; the
+    // results are collected in input order as they arrive.
     let limit = Arc::new(Semaphore::new(concurrency));
-    let mut tasks: Vec<Option<tokio::task::JoinHandle<Result<T>>>> =
-        (0..jobs.len()).map(|_| None).collect();
+    let mut receivers = Vec::with_capacity(jobs.len());
+    let mut ordered = Vec::with_capacity(jobs.len());
     for (i, _, f) in jobs {
-        let permit = limit.clone().acquire_owned().await.expect("semaphore open");
-        tasks[i] = Some(tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            f()
-        }));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        receivers.push((i, rx));
+        ordered.push((f, tx));
     }
-    let mut out = Vec::with_capacity(tasks.len());
-    for (i, t) in tasks.into_iter().enumerate() {
-        out.push(t.expect("every job was spawned").await??);
+    receivers.sort_by_key(|(i, _)| *i);
+    let launcher = tokio::spawn(async move {
+        for (f, tx) in ordered {
+            let permit = limit.clone().acquire_owned().await.expect("semaphore open");
+            if tx.is_closed() {
+                break; // the run failed and stopped collecting: start no more
+            }
+            let job = tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                f()
+            });
+            let _ = tx.send(job);
+        }
+    });
+    let mut out = Vec::with_capacity(receivers.len());
+    for (i, rx) in receivers {
+        let job = rx.await.expect("the launcher sends every job");
+        out.push(job.await??);
         done(i);
     }
+    launcher.await?;
     Ok(out)
 }
 
