@@ -14,6 +14,7 @@ use fhirflow::layout::{ImportDate, SourceSystem, TenantGuid};
 use fhirflow::report::Reporter;
 use fhirflow::settings::{Overrides, Settings};
 use fhirflow::storage::Lake;
+use fhirflow::validate::Format as ValidateFormat;
 use fhirflow::{Error, Result};
 
 /// Carries FHIR R4 NDJSON through a multi-tenant lake: raw → curated → metadata.
@@ -136,12 +137,6 @@ enum Command {
     },
     /// Print the resolved settings (secrets masked).
     Config,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum ValidateFormat {
-    Text,
-    Json,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -280,10 +275,6 @@ fn validate(settings: &Settings, paths: &[PathBuf], format: ValidateFormat) -> R
         level => level,
     };
     let validator = fhirflow_fhir::Validator::new(level, settings.curate.max_depth);
-    let format = match format {
-        ValidateFormat::Text => fhirflow::validate::Format::Text,
-        ValidateFormat::Json => fhirflow::validate::Format::Json,
-    };
     let out = std::io::stdout();
     let mut out = std::io::BufWriter::new(out.lock());
     let summary = fhirflow::validate::validate_paths(

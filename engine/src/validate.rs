@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 /// Resources at most this large are read from a `.json` file.
 const MAX_JSON_FILE_BYTES: u64 = 1 << 30;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
     Text,
     Json,
