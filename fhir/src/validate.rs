@@ -146,6 +146,10 @@ pub const CODES: &[(&str, &str)] = &[
         "an _element that does not pair with its value",
     ),
     (
+        "STRING_WHITESPACE",
+        "warning: a string with leading or trailing whitespace",
+    ),
+    (
         "INVALID_FORMAT",
         "a primitive value not in its type's format",
     ),
