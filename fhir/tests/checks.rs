@@ -466,3 +466,20 @@ fn broken_json_is_one_finding() {
     // The walk reports what it saw on the way down, then stops at the limit.
     assert_eq!(findings(Level::Strict, &deep).last().unwrap().0, "TOO_DEEP");
 }
+
+#[test]
+fn every_finding_code_is_listed_in_codes() {
+    // Every SCREAMING_SNAKE string literal of the validator is a finding code.
+    let src = include_str!("../src/validate.rs");
+    let listed: Vec<&str> = fhirflow_fhir::validate::CODES
+        .iter()
+        .map(|(c, _)| *c)
+        .collect();
+    for literal in src.split('"').skip(1).step_by(2) {
+        let is_code =
+            literal.len() > 3 && literal.bytes().all(|b| b.is_ascii_uppercase() || b == b'_');
+        if is_code {
+            assert!(listed.contains(&literal), "{literal} is not in CODES");
+        }
+    }
+}
