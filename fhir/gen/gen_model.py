@@ -2,7 +2,8 @@
 """Generates fhir/src/model.rs, the tables the validator walks, from the FHIR R4
 core package (hl7.fhir.r4.core#4.0.1, CC0, HL7).
 
-Usage: python3 fhir/gen/gen_model.py [../shared/fhir-r4/package]
+Usage: python3 fhir/gen/gen_model.py [PACKAGE_DIR [OUT_FILE]]
+(defaults: ../shared/fhir-r4/package beside the repository, fhir/src/model.rs)
 
 The output is committed; running this again on the same package gives the same
 bytes (everything is sorted). What it reads:
@@ -10,7 +11,8 @@ bytes (everything is sorted). What it reads:
 * StructureDefinitions of kind primitive-type, complex-type and resource that
   are specializations (the base types; profiles are left out). Each element of
   a snapshot becomes an entry of its parent's table: its JSON name, cardinality,
-  type, maxLength, required binding and Reference target types. An element with
+  type, required binding and Reference target types. (The only maxLength in
+  the base definitions is string's 1 MB, which the validator knows.) An element with
   children (a BackboneElement or Element) becomes a type of its own, named by
   its path; `contentReference` points at such a type. A choice `value[x]`
   becomes one entry per allowed type (`valueQuantity`, ...) sharing one slot.
@@ -27,7 +29,7 @@ import sys
 
 PACKAGE = sys.argv[1] if len(sys.argv) > 1 else os.path.join(
     os.path.dirname(__file__), "..", "..", "..", "shared", "fhir-r4", "package")
-OUT = os.path.join(os.path.dirname(__file__), "..", "src", "model.rs")
+OUT = sys.argv[2] if len(sys.argv) > 2 else os.path.join(os.path.dirname(__file__), "..", "src", "model.rs")
 SYSTEM_STRING = "http://hl7.org/fhirpath/System.String"
 FHIR_TYPE_EXT = "http://hl7.org/fhir/StructureDefinition/structuredefinition-fhir-type"
 
@@ -193,16 +195,15 @@ def fill(type_name, owner_path, elements):
         mx = el["max"]
         tdef["slots"].append({"name": name, "min": el["min"], "max": None if mx == "*" else int(mx),
                               "choice": name.endswith("[x]")})
-        max_len = el.get("maxLength", 0)
         if "contentReference" in el:
             ref = el["contentReference"].split("#", 1)[1]
-            tdef["elems"].append({"key": name, "slot": slot, "ty": ref, "binding": 0, "targets": 0, "max_len": 0})
+            tdef["elems"].append({"key": name, "slot": slot, "ty": ref, "binding": 0, "targets": 0})
             continue
         if has_children:
             sub = el["path"]
             add_type(sub, "Backbone")
             fill(sub, el["path"], elements)
-            tdef["elems"].append({"key": name, "slot": slot, "ty": sub, "binding": 0, "targets": 0, "max_len": 0})
+            tdef["elems"].append({"key": name, "slot": slot, "ty": sub, "binding": 0, "targets": 0})
             continue
         for t in el.get("type", []):
             code = type_code(el, t, type_name)
@@ -211,7 +212,7 @@ def fill(type_name, owner_path, elements):
                 raise SystemExit(f"{el['path']}: {code} without children")
             tdef["elems"].append({
                 "key": key, "slot": slot, "ty": code, "binding": binding_of(el, code),
-                "targets": targets_of(t) if code == "Reference" else 0, "max_len": max_len,
+                "targets": targets_of(t) if code == "Reference" else 0,
             })
 
 
@@ -304,7 +305,7 @@ for name in order:
     w("    ], elems: &[")
     for e in t["elems"]:
         keep = keep_of(name, t["kind"], e["key"])
-        w(f"        Elem {{ key: {rs(e['key'])}, slot: {e['slot']}, ty: {type_id[e['ty']]}, binding: {e['binding']}, targets: {e['targets']}, max_len: {e['max_len']}, keep: Keep::{keep} }},")
+        w(f"        Elem {{ key: {rs(e['key'])}, slot: {e['slot']}, ty: {type_id[e['ty']]}, binding: {e['binding']}, targets: {e['targets']}, keep: Keep::{keep} }},")
     req = [i for i, s in enumerate(t["slots"]) if s["min"] > 0]
     w("    ], required: &[" + ", ".join(map(str, req)) + "] },")
 w("];")

@@ -7,6 +7,8 @@
 //! * [`validate`]: the one-pass validator over a resource's JSON text.
 //! * [`primitive`]: the formats of the primitive types.
 
+// Generated: kept byte for byte as `fhir/gen/gen_model.py` writes it.
+#[rustfmt::skip]
 pub mod model;
 pub mod model_types;
 pub mod primitive;

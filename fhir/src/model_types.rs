@@ -40,8 +40,6 @@ pub struct Elem {
     pub binding: u16,
     /// Index into [`crate::model::TARGETS`] (0: any resource type).
     pub targets: u16,
-    /// maxLength of the definition; 0: none.
-    pub max_len: u32,
     /// Whether the validator keeps the value for a check of the object.
     pub keep: Keep,
 }

@@ -50,9 +50,6 @@ pub fn check_string(ty: TypeId, s: &str) -> Result<(), &'static str> {
     let b = s.as_bytes();
     let ok = match ty {
         T_STRING | T_MARKDOWN => {
-            if s.len() > MAX_STRING_BYTES {
-                return Err("is longer than 1 MB");
-            }
             if b.iter().all(|c| is_ws(*c)) {
                 return Err("is only whitespace");
             }

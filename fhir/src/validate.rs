@@ -155,7 +155,7 @@ pub const CODES: &[(&str, &str)] = &[
     ),
     (
         "STRING_TOO_LONG",
-        "a string longer than the element's maxLength",
+        "a string longer than 1 MB, the limit of FHIR strings",
     ),
     (
         "CODE_NOT_IN_VALUE_SET",
@@ -1134,10 +1134,12 @@ impl<'a> Walk<'a> {
                     }
                     Ok(()) => {}
                 }
-                if e.max_len > 0 && value.chars().count() > e.max_len as usize {
+                if matches!(e.ty, T_STRING | T_MARKDOWN)
+                    && value.len() > primitive::MAX_STRING_BYTES
+                {
                     self.error(
                         "STRING_TOO_LONG",
-                        format!("longer than the maxLength of {} characters", e.max_len),
+                        "longer than 1 MB, the limit of FHIR strings".into(),
                     );
                 }
                 if e.ty == T_CODE && e.binding != 0 && self.bindings {

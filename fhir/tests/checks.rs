@@ -237,11 +237,11 @@ fn primitive_formats() {
         "INVALID_FORMAT",
         "Task.input[0].valueUnsignedInt",
     );
-    // A string over the element's maxLength: none in R4 core but the 1 MB limit.
+    // The only maxLength of R4 core: 1 MB for a string.
     let long = "a".repeat(1024 * 1024 + 1);
     only(
         &obs(&format!(r#""valueString":"{long}""#)),
-        "INVALID_FORMAT",
+        "STRING_TOO_LONG",
         "Observation.valueString",
     );
 }

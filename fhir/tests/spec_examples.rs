@@ -160,3 +160,25 @@ fn every_specification_example_is_valid_but_the_listed_ones() {
         .collect();
     assert_eq!(found, want);
 }
+
+/// The committed model is exactly what the generator makes of the package.
+#[test]
+fn the_committed_model_is_the_generators_output() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let package = root.join("../../shared/fhir-r4/package");
+    assert!(package.is_dir(), "{} is missing", package.display());
+    let out = std::env::temp_dir().join(format!("fhirflow-model-{}.rs", std::process::id()));
+    let status = std::process::Command::new("python3")
+        .arg(root.join("gen/gen_model.py"))
+        .arg(&package)
+        .arg(&out)
+        .status()
+        .expect("python3 runs the generator");
+    assert!(status.success());
+    let generated = std::fs::read(&out).unwrap();
+    let _ = std::fs::remove_file(&out);
+    assert!(
+        generated == std::fs::read(root.join("src/model.rs")).unwrap(),
+        "fhir/src/model.rs differs from the generator's output: run python3 fhir/gen/gen_model.py"
+    );
+}
