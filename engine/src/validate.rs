@@ -162,9 +162,21 @@ fn validate_file(
     let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
     if file_name.ends_with(".json") {
         let mut text = Vec::new();
-        file.take(MAX_JSON_FILE_BYTES)
+        file.take(MAX_JSON_FILE_BYTES + 1)
             .read_to_end(&mut text)
             .map_err(read_err)?;
+        if text.len() as u64 > MAX_JSON_FILE_BYTES {
+            let message = format!("the file is larger than {MAX_JSON_FILE_BYTES} bytes");
+            return report(
+                sink,
+                summary,
+                &name,
+                1,
+                None,
+                None,
+                &[error("TOO_LARGE", message)],
+            );
+        }
         return one(&name, 1, &text, None, validator, sink, summary);
     }
     // <Type>.ndjson or <Type>.NNN.ndjson: lines should be of that type.
