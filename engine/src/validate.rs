@@ -7,13 +7,14 @@
 //! type; `--format json` writes the same as one JSON document, streamed.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use fhirflow_fhir::{Finding, Severity, Validator};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::raw::lines::{for_each_line, Line};
 
 /// Resources at most this large are read from a `.json` file.
 const MAX_JSON_FILE_BYTES: u64 = 1 << 30;
@@ -64,11 +65,18 @@ struct Row<'a> {
 impl Sink<'_> {
     fn finding(&mut self, row: &Row<'_>) -> std::io::Result<()> {
         match self.format {
-            Format::Text => writeln!(
-                self.out,
-                "{}:{}: {} {} at {}: {}",
-                row.file, row.line, row.severity, row.code, row.location, row.message
-            ),
+            Format::Text => {
+                let at = if row.location.is_empty() {
+                    String::new()
+                } else {
+                    format!(" at {}", row.location)
+                };
+                writeln!(
+                    self.out,
+                    "{}:{}: {} {}{at}: {}",
+                    row.file, row.line, row.severity, row.code, row.message
+                )
+            }
             Format::Json => {
                 let sep = if self.first { "" } else { "," };
                 self.first = false;
@@ -189,43 +197,13 @@ fn validate_file(
     } else {
         Box::new(file)
     };
-    let mut reader = BufReader::with_capacity(1 << 20, reader);
-    let mut line = Vec::new();
-    let mut n = 0u64;
-    loop {
-        line.clear();
-        let got = (&mut reader)
-            .take(max_line_bytes as u64 + 1)
-            .read_until(b'\n', &mut line)
-            .map_err(read_err)?;
-        if got == 0 {
-            break;
-        }
-        n += 1;
-        if line.len() > max_line_bytes && line.last() != Some(&b'\n') {
-            // Too long: report it and skip to the end of the line.
-            let mut rest = 0usize;
-            loop {
-                let buf = reader.fill_buf().map_err(read_err)?;
-                if buf.is_empty() {
-                    break;
-                }
-                match memchr::memchr(b'\n', buf) {
-                    Some(i) => {
-                        reader.consume(i + 1);
-                        break;
-                    }
-                    None => {
-                        rest += buf.len();
-                        let len = buf.len();
-                        reader.consume(len);
-                    }
-                }
-            }
-            let message = format!(
-                "the line has {} bytes, more than the limit of {max_line_bytes}",
-                line.len() + rest
-            );
+    // The curate stage's bounded line splitter: a too-long line is never held
+    // whole; blank lines, a BOM and CRLF are handled the same way.
+    for_each_line(reader, max_line_bytes, |n, line| match line {
+        Line::Text { bytes, .. } => one(&name, n, bytes, expected, validator, sink, summary),
+        Line::TooLong { len } => {
+            let message =
+                format!("the line has {len} bytes, more than the limit of {max_line_bytes}");
             report(
                 sink,
                 summary,
@@ -234,16 +212,13 @@ fn validate_file(
                 None,
                 None,
                 &[error("LINE_TOO_LONG", message)],
-            )?;
-            continue;
+            )
         }
-        let text = line.strip_suffix(b"\n").unwrap_or(&line);
-        let text = text.strip_suffix(b"\r").unwrap_or(text);
-        if text.iter().all(|b| b.is_ascii_whitespace()) {
-            continue;
-        }
-        one(&name, n, text, expected, validator, sink, summary)?;
-    }
+    })
+    .map_err(|e| match e {
+        Error::Io { source, .. } => read_err(source),
+        other => other,
+    })?;
     Ok(())
 }
 

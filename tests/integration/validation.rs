@@ -12,9 +12,9 @@ const BAD_BINDING_AND_DATE: &str =
 /// One error, in a binding only: valid at structure-only.
 const BAD_BINDING: &str = r#"{"resourceType":"Patient","id":"binding","gender":"F"}"#;
 
-#[tokio::test(flavor = "multi_thread")]
-async fn invalid_resources_are_rejected_with_every_finding() {
-    let t = TestLake::new();
+/// A lake at `level` with the three Patients above ingested and curated.
+async fn curate_three(level: fhirflow_fhir::Level) -> (TestLake, fhirflow::curate::CurateReport) {
+    let t = TestLake::with(|s| s.curate.validation = level);
     let dir = t.input("v");
     write_lines(
         &dir,
@@ -23,6 +23,12 @@ async fn invalid_resources_are_rejected_with_every_finding() {
     );
     t.ingest(&[dir], "src").await;
     let report = t.curate().await.unwrap();
+    (t, report)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invalid_resources_are_rejected_with_every_finding() {
+    let (t, report) = curate_three(fhirflow_fhir::Level::Strict).await;
     assert_eq!((report.total.curated, report.total.rejected), (1, 2));
     let errors = t
         .sql("SELECT line_no, resource_id, error_code, location FROM metadata.import_errors ORDER BY line_no, location")
@@ -48,15 +54,7 @@ async fn the_level_chooses_what_is_checked() {
         (fhirflow_fhir::Level::StructureOnly, 2),
         (fhirflow_fhir::Level::Off, 3),
     ] {
-        let t = TestLake::with(|s| s.curate.validation = level);
-        let dir = t.input("v");
-        write_lines(
-            &dir,
-            "Patient.ndjson",
-            &[GOOD, BAD_BINDING_AND_DATE, BAD_BINDING],
-        );
-        t.ingest(&[dir], "src").await;
-        let report = t.curate().await.unwrap();
+        let (_t, report) = curate_three(level).await;
         assert_eq!(report.total.curated, curated, "{level}");
     }
 }
