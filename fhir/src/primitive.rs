@@ -8,6 +8,12 @@ use crate::model_types::TypeId;
 /// FHIR strings SHALL NOT exceed 1 MB (datatypes.html#string).
 pub const MAX_STRING_BYTES: usize = 1024 * 1024;
 
+/// `b` in every byte of a word, for the eight-bytes-at-a-time checks here and
+/// in the validator.
+pub(crate) const fn splat(b: u8) -> u64 {
+    0x0101_0101_0101_0101u64 * b as u64
+}
+
 /// Which JSON kind a primitive type is written as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JsonKind {
@@ -98,8 +104,8 @@ pub fn has_outer_whitespace(s: &str) -> bool {
 /// Whether `b` has a space or a control character (tab, CR, LF among
 /// them), eight bytes at a time.
 pub(crate) fn has_space_or_control(b: &[u8]) -> bool {
-    const LO: u64 = 0x0101_0101_0101_0101;
-    const HI: u64 = 0x8080_8080_8080_8080;
+    const LO: u64 = splat(0x01);
+    const HI: u64 = splat(0x80);
     let mut chunks = b.chunks_exact(8);
     for c in &mut chunks {
         let w = u64::from_le_bytes(c.try_into().unwrap());
@@ -257,14 +263,11 @@ fn is_date_time(b: &[u8], instant: bool) -> bool {
 /// caller then takes the general path, which says what is wrong).
 /// Eight bytes at a time: this runs over every attachment's payload.
 pub fn base64_body(b: &[u8]) -> Option<usize> {
-    const fn m(c: u8) -> u64 {
-        0x0101_0101_0101_0101u64 * c as u64
-    }
-    const HIGH: u64 = m(0x80);
+    const HIGH: u64 = splat(0x80);
     // For bytes below 0x80: the high bit of each byte in lo..=hi (no carry
     // crosses a byte, as every sum stays below 0x100).
     let in_range = |w: u64, lo: u8, hi: u8| {
-        w.wrapping_add(m(0x80 - lo)) & !w.wrapping_add(m(0x7f - hi)) & HIGH
+        w.wrapping_add(splat(0x80 - lo)) & !w.wrapping_add(splat(0x7f - hi)) & HIGH
     };
     let (mut i, mut n) = (0usize, 0usize);
     loop {
@@ -273,7 +276,7 @@ pub fn base64_body(b: &[u8]) -> Option<usize> {
             if w & HIGH != 0 {
                 break;
             }
-            let ok = in_range(w | m(0x20), b'a', b'z')  // letters, either case
+            let ok = in_range(w | splat(0x20), b'a', b'z')  // letters, either case
                 | in_range(w, b'/', b'9')                // '/' and digits
                 | in_range(w, b'+', b'+')
                 | in_range(w, b'=', b'=');

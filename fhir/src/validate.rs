@@ -18,7 +18,7 @@ use std::fmt::Write as _;
 
 use crate::model::*;
 use crate::model_types::{Elem, Keep, Kind, TypeDef, TypeId};
-use crate::primitive::{self, JsonKind};
+use crate::primitive::{self, splat, JsonKind};
 
 /// How much curation checks, as HealthLake's validation levels name them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -354,21 +354,17 @@ struct Walk<'a> {
     stopped: Option<StopInfo>,
 }
 
-const fn byte_mask(b: u8) -> u64 {
-    0x0101_0101_0101_0101u64 * b as u64
-}
-
 /// A mask whose lowest set bit is in the first byte of `w` (little-endian)
 /// that is `"`, `\` or a control character; 0 when there is none. (Bits
 /// above the lowest may be false hits, from borrows: only the lowest is used.)
 #[inline]
 fn special(w: u64) -> u64 {
-    const LO: u64 = byte_mask(0x01);
-    const HI: u64 = byte_mask(0x80);
+    const LO: u64 = splat(0x01);
+    const HI: u64 = splat(0x80);
     let zero = |v: u64| v.wrapping_sub(LO) & !v & HI;
-    let quote = zero(w ^ byte_mask(b'"'));
-    let backslash = zero(w ^ byte_mask(b'\\'));
-    let control = w.wrapping_sub(byte_mask(0x20)) & !w & HI;
+    let quote = zero(w ^ splat(b'"'));
+    let backslash = zero(w ^ splat(b'\\'));
+    let control = w.wrapping_sub(splat(0x20)) & !w & HI;
     quote | backslash | control
 }
 
