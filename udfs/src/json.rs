@@ -204,6 +204,144 @@ pub fn validate(src: &str, max_depth: usize) -> Result<Span, JsonError> {
     Ok(v)
 }
 
+/// The members of the object at `obj`, as (key, value) spans in order.
+/// `src` must already be validated (by [`validate`] or [`scan_resource`]);
+/// on text that is not, the result stops at the first error.
+pub fn members(src: &str, obj: Span) -> Vec<(Span, Span)> {
+    let mut out = Vec::new();
+    if obj.kind != Kind::Object {
+        return out;
+    }
+    let mut s = Scanner::at(src, obj.start);
+    let _ = s.object_members(|s, key| {
+        out.push((key, s.value()?));
+        Ok(())
+    });
+    out
+}
+
+/// The items of the array at `arr`, under the same conditions as [`members`].
+pub fn items(src: &str, arr: Span) -> Vec<Span> {
+    let mut out = Vec::new();
+    if arr.kind != Kind::Array {
+        return out;
+    }
+    let mut s = Scanner::at(src, arr.start + 1);
+    s.ws();
+    if s.peek() == Some(b']') {
+        return out;
+    }
+    while let Ok(v) = s.value() {
+        out.push(v);
+        if !matches!(s.next_item(b']'), Ok(true)) {
+            break;
+        }
+    }
+    out
+}
+
+/// Whether a member's key span names `name` (escapes decoded).
+pub fn key_is(src: &str, key: Span, name: &str) -> bool {
+    &*key_name(src.as_bytes(), key) == name.as_bytes()
+}
+
+/// Step-by-step reading of one JSON text, for walkers that decide per
+/// member whether to descend or skip. Syntax is checked as it goes.
+pub struct Cursor<'a> {
+    s: Scanner<'a>,
+}
+
+impl<'a> Cursor<'a> {
+    pub fn new(src: &'a str, max_depth: usize) -> Self {
+        let mut s = Scanner {
+            b: src.as_bytes(),
+            pos: 0,
+            depth: 0,
+            max_depth,
+        };
+        s.ws();
+        Cursor { s }
+    }
+
+    /// The kind of the value at the cursor.
+    pub fn peek_kind(&self) -> Option<Kind> {
+        Some(match self.s.peek()? {
+            b'{' => Kind::Object,
+            b'[' => Kind::Array,
+            b'"' => Kind::String,
+            b't' | b'f' => Kind::Bool,
+            b'n' => Kind::Null,
+            _ => Kind::Number,
+        })
+    }
+
+    pub fn pos(&self) -> usize {
+        self.s.pos
+    }
+
+    /// Reads (and checks) the whole value at the cursor.
+    pub fn value(&mut self) -> Result<Span, JsonError> {
+        self.s.value()
+    }
+
+    /// At `{` or `[`: enters the container.
+    pub fn enter(&mut self) -> Result<(), JsonError> {
+        self.s.enter()?;
+        self.s.pos += 1;
+        self.s.ws();
+        Ok(())
+    }
+
+    /// Inside an object: the next member's key (the cursor then sits at its
+    /// value), or None at the closing `}` (consumed). `first`: no member
+    /// has been read yet.
+    pub fn next_key(&mut self, first: bool) -> Result<Option<Span>, JsonError> {
+        let more = if first {
+            if self.s.peek() == Some(b'}') {
+                self.s.pos += 1;
+                false
+            } else {
+                true
+            }
+        } else {
+            self.s.next_item(b'}')?
+        };
+        if !more {
+            self.s.depth -= 1;
+            return Ok(None);
+        }
+        self.s.member_key().map(Some)
+    }
+
+    /// Inside an array: whether another item follows (the cursor then sits
+    /// at it); false at the closing `]` (consumed).
+    pub fn next_item(&mut self, first: bool) -> Result<bool, JsonError> {
+        let more = if first {
+            if self.s.peek() == Some(b']') {
+                self.s.pos += 1;
+                false
+            } else {
+                true
+            }
+        } else {
+            self.s.next_item(b']')?
+        };
+        if !more {
+            self.s.depth -= 1;
+        }
+        Ok(more)
+    }
+
+    /// After the top-level value: only whitespace may follow.
+    pub fn finish(&mut self) -> Result<(), JsonError> {
+        self.s.ws();
+        if self.s.pos != self.s.b.len() {
+            return Err(self.s.syntax("unexpected text after the JSON value"));
+        }
+        Ok(())
+    }
+}
+
 /// A member name as bytes, decoded when it has escapes: `"m\u0065ta"` is
 /// `meta` to every other JSON reader, so it must be to us too (otherwise a
 /// second, hidden `meta` could carry another tenant's label past the check).
@@ -254,6 +392,16 @@ fn word_has_stop(w: u64) -> bool {
 }
 
 impl<'a> Scanner<'a> {
+    /// A scanner over validated text, at `pos`, without a depth limit.
+    fn at(src: &'a str, pos: usize) -> Self {
+        Scanner {
+            b: src.as_bytes(),
+            pos,
+            depth: 0,
+            max_depth: usize::MAX,
+        }
+    }
+
     #[inline]
     fn peek(&self) -> Option<u8> {
         self.b.get(self.pos).copied()

@@ -15,7 +15,8 @@ use std::any::Any;
 use arrow::datatypes::DataType;
 use datafusion::common::Result;
 use datafusion::logical_expr::{
-    ColumnarValue, ScalarFunctionArgs, ScalarUDFImpl, Signature, TypeSignature, Volatility,
+    ColumnarValue, Documentation, ScalarFunctionArgs, ScalarUDFImpl, Signature, TypeSignature,
+    Volatility,
 };
 
 use crate::strings::map_strings;
@@ -28,6 +29,7 @@ const SQL_MAX_DEPTH: usize = 256;
 pub struct TenantLabel {
     signature: Signature,
     report_error: bool,
+    doc: Documentation,
 }
 
 impl TenantLabel {
@@ -46,6 +48,25 @@ impl TenantLabel {
                 Volatility::Immutable,
             ),
             report_error,
+            doc: if report_error {
+                Documentation::builder(
+                    crate::udf_fhir::SECTION,
+                    "Why `fhir_tenant_label` cannot label the resource (another tenant's label, a malformed `meta`, text that is not JSON), or NULL when it can. A rule turns it into a `reject_reason`.",
+                    "fhir_tenant_label_error(resource, tenant [, system])",
+                )
+                .with_sql_example("```sql\nSELECT *, fhir_tenant_label_error(resource, tenant_guid) AS reject_reason FROM records;\n```")
+            } else {
+                Documentation::builder(
+                    crate::udf_fhir::SECTION,
+                    "The resource with exactly one tenant label in `meta.security` (`system` defaults to `http://thirdopinion.io/identity/claims/tenant`), added with a text-preserving edit; other labels stay. NULL when it cannot be labelled (see `fhir_tenant_label_error`). Curation step 5 applies the same edit.",
+                    "fhir_tenant_label(resource, tenant [, system])",
+                )
+                .with_sql_example("```sql\nSELECT fhir_tenant_label(resource, tenant_guid) FROM records;\n```")
+            }
+            .with_argument("resource", "A FHIR resource as text.")
+            .with_argument("tenant", "The tenant GUID: the label's code.")
+            .with_argument("system", "The label's system (optional).")
+            .build(),
         }
     }
 }
@@ -66,6 +87,9 @@ impl ScalarUDFImpl for TenantLabel {
     }
     fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
         Ok(DataType::Utf8)
+    }
+    fn documentation(&self) -> Option<&Documentation> {
+        Some(&self.doc)
     }
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
         let report_error = self.report_error;

@@ -18,7 +18,8 @@ use arrow::array::{ArrayRef, ListBuilder, StringBuilder, StructBuilder};
 use arrow::datatypes::{DataType, Field, Fields};
 use datafusion::common::{exec_err, Result};
 use datafusion::logical_expr::{
-    ColumnarValue, ScalarFunctionArgs, ScalarUDFImpl, Signature, TypeSignature, Volatility,
+    ColumnarValue, Documentation, ScalarFunctionArgs, ScalarUDFImpl, Signature, TypeSignature,
+    Volatility,
 };
 use fhirflow_fhir::{Level, Validator};
 
@@ -31,6 +32,7 @@ const FIELDS: [&str; 4] = ["severity", "code", "location", "message"];
 #[derive(Debug, PartialEq, Eq, Hash)]
 pub struct FhirValidate {
     signature: Signature,
+    doc: Documentation,
 }
 
 impl Default for FhirValidate {
@@ -40,6 +42,15 @@ impl Default for FhirValidate {
                 vec![TypeSignature::String(1), TypeSignature::String(2)],
                 Volatility::Immutable,
             ),
+            doc: Documentation::builder(
+                crate::udf_fhir::SECTION,
+                "The FHIR R4 validation findings of a resource (curation step 2's validator) as a list of `{severity, code, location, message}` structs: empty when it is valid, NULL for NULL.",
+                "fhir_validate(resource [, level])",
+            )
+            .with_argument("resource", "A FHIR resource as text.")
+            .with_argument("level", "`strict` (the default) or `structure-only` (value-set bindings not checked).")
+            .with_sql_example("```sql\nSELECT id, f['code'] AS code, f['location'] AS location\nFROM (SELECT id, unnest(fhir_validate(resource)) AS f FROM records);\n```")
+            .build(),
         }
     }
 }
@@ -67,6 +78,9 @@ impl ScalarUDFImpl for FhirValidate {
     }
     fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
         Ok(DataType::List(item_field()))
+    }
+    fn documentation(&self) -> Option<&Documentation> {
+        Some(&self.doc)
     }
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
         let builders: Vec<Box<dyn arrow::array::ArrayBuilder>> = FIELDS
