@@ -1,7 +1,7 @@
 """The curate benchmark's peer: the same job in DuckDB, one SQL query.
 
 It reads every raw NDJSON file, keeps one row per (resourceType, id) with the
-same ordering as fhirflow's queries/dedup.sql, sets the tenant label and
+same ordering as fhirflow's engine/src/curate/dedup.sql, sets the tenant label and
 writes NDJSON. It is the least a peer must do: it re-serialises each resource
 (not lossless), replaces meta.security instead of adding to it, keeps no
 lineage and writes no metadata.

@@ -81,6 +81,15 @@ pub enum Error {
     #[error("{0}")]
     Usage(String),
 
+    /// A rule that cannot be read, planned or run, or that broke the rules'
+    /// contract (see `rules`).
+    #[error("rule {file}: {message}")]
+    Rule { file: String, message: String },
+
+    /// `fhirflow rules check` or `rules test` found problems (exit code 1).
+    #[error("{0}")]
+    RulesFailed(String),
+
     /// `fhirflow validate` found resources that are not valid (exit code 1).
     #[error("{invalid} of {resources} resources are not valid FHIR R4")]
     Invalid { invalid: u64, resources: u64 },

@@ -6,6 +6,7 @@
 //! * [`ingest`]: local NDJSON files land in the raw layer;
 //! * [`raw`]: reading raw NDJSON line by line;
 //! * [`curate`]: parse and key, dedup, label, write (DESIGN.md's steps);
+//! * [`rules`]: step 3, the analysts' SQL rules;
 //! * [`commit`]: staging and the commit protocol every write goes through;
 //! * [`metadata`]: `import_jobs`, `import_errors`, `import_metrics`;
 //! * [`sql`]: one DataFusion session over every layer.
@@ -23,6 +24,7 @@ pub mod metadata;
 pub mod model;
 pub mod raw;
 pub mod report;
+pub mod rules;
 pub mod run;
 pub mod settings;
 pub mod sql;

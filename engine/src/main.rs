@@ -62,6 +62,13 @@ struct Global {
     /// FHIR validation in curate: strict, structure-only (no value-set bindings) or off.
     #[arg(long, global = true, env = "FHIRFLOW_VALIDATION")]
     validation: Option<fhirflow_fhir::Level>,
+    /// The rules folder of curation step 3 for every file (default: [curate] rules,
+    /// `queries`), or `none`.
+    #[arg(long, global = true, env = "FHIRFLOW_RULES")]
+    rules: Option<String>,
+    /// A value for rule_param(name, …) in the rules, as name=value (repeatable).
+    #[arg(long = "rule-param", global = true, value_parser = parse_param)]
+    rule_params: Vec<(String, String)>,
     /// Print only results and errors.
     #[arg(short, long, global = true)]
     quiet: bool,
@@ -146,6 +153,13 @@ enum Format {
     Json,
 }
 
+fn parse_param(text: &str) -> std::result::Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+        _ => Err(format!("expected name=value, got {text:?}")),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -184,6 +198,8 @@ async fn run(cli: Cli) -> Result<()> {
         part_max_bytes: g.part_max_bytes,
         concurrency: g.concurrency,
         validation: g.validation,
+        rules: g.rules.clone(),
+        rule_params: g.rule_params.clone(),
     };
     let settings = Settings::resolve(g.config.as_deref(), &overrides)?;
     if let Command::Config = cli.command {

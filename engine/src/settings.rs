@@ -52,6 +52,24 @@ pub struct CurateSettings {
     /// Step 2, FHIR R4 validation: `strict` (any error rejects),
     /// `structure-only` (value-set bindings are not checked) or `off`.
     pub validation: fhirflow_fhir::Level,
+    /// Step 3: the rules folder (relative to the working directory), or
+    /// `none`.
+    pub rules: String,
+    /// Other rules folders for some tenants or source systems; the most
+    /// specific matching entry wins over `rules`.
+    pub rules_for: Vec<RulesFor>,
+    /// Values the rules read with `rule_param(name, default)`.
+    pub rule_params: std::collections::BTreeMap<String, String>,
+}
+
+/// `[[curate.rules_for]]`: a rules folder for one tenant, one source system,
+/// or both.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RulesFor {
+    pub tenant: Option<String>,
+    pub source_system: Option<String>,
+    pub rules: String,
 }
 
 /// S3 (and S3-compatible) access. Credentials otherwise come from the
@@ -92,6 +110,9 @@ impl Default for CurateSettings {
             concurrency: std::thread::available_parallelism().map_or(2, |n| n.get()),
             memory_limit_mb: 512,
             validation: fhirflow_fhir::Level::Strict,
+            rules: "queries".into(),
+            rules_for: Vec::new(),
+            rule_params: Default::default(),
         }
     }
 }
@@ -110,6 +131,11 @@ pub struct Overrides {
     pub part_max_bytes: Option<u64>,
     pub concurrency: Option<usize>,
     pub validation: Option<fhirflow_fhir::Level>,
+    /// A rules folder for every file of the run (`rules_for` is then not
+    /// used), or `none`.
+    pub rules: Option<String>,
+    /// `name=value` pairs for `rule_param`, over the config file's.
+    pub rule_params: Vec<(String, String)>,
 }
 
 impl Settings {
@@ -144,6 +170,11 @@ impl Settings {
         set!(curate.part_max_bytes <- o.part_max_bytes);
         set!(curate.concurrency <- o.concurrency);
         set!(curate.validation <- o.validation);
+        if let Some(r) = o.rules {
+            s.curate.rules = r;
+            s.curate.rules_for.clear();
+        }
+        s.curate.rule_params.extend(o.rule_params);
         s.check()?;
         Ok(s)
     }
@@ -172,6 +203,14 @@ impl Settings {
         for (name, v) in positive {
             if v == 0 {
                 return Err(Error::Config(format!("{name} must be greater than 0")));
+            }
+        }
+        for o in &c.rules_for {
+            if o.tenant.is_none() && o.source_system.is_none() {
+                return Err(Error::Config(format!(
+                    "curate.rules_for entry for {:?} names neither a tenant nor a source_system",
+                    o.rules
+                )));
             }
         }
         if self.tenant_label_system.is_empty() {

@@ -99,8 +99,11 @@ async fn the_survivor_is_chosen_as_designed() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_dedup_query_is_a_readable_sql_file() {
-    let sql = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../queries/dedup.sql"))
-        .unwrap();
+    let sql = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../engine/src/curate/dedup.sql"
+    ))
+    .unwrap();
     assert_eq!(sql, fhirflow::curate::dedup::DEDUP_SQL);
     assert!(sql.contains("ROW_NUMBER()"));
 }

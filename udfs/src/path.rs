@@ -205,40 +205,71 @@ fn select_nodes(src: &str, root: Span, steps: &[Step]) -> Vec<Node> {
 
 /// The spans of the values at `path` (arrays flattened), in document order.
 pub fn select(src: &str, path: &FhirPath) -> Vec<Span> {
-    if path.steps.iter().any(|s| matches!(s, Step::Index(_))) {
-        // Indexes count over a whole collection: select node by node.
-        return match root(src, path) {
-            Some(r) => select_nodes(src, r, &path.steps)
-                .into_iter()
-                .map(|n| n.value)
-                .collect(),
-            None => Vec::new(),
-        };
-    }
-    let mut c = Cursor::new(src, MAX_DEPTH);
+    select_any(src, std::slice::from_ref(path))
+}
+
+/// The spans of the values at any of `paths`, in document order, each once.
+/// Paths without indexes are matched together in one pass over the text.
+pub fn select_any(src: &str, paths: &[FhirPath]) -> Vec<Span> {
+    let (indexed, streamed): (Vec<&FhirPath>, Vec<&FhirPath>) = paths
+        .iter()
+        .partition(|p| p.steps.iter().any(|s| matches!(s, Step::Index(_))));
+    // A leading resource type: the path applies only to that type.
+    let typed = paths.iter().any(|p| p.resource_type.is_some());
+    let actual_type = if typed { resource_type_of(src) } else { None };
+    let applies = |p: &&FhirPath| {
+        p.resource_type.is_none() || p.resource_type.as_deref() == actual_type.as_deref()
+    };
+    let steps: Vec<&[Step]> = streamed
+        .into_iter()
+        .filter(applies)
+        .map(|p| p.steps.as_slice())
+        .collect();
     let mut out = Vec::new();
-    let mut type_ok = path.resource_type.is_none();
-    let want_type = path.resource_type.as_deref().map(|t| (t, &mut type_ok));
-    let ok = walk(&mut c, src, &path.steps, &[0], &mut out, want_type).and_then(|_| c.finish());
-    if ok.is_err() || !type_ok {
-        out.clear();
+    if !steps.is_empty() {
+        let mut c = Cursor::new(src, MAX_DEPTH);
+        let start: Vec<(usize, usize)> = (0..steps.len()).map(|p| (p, 0)).collect();
+        if walk(&mut c, src, &steps, &start, &mut out)
+            .and_then(|_| c.finish())
+            .is_err()
+        {
+            return Vec::new();
+        }
+    }
+    for p in indexed.into_iter().filter(applies) {
+        if let Some(r) = json::validate(src, MAX_DEPTH).ok() {
+            out.extend(select_nodes(src, r, &p.steps).into_iter().map(|n| n.value));
+        }
+    }
+    if paths.len() > 1 {
+        out.sort_by_key(|s| (s.start, std::cmp::Reverse(s.end)));
+        out.dedup();
     }
     out
 }
 
-/// One pass over the value at the cursor, which is in the path's `states`
-/// (indexes of the next step to apply; `steps.len()` means selected). Skips,
-/// without descending, every value no state needs.
+/// The `resourceType` of a resource text, if it has one.
+fn resource_type_of(src: &str) -> Option<String> {
+    let root = json::validate(src, MAX_DEPTH).ok()?;
+    members(src, root)
+        .into_iter()
+        .find(|(k, _)| key_is(src, *k, "resourceType"))
+        .and_then(|(_, v)| v.decoded(src).map(Cow::into_owned))
+}
+
+/// One pass over the value at the cursor, which is in `states`: (path,
+/// index of the path's next step), where the step index equal to the path's
+/// length means selected. Skips, without descending, every value no state
+/// needs.
 fn walk(
     c: &mut Cursor<'_>,
     src: &str,
-    steps: &[Step],
-    states: &[usize],
+    paths: &[&[Step]],
+    states: &[(usize, usize)],
     out: &mut Vec<Span>,
-    mut root_type: Option<(&str, &mut bool)>,
 ) -> Result<(), JsonError> {
-    let selected = states.contains(&steps.len());
-    let descend = states.iter().any(|&s| s < steps.len());
+    let selected = states.iter().any(|&(p, s)| s == paths[p].len());
+    let descend = states.iter().any(|&(p, s)| s < paths[p].len());
     match c.peek_kind() {
         Some(Kind::Array) if descend || selected => {
             // An array is not a node: its items are, in the same states.
@@ -246,10 +277,10 @@ fn walk(
             let mut first = true;
             while c.next_item(first)? {
                 first = false;
-                walk(c, src, steps, states, out, None)?;
+                walk(c, src, paths, states, out)?;
             }
         }
-        Some(Kind::Object) if descend || root_type.is_some() => {
+        Some(Kind::Object) if descend => {
             let start = c.pos();
             let slot = out.len();
             if selected {
@@ -261,36 +292,27 @@ fn walk(
                 });
             }
             c.enter()?;
-            let mut child: Vec<usize> = Vec::with_capacity(4);
+            let mut child: Vec<(usize, usize)> = Vec::with_capacity(4);
             let mut first = true;
             while let Some(key) = c.next_key(first)? {
                 first = false;
                 child.clear();
-                for &s in states {
-                    let next: &[usize] = match steps.get(s) {
-                        Some(Step::Member(n)) if key_is(src, key, n) => &[s + 1],
-                        Some(Step::Descendants) => &[s, s + 1],
+                for &(p, s) in states {
+                    let next: &[(usize, usize)] = match paths[p].get(s) {
+                        Some(Step::Member(n)) if key_is(src, key, n) => &[(p, s + 1)],
+                        Some(Step::Descendants) => &[(p, s), (p, s + 1)],
                         _ => &[],
                     };
-                    for &n in next {
-                        if !child.contains(&n) {
-                            child.push(n);
+                    for n in next {
+                        if !child.contains(n) {
+                            child.push(*n);
                         }
                     }
                 }
-                if let Some((ty, ok)) = root_type
-                    .as_mut()
-                    .filter(|_| key_is(src, key, "resourceType"))
-                {
-                    let v = c.value()?;
-                    **ok = v.str_eq(src, ty);
-                    if child.contains(&steps.len()) {
-                        out.push(v);
-                    }
-                } else if child.is_empty() {
+                if child.is_empty() {
                     c.value()?;
                 } else {
-                    walk(c, src, steps, &child, out, None)?;
+                    walk(c, src, paths, &child, out)?;
                 }
             }
             if selected {
@@ -484,10 +506,27 @@ fn is_fhir_ws(c: char) -> bool {
     matches!(c, ' ' | '\t' | '\r' | '\n')
 }
 
-/// Trims surrounding whitespace from every string the path selects.
-pub fn trim(src: &str, path: &FhirPath) -> Option<String> {
+/// Whether any string of `src` may start or end with whitespace: a quote
+/// next to a space, an escape right after an opening quote or before a
+/// closing one, or a `\u00` escape. Compact NDJSON rarely has any, so most
+/// resources skip the walk.
+fn may_have_padded_string(src: &str) -> bool {
+    const PATTERNS: [&[u8]; 7] = [
+        b"\" ", b" \"", b"\"\\", b"\\t\"", b"\\n\"", b"\\r\"", b"\\u00",
+    ];
+    let b = src.as_bytes();
+    PATTERNS
+        .iter()
+        .any(|p| memchr::memmem::find(b, p).is_some())
+}
+
+/// Trims surrounding whitespace from every string any of `paths` selects.
+pub fn trim(src: &str, paths: &[FhirPath]) -> Option<String> {
+    if !may_have_padded_string(src) {
+        return None;
+    }
     let mut edits = Vec::new();
-    for v in select(src, path) {
+    for v in select_any(src, paths) {
         let Some(raw) = v.raw_str(src) else { continue };
         let replacement = if !v.escaped {
             let t = raw.trim_matches(is_fhir_ws);
@@ -709,11 +748,22 @@ mod tests {
 
     #[test]
     fn trim_only_touches_padded_strings() {
-        let out = trim(PAT, &p("identifier.value")).unwrap();
+        let out = trim(PAT, &[p("identifier.value")]).unwrap();
         assert_eq!(out, PAT.replace("\" 42 \"", "\"42\""));
-        assert_eq!(trim(PAT, &p("name.given")), None);
+        assert_eq!(trim(PAT, &[p("name.given")]), None);
         let esc = r#"{"code":"\tA\u00e9 "}"#;
-        assert_eq!(trim(esc, &p("code")).unwrap(), r#"{"code":"Aé"}"#);
+        assert_eq!(trim(esc, &[p("code")]).unwrap(), r#"{"code":"Aé"}"#);
+        // Several paths in one pass, top level and nested.
+        let obs = r#"{"resourceType":"Observation","code":{"coding":[{"code":" 1 "}]},"identifier":[{"value":"a "}],"component":[{"code":{"coding":[{"code":"2 "}]}}]}"#;
+        let paths = [
+            p("descendants().code"),
+            p("identifier.value"),
+            p("Patient.id"),
+        ];
+        assert_eq!(
+            trim(obs, &paths).unwrap(),
+            r#"{"resourceType":"Observation","code":{"coding":[{"code":"1"}]},"identifier":[{"value":"a"}],"component":[{"code":{"coding":[{"code":"2"}]}}]}"#
+        );
     }
 
     #[test]

@@ -211,12 +211,12 @@ pub fn functions() -> Vec<ScalarUDF> {
         ),
         f(
             "fhir_trim",
-            strings(&[2]),
+            strings(&[2, 3, 4, 5, 6, 7, 8, 9]),
             DataType::Utf8,
             doc(
-                "The resource with leading and trailing whitespace removed from every string at `path`. Strings without such whitespace, and every other byte, stay.",
-                "fhir_trim(resource, path)",
-                "SELECT * REPLACE (fhir_trim(resource, 'identifier.value') AS resource) FROM records;\n-- {\"identifier\":[{\"value\":\" 42 \"}]} → {\"identifier\":[{\"value\":\"42\"}]}",
+                "The resource with leading and trailing whitespace removed from every string at any of the paths (up to 8, matched in one pass). Strings without such whitespace, and every other byte, stay.",
+                "fhir_trim(resource, path [, path ...])",
+                "SELECT * REPLACE (fhir_trim(resource, 'identifier.value', 'descendants().identifier.value') AS resource) FROM records;\n-- {\"identifier\":[{\"value\":\" 42 \"}]} → {\"identifier\":[{\"value\":\"42\"}]}",
                 &[RESOURCE_ARG, PATH_ARG],
             ),
             eval_trim,
@@ -456,10 +456,15 @@ fn eval_remove(name: &str, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
 }
 
 fn eval_trim(name: &str, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
-    let mut cache = PathCache::default();
+    let mut caches: Vec<PathCache> = Vec::new();
+    let mut paths: Vec<FhirPath> = Vec::new();
     map_edits(name, args, |resource, row| {
-        let path = cache.get(name, row[1].expect("checked"))?;
-        Ok(path::trim(resource, path))
+        caches.resize_with(row.len() - 1, PathCache::default);
+        paths.clear();
+        for (cache, p) in caches.iter_mut().zip(&row[1..]) {
+            paths.push(cache.get(name, p.expect("checked"))?.clone());
+        }
+        Ok(path::trim(resource, &paths))
     })
 }
 

@@ -1,4 +1,4 @@
-//! Curation step 4: runs `queries/dedup.sql` over the key columns of every
+//! Curation step 4: runs `dedup.sql` over the key columns of every
 //! accepted record and returns the duplicates.
 //!
 //! The query runs in a DataFusion session with a memory limit: the sort
@@ -19,7 +19,7 @@ use crate::model::{schema, Shape};
 
 /// The dedup query, shipped inside the binary so that curation does not
 /// depend on where it runs from.
-pub const DEDUP_SQL: &str = include_str!("../../../queries/dedup.sql");
+pub const DEDUP_SQL: &str = include_str!("dedup.sql");
 
 /// Duplicates by source file: (line number, exact duplicate?).
 pub type Duplicates = HashMap<String, Vec<(u64, bool)>>;
@@ -43,14 +43,14 @@ pub async fn find_duplicates(
     let table = MemTable::try_new(schema(Shape::Keyed), vec![keyed]).map_err(q("keyed table"))?;
     ctx.register_table("keyed", Arc::new(table))
         .map_err(q("keyed table"))?;
-    let df = ctx.sql(DEDUP_SQL).await.map_err(q("queries/dedup.sql"))?;
-    let mut stream = df.execute_stream().await.map_err(q("queries/dedup.sql"))?;
+    let df = ctx.sql(DEDUP_SQL).await.map_err(q("dedup.sql"))?;
+    let mut stream = df.execute_stream().await.map_err(q("dedup.sql"))?;
     let mut out: Duplicates = HashMap::new();
     while let Some(batch) = stream.next().await {
-        let batch = batch.map_err(q("queries/dedup.sql"))?;
+        let batch = batch.map_err(q("dedup.sql"))?;
         // source_file is dictionary encoded in `keyed`.
         let file = arrow::compute::cast(batch.column(0), &arrow::datatypes::DataType::Utf8)
-            .map_err(|e| Error::query(stage, "queries/dedup.sql", e.into()))?;
+            .map_err(|e| Error::query(stage, "dedup.sql", e.into()))?;
         let file = file.as_string::<i32>();
         let line = batch.column(1).as_primitive::<UInt64Type>();
         let exact = batch.column(4).as_boolean();

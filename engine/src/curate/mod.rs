@@ -8,7 +8,7 @@
 //!   step 2, the validation checks ([`check`]); the rules (step 3) seam. Accepted lines
 //!   become key rows plus a few bytes saying where the tenant label will go;
 //!   rejected lines become `import_errors` rows.
-//! * **dedup** (step 4, [`dedup`]): `queries/dedup.sql` over the key rows.
+//! * **dedup** (step 4, [`dedup`]): `engine/src/curate/dedup.sql` over the key rows.
 //! * **pass 2** (files in parallel): every line that is neither rejected nor
 //!   a duplicate gets the tenant label (step 5) as planned in pass 1, without
 //!   a second parse, and is written to the run's staging area ([`write`]).
@@ -27,9 +27,10 @@
 pub mod check;
 pub mod dedup;
 pub mod parse;
+mod rules_pass;
 mod write;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -46,6 +47,7 @@ use crate::model::{RowsBuilder, Shape};
 use crate::raw::lines::Line;
 use crate::raw::{self, read_lines, LayerFile};
 use crate::report::Reporter;
+use crate::rules::exec::RuleCounts;
 use crate::settings::Settings;
 use crate::storage::Lake;
 use check::{CheckedLine, LineCheck};
@@ -96,8 +98,18 @@ pub struct CurateReport {
     /// Wall-clock seconds of the whole run.
     pub seconds: f64,
     pub curated_files: Vec<String>,
-    /// Each phase: pass 1, dedup, pass 2, commit.
+    /// Each phase: pass 1, rules, dedup, pass 2, commit.
     pub phases: Vec<Phase>,
+    /// What each rule did, per resource type.
+    pub rules: Vec<RuleSummary>,
+}
+
+/// What one rule did to the records of one resource type in a run.
+#[derive(Debug, Clone)]
+pub struct RuleSummary {
+    pub rule: String,
+    pub resource_type: String,
+    pub counts: RuleCounts,
 }
 
 /// One phase of a run, for engineers tuning throughput.
@@ -182,6 +194,7 @@ impl Run {
             message: r.message,
             location: r.location,
             record,
+            rule: r.rule,
         }
     }
 
@@ -315,6 +328,8 @@ struct FileWork {
     plans: Vec<LinePlan>,
     /// Line numbers of duplicates, ascending.
     duplicates: Vec<u64>,
+    /// The new text of lines the rules changed.
+    changed: HashMap<u64, String>,
 }
 
 /// Pass 2's output for one raw file.
@@ -467,6 +482,8 @@ pub async fn curate_with_checks(
             lake.raw.url_of(&lake.raw.paths.raw_tenant(tenant))
         )));
     }
+    let (chains, rule_folders) = rules_pass::chains_for(settings, tenant.as_str(), &files).await?;
+    let has_rules = chains.iter().any(|c| !c.is_empty());
     let total_bytes: u64 = files.iter().map(|f| f.meta.size).sum();
     let mut phases: Vec<Phase> = Vec::new();
     let mut phase_start = Instant::now();
@@ -478,7 +495,7 @@ pub async fn curate_with_checks(
         });
         phase_start = Instant::now();
     };
-    reporter.start("curate", 2 * total_bytes);
+    reporter.start("curate", if has_rules { 3 } else { 2 } * total_bytes);
 
     // Pass 1: parse and key (and plan the label), files in parallel.
     let labeller = Arc::new(TenantLabeller::new(
@@ -495,6 +512,52 @@ pub async fn curate_with_checks(
     )
     .await?;
     phase("parse and key");
+
+    // Step 3: the rules, over the files that have any.
+    let mut rule_counts: BTreeMap<(String, String), RuleCounts> = BTreeMap::new();
+    let mut changed: Vec<HashMap<u64, String>> = vec![HashMap::new(); files.len()];
+    if has_rules {
+        let keyed: Vec<RecordBatch> = scans.iter().flat_map(|s| s.keyed.iter().cloned()).collect();
+        let keys = crate::rules::exec::keys_from_keyed(&keyed);
+        drop(keyed);
+        let mut jobs = Vec::new();
+        let mut with_rules = Vec::new();
+        for (i, scan) in scans.iter_mut().enumerate() {
+            if chains[i].is_empty() {
+                reporter.advance(files[i].meta.size);
+                continue;
+            }
+            let rows = rules_pass::FileRows {
+                keyed: std::mem::take(&mut scan.keyed),
+                plans: std::mem::take(&mut scan.plans),
+            };
+            let (run, files, labeller) = (run.clone(), files.clone(), labeller.clone());
+            let (rules, keys) = (chains[i].clone(), keys.clone());
+            with_rules.push(i);
+            jobs.push((files[i].meta.size, move || {
+                run.apply_rules(&files[i], &rules, keys, rows, &labeller)
+            }));
+        }
+        let done = run_blocking(settings.curate.concurrency, jobs, |j| {
+            reporter.advance(files[with_rules[j]].meta.size)
+        })
+        .await?;
+        for (i, d) in with_rules.into_iter().zip(done) {
+            let scan = &mut scans[i];
+            scan.keyed = d.rows.keyed;
+            scan.plans = d.rows.plans;
+            scan.rejected += d.rejected;
+            scan.seconds += d.seconds;
+            changed[i] = d.changed;
+            for (rule, c) in d.counts {
+                rule_counts
+                    .entry((type_key(&files[i]).to_string(), rule.name.clone()))
+                    .or_default()
+                    .add(&c);
+            }
+        }
+        phase("rules");
+    }
 
     // Dedup over the keys of every accepted record.
     let keyed: Vec<RecordBatch> = scans
@@ -528,6 +591,7 @@ pub async fn curate_with_checks(
         work.push(FileWork {
             plans: std::mem::take(&mut scan.plans),
             duplicates: dups.iter().map(|d| d.0).collect(),
+            changed: std::mem::take(&mut changed[work.len()]),
         });
     }
     drop(scans);
@@ -620,13 +684,19 @@ pub async fn curate_with_checks(
         healthlake_job_id: None,
         healthlake_status: None,
         message: Some(format!(
-            "{} raw files, {} resource types",
+            "{} raw files, {} resource types; rules: {}",
             files.len(),
-            types.len()
+            types.len(),
+            rule_folders.join(", ")
         )),
         engine_version: env!("CARGO_PKG_VERSION").into(),
     };
-    let metrics: Vec<MetricRow> = types.iter().map(|s| run.metric_row(s)).collect();
+    let mut metrics: Vec<MetricRow> = types.iter().map(|s| run.metric_row(s)).collect();
+    metrics.extend(
+        rule_counts
+            .iter()
+            .map(|((ty, rule), c)| run.rule_metric_row(ty, rule, c)),
+    );
     let errors_written = {
         let run = run.clone();
         tokio::task::spawn_blocking(move || run.errors.finish()).await??
@@ -663,6 +733,14 @@ pub async fn curate_with_checks(
         seconds: started.elapsed().as_secs_f64(),
         curated_files: record.curated_files,
         phases,
+        rules: rule_counts
+            .into_iter()
+            .map(|((resource_type, rule), counts)| RuleSummary {
+                rule,
+                resource_type,
+                counts,
+            })
+            .collect(),
     })
 }
 
@@ -680,6 +758,8 @@ impl Run {
             tenant_guid: self.tenant.to_string(),
             import_date: self.date.days_since_epoch(),
             resource_type: s.resource_type.clone(),
+            rule: None,
+            records_changed: 0,
             records_in: s.records_in,
             records_out: s.curated,
             records_rejected: s.rejected,
@@ -691,6 +771,26 @@ impl Run {
             records_per_second: s.records_in as f64 / secs,
             mb_per_second: s.bytes_in as f64 / 1e6 / secs,
             conserved: s.conserved(),
+        }
+    }
+
+    fn rule_metric_row(&self, resource_type: &str, rule: &str, c: &RuleCounts) -> MetricRow {
+        let secs = c.seconds.max(1e-9);
+        MetricRow {
+            job_id: self.run_id.clone(),
+            stage: STAGE.into(),
+            tenant_guid: self.tenant.to_string(),
+            import_date: self.date.days_since_epoch(),
+            resource_type: resource_type.to_string(),
+            rule: Some(rule.to_string()),
+            records_in: c.rows_in,
+            records_out: c.kept,
+            records_rejected: c.rejected,
+            records_changed: c.changed,
+            elapsed_seconds: c.seconds,
+            records_per_second: c.rows_in as f64 / secs,
+            conserved: c.rows_in == c.kept + c.rejected,
+            ..Default::default()
         }
     }
 
@@ -752,8 +852,11 @@ impl Run {
                         )))
                     }
                 };
-                let text = std::str::from_utf8(bytes)
-                    .map_err(|_| changed(format!("line {line_no} is no longer UTF-8")))?;
+                let text = match work.changed.get(&line_no) {
+                    Some(new) => new.as_str(),
+                    None => std::str::from_utf8(bytes)
+                        .map_err(|_| changed(format!("line {line_no} is no longer UTF-8")))?,
+                };
                 let edit = if plan.rescan {
                     // Step 5 in full: scan again to find the edit or the reason.
                     let planned = scan_resource(text, c.max_depth)
@@ -762,7 +865,7 @@ impl Run {
                     match planned {
                         Ok(edit) => edit,
                         Err(e) => {
-                            let id = key_line(bytes, file.file_type, c.max_depth, false)
+                            let id = key_line(text.as_bytes(), file.file_type, c.max_depth, false)
                                 .ok()
                                 .map(|k| k.id.into_owned());
                             let r = label_reject(&e, ty, id.as_deref());

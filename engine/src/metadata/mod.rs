@@ -60,9 +60,13 @@ pub struct ErrorRow {
     pub message: String,
     pub location: Option<String>,
     pub record: Option<String>,
+    /// The curation rule that rejected the record (its file in the rules
+    /// folder), for rejections by step 3.
+    pub rule: Option<String>,
 }
 
-/// `import_metrics`: one row per (job, resource type, stage).
+/// `import_metrics`: one row per (job, resource type, stage), and one per
+/// (job, resource type, rule) for curation rules.
 #[derive(Debug, Clone, Default)]
 pub struct MetricRow {
     pub job_id: String,
@@ -70,6 +74,10 @@ pub struct MetricRow {
     pub tenant_guid: String,
     pub import_date: i32,
     pub resource_type: String,
+    /// For a rule's row: its name; records_out counts the rows it kept,
+    /// records_changed those of them whose text it changed.
+    pub rule: Option<String>,
+    pub records_changed: u64,
     pub records_in: u64,
     pub records_out: u64,
     pub records_rejected: u64,
@@ -125,6 +133,7 @@ static ERRORS: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("message", DataType::Utf8, false),
         Field::new("location", DataType::Utf8, true),
         Field::new("record", DataType::Utf8, true),
+        Field::new("rule", DataType::Utf8, true),
     ]))
 });
 
@@ -135,9 +144,11 @@ static METRICS: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("tenant_guid", DataType::Utf8, false),
         Field::new("import_date", DataType::Date32, false),
         Field::new("resource_type", DataType::Utf8, false),
+        Field::new("rule", DataType::Utf8, true),
         Field::new("records_in", DataType::UInt64, false),
         Field::new("records_out", DataType::UInt64, false),
         Field::new("records_rejected", DataType::UInt64, false),
+        Field::new("records_changed", DataType::UInt64, false),
         Field::new("records_duplicate", DataType::UInt64, false),
         Field::new("records_exact_duplicate", DataType::UInt64, false),
         Field::new("bytes_in", DataType::UInt64, false),
@@ -225,6 +236,7 @@ pub fn errors_batch(rows: &[ErrorRow]) -> RecordBatch {
             utf8(r.iter().map(|x| x.message.as_str())),
             utf8_opt(r.iter().map(|x| x.location.as_deref())),
             utf8_opt(r.iter().map(|x| x.record.as_deref())),
+            utf8_opt(r.iter().map(|x| x.rule.as_deref())),
         ],
     )
     .expect("import_errors columns match")
@@ -240,9 +252,11 @@ pub fn metrics_batch(rows: &[MetricRow]) -> RecordBatch {
             utf8(r.iter().map(|x| x.tenant_guid.as_str())),
             dates(r.iter().map(|x| x.import_date)),
             utf8(r.iter().map(|x| x.resource_type.as_str())),
+            utf8_opt(r.iter().map(|x| x.rule.as_deref())),
             u64s(r.iter().map(|x| x.records_in)),
             u64s(r.iter().map(|x| x.records_out)),
             u64s(r.iter().map(|x| x.records_rejected)),
+            u64s(r.iter().map(|x| x.records_changed)),
             u64s(r.iter().map(|x| x.records_duplicate)),
             u64s(r.iter().map(|x| x.records_exact_duplicate)),
             u64s(r.iter().map(|x| x.bytes_in)),

@@ -38,10 +38,12 @@ const STAGE: &str = "sql";
 
 /// A session over `lake` with every layer and UDF registered.
 pub async fn session(lake: &Lake, settings: &Settings) -> Result<SessionContext> {
-    // The PostgreSQL dialect parses the JSON operators `->` and `->>` (the
-    // generic one reads `->` as a lambda).
-    let config = datafusion::prelude::SessionConfig::new()
-        .set_str("datafusion.sql_parser.dialect", "PostgreSQL");
+    // The rules' dialect, so that a rule's SQL runs here as it is: it parses
+    // the JSON operators `->` and `->>` and `SELECT * REPLACE (…)`.
+    let config = datafusion::prelude::SessionConfig::new().set_str(
+        "datafusion.sql_parser.dialect",
+        crate::rules::exec::RULE_DIALECT,
+    );
     let mut ctx = SessionContext::new_with_config(config);
     for root in [&lake.raw, &lake.curated, &lake.metadata] {
         ctx.register_object_store(&root.store_url, root.store.clone());

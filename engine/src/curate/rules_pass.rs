@@ -1,0 +1,302 @@
+//! Step 3 in a curate run: the rules pass, between pass 1 and dedup.
+//!
+//! Rules may look at every record of the partition (`keys`), so they run
+//! once pass 1 has keyed them all. The pass reads each file with rules
+//! again, builds record-model batches from pass 1's key rows and the line
+//! text, and runs the file's rule chain over them ([`crate::rules::exec`]).
+//! Rejected and dropped rows leave the run here (before dedup, so an older
+//! version can survive, as with validation). A changed row is keyed, checked
+//! (step 2) and label-planned again from its new text, which pass 2 then
+//! writes instead of the raw line.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow::array::{ArrayBuilder, ArrayRef, AsArray, RecordBatch, StringBuilder};
+use arrow::datatypes::UInt64Type;
+use fhirflow_udfs::tenant_label::{LabelEdit, TenantLabeller};
+
+use super::parse::{key_and_scan, Reject};
+use super::{LinePlan, Run, STAGE};
+use crate::error::{Error, Result};
+use crate::raw::lines::Line;
+use crate::raw::{read_lines, LayerFile};
+use crate::rules::exec::{records_schema, Chain, RuleCounts, RuleSession};
+use crate::rules::Rule;
+
+/// Rows per batch the rules run over: large enough that planning overhead
+/// is small per row, small enough that a batch's text stays a few MB.
+const RULE_BATCH_ROWS: usize = 16_384;
+
+/// One file's pass 1 output that the rules pass reads and trims.
+pub(super) struct FileRows {
+    pub keyed: Vec<RecordBatch>,
+    pub plans: Vec<LinePlan>,
+}
+
+/// What the rules did to one file.
+pub(super) struct RulesDone {
+    pub rows: FileRows,
+    /// New text of changed lines, for pass 2.
+    pub changed: HashMap<u64, String>,
+    pub rejected: u64,
+    /// Per rule of the file's chain.
+    pub counts: Vec<(Arc<Rule>, RuleCounts)>,
+    pub seconds: f64,
+}
+
+impl Run {
+    /// The rules pass over one file, on a blocking thread.
+    pub(super) fn apply_rules(
+        &self,
+        file: &LayerFile,
+        rules: &[Arc<Rule>],
+        keys: Vec<RecordBatch>,
+        rows: FileRows,
+        labeller: &TenantLabeller,
+    ) -> Result<RulesDone> {
+        let started = Instant::now();
+        let handle = tokio::runtime::Handle::current();
+        let session = RuleSession::new(&self.settings.curate.rule_params, keys)?;
+        let chain = handle.block_on(Chain::plan(&session, rules))?;
+        let FileRows { keyed, mut plans } = rows;
+        let mut done = RulesDone {
+            rows: FileRows {
+                keyed: Vec::new(),
+                plans: Vec::new(),
+            },
+            changed: HashMap::new(),
+            rejected: 0,
+            counts: rules
+                .iter()
+                .map(|r| (r.clone(), RuleCounts::default()))
+                .collect(),
+            seconds: 0.0,
+        };
+        let batches = regroup(keyed, RULE_BATCH_ROWS);
+        let mut rejected_lines: HashSet<u64> = HashSet::new();
+        let c = &self.settings.curate;
+        let changed_err = |detail: String| Error::InputChanged {
+            stage: STAGE,
+            location: file.origin.source_file.clone(),
+            detail,
+        };
+        let (mut next_plan, mut batch_i) = (0, 0);
+        let mut texts = StringBuilder::new();
+        read_lines(
+            &self.lake.raw,
+            STAGE,
+            file,
+            c.max_line_bytes,
+            |line_no, line| {
+                let Some(plan) = plans.get(next_plan).filter(|p| p.line_no == line_no) else {
+                    return Ok(());
+                };
+                next_plan += 1;
+                let text = match line {
+                    Line::Text { bytes, .. } if bytes.len() == plan.len as usize => {
+                        std::str::from_utf8(bytes).map_err(|_| {
+                            changed_err(format!("line {line_no} is no longer UTF-8"))
+                        })?
+                    }
+                    _ => {
+                        return Err(changed_err(format!(
+                            "line {line_no} is not the line read before"
+                        )))
+                    }
+                };
+                texts.append_value(text);
+                if texts.len() == batches[batch_i].num_rows() {
+                    let records = records_batch(&batches[batch_i], texts.finish());
+                    batch_i += 1;
+                    let applied = handle.block_on(chain.apply(&session, records.clone(), 0))?;
+                    let lines = records.column_by_name("line_no").expect("model");
+                    let lines = lines.as_primitive::<UInt64Type>();
+                    let ids = records
+                        .column_by_name("id")
+                        .expect("model")
+                        .as_string::<i32>()
+                        .clone();
+                    let res = records
+                        .column_by_name("resource")
+                        .expect("model")
+                        .as_string::<i32>()
+                        .clone();
+                    for r in applied.rejected {
+                        let line = lines.value(r.row);
+                        rejected_lines.insert(line);
+                        let mut reject = Reject::new(r.code, r.reason);
+                        reject.rule = Some(chain.rules[r.rule].0.name.clone());
+                        reject.resource_id = Some(ids.value(r.row).to_string());
+                        let text = res.value(r.row).as_bytes();
+                        self.errors
+                            .push(self.error_row(file, Some(line), reject, Some(text)))?;
+                    }
+                    for (row, new) in applied.changed {
+                        let line = lines.value(row);
+                        match self.recheck(file, ids.value(row), &new, labeller) {
+                            Ok(plan) => {
+                                done.changed.insert(line, new);
+                                let at = plans
+                                    .binary_search_by_key(&line, |p| p.line_no)
+                                    .expect("planned line");
+                                plans[at].insert = plan.0;
+                                plans[at].rescan = plan.1;
+                            }
+                            Err(findings) => {
+                                rejected_lines.insert(line);
+                                for f in findings {
+                                    self.errors.push(self.error_row(
+                                        file,
+                                        Some(line),
+                                        f,
+                                        Some(new.as_bytes()),
+                                    ))?;
+                                }
+                            }
+                        }
+                    }
+                    for ((_, total), c) in done.counts.iter_mut().zip(&applied.counts) {
+                        total.add(c);
+                    }
+                }
+                Ok(())
+            },
+        )?;
+        if batch_i != batches.len() {
+            return Err(changed_err("lines read in pass 1 are missing".into()));
+        }
+        // The rejected rows leave: from dedup's keys and from pass 2's plans.
+        done.rejected = rejected_lines.len() as u64;
+        plans.retain(|p| !rejected_lines.contains(&p.line_no));
+        done.rows.plans = plans;
+        done.rows.keyed = batches
+            .into_iter()
+            .map(|b| without_lines(b, &rejected_lines))
+            .filter(|b| b.num_rows() > 0)
+            .collect();
+        done.seconds = started.elapsed().as_secs_f64();
+        Ok(done)
+    }
+
+    /// Steps 1, 2 and the label plan again for a line a rule changed: the
+    /// label's new position, or why the new text is rejected.
+    fn recheck(
+        &self,
+        file: &LayerFile,
+        id: &str,
+        text: &str,
+        labeller: &TenantLabeller,
+    ) -> std::result::Result<(Option<(u32, fhirflow_udfs::tenant_label::Piece)>, bool), Vec<Reject>>
+    {
+        let c = &self.settings.curate;
+        let after = |mut r: Reject| {
+            r.message = format!("after the rules changed the resource: {}", r.message);
+            r
+        };
+        let (keys, scanned) = key_and_scan(text.as_bytes(), file.file_type, c.max_depth, false)
+            .map_err(|r| vec![after(r)])?;
+        if keys.id != id {
+            return Err(vec![Reject::new(
+                "RULE_CHANGED_ID",
+                format!("the rules changed the resource's id from {id:?} to {:?}; a rule may not change a record's identity", keys.id),
+            )]);
+        }
+        let findings = self.check(&keys, &scanned);
+        if !findings.is_empty() {
+            return Err(findings.into_iter().map(after).collect());
+        }
+        Ok(match labeller.plan(keys.text, &scanned) {
+            Ok(LabelEdit::Unchanged) => (None, false),
+            Ok(LabelEdit::Insert { at, piece }) => (Some((at as u32, piece)), false),
+            Ok(LabelEdit::Remove(_)) | Err(_) => (None, true),
+        })
+    }
+}
+
+/// Keyed batches regrouped into batches of about `rows` rows.
+fn regroup(keyed: Vec<RecordBatch>, rows: usize) -> Vec<RecordBatch> {
+    let Some(schema) = keyed.first().map(|b| b.schema()) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let mut group: Vec<RecordBatch> = Vec::new();
+    let mut n = 0;
+    for b in keyed {
+        n += b.num_rows();
+        group.push(b);
+        if n >= rows {
+            out.push(arrow::compute::concat_batches(&schema, &group).expect("same schema"));
+            group.clear();
+            n = 0;
+        }
+    }
+    if !group.is_empty() {
+        out.push(arrow::compute::concat_batches(&schema, &group).expect("same schema"));
+    }
+    out
+}
+
+/// Record-model rows from keyed rows and their text.
+fn records_batch(keyed: &RecordBatch, texts: arrow::array::StringArray) -> RecordBatch {
+    let schema = records_schema();
+    let columns: Vec<ArrayRef> = schema
+        .fields()
+        .iter()
+        .map(|f| {
+            if f.name() == "resource" {
+                Arc::new(texts.clone()) as ArrayRef
+            } else {
+                let c = keyed
+                    .column_by_name(f.name())
+                    .expect("keyed has the model's keys");
+                arrow::compute::cast(c, f.data_type()).expect("dictionary to text")
+            }
+        })
+        .collect();
+    RecordBatch::try_new(schema, columns).expect("record model")
+}
+
+fn without_lines(batch: RecordBatch, lines: &HashSet<u64>) -> RecordBatch {
+    if lines.is_empty() {
+        return batch;
+    }
+    let line = batch
+        .column_by_name("line_no")
+        .expect("keyed")
+        .as_primitive::<UInt64Type>();
+    let keep: arrow::array::BooleanArray = line
+        .iter()
+        .map(|l| Some(!l.is_some_and(|l| lines.contains(&l))))
+        .collect();
+    arrow::compute::filter_record_batch(&batch, &keep).expect("same length")
+}
+
+/// The rule chain of each file: its (tenant, source system)'s rules folder,
+/// shared rules plus its type's. Every folder is loaded and its rules planned
+/// once here, so a broken rule stops the run before any data is read.
+pub(super) async fn chains_for(
+    settings: &crate::settings::Settings,
+    tenant: &str,
+    files: &[LayerFile],
+) -> Result<(Vec<Vec<Arc<Rule>>>, Vec<String>)> {
+    let mut sets: std::collections::BTreeMap<String, crate::rules::RuleSet> = Default::default();
+    let mut chains = Vec::with_capacity(files.len());
+    for f in files {
+        let folder = crate::rules::folder_for(settings, tenant, f.origin.source_system.as_deref());
+        if !sets.contains_key(folder) {
+            let set = crate::rules::RuleSet::from_setting(folder)?;
+            let session = RuleSession::new(&settings.curate.rule_params, Vec::new())?;
+            for r in &set.rules {
+                session.plan(r).await?;
+            }
+            sets.insert(folder.to_string(), set);
+        }
+        chains.push(match f.file_type {
+            Some(ty) => sets[folder].for_type(ty),
+            None => Vec::new(),
+        });
+    }
+    Ok((chains, sets.values().map(|s| s.describe()).collect()))
+}

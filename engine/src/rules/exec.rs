@@ -1,0 +1,471 @@
+//! Running a chain of rules over a batch of records.
+//!
+//! Each rule is planned once per session (parse and bind) and executed once
+//! per batch against `records`, a table whose rows are swapped before each
+//! step. Between steps the engine reads the rule's output: which rows came
+//! back (by `line_no`), which carry a `reject_reason`, which have new text.
+
+use std::any::Any;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, StringArray, UInt32Array};
+use arrow::datatypes::{DataType, SchemaRef, UInt64Type};
+use async_trait::async_trait;
+use datafusion::catalog::{Session as CatalogSession, TableProvider};
+use datafusion::common::Result as DfResult;
+use datafusion::datasource::{MemTable, TableType};
+use datafusion::error::DataFusionError;
+use datafusion::logical_expr::{Expr, LogicalPlan};
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion::sql::parser::Statement;
+use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
+
+use super::Rule;
+use crate::error::{Error, Result};
+use crate::model::{schema, Shape};
+
+/// The columns of `records`: the record model.
+pub fn records_schema() -> SchemaRef {
+    schema(Shape::Curated)
+}
+
+/// The columns of `keys`: the keyed rows without their hashes.
+pub fn keys_schema() -> SchemaRef {
+    let keyed = schema(Shape::Keyed);
+    Arc::new(keyed.project(&keys_columns()).expect("columns exist"))
+}
+
+fn keys_columns() -> Vec<usize> {
+    let keyed = schema(Shape::Keyed);
+    (0..keyed.fields().len())
+        .filter(|&i| !keyed.field(i).name().ends_with("_hash"))
+        .collect()
+}
+
+/// Keyed batches (what dedup reads) as `keys` rows.
+pub fn keys_from_keyed(keyed: &[RecordBatch]) -> Vec<RecordBatch> {
+    let cols = keys_columns();
+    keyed
+        .iter()
+        .map(|b| {
+            b.project(&cols)
+                .expect("keyed batches have the keyed schema")
+        })
+        .collect()
+}
+
+/// The SQL dialect of rules: DuckDB's parses `SELECT * REPLACE (…)` and
+/// `* EXCLUDE (…)`, which rules use to change one column and keep the rest,
+/// and the JSON operators `->` and `->>`.
+pub const RULE_DIALECT: &str = "DuckDB";
+
+/// `records`: whatever rows the current step reads.
+#[derive(Debug)]
+struct StepTable {
+    rows: Mutex<Vec<RecordBatch>>,
+}
+
+#[async_trait]
+impl TableProvider for StepTable {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn schema(&self) -> SchemaRef {
+        records_schema()
+    }
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+    async fn scan(
+        &self,
+        state: &dyn CatalogSession,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let rows = self.rows.lock().expect("not poisoned").clone();
+        MemTable::try_new(records_schema(), vec![rows])?
+            .scan(state, projection, filters, limit)
+            .await
+    }
+}
+
+/// A DataFusion session for rules: the UDF library, `rule_param` values,
+/// `keys`, and `records` for the step at hand. One per worker thread.
+pub struct RuleSession {
+    pub ctx: SessionContext,
+    records: Arc<StepTable>,
+}
+
+impl RuleSession {
+    pub fn new(params: &BTreeMap<String, String>, keys: Vec<RecordBatch>) -> Result<Self> {
+        let q = |e| Error::query("rules", "rule session", e);
+        // One partition: the batches are small and files already run in
+        // parallel. Spans let errors point at a line and column.
+        let config = SessionConfig::new()
+            .with_target_partitions(1)
+            .set_str("datafusion.sql_parser.dialect", RULE_DIALECT)
+            .set_bool("datafusion.sql_parser.collect_spans", true);
+        let mut ctx = SessionContext::new_with_config(config);
+        fhirflow_udfs::register_with_params(&mut ctx, params.clone()).map_err(q)?;
+        let records = Arc::new(StepTable {
+            rows: Mutex::new(Vec::new()),
+        });
+        ctx.register_table("records", records.clone()).map_err(q)?;
+        let keys = MemTable::try_new(keys_schema(), vec![keys]).map_err(q)?;
+        ctx.register_table("keys", Arc::new(keys)).map_err(q)?;
+        Ok(RuleSession { ctx, records })
+    }
+
+    /// Parses and plans `rule`, and checks that its output has what the
+    /// engine reads. Errors name the file and, where DataFusion knows it, the
+    /// line and column.
+    pub async fn plan(&self, rule: &Rule) -> Result<LogicalPlan> {
+        let state = self.ctx.state();
+        let dialect = state.config().options().sql_parser.dialect;
+        let statement = state
+            .sql_to_statement(&rule.sql, &dialect)
+            .map_err(|e| rule_error(rule, e))?;
+        let is_query =
+            matches!(&statement, Statement::Statement(s) if matches!(**s, SqlStatement::Query(_)));
+        if !is_query {
+            return Err(Error::Rule {
+                file: rule.path.display().to_string(),
+                message: "a rule is one SELECT (or WITH … SELECT) statement".into(),
+            });
+        }
+        let plan = state
+            .statement_to_plan(statement)
+            .await
+            .map_err(|e| rule_error(rule, e))?;
+        let out = plan.schema();
+        let problem = |message: String| {
+            Err(Error::Rule {
+                file: rule.path.display().to_string(),
+                message,
+            })
+        };
+        let is_text = |t: &DataType| {
+            matches!(
+                t,
+                DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View | DataType::Null
+            )
+        };
+        match out.field_with_unqualified_name("line_no") {
+            Ok(f) if f.data_type().is_integer() => {}
+            Ok(f) => return problem(format!("line_no must stay an integer, not {}", f.data_type())),
+            Err(_) => return problem("the result has no line_no column: return the rows with their line_no (SELECT * keeps it)".into()),
+        }
+        match out.field_with_unqualified_name("resource") {
+            Ok(f) if is_text(f.data_type()) => {}
+            Ok(f) => return problem(format!("resource must be text, not {}", f.data_type())),
+            Err(_) => {
+                return problem(
+                    "the result has no resource column: return it (SELECT * keeps it)".into(),
+                )
+            }
+        }
+        if let Ok(f) = out.field_with_unqualified_name("reject_reason") {
+            if !is_text(f.data_type()) {
+                return problem(format!("reject_reason must be text, not {}", f.data_type()));
+            }
+        }
+        Ok(plan)
+    }
+
+    /// Runs `plan` over `rows`.
+    async fn run(
+        &self,
+        rule: &Rule,
+        plan: &LogicalPlan,
+        rows: RecordBatch,
+    ) -> Result<Vec<RecordBatch>> {
+        *self.records.rows.lock().expect("not poisoned") = vec![rows];
+        let out = async {
+            self.ctx
+                .execute_logical_plan(plan.clone())
+                .await?
+                .collect()
+                .await
+        }
+        .await
+        .map_err(|e| rule_error(rule, e));
+        self.records.rows.lock().expect("not poisoned").clear();
+        out
+    }
+}
+
+fn rule_error(rule: &Rule, e: DataFusionError) -> Error {
+    let at = e
+        .diagnostic()
+        .and_then(|d| d.span)
+        .map(|s| format!("line {}, column {}: ", s.start.line, s.start.column))
+        .unwrap_or_default();
+    Error::Rule {
+        file: rule.path.display().to_string(),
+        message: format!("{at}{}", e.strip_backtrace()),
+    }
+}
+
+/// What one rule did to one batch (or, summed, to a run).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RuleCounts {
+    pub rows_in: u64,
+    pub kept: u64,
+    pub rejected: u64,
+    /// Kept rows whose text the rule changed.
+    pub changed: u64,
+    /// Time spent running the rule.
+    pub seconds: f64,
+}
+
+impl RuleCounts {
+    pub fn add(&mut self, o: &RuleCounts) {
+        self.rows_in += o.rows_in;
+        self.kept += o.kept;
+        self.rejected += o.rejected;
+        self.changed += o.changed;
+        self.seconds += o.seconds;
+    }
+}
+
+/// A row a rule rejected or dropped.
+#[derive(Debug, Clone)]
+pub struct RuleReject {
+    /// The row's index in the batch given to [`Chain::apply`].
+    pub row: usize,
+    /// The rule's index in the chain.
+    pub rule: usize,
+    /// RULE_REJECTED or RULE_DROPPED.
+    pub code: &'static str,
+    pub reason: String,
+}
+
+/// A row a rule changed, for the dry run.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub rule: usize,
+    pub row: usize,
+    pub before: String,
+    pub after: String,
+}
+
+/// What a chain did to one batch.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub rejected: Vec<RuleReject>,
+    /// Surviving rows whose final text differs from the input: (row, text).
+    pub changed: Vec<(usize, String)>,
+    /// Per rule of the chain.
+    pub counts: Vec<RuleCounts>,
+    pub samples: Vec<Sample>,
+}
+
+/// The planned rules for one resource type.
+pub struct Chain {
+    pub rules: Vec<(Arc<Rule>, LogicalPlan)>,
+}
+
+impl Chain {
+    pub async fn plan(session: &RuleSession, rules: &[Arc<Rule>]) -> Result<Chain> {
+        let mut planned = Vec::with_capacity(rules.len());
+        for r in rules {
+            planned.push((r.clone(), session.plan(r).await?));
+        }
+        Ok(Chain { rules: planned })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// Runs every rule in order over `input` (record-model rows with
+    /// distinct line numbers, ascending). `samples`: how many changed rows
+    /// to keep per rule for the dry run.
+    pub async fn apply(
+        &self,
+        session: &RuleSession,
+        input: RecordBatch,
+        samples: usize,
+    ) -> Result<Applied> {
+        let mut out = Applied {
+            counts: vec![RuleCounts::default(); self.rules.len()],
+            ..Default::default()
+        };
+        let resource_col = input.schema().index_of("resource").expect("record model");
+        let line_col = input.schema().index_of("line_no").expect("record model");
+        let mut current = input.clone();
+        // For each row of `current`: its row in `input`.
+        let mut origin: Vec<usize> = (0..input.num_rows()).collect();
+        for (ri, (rule, plan)) in self.rules.iter().enumerate() {
+            if current.num_rows() == 0 {
+                break;
+            }
+            let counts = &mut out.counts[ri];
+            counts.rows_in = current.num_rows() as u64;
+            let lines = current
+                .column(line_col)
+                .as_primitive::<UInt64Type>()
+                .clone();
+            let texts = current.column(resource_col).as_string::<i32>().clone();
+            let started = std::time::Instant::now();
+            let result = session.run(rule, plan, current.clone()).await?;
+            let broken = |message: String| Error::Rule {
+                file: rule.path.display().to_string(),
+                message,
+            };
+            let mut fate: Vec<Fate> = vec![Fate::Missing; current.num_rows()];
+            for batch in &result {
+                let cast = |name: &str, to: &DataType| -> Result<Option<ArrayRef>> {
+                    match batch.column_by_name(name) {
+                        Some(c) => arrow::compute::cast(c, to)
+                            .map(Some)
+                            .map_err(|e| broken(format!("column {name}: {e}"))),
+                        None => Ok(None),
+                    }
+                };
+                let line = cast("line_no", &DataType::UInt64)?.expect("checked when planned");
+                let line = line.as_primitive::<UInt64Type>();
+                let text = cast("resource", &DataType::Utf8)?.expect("checked when planned");
+                let text = text.as_string::<i32>();
+                let reason = cast("reject_reason", &DataType::Utf8)?;
+                let reason = reason.as_ref().map(|r| r.as_string::<i32>());
+                for i in 0..batch.num_rows() {
+                    let n = line.value(i);
+                    let Ok(pos) = lines.values().binary_search(&n) else {
+                        return Err(broken(format!(
+                            "returned line_no {n}, which was not among its input rows (line_no must be returned unchanged)"
+                        )));
+                    };
+                    if fate[pos] != Fate::Missing {
+                        return Err(broken(format!(
+                            "returned line_no {n} twice (a join that matches a row more than once?)"
+                        )));
+                    }
+                    if let Some(r) = reason.filter(|r| r.is_valid(i)) {
+                        out.rejected.push(RuleReject {
+                            row: origin[pos],
+                            rule: ri,
+                            code: "RULE_REJECTED",
+                            reason: r.value(i).to_string(),
+                        });
+                        counts.rejected += 1;
+                        fate[pos] = Fate::Rejected;
+                        continue;
+                    }
+                    if text.is_null(i) {
+                        return Err(broken(format!("returned a NULL resource for line {n}")));
+                    }
+                    let new = text.value(i);
+                    let changed = new != texts.value(pos);
+                    if changed {
+                        counts.changed += 1;
+                        if out.samples.iter().filter(|s| s.rule == ri).count() < samples {
+                            out.samples.push(Sample {
+                                rule: ri,
+                                row: origin[pos],
+                                before: texts.value(pos).to_string(),
+                                after: new.to_string(),
+                            });
+                        }
+                    }
+                    counts.kept += 1;
+                    fate[pos] = Fate::Kept(changed.then(|| new.to_string()));
+                }
+            }
+            // Rows the rule did not return: dropped, never silently.
+            for (pos, f) in fate.iter().enumerate() {
+                if *f == Fate::Missing {
+                    out.rejected.push(RuleReject {
+                        row: origin[pos],
+                        rule: ri,
+                        code: "RULE_DROPPED",
+                        reason: format!(
+                            "the rule did not return the row (line {})",
+                            lines.value(pos)
+                        ),
+                    });
+                    counts.rejected += 1;
+                }
+            }
+            current = next_rows(&current, resource_col, &fate);
+            out.counts[ri].seconds = started.elapsed().as_secs_f64();
+            origin = fate
+                .iter()
+                .enumerate()
+                .filter(|(_, f)| matches!(f, Fate::Kept(_)))
+                .map(|(pos, _)| origin[pos])
+                .collect();
+        }
+        // The survivors' final text, where it differs from the input's.
+        let before = input.column(resource_col).as_string::<i32>();
+        let after = current.column(resource_col).as_string::<i32>();
+        for (pos, &row) in origin.iter().enumerate() {
+            if after.value(pos) != before.value(row) {
+                out.changed.push((row, after.value(pos).to_string()));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// What one rule did with one row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Fate {
+    /// Not returned: dropped.
+    Missing,
+    Rejected,
+    /// Returned without a reason, with its new text if it changed.
+    Kept(Option<String>),
+}
+
+/// The rows that go on to the next rule, with their new text.
+fn next_rows(current: &RecordBatch, resource_col: usize, fate: &[Fate]) -> RecordBatch {
+    let all_kept = fate.iter().all(|f| *f == Fate::Kept(None));
+    if all_kept {
+        return current.clone();
+    }
+    let keep: Vec<u32> = fate
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| matches!(f, Fate::Kept(_)))
+        .map(|(i, _)| i as u32)
+        .collect();
+    let indices = UInt32Array::from(keep.clone());
+    let mut columns: Vec<ArrayRef> = current
+        .columns()
+        .iter()
+        .map(|c| arrow::compute::take(c, &indices, None).expect("indices in range"))
+        .collect();
+    if fate.iter().any(|f| matches!(f, Fate::Kept(Some(_)))) {
+        let old = current.column(resource_col).as_string::<i32>();
+        let texts: StringArray = keep
+            .iter()
+            .map(|&i| {
+                let i = i as usize;
+                Some(match &fate[i] {
+                    Fate::Kept(Some(new)) => new.as_str(),
+                    _ => old.value(i),
+                })
+            })
+            .collect();
+        columns[resource_col] = Arc::new(texts);
+    }
+    RecordBatch::try_new(current.schema(), columns).expect("same schema")
+}
+
+/// Line numbers to rows, for callers that hold a batch's lines.
+pub fn index_by_line(batch: &RecordBatch) -> HashMap<u64, usize> {
+    let lines = batch
+        .column_by_name("line_no")
+        .expect("record model")
+        .as_primitive::<UInt64Type>();
+    lines
+        .values()
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (l, i))
+        .collect()
+}
