@@ -5,9 +5,11 @@
 //!    (the first group of each UUID xor-ed with `k`, so references stay
 //!    consistent and ids stay valid), and about 5% of lines are written twice
 //!    (exact duplicates).
-//! 2. Runs `fhirflow curate` on it as a child process, with FHIR validation
-//!    off and then strict: wall time, MB/s, records/s and peak resident
-//!    memory (from the kernel's rusage), and what validation costs.
+//! 2. Runs `fhirflow curate` on it as a child process: validation off and
+//!    no rules; strict validation and no rules; strict validation and the
+//!    default rule set (`queries/`); the same with the missing-Patient lookup
+//!    switched on. Wall time, MB/s, records/s and peak resident memory (from
+//!    the kernel's rusage), and what validation and the rules cost.
 //! 3. Runs `benches/peer_duckdb.py` on the same raw files the same way.
 //! 4. Prints both and the throughput ratio.
 //!
@@ -65,7 +67,7 @@ fn main() {
         args.sample.display()
     );
     println!(
-        "{:>8} {:>10} {:<28} {:>8} {:>9} {:>11} {:>9}",
+        "{:>8} {:>10} {:<30} {:>8} {:>9} {:>11} {:>9}",
         "raw MB", "records", "engine", "seconds", "MB/s", "records/s", "peak MB"
     );
     for &size in &args.size_mb {
@@ -77,7 +79,7 @@ fn main() {
         // gets a fresh lake: a re-run replaces curated files, and replacing
         // files costs the file system a flush that a first run does not pay.
         let lake = args.work.join("lake");
-        let curate = |level: &str| {
+        let curate = |level: &str, rules: &str, extra: &[&str]| {
             let _ = fs::remove_dir_all(&lake);
             run(Command::new(&args.fhirflow)
                 .args([
@@ -93,19 +95,28 @@ fn main() {
                 .env("FHIRFLOW_LAKE", &lake));
             run(Command::new(&args.fhirflow)
                 .args(["curate", "--tenant", TENANT, "--date", DATE, "--quiet"])
-                .args(["--validation", level])
+                .args(["--validation", level, "--rules", rules])
+                .args(extra)
                 .env("FHIRFLOW_LAKE", &lake))
         };
-        // Interleaved, so that a slow spell of the machine hits both.
-        let (mut off, mut strict) = (Vec::new(), Vec::new());
+        // Interleaved, so that a slow spell of the machine hits all alike.
+        let (mut off, mut strict, mut rules, mut lookup) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..args.runs.max(1) {
-            off.push(curate("off"));
-            strict.push(curate("strict"));
+            off.push(curate("off", "none", &[]));
+            strict.push(curate("strict", "none", &[]));
+            rules.push(curate("strict", "queries", &[]));
+            lookup.push(curate(
+                "strict",
+                "queries",
+                &["--rule-param", "missing_patient=reject"],
+            ));
         }
-        let (unvalidated, ours) = (median(off), median(strict));
+        let (unvalidated, no_rules) = (median(off), median(strict));
+        let (ours, with_lookup) = (median(rules), median(lookup));
         let row = |name: &str, m: &Measured| {
             println!(
-                "{:>8.0} {:>10} {:<28} {:>8.2} {:>9.1} {:>11.0} {:>9.0}",
+                "{:>8.0} {:>10} {:<30} {:>8.2} {:>9.1} {:>11.0} {:>9.0}",
                 mb,
                 records,
                 name,
@@ -115,12 +126,16 @@ fn main() {
                 m.peak_rss_mb
             );
         };
-        row("fhirflow, validation off", &unvalidated);
-        row("fhirflow, validation strict", &ours);
+        row("fhirflow, off, no rules", &unvalidated);
+        row("fhirflow, strict, no rules", &no_rules);
+        row("fhirflow, strict, rules", &ours);
+        row("fhirflow, strict, rules+lookup", &with_lookup);
         println!(
-            "{:>8.0} validation costs {:+.0}% time",
+            "{:>8.0} validation costs {:+.0}% time; the default rules {:+.0}% over no rules ({:+.0}% with the missing-Patient lookup on)",
             mb,
-            (ours.seconds / unvalidated.seconds - 1.0) * 100.0
+            (no_rules.seconds / unvalidated.seconds - 1.0) * 100.0,
+            (ours.seconds / no_rules.seconds - 1.0) * 100.0,
+            (with_lookup.seconds / no_rules.seconds - 1.0) * 100.0
         );
 
         if !args.no_peer {

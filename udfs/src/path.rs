@@ -506,18 +506,23 @@ fn is_fhir_ws(c: char) -> bool {
     matches!(c, ' ' | '\t' | '\r' | '\n')
 }
 
-/// Whether any string of `src` may start or end with whitespace: a quote
-/// next to a space, an escape right after an opening quote or before a
-/// closing one, or a `\u00` escape. Compact NDJSON rarely has any, so most
-/// resources skip the walk.
+/// Whether any string of `src` may start or end with whitespace: a space
+/// beside a quote, or an escape right after a quote or a whitespace escape
+/// (`\t`, `\n`, `\r`, `\u00XX`) right before one. One pass over the spaces
+/// and backslashes, which are far rarer than quotes; compact NDJSON rarely
+/// has any such place, so most resources skip the walk.
 fn may_have_padded_string(src: &str) -> bool {
-    const PATTERNS: [&[u8]; 7] = [
-        b"\" ", b" \"", b"\"\\", b"\\t\"", b"\\n\"", b"\\r\"", b"\\u00",
-    ];
     let b = src.as_bytes();
-    PATTERNS
-        .iter()
-        .any(|p| memchr::memmem::find(b, p).is_some())
+    let at = |j: usize| b.get(j).copied();
+    memchr::memchr2_iter(b' ', b'\\', b).any(|i| {
+        let before = i.checked_sub(1).and_then(at);
+        if b[i] == b' ' {
+            return before == Some(b'"') || at(i + 1) == Some(b'"');
+        }
+        before == Some(b'"')
+            || (matches!(at(i + 1), Some(b't' | b'n' | b'r')) && at(i + 2) == Some(b'"'))
+            || b[i + 1..].starts_with(b"u00")
+    })
 }
 
 /// Trims surrounding whitespace from every string any of `paths` selects.

@@ -27,7 +27,7 @@ use crate::rules::Rule;
 
 /// Rows per batch the rules run over: large enough that planning overhead
 /// is small per row, small enough that a batch's text stays a few MB.
-const RULE_BATCH_ROWS: usize = 16_384;
+const RULE_BATCH_ROWS: usize = 32_768;
 
 /// One file's pass 1 output that the rules pass reads and trims.
 pub(super) struct FileRows {
