@@ -142,8 +142,39 @@ enum Command {
         #[arg(long, value_enum, default_value_t = ValidateFormat::Text)]
         format: ValidateFormat,
     },
+    /// Curation rules (SQL files in queries/): check, test, dry-run.
+    Rules {
+        #[command(subcommand)]
+        command: RulesCommand,
+    },
     /// Print the resolved settings (secrets masked).
     Config,
+}
+
+#[derive(Subcommand)]
+enum RulesCommand {
+    /// Plan every rule against the engine's schema without reading data.
+    ///
+    /// Exit code 0 when every rule plans, 1 when one does not.
+    Check {
+        /// The rules folder (default: --rules, else [curate] rules).
+        dir: Option<String>,
+    },
+    /// Run each rule's sqllogictest file (NAME.slt beside NAME.sql).
+    ///
+    /// Exit code 0 when every rule has a test and every test passes, 1 otherwise.
+    Test {
+        /// The rules folder (default: --rules, else [curate] rules).
+        dir: Option<String>,
+    },
+    /// Dry run over one tenant and date: per rule, rows kept, rejected and changed, with samples. Writes nothing.
+    Diff {
+        #[command(flatten)]
+        partition: Partition,
+        /// Samples (changed and rejected rows) to show per rule and file.
+        #[arg(long, default_value_t = 3)]
+        samples: usize,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -209,10 +240,32 @@ async fn run(cli: Cli) -> Result<()> {
     if let Command::Validate { paths, format } = &cli.command {
         return validate(&settings, paths, *format);
     }
+    if let Command::Rules {
+        command: RulesCommand::Check { dir } | RulesCommand::Test { dir },
+    } = &cli.command
+    {
+        let dir = dir.as_deref().unwrap_or(&settings.curate.rules);
+        let set = fhirflow::rules::RuleSet::from_setting(dir)?;
+        return rules_check_or_test(&cli.command, &set, &settings).await;
+    }
     let lake = Lake::open(&settings)?;
     let bar = Bar::new(g.quiet);
     match cli.command {
         Command::Config | Command::Validate { .. } => unreachable!("handled above"),
+        Command::Rules {
+            command: RulesCommand::Diff { partition, samples },
+        } => {
+            let dry = fhirflow::curate::dry_run_rules(
+                &lake,
+                &settings,
+                &partition.tenant,
+                partition.date,
+                samples,
+            )
+            .await?;
+            print!("{}", fhirflow::rules::diff::render(&dry));
+        }
+        Command::Rules { .. } => unreachable!("handled above"),
         Command::Ingest {
             paths,
             tenant,
@@ -283,6 +336,57 @@ async fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+async fn rules_check_or_test(
+    command: &Command,
+    set: &fhirflow::rules::RuleSet,
+    settings: &Settings,
+) -> Result<()> {
+    let params = &settings.curate.rule_params;
+    if let Command::Rules {
+        command: RulesCommand::Check { .. },
+    } = command
+    {
+        let problems = fhirflow::rules::check::check(set, params).await?;
+        for p in &problems {
+            println!("{}: {}", p.file, p.message);
+        }
+        return match problems.len() {
+            0 => {
+                println!("{} rules in {}: all plan", set.rules.len(), set.describe());
+                Ok(())
+            }
+            n => Err(Error::RulesFailed(format!(
+                "{n} problems in {}",
+                set.describe()
+            ))),
+        };
+    }
+    let report = fhirflow::rules::test::test(set, params).await?;
+    for name in &report.passed {
+        println!("ok       {name}");
+    }
+    for name in &report.untested {
+        println!("NO TEST  {name} (add {})", name.replace(".sql", ".slt"));
+    }
+    for (name, why) in &report.failed {
+        println!("FAILED   {name}\n{why}");
+    }
+    println!(
+        "rules test: {} passed, {} failed, {} without a test",
+        report.passed.len(),
+        report.failed.len(),
+        report.untested.len()
+    );
+    if report.ok() {
+        Ok(())
+    } else {
+        Err(Error::RulesFailed(format!(
+            "rule tests failed in {}",
+            set.describe()
+        )))
+    }
 }
 
 fn validate(settings: &Settings, paths: &[PathBuf], format: ValidateFormat) -> Result<()> {

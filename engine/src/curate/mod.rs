@@ -27,7 +27,7 @@
 pub mod check;
 pub mod dedup;
 pub mod parse;
-mod rules_pass;
+pub mod rules_pass;
 mod write;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -413,6 +413,24 @@ fn floor_char_boundary(b: &[u8], max: usize) -> usize {
     i
 }
 
+/// Pass 1 (steps 1 and 2) over every file, in parallel.
+async fn pass_one(
+    run: &Arc<Run>,
+    files: &Arc<Vec<LayerFile>>,
+    labeller: &Arc<TenantLabeller>,
+    reporter: &dyn Reporter,
+) -> Result<Vec<Scanned>> {
+    run_blocking(
+        run.settings.curate.concurrency,
+        (0..files.len()).map(|i| {
+            let (run, files, labeller) = (run.clone(), files.clone(), labeller.clone());
+            (files[i].meta.size, move || run.scan(&files[i], &labeller))
+        }),
+        |i| reporter.advance(files[i].meta.size),
+    )
+    .await
+}
+
 /// Lists the raw files of (tenant, date) across source systems, sorted.
 pub async fn raw_files(
     lake: &Lake,
@@ -435,13 +453,15 @@ pub async fn curate(
     date: ImportDate,
     reporter: &dyn Reporter,
 ) -> Result<CurateReport> {
-    let mut checks: Vec<Arc<dyn LineCheck>> = Vec::new();
-    if let Some(v) =
-        check::Validation::for_level(settings.curate.validation, settings.curate.max_depth)
-    {
-        checks.push(Arc::new(v));
-    }
-    curate_with_checks(lake, settings, tenant, date, reporter, checks).await
+    curate_with_checks(lake, settings, tenant, date, reporter, step_two(settings)).await
+}
+
+/// Step 2's checks as the settings choose them.
+fn step_two(settings: &Settings) -> Vec<Arc<dyn LineCheck>> {
+    let v = check::Validation::for_level(settings.curate.validation, settings.curate.max_depth);
+    v.into_iter()
+        .map(|v| Arc::new(v) as Arc<dyn LineCheck>)
+        .collect()
 }
 
 /// [`curate`] with the given step 2 checks (instead of the validation the
@@ -502,62 +522,16 @@ pub async fn curate_with_checks(
         &settings.tenant_label_system,
         tenant.as_str(),
     ));
-    let mut scans = run_blocking(
-        settings.curate.concurrency,
-        (0..files.len()).map(|i| {
-            let (run, files, labeller) = (run.clone(), files.clone(), labeller.clone());
-            (files[i].meta.size, move || run.scan(&files[i], &labeller))
-        }),
-        |i| reporter.advance(files[i].meta.size),
-    )
-    .await?;
+    let mut scans = pass_one(&run, &files, &labeller, reporter).await?;
     phase("parse and key");
 
     // Step 3: the rules, over the files that have any.
-    let mut rule_counts: BTreeMap<(String, String), RuleCounts> = BTreeMap::new();
-    let mut changed: Vec<HashMap<u64, String>> = vec![HashMap::new(); files.len()];
+    let rules =
+        rules_pass::rules_step(&run, &files, &chains, &mut scans, &labeller, reporter, 0).await?;
     if has_rules {
-        let keyed: Vec<RecordBatch> = scans.iter().flat_map(|s| s.keyed.iter().cloned()).collect();
-        let keys = crate::rules::exec::keys_from_keyed(&keyed);
-        drop(keyed);
-        let mut jobs = Vec::new();
-        let mut with_rules = Vec::new();
-        for (i, scan) in scans.iter_mut().enumerate() {
-            if chains[i].is_empty() {
-                reporter.advance(files[i].meta.size);
-                continue;
-            }
-            let rows = rules_pass::FileRows {
-                keyed: std::mem::take(&mut scan.keyed),
-                plans: std::mem::take(&mut scan.plans),
-            };
-            let (run, files, labeller) = (run.clone(), files.clone(), labeller.clone());
-            let (rules, keys) = (chains[i].clone(), keys.clone());
-            with_rules.push(i);
-            jobs.push((files[i].meta.size, move || {
-                run.apply_rules(&files[i], &rules, keys, rows, &labeller)
-            }));
-        }
-        let done = run_blocking(settings.curate.concurrency, jobs, |j| {
-            reporter.advance(files[with_rules[j]].meta.size)
-        })
-        .await?;
-        for (i, d) in with_rules.into_iter().zip(done) {
-            let scan = &mut scans[i];
-            scan.keyed = d.rows.keyed;
-            scan.plans = d.rows.plans;
-            scan.rejected += d.rejected;
-            scan.seconds += d.seconds;
-            changed[i] = d.changed;
-            for (rule, c) in d.counts {
-                rule_counts
-                    .entry((type_key(&files[i]).to_string(), rule.name.clone()))
-                    .or_default()
-                    .add(&c);
-            }
-        }
         phase("rules");
     }
+    let (rule_counts, mut changed) = (rules.counts, rules.changed);
 
     // Dedup over the keys of every accepted record.
     let keyed: Vec<RecordBatch> = scans
@@ -741,6 +715,69 @@ pub async fn curate_with_checks(
                 counts,
             })
             .collect(),
+    })
+}
+
+/// What the rules would do to (tenant, date): steps 1 to 3 without
+/// writing anything (`fhirflow rules diff`).
+pub struct RulesDryRun {
+    /// Lines read, and those that steps 1 and 2 rejected before the rules.
+    pub records_in: u64,
+    pub rejected_before_rules: u64,
+    pub rules: Vec<RuleSummary>,
+    pub samples: Vec<rules_pass::RuleSample>,
+}
+
+pub async fn dry_run_rules(
+    lake: &Lake,
+    settings: &Settings,
+    tenant: &TenantGuid,
+    date: ImportDate,
+    samples: usize,
+) -> Result<RulesDryRun> {
+    let files = Arc::new(raw_files(lake, tenant, date).await?);
+    let (chains, _) = rules_pass::chains_for(settings, tenant.as_str(), &files).await?;
+    // Rejections go to a sink in memory that is dropped: nothing is written.
+    let scratch = crate::storage::Root::open("memory://", &settings.s3)?;
+    let errors = {
+        let root = scratch.clone();
+        tokio::task::spawn_blocking(move || ErrorSink::create(&root, &"dry-run".into())).await??
+    };
+    let checks = step_two(settings);
+    let run = Arc::new(Run {
+        lake: lake.clone(),
+        settings: settings.clone(),
+        tenant: tenant.clone(),
+        date,
+        run_id: "dry-run".into(),
+        errors,
+        checks,
+    });
+    let labeller = Arc::new(TenantLabeller::new(
+        &settings.tenant_label_system,
+        tenant.as_str(),
+    ));
+    let quiet = crate::report::Quiet;
+    let mut scans = pass_one(&run, &files, &labeller, &quiet).await?;
+    let records_in = scans.iter().map(|s| s.records).sum();
+    let rejected_before_rules = scans.iter().map(|s| s.rejected).sum();
+    let step = rules_pass::rules_step(
+        &run, &files, &chains, &mut scans, &labeller, &quiet, samples,
+    )
+    .await?;
+    Ok(RulesDryRun {
+        records_in,
+        rejected_before_rules,
+        rules: step
+            .counts
+            .into_iter()
+            .map(|((resource_type, rule), counts)| RuleSummary {
+                rule,
+                resource_type,
+                counts,
+            })
+            .collect(),
+        samples: step.samples,
     })
 }
 

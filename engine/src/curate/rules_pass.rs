@@ -18,10 +18,11 @@ use arrow::datatypes::UInt64Type;
 use fhirflow_udfs::tenant_label::{LabelEdit, TenantLabeller};
 
 use super::parse::{key_and_scan, Reject};
-use super::{LinePlan, Run, STAGE};
+use super::{run_blocking, type_key, LinePlan, Run, Scanned, STAGE};
 use crate::error::{Error, Result};
 use crate::raw::lines::Line;
 use crate::raw::{read_lines, LayerFile};
+use crate::report::Reporter;
 use crate::rules::exec::{records_schema, Chain, RuleCounts, RuleSession};
 use crate::rules::Rule;
 
@@ -43,7 +44,93 @@ pub(super) struct RulesDone {
     pub rejected: u64,
     /// Per rule of the file's chain.
     pub counts: Vec<(Arc<Rule>, RuleCounts)>,
+    pub samples: Vec<RuleSample>,
     pub seconds: f64,
+}
+
+/// A row a rule changed or rejected, for the dry run.
+#[derive(Debug, Clone)]
+pub struct RuleSample {
+    pub rule: String,
+    pub source_file: String,
+    pub line_no: u64,
+    pub id: String,
+    /// Before and after text, for a change.
+    pub change: Option<(String, String)>,
+    /// The reason, for a rejection.
+    pub reason: Option<String>,
+}
+
+/// What step 3 did in a run.
+pub struct RulesStep {
+    /// Per (resource type, rule).
+    pub counts: std::collections::BTreeMap<(String, String), RuleCounts>,
+    /// Per file: the new text of changed lines.
+    pub changed: Vec<HashMap<u64, String>>,
+    pub samples: Vec<RuleSample>,
+}
+
+/// Step 3 over the files whose chain has rules; trims `scans` (keys and
+/// plans) of rejected rows. `samples`: changed and rejected rows to keep per
+/// rule and file, for the dry run.
+pub(super) async fn rules_step(
+    run: &Arc<Run>,
+    files: &Arc<Vec<LayerFile>>,
+    chains: &[Vec<Arc<Rule>>],
+    scans: &mut [Scanned],
+    labeller: &Arc<TenantLabeller>,
+    reporter: &dyn Reporter,
+    samples: usize,
+) -> Result<RulesStep> {
+    let mut step = RulesStep {
+        counts: Default::default(),
+        changed: vec![HashMap::new(); files.len()],
+        samples: Vec::new(),
+    };
+    if chains.iter().all(Vec::is_empty) {
+        return Ok(step);
+    }
+    let keyed: Vec<RecordBatch> = scans.iter().flat_map(|s| s.keyed.iter().cloned()).collect();
+    let keys = crate::rules::exec::keys_from_keyed(&keyed);
+    drop(keyed);
+    let mut jobs = Vec::new();
+    let mut with_rules = Vec::new();
+    for (i, scan) in scans.iter_mut().enumerate() {
+        if chains[i].is_empty() {
+            reporter.advance(files[i].meta.size);
+            continue;
+        }
+        let rows = FileRows {
+            keyed: std::mem::take(&mut scan.keyed),
+            plans: std::mem::take(&mut scan.plans),
+        };
+        let (run, files, labeller) = (run.clone(), files.clone(), labeller.clone());
+        let (rules, keys) = (chains[i].clone(), keys.clone());
+        with_rules.push(i);
+        jobs.push((files[i].meta.size, move || {
+            run.apply_rules(&files[i], &rules, keys, rows, &labeller, samples)
+        }));
+    }
+    let done = run_blocking(run.settings.curate.concurrency, jobs, |j| {
+        reporter.advance(files[with_rules[j]].meta.size)
+    })
+    .await?;
+    for (i, d) in with_rules.into_iter().zip(done) {
+        let scan = &mut scans[i];
+        scan.keyed = d.rows.keyed;
+        scan.plans = d.rows.plans;
+        scan.rejected += d.rejected;
+        scan.seconds += d.seconds;
+        step.changed[i] = d.changed;
+        step.samples.extend(d.samples);
+        for (rule, c) in d.counts {
+            step.counts
+                .entry((type_key(&files[i]).to_string(), rule.name.clone()))
+                .or_default()
+                .add(&c);
+        }
+    }
+    Ok(step)
 }
 
 impl Run {
@@ -55,6 +142,7 @@ impl Run {
         keys: Vec<RecordBatch>,
         rows: FileRows,
         labeller: &TenantLabeller,
+        samples: usize,
     ) -> Result<RulesDone> {
         let started = Instant::now();
         let handle = tokio::runtime::Handle::current();
@@ -72,6 +160,7 @@ impl Run {
                 .iter()
                 .map(|r| (r.clone(), RuleCounts::default()))
                 .collect(),
+            samples: Vec::new(),
             seconds: 0.0,
         };
         let batches = regroup(keyed, RULE_BATCH_ROWS);
@@ -110,7 +199,8 @@ impl Run {
                 if texts.len() == batches[batch_i].num_rows() {
                     let records = records_batch(&batches[batch_i], texts.finish());
                     batch_i += 1;
-                    let applied = handle.block_on(chain.apply(&session, records.clone(), 0))?;
+                    let applied =
+                        handle.block_on(chain.apply(&session, records.clone(), samples))?;
                     let lines = records.column_by_name("line_no").expect("model");
                     let lines = lines.as_primitive::<UInt64Type>();
                     let ids = records

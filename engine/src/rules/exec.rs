@@ -114,7 +114,8 @@ impl RuleSession {
             rows: Mutex::new(Vec::new()),
         });
         ctx.register_table("records", records.clone()).map_err(q)?;
-        let keys = MemTable::try_new(keys_schema(), vec![keys]).map_err(q)?;
+        let schema = keys.first().map_or_else(keys_schema, |b| b.schema());
+        let keys = MemTable::try_new(schema, vec![keys]).map_err(q)?;
         ctx.register_table("keys", Arc::new(keys)).map_err(q)?;
         Ok(RuleSession { ctx, records })
     }
