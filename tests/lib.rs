@@ -29,6 +29,12 @@ pub fn shared() -> PathBuf {
     p
 }
 
+/// The repository's default rule set (`queries/`): every test runs with it,
+/// as a user's run does.
+pub fn rules_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../queries")
+}
+
 /// A lake in its own temporary folder.
 pub struct TestLake {
     pub dir: tempfile::TempDir,
@@ -51,6 +57,7 @@ impl TestLake {
             },
         )
         .expect("settings");
+        settings.curate.rules = rules_dir().display().to_string();
         adjust(&mut settings);
         let lake = Lake::open(&settings).expect("lake");
         TestLake {
@@ -99,11 +106,7 @@ impl TestLake {
         let ctx = fhirflow::sql::session(&self.lake, &self.settings)
             .await
             .expect("session");
-        let batches = ctx
-            .sql(query)
-            .await
-            .unwrap_or_else(|e| panic!("{query}: {e}"))
-            .collect()
+        let batches = fhirflow::sql::query(&ctx, query)
             .await
             .unwrap_or_else(|e| panic!("{query}: {e}"));
         rows(&batches)
@@ -134,6 +137,7 @@ impl TestLake {
         let mut cmd = Command::new(binary());
         cmd.args(args)
             .env("FHIRFLOW_LAKE", self.root())
+            .env("FHIRFLOW_RULES", rules_dir())
             .env_remove("FHIRFLOW_FAILPOINT");
         for (k, v) in env {
             cmd.env(k, v);

@@ -303,14 +303,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Sql { query, format } => {
             let ctx = fhirflow::sql::session(&lake, &settings).await?;
-            let q = |e| Error::query("sql", "query", e);
-            let batches = ctx
-                .sql(&query)
-                .await
-                .map_err(q)?
-                .collect()
-                .await
-                .map_err(q)?;
+            let batches = fhirflow::sql::query(&ctx, &query).await?;
             let out = std::io::stdout();
             let mut out = out.lock();
             let w = |e: arrow::error::ArrowError| Error::Usage(format!("writing the result: {e}"));

@@ -173,7 +173,7 @@ impl Run {
         };
         let (mut next_plan, mut batch_i) = (0, 0);
         let mut texts = StringBuilder::new();
-        read_lines(
+        let read = read_lines(
             &self.lake.raw,
             STAGE,
             file,
@@ -213,6 +213,16 @@ impl Run {
                         .expect("model")
                         .as_string::<i32>()
                         .clone();
+                    if samples > 0 {
+                        collect_samples(
+                            &mut done.samples,
+                            samples,
+                            &chain,
+                            file,
+                            &records,
+                            &applied,
+                        );
+                    }
                     for r in applied.rejected {
                         let line = lines.value(r.row);
                         rejected_lines.insert(line);
@@ -253,7 +263,14 @@ impl Run {
                 }
                 Ok(())
             },
-        )?;
+        );
+        match read {
+            Ok(_) => {}
+            // A corrupt compressed file: pass 1 stopped at the same place
+            // and reported it; every line it accepted was read again.
+            Err(e) if super::is_bad_input(&e) => {}
+            Err(e) => return Err(e),
+        }
         if batch_i != batches.len() {
             return Err(changed_err("lines read in pass 1 are missing".into()));
         }
@@ -302,6 +319,60 @@ impl Run {
             Ok(LabelEdit::Insert { at, piece }) => (Some((at as u32, piece)), false),
             Ok(LabelEdit::Remove(_)) | Err(_) => (None, true),
         })
+    }
+}
+
+/// Keeps up to `limit` changed and `limit` rejected rows per rule.
+fn collect_samples(
+    out: &mut Vec<RuleSample>,
+    limit: usize,
+    chain: &Chain,
+    file: &LayerFile,
+    records: &RecordBatch,
+    applied: &crate::rules::exec::Applied,
+) {
+    let lines = records
+        .column_by_name("line_no")
+        .expect("model")
+        .as_primitive::<UInt64Type>();
+    let ids = records
+        .column_by_name("id")
+        .expect("model")
+        .as_string::<i32>();
+    let mut add =
+        |rule: usize, row: usize, change: Option<(String, String)>, reason: Option<String>| {
+            let name = &chain.rules[rule].0.name;
+            let is_change = change.is_some();
+            let have = out
+                .iter()
+                .filter(|s| &s.rule == name && s.change.is_some() == is_change)
+                .count();
+            if have < limit {
+                out.push(RuleSample {
+                    rule: name.clone(),
+                    source_file: file.origin.source_file.clone(),
+                    line_no: lines.value(row),
+                    id: ids.value(row).to_string(),
+                    change,
+                    reason,
+                });
+            }
+        };
+    for s in &applied.samples {
+        add(
+            s.rule,
+            s.row,
+            Some((s.before.clone(), s.after.clone())),
+            None,
+        );
+    }
+    for r in &applied.rejected {
+        add(
+            r.rule,
+            r.row,
+            None,
+            Some(format!("{}: {}", r.code, r.reason)),
+        );
     }
 }
 

@@ -56,11 +56,6 @@ pub fn keys_from_keyed(keyed: &[RecordBatch]) -> Vec<RecordBatch> {
         .collect()
 }
 
-/// The SQL dialect of rules: DuckDB's parses `SELECT * REPLACE (…)` and
-/// `* EXCLUDE (…)`, which rules use to change one column and keep the rest,
-/// and the JSON operators `->` and `->>`.
-pub const RULE_DIALECT: &str = "DuckDB";
-
 /// `records`: whatever rows the current step reads.
 #[derive(Debug)]
 struct StepTable {
@@ -106,7 +101,6 @@ impl RuleSession {
         // parallel. Spans let errors point at a line and column.
         let config = SessionConfig::new()
             .with_target_partitions(1)
-            .set_str("datafusion.sql_parser.dialect", RULE_DIALECT)
             .set_bool("datafusion.sql_parser.collect_spans", true);
         let mut ctx = SessionContext::new_with_config(config);
         fhirflow_udfs::register_with_params(&mut ctx, params.clone()).map_err(q)?;
@@ -125,10 +119,7 @@ impl RuleSession {
     /// line and column.
     pub async fn plan(&self, rule: &Rule) -> Result<LogicalPlan> {
         let state = self.ctx.state();
-        let dialect = state.config().options().sql_parser.dialect;
-        let statement = state
-            .sql_to_statement(&rule.sql, &dialect)
-            .map_err(|e| rule_error(rule, e))?;
+        let statement = super::dialect::parse(&rule.sql).map_err(|e| rule_error(rule, e))?;
         let is_query =
             matches!(&statement, Statement::Statement(s) if matches!(**s, SqlStatement::Query(_)));
         if !is_query {

@@ -25,6 +25,7 @@
 //! run.
 
 pub mod check;
+pub mod dialect;
 pub mod diff;
 pub mod exec;
 pub mod test;

@@ -310,8 +310,9 @@ impl sqllogictest::AsyncDB for RuleDb {
             self.plain.clone()
         };
         let err = |e: datafusion::error::DataFusionError| DbError(e.strip_backtrace());
+        let plan = super::dialect::plan(&ctx.state(), sql).await.map_err(err)?;
         let batches = ctx
-            .sql(sql)
+            .execute_logical_plan(plan)
             .await
             .map_err(err)?
             .collect()

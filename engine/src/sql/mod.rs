@@ -38,13 +38,8 @@ const STAGE: &str = "sql";
 
 /// A session over `lake` with every layer and UDF registered.
 pub async fn session(lake: &Lake, settings: &Settings) -> Result<SessionContext> {
-    // The rules' dialect, so that a rule's SQL runs here as it is: it parses
-    // the JSON operators `->` and `->>` and `SELECT * REPLACE (…)`.
-    let config = datafusion::prelude::SessionConfig::new().set_str(
-        "datafusion.sql_parser.dialect",
-        crate::rules::exec::RULE_DIALECT,
-    );
-    let mut ctx = SessionContext::new_with_config(config);
+    // Queries are parsed in the rules' dialect (see [`query`]).
+    let mut ctx = SessionContext::new();
     for root in [&lake.raw, &lake.curated, &lake.metadata] {
         ctx.register_object_store(&root.store_url, root.store.clone());
     }
@@ -119,6 +114,21 @@ pub async fn session(lake: &Lake, settings: &Settings) -> Result<SessionContext>
         register(format!("metadata.{}", table.name()), provider)?;
     }
     Ok(ctx)
+}
+
+/// Runs `sql` in the rules' dialect ([`crate::rules::dialect`]), so that
+/// a rule's SQL runs here as it is.
+pub async fn query(ctx: &SessionContext, sql: &str) -> Result<Vec<RecordBatch>> {
+    let q = |e| Error::query(STAGE, "query", e);
+    let plan = crate::rules::dialect::plan(&ctx.state(), sql)
+        .await
+        .map_err(q)?;
+    ctx.execute_logical_plan(plan)
+        .await
+        .map_err(q)?
+        .collect()
+        .await
+        .map_err(q)
 }
 
 fn metadata_table(
