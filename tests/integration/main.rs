@@ -7,6 +7,7 @@ mod crash;
 mod dedup;
 mod labels;
 mod lossless;
+mod rules;
 mod s3;
 mod sql;
 mod validation;

@@ -246,7 +246,9 @@ impl Run {
                             }
                             Err(findings) => {
                                 rejected_lines.insert(line);
-                                for f in findings {
+                                for mut f in findings {
+                                    f.resource_id
+                                        .get_or_insert_with(|| ids.value(row).to_string());
                                     self.errors.push(self.error_row(
                                         file,
                                         Some(line),
