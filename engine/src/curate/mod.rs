@@ -154,6 +154,8 @@ struct Scanned {
     records: u64,
     bytes: u64,
     seconds: f64,
+    /// What the rules did, when they ran in pass 1.
+    ruled: Option<rules_pass::RulesDone>,
 }
 
 /// Shared, read-only context of one run.
@@ -219,10 +221,29 @@ impl Run {
     }
 
     /// Pass 1 over one file, on a blocking thread.
-    fn scan(&self, file: &LayerFile, labeller: &TenantLabeller) -> Result<Scanned> {
+    /// `rules`: the file's chain, when the rules run in pass 1.
+    fn scan(
+        &self,
+        file: &LayerFile,
+        labeller: &TenantLabeller,
+        rules: &[Arc<crate::rules::Rule>],
+        samples: usize,
+    ) -> Result<Scanned> {
         let started = Instant::now();
         let c = &self.settings.curate;
         let mut rows = RowsBuilder::new(Shape::Keyed, file.origin.clone());
+        let mut applier = match rules {
+            [] => None,
+            rules => Some(rules_pass::Applier::new(
+                self,
+                file,
+                labeller,
+                rules,
+                Vec::new(),
+                samples,
+            )?),
+        };
+        let mut records = RowsBuilder::new(Shape::Curated, file.origin.clone());
         let mut out = Scanned {
             keyed: Vec::new(),
             rejected: 0,
@@ -230,6 +251,7 @@ impl Run {
             records: 0,
             bytes: 0,
             seconds: 0.0,
+            ruled: None,
         };
         let mut last_line = 0;
         let result = read_lines(
@@ -252,8 +274,10 @@ impl Run {
                                 if !findings.is_empty() {
                                     break 'accepted Some((findings, Some(bytes)));
                                 }
-                                // Step 3 (rules) plugs in here.
                                 rows.push_keys(line_no, &keys);
+                                if applier.is_some() {
+                                    records.push_keys(line_no, &keys);
+                                }
                                 if rows.len() >= c.batch_rows {
                                     out.keyed.push(rows.finish());
                                 }
@@ -271,6 +295,13 @@ impl Run {
                                     insert,
                                     rescan,
                                 });
+                                // Step 3, when the rules need no other file.
+                                if let Some(a) = applier
+                                    .as_mut()
+                                    .filter(|_| records.len() >= rules_pass::RULE_BATCH_ROWS)
+                                {
+                                    a.process(records.finish(), &mut out.plans)?;
+                                }
                                 None
                             }
                             Err(r) => Some((vec![r], Some(bytes))),
@@ -317,6 +348,19 @@ impl Run {
         }
         if !rows.is_empty() {
             out.keyed.push(rows.finish());
+        }
+        if let Some(mut a) = applier {
+            if !records.is_empty() {
+                a.process(records.finish(), &mut out.plans)?;
+            }
+            let mut done = a.finish(
+                std::mem::take(&mut out.keyed),
+                std::mem::take(&mut out.plans),
+            );
+            out.keyed = std::mem::take(&mut done.rows.keyed);
+            out.plans = std::mem::take(&mut done.rows.plans);
+            out.rejected += done.rejected;
+            out.ruled = Some(done);
         }
         out.seconds = started.elapsed().as_secs_f64();
         Ok(out)
@@ -419,12 +463,21 @@ async fn pass_one(
     files: &Arc<Vec<LayerFile>>,
     labeller: &Arc<TenantLabeller>,
     reporter: &dyn Reporter,
+    rules: &rules_pass::RunRules,
+    samples: usize,
 ) -> Result<Vec<Scanned>> {
     run_blocking(
         run.settings.curate.concurrency,
         (0..files.len()).map(|i| {
             let (run, files, labeller) = (run.clone(), files.clone(), labeller.clone());
-            (files[i].meta.size, move || run.scan(&files[i], &labeller))
+            let chain = if rules.inline {
+                rules.chains[i].clone()
+            } else {
+                Vec::new()
+            };
+            (files[i].meta.size, move || {
+                run.scan(&files[i], &labeller, &chain, samples)
+            })
         }),
         |i| reporter.advance(files[i].meta.size),
     )
@@ -502,8 +555,8 @@ pub async fn curate_with_checks(
             lake.raw.url_of(&lake.raw.paths.raw_tenant(tenant))
         )));
     }
-    let (chains, rule_folders) = rules_pass::chains_for(settings, tenant.as_str(), &files).await?;
-    let has_rules = chains.iter().any(|c| !c.is_empty());
+    let rules = rules_pass::chains_for(settings, tenant.as_str(), &files).await?;
+    let has_rules = rules.chains.iter().any(|c| !c.is_empty());
     let total_bytes: u64 = files.iter().map(|f| f.meta.size).sum();
     let mut phases: Vec<Phase> = Vec::new();
     let mut phase_start = Instant::now();
@@ -515,23 +568,36 @@ pub async fn curate_with_checks(
         });
         phase_start = Instant::now();
     };
-    reporter.start("curate", if has_rules { 3 } else { 2 } * total_bytes);
+    let passes = if has_rules && !rules.inline { 3 } else { 2 };
+    reporter.start("curate", passes * total_bytes);
 
     // Pass 1: parse and key (and plan the label), files in parallel.
     let labeller = Arc::new(TenantLabeller::new(
         &settings.tenant_label_system,
         tenant.as_str(),
     ));
-    let mut scans = pass_one(&run, &files, &labeller, reporter).await?;
-    phase("parse and key");
+    let mut scans = pass_one(&run, &files, &labeller, reporter, &rules, 0).await?;
+    phase(if has_rules && rules.inline {
+        "parse, key and rules"
+    } else {
+        "parse and key"
+    });
 
     // Step 3: the rules, over the files that have any.
-    let rules =
-        rules_pass::rules_step(&run, &files, &chains, &mut scans, &labeller, reporter, 0).await?;
-    if has_rules {
+    let step = rules_pass::rules_step(
+        &run,
+        &files,
+        &rules.chains,
+        &mut scans,
+        &labeller,
+        reporter,
+        0,
+    )
+    .await?;
+    if has_rules && !rules.inline {
         phase("rules");
     }
-    let (rule_counts, mut changed) = (rules.counts, rules.changed);
+    let (rule_counts, mut changed) = (step.counts, step.changed);
 
     // Dedup over the keys of every accepted record.
     let keyed: Vec<RecordBatch> = scans
@@ -661,7 +727,7 @@ pub async fn curate_with_checks(
             "{} raw files, {} resource types; rules: {}",
             files.len(),
             types.len(),
-            rule_folders.join(", ")
+            rules.folders.join(", ")
         )),
         engine_version: env!("CARGO_PKG_VERSION").into(),
     };
@@ -736,7 +802,7 @@ pub async fn dry_run_rules(
     samples: usize,
 ) -> Result<RulesDryRun> {
     let files = Arc::new(raw_files(lake, tenant, date).await?);
-    let (chains, _) = rules_pass::chains_for(settings, tenant.as_str(), &files).await?;
+    let rules = rules_pass::chains_for(settings, tenant.as_str(), &files).await?;
     // Rejections go to a sink in memory that is dropped: nothing is written.
     let scratch = crate::storage::Root::open("memory://", &settings.s3)?;
     let errors = {
@@ -758,11 +824,23 @@ pub async fn dry_run_rules(
         tenant.as_str(),
     ));
     let quiet = crate::report::Quiet;
-    let mut scans = pass_one(&run, &files, &labeller, &quiet).await?;
+    // The rules run in their own pass here, after steps 1 and 2 are done
+    // for every file, so that their counts stand apart.
+    let separate = rules_pass::RunRules {
+        inline: false,
+        ..rules
+    };
+    let mut scans = pass_one(&run, &files, &labeller, &quiet, &separate, samples).await?;
     let records_in = scans.iter().map(|s| s.records).sum();
     let rejected_before_rules = scans.iter().map(|s| s.rejected).sum();
     let step = rules_pass::rules_step(
-        &run, &files, &chains, &mut scans, &labeller, &quiet, samples,
+        &run,
+        &files,
+        &separate.chains,
+        &mut scans,
+        &labeller,
+        &quiet,
+        samples,
     )
     .await?;
     Ok(RulesDryRun {

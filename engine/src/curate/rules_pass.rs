@@ -28,7 +28,7 @@ use crate::rules::Rule;
 
 /// Rows per batch the rules run over: large enough that planning overhead
 /// is small per row, small enough that a batch's text stays a few MB.
-const RULE_BATCH_ROWS: usize = 32_768;
+pub(super) const RULE_BATCH_ROWS: usize = 32_768;
 
 /// One file's pass 1 output that the rules pass reads and trims.
 pub(super) struct FileRows {
@@ -90,6 +90,15 @@ pub(super) async fn rules_step(
     if chains.iter().all(Vec::is_empty) {
         return Ok(step);
     }
+    if scans.iter().any(|s| s.ruled.is_some()) {
+        // The rules already ran in pass 1.
+        for (i, scan) in scans.iter_mut().enumerate() {
+            if let Some(d) = scan.ruled.take() {
+                step.add(type_key(&files[i]), i, d);
+            }
+        }
+        return Ok(step);
+    }
     let keyed: Vec<RecordBatch> = scans.iter().flat_map(|s| s.keyed.iter().cloned()).collect();
     let keys = crate::rules::exec::keys_from_keyed(&keyed);
     drop(keyed);
@@ -115,26 +124,178 @@ pub(super) async fn rules_step(
         reporter.advance(files[with_rules[j]].meta.size)
     })
     .await?;
-    for (i, d) in with_rules.into_iter().zip(done) {
+    for (i, mut d) in with_rules.into_iter().zip(done) {
         let scan = &mut scans[i];
-        scan.keyed = d.rows.keyed;
-        scan.plans = d.rows.plans;
+        scan.keyed = std::mem::take(&mut d.rows.keyed);
+        scan.plans = std::mem::take(&mut d.rows.plans);
         scan.rejected += d.rejected;
         scan.seconds += d.seconds;
-        step.changed[i] = d.changed;
-        step.samples.extend(d.samples);
-        for (rule, c) in d.counts {
-            step.counts
-                .entry((type_key(&files[i]).to_string(), rule.name.clone()))
-                .or_default()
-                .add(&c);
-        }
+        step.add(type_key(&files[i]), i, d);
     }
     Ok(step)
 }
 
+impl RulesStep {
+    fn add(&mut self, resource_type: &str, file: usize, d: RulesDone) {
+        self.changed[file] = d.changed;
+        self.samples.extend(d.samples);
+        for (rule, c) in d.counts {
+            self.counts
+                .entry((resource_type.to_string(), rule.name.clone()))
+                .or_default()
+                .add(&c);
+        }
+    }
+}
+
+/// Runs one file's rule chain over batches of its records and gathers what
+/// it did. Driven by the rules pass, or by pass 1 itself when no rule needs
+/// `keys` (then nothing is read twice).
+pub(super) struct Applier<'a> {
+    run: &'a Run,
+    file: &'a LayerFile,
+    labeller: &'a TenantLabeller,
+    handle: tokio::runtime::Handle,
+    session: RuleSession,
+    chain: Chain,
+    samples: usize,
+    rejected_lines: HashSet<u64>,
+    done: RulesDone,
+}
+
+impl<'a> Applier<'a> {
+    pub(super) fn new(
+        run: &'a Run,
+        file: &'a LayerFile,
+        labeller: &'a TenantLabeller,
+        rules: &[Arc<Rule>],
+        keys: Vec<RecordBatch>,
+        samples: usize,
+    ) -> Result<Self> {
+        let handle = tokio::runtime::Handle::current();
+        let session = RuleSession::new(&run.settings.curate.rule_params, keys)?;
+        let chain = handle.block_on(Chain::plan(&session, rules))?;
+        Ok(Applier {
+            run,
+            file,
+            labeller,
+            handle,
+            session,
+            chain,
+            samples,
+            rejected_lines: HashSet::new(),
+            done: RulesDone {
+                rows: FileRows {
+                    keyed: Vec::new(),
+                    plans: Vec::new(),
+                },
+                changed: HashMap::new(),
+                rejected: 0,
+                counts: rules
+                    .iter()
+                    .map(|r| (r.clone(), RuleCounts::default()))
+                    .collect(),
+                samples: Vec::new(),
+                seconds: 0.0,
+            },
+        })
+    }
+
+    /// The chain over one batch of record-model rows; `plans` holds (at
+    /// least) the plans of the batch's lines, whose label plans change with
+    /// a changed text.
+    pub(super) fn process(&mut self, records: RecordBatch, plans: &mut [LinePlan]) -> Result<()> {
+        let started = Instant::now();
+        let (run, file) = (self.run, self.file);
+        let applied = self.handle.block_on(self.chain.apply(
+            &self.session,
+            records.clone(),
+            self.samples,
+        ))?;
+        if self.samples > 0 {
+            collect_samples(
+                &mut self.done.samples,
+                self.samples,
+                &self.chain,
+                file,
+                &records,
+                &applied,
+            );
+        }
+        let lines = records
+            .column_by_name("line_no")
+            .expect("model")
+            .as_primitive::<UInt64Type>();
+        let ids = records
+            .column_by_name("id")
+            .expect("model")
+            .as_string::<i32>();
+        let texts = records
+            .column_by_name("resource")
+            .expect("model")
+            .as_string::<i32>();
+        for r in applied.rejected {
+            let line = lines.value(r.row);
+            self.rejected_lines.insert(line);
+            let mut reject = Reject::new(r.code, r.reason);
+            reject.rule = Some(self.chain.rules[r.rule].0.name.clone());
+            reject.resource_id = Some(ids.value(r.row).to_string());
+            let text = texts.value(r.row).as_bytes();
+            run.errors
+                .push(run.error_row(file, Some(line), reject, Some(text)))?;
+        }
+        for (row, new) in applied.changed {
+            let line = lines.value(row);
+            match run.recheck(file, ids.value(row), &new, self.labeller) {
+                Ok((insert, rescan)) => {
+                    let at = plans
+                        .binary_search_by_key(&line, |p| p.line_no)
+                        .expect("planned line");
+                    plans[at].insert = insert;
+                    plans[at].rescan = rescan;
+                    self.done.changed.insert(line, new);
+                }
+                Err(findings) => {
+                    self.rejected_lines.insert(line);
+                    for mut f in findings {
+                        f.resource_id
+                            .get_or_insert_with(|| ids.value(row).to_string());
+                        run.errors.push(run.error_row(
+                            file,
+                            Some(line),
+                            f,
+                            Some(new.as_bytes()),
+                        ))?;
+                    }
+                }
+            }
+        }
+        for ((_, total), c) in self.done.counts.iter_mut().zip(&applied.counts) {
+            total.add(c);
+        }
+        self.done.seconds += started.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// What the rules did; the rejected rows leave dedup's keys and pass
+    /// 2's plans.
+    pub(super) fn finish(mut self, keyed: Vec<RecordBatch>, mut plans: Vec<LinePlan>) -> RulesDone {
+        let gone = &self.rejected_lines;
+        self.done.rejected = gone.len() as u64;
+        plans.retain(|p| !gone.contains(&p.line_no));
+        self.done.rows.plans = plans;
+        self.done.rows.keyed = keyed
+            .into_iter()
+            .map(|b| without_lines(b, gone))
+            .filter(|b| b.num_rows() > 0)
+            .collect();
+        self.done
+    }
+}
+
 impl Run {
-    /// The rules pass over one file, on a blocking thread.
+    /// The rules pass over one file, on a blocking thread: its accepted
+    /// lines read again and run through its chain.
     pub(super) fn apply_rules(
         &self,
         file: &LayerFile,
@@ -144,27 +305,9 @@ impl Run {
         labeller: &TenantLabeller,
         samples: usize,
     ) -> Result<RulesDone> {
-        let started = Instant::now();
-        let handle = tokio::runtime::Handle::current();
-        let session = RuleSession::new(&self.settings.curate.rule_params, keys)?;
-        let chain = handle.block_on(Chain::plan(&session, rules))?;
+        let mut applier = Applier::new(self, file, labeller, rules, keys, samples)?;
         let FileRows { keyed, mut plans } = rows;
-        let mut done = RulesDone {
-            rows: FileRows {
-                keyed: Vec::new(),
-                plans: Vec::new(),
-            },
-            changed: HashMap::new(),
-            rejected: 0,
-            counts: rules
-                .iter()
-                .map(|r| (r.clone(), RuleCounts::default()))
-                .collect(),
-            samples: Vec::new(),
-            seconds: 0.0,
-        };
         let batches = regroup(keyed, RULE_BATCH_ROWS);
-        let mut rejected_lines: HashSet<u64> = HashSet::new();
         let c = &self.settings.curate;
         let changed_err = |detail: String| Error::InputChanged {
             stage: STAGE,
@@ -199,69 +342,7 @@ impl Run {
                 if texts.len() == batches[batch_i].num_rows() {
                     let records = records_batch(&batches[batch_i], texts.finish());
                     batch_i += 1;
-                    let applied =
-                        handle.block_on(chain.apply(&session, records.clone(), samples))?;
-                    let lines = records.column_by_name("line_no").expect("model");
-                    let lines = lines.as_primitive::<UInt64Type>();
-                    let ids = records
-                        .column_by_name("id")
-                        .expect("model")
-                        .as_string::<i32>()
-                        .clone();
-                    let res = records
-                        .column_by_name("resource")
-                        .expect("model")
-                        .as_string::<i32>()
-                        .clone();
-                    if samples > 0 {
-                        collect_samples(
-                            &mut done.samples,
-                            samples,
-                            &chain,
-                            file,
-                            &records,
-                            &applied,
-                        );
-                    }
-                    for r in applied.rejected {
-                        let line = lines.value(r.row);
-                        rejected_lines.insert(line);
-                        let mut reject = Reject::new(r.code, r.reason);
-                        reject.rule = Some(chain.rules[r.rule].0.name.clone());
-                        reject.resource_id = Some(ids.value(r.row).to_string());
-                        let text = res.value(r.row).as_bytes();
-                        self.errors
-                            .push(self.error_row(file, Some(line), reject, Some(text)))?;
-                    }
-                    for (row, new) in applied.changed {
-                        let line = lines.value(row);
-                        match self.recheck(file, ids.value(row), &new, labeller) {
-                            Ok(plan) => {
-                                done.changed.insert(line, new);
-                                let at = plans
-                                    .binary_search_by_key(&line, |p| p.line_no)
-                                    .expect("planned line");
-                                plans[at].insert = plan.0;
-                                plans[at].rescan = plan.1;
-                            }
-                            Err(findings) => {
-                                rejected_lines.insert(line);
-                                for mut f in findings {
-                                    f.resource_id
-                                        .get_or_insert_with(|| ids.value(row).to_string());
-                                    self.errors.push(self.error_row(
-                                        file,
-                                        Some(line),
-                                        f,
-                                        Some(new.as_bytes()),
-                                    ))?;
-                                }
-                            }
-                        }
-                    }
-                    for ((_, total), c) in done.counts.iter_mut().zip(&applied.counts) {
-                        total.add(c);
-                    }
+                    applier.process(records, &mut plans)?;
                 }
                 Ok(())
             },
@@ -276,17 +357,7 @@ impl Run {
         if batch_i != batches.len() {
             return Err(changed_err("lines read in pass 1 are missing".into()));
         }
-        // The rejected rows leave: from dedup's keys and from pass 2's plans.
-        done.rejected = rejected_lines.len() as u64;
-        plans.retain(|p| !rejected_lines.contains(&p.line_no));
-        done.rows.plans = plans;
-        done.rows.keyed = batches
-            .into_iter()
-            .map(|b| without_lines(b, &rejected_lines))
-            .filter(|b| b.num_rows() > 0)
-            .collect();
-        done.seconds = started.elapsed().as_secs_f64();
-        Ok(done)
+        Ok(applier.finish(batches, plans))
     }
 
     /// Steps 1, 2 and the label plan again for a line a rule changed: the
@@ -436,23 +507,36 @@ fn without_lines(batch: RecordBatch, lines: &HashSet<u64>) -> RecordBatch {
     arrow::compute::filter_record_batch(&batch, &keep).expect("same length")
 }
 
-/// The rule chain of each file: its (tenant, source system)'s rules folder,
-/// shared rules plus its type's. Every folder is loaded and its rules planned
-/// once here, so a broken rule stops the run before any data is read.
+/// The rules of a run: each file's chain (its (tenant, source system)'s
+/// rules folder, shared rules plus its type's) and whether the chains can
+/// run inside pass 1.
+pub(super) struct RunRules {
+    pub chains: Vec<Vec<Arc<Rule>>>,
+    /// No rule reads `keys` (once constant conditions are folded): the rules
+    /// then run in pass 1 and nothing is read twice.
+    pub inline: bool,
+    /// The folders, for reports.
+    pub folders: Vec<String>,
+}
+
+/// Loads every folder and plans its rules once, so that a broken rule stops
+/// the run before any data is read.
 pub(super) async fn chains_for(
     settings: &crate::settings::Settings,
     tenant: &str,
     files: &[LayerFile],
-) -> Result<(Vec<Vec<Arc<Rule>>>, Vec<String>)> {
+) -> Result<RunRules> {
     let mut sets: std::collections::BTreeMap<String, crate::rules::RuleSet> = Default::default();
     let mut chains = Vec::with_capacity(files.len());
+    let mut inline = true;
     for f in files {
         let folder = crate::rules::folder_for(settings, tenant, f.origin.source_system.as_deref());
         if !sets.contains_key(folder) {
             let set = crate::rules::RuleSet::from_setting(folder)?;
             let session = RuleSession::new(&settings.curate.rule_params, Vec::new())?;
             for r in &set.rules {
-                session.plan(r).await?;
+                let plan = session.plan(r).await?;
+                inline &= !session.reads_keys(&plan)?;
             }
             sets.insert(folder.to_string(), set);
         }
@@ -461,5 +545,9 @@ pub(super) async fn chains_for(
             None => Vec::new(),
         });
     }
-    Ok((chains, sets.values().map(|s| s.describe()).collect()))
+    Ok(RunRules {
+        chains,
+        inline,
+        folders: sets.values().map(|s| s.describe()).collect(),
+    })
 }

@@ -167,6 +167,27 @@ impl RuleSession {
         Ok(plan)
     }
 
+    /// Whether `plan`, once optimized, reads `keys` (a branch that a
+    /// constant `rule_param` condition disables does not count).
+    pub fn reads_keys(&self, plan: &LogicalPlan) -> Result<bool> {
+        use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+        let optimized = self
+            .ctx
+            .state()
+            .optimize(plan)
+            .map_err(|e| Error::query("rules", "optimize", e))?;
+        let mut reads = false;
+        optimized
+            .apply(|node| {
+                if let LogicalPlan::TableScan(scan) = node {
+                    reads |= scan.table_name.table() == "keys";
+                }
+                Ok(TreeNodeRecursion::Continue)
+            })
+            .map_err(|e| Error::query("rules", "optimize", e))?;
+        Ok(reads)
+    }
+
     /// Runs `plan` over `rows`.
     async fn run(
         &self,
