@@ -24,6 +24,10 @@ pub enum Shape {
     /// Key columns plus `content_hash` (of the line) and `key_hash` (of
     /// tenant, resource type and id), no text: what dedup reads.
     Keyed,
+    /// The record model with the per-file columns dictionary encoded (as in
+    /// `Keyed`): what curation rules read, built without copying a file's
+    /// name onto every row.
+    Rules,
 }
 
 fn partition_and_lineage() -> Vec<Field> {
@@ -59,8 +63,9 @@ static CURATED: LazyLock<SchemaRef> = LazyLock::new(|| {
 /// encoded in the keyed table: dedup's memory is then mostly the ids.
 const KEYED_PER_FILE: [&str; 3] = ["tenant_guid", "source_system", "source_file"];
 
-static KEYED: LazyLock<SchemaRef> = LazyLock::new(|| {
-    let mut f: Vec<Field> = partition_and_lineage()
+/// The partition and lineage columns with the per-file ones dictionary encoded.
+fn per_file_dictionaries() -> Vec<Field> {
+    partition_and_lineage()
         .into_iter()
         .map(|f| {
             if KEYED_PER_FILE.contains(&f.name().as_str()) {
@@ -71,9 +76,19 @@ static KEYED: LazyLock<SchemaRef> = LazyLock::new(|| {
                 f
             }
         })
-        .collect();
+        .collect()
+}
+
+static KEYED: LazyLock<SchemaRef> = LazyLock::new(|| {
+    let mut f = per_file_dictionaries();
     f.push(Field::new("content_hash", DataType::UInt64, false));
     f.push(Field::new("key_hash", DataType::UInt64, false));
+    Arc::new(Schema::new(f))
+});
+
+static RULES: LazyLock<SchemaRef> = LazyLock::new(|| {
+    let mut f = per_file_dictionaries();
+    f.push(Field::new("resource", DataType::Utf8, false));
     Arc::new(Schema::new(f))
 });
 
@@ -82,6 +97,7 @@ pub fn schema(shape: Shape) -> SchemaRef {
         Shape::Raw => RAW.clone(),
         Shape::Curated => CURATED.clone(),
         Shape::Keyed => KEYED.clone(),
+        Shape::Rules => RULES.clone(),
     }
 }
 
@@ -159,7 +175,7 @@ impl RowsBuilder {
                 self.resource.append_value(k.text);
                 self.error.append_null();
             }
-            Shape::Curated => self.resource.append_value(k.text),
+            Shape::Curated | Shape::Rules => self.resource.append_value(k.text),
         }
     }
 
@@ -187,7 +203,7 @@ impl RowsBuilder {
     pub fn finish(&mut self) -> RecordBatch {
         let n = std::mem::take(&mut self.rows);
         let o = &self.origin;
-        let keyed = self.shape == Shape::Keyed;
+        let keyed = matches!(self.shape, Shape::Keyed | Shape::Rules);
         // A value that is the same on every row of the file.
         let repeat = |v: Option<&str>| -> ArrayRef {
             match (v, keyed) {
@@ -228,7 +244,7 @@ impl RowsBuilder {
                 cols.push(Arc::new(self.resource.finish()));
                 cols.push(Arc::new(self.error.finish()));
             }
-            Shape::Curated => cols.push(Arc::new(self.resource.finish())),
+            Shape::Curated | Shape::Rules => cols.push(Arc::new(self.resource.finish())),
         }
         RecordBatch::try_new(schema(self.shape), cols).expect("columns match the schema")
     }

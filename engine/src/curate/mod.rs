@@ -243,7 +243,7 @@ impl Run {
                 samples,
             )?),
         };
-        let mut records = RowsBuilder::new(Shape::Curated, file.origin.clone());
+        let mut records = RowsBuilder::new(Shape::Rules, file.origin.clone());
         let mut out = Scanned {
             keyed: Vec::new(),
             rejected: 0,

@@ -26,9 +26,10 @@ use super::Rule;
 use crate::error::{Error, Result};
 use crate::model::{schema, Shape};
 
-/// The columns of `records`: the record model.
+/// The columns of `records`: the record model (the columns that are the
+/// same for a whole file dictionary encoded).
 pub fn records_schema() -> SchemaRef {
-    schema(Shape::Curated)
+    schema(Shape::Rules)
 }
 
 /// The columns of `keys`: the keyed rows without their hashes.
@@ -420,7 +421,8 @@ impl Chain {
         let before = input.column(resource_col).as_string::<i32>();
         let after = current.column(resource_col).as_string::<i32>();
         for (pos, &row) in origin.iter().enumerate() {
-            if after.value(pos) != before.value(row) {
+            let (a, b) = (after.value(pos), before.value(row));
+            if !std::ptr::eq(a.as_ptr(), b.as_ptr()) && a != b {
                 out.changed.push((row, after.value(pos).to_string()));
             }
         }

@@ -179,7 +179,14 @@ impl RuleDb {
             Arc::new(updated.finish()),
             Arc::new(texts.finish()),
         ];
-        RecordBatch::try_new(records_schema(), columns).map_err(|e| q(e.into()))
+        let schema = records_schema();
+        let columns = columns
+            .iter()
+            .zip(schema.fields())
+            .map(|(c, f)| arrow::compute::cast(c, f.data_type()))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| q(e.into()))?;
+        RecordBatch::try_new(schema, columns).map_err(|e| q(e.into()))
     }
 
     /// A session with `input`, `records`, `keys`, `rule` and `outcome`.
