@@ -237,7 +237,7 @@ pub fn select_any(src: &str, paths: &[FhirPath]) -> Vec<Span> {
         }
     }
     for p in indexed.into_iter().filter(applies) {
-        if let Some(r) = json::validate(src, MAX_DEPTH).ok() {
+        if let Ok(r) = json::validate(src, MAX_DEPTH) {
             out.extend(select_nodes(src, r, &p.steps).into_iter().map(|n| n.value));
         }
     }

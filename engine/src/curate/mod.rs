@@ -196,7 +196,7 @@ impl Run {
             message: r.message,
             location: r.location,
             record,
-            rule: r.rule,
+            rule: None,
         }
     }
 

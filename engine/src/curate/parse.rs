@@ -35,8 +35,6 @@ pub struct Reject {
     pub location: Option<String>,
     pub resource_type: Option<String>,
     pub resource_id: Option<String>,
-    /// The curation rule that rejected the record (step 3).
-    pub rule: Option<String>,
 }
 
 impl Reject {
@@ -47,7 +45,6 @@ impl Reject {
             location: None,
             resource_type: None,
             resource_id: None,
-            rule: None,
         }
     }
     pub fn at(mut self, location: String) -> Self {
@@ -229,7 +226,6 @@ pub fn label_reject(e: &LabelError, resource_type: &str, id: Option<&str>) -> Re
         location: e.location().map(|l| format!("{resource_type}.{l}")),
         resource_type: Some(resource_type.to_string()),
         resource_id: id.map(str::to_string),
-        rule: None,
     }
 }
 

@@ -37,6 +37,10 @@ pub(super) struct FileRows {
     pub plans: Vec<LinePlan>,
 }
 
+/// Where the tenant label goes in a line's text, and whether pass 2 must
+/// look again (see `LinePlan`).
+type LabelPlan = (Option<(u32, fhirflow_udfs::tenant_label::Piece)>, bool);
+
 /// What the rules did to one file.
 pub(super) struct RulesDone {
     pub rows: FileRows,
@@ -239,11 +243,11 @@ impl<'a> Applier<'a> {
             let line = lines.value(r.row);
             self.rejected_lines.insert(line);
             let mut reject = Reject::new(r.code, r.reason);
-            reject.rule = Some(self.chain.rules[r.rule].0.name.clone());
             reject.resource_id = Some(ids.value(r.row).to_string());
             let text = texts.value(r.row).as_bytes();
-            run.errors
-                .push(run.error_row(file, Some(line), reject, Some(text)))?;
+            let mut row = run.error_row(file, Some(line), reject, Some(text));
+            row.rule = Some(self.chain.rules[r.rule].0.name.clone());
+            run.errors.push(row)?;
         }
         for (row, new) in applied.changed {
             let line = lines.value(row);
@@ -369,8 +373,7 @@ impl Run {
         id: &str,
         text: &str,
         labeller: &TenantLabeller,
-    ) -> std::result::Result<(Option<(u32, fhirflow_udfs::tenant_label::Piece)>, bool), Vec<Reject>>
-    {
+    ) -> std::result::Result<LabelPlan, Vec<Reject>> {
         let c = &self.settings.curate;
         let after = |mut r: Reject| {
             r.message = format!("after the rules changed the resource: {}", r.message);
