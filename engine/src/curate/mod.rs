@@ -773,15 +773,19 @@ pub async fn curate_with_checks(
         seconds: started.elapsed().as_secs_f64(),
         curated_files: record.curated_files,
         phases,
-        rules: rule_counts
-            .into_iter()
-            .map(|((resource_type, rule), counts)| RuleSummary {
-                rule,
-                resource_type,
-                counts,
-            })
-            .collect(),
+        rules: rule_summaries(rule_counts),
     })
+}
+
+fn rule_summaries(counts: BTreeMap<(String, String), RuleCounts>) -> Vec<RuleSummary> {
+    counts
+        .into_iter()
+        .map(|((resource_type, rule), counts)| RuleSummary {
+            rule,
+            resource_type,
+            counts,
+        })
+        .collect()
 }
 
 /// What the rules would do to (tenant, date): steps 1 to 3 without
@@ -846,15 +850,7 @@ pub async fn dry_run_rules(
     Ok(RulesDryRun {
         records_in,
         rejected_before_rules,
-        rules: step
-            .counts
-            .into_iter()
-            .map(|((resource_type, rule), counts)| RuleSummary {
-                rule,
-                resource_type,
-                counts,
-            })
-            .collect(),
+        rules: rule_summaries(step.counts),
         samples: step.samples,
     })
 }

@@ -227,14 +227,7 @@ impl<'a> Applier<'a> {
                 &applied,
             );
         }
-        let lines = records
-            .column_by_name("line_no")
-            .expect("model")
-            .as_primitive::<UInt64Type>();
-        let ids = records
-            .column_by_name("id")
-            .expect("model")
-            .as_string::<i32>();
+        let (lines, ids) = lines_and_ids(&records);
         let texts = records
             .column_by_name("resource")
             .expect("model")
@@ -399,6 +392,17 @@ impl Run {
     }
 }
 
+/// The `line_no` and `id` columns of record-model rows.
+fn lines_and_ids(
+    records: &RecordBatch,
+) -> (&arrow::array::UInt64Array, &arrow::array::StringArray) {
+    let column = |name| records.column_by_name(name).expect("record model");
+    (
+        column("line_no").as_primitive::<UInt64Type>(),
+        column("id").as_string::<i32>(),
+    )
+}
+
 /// Keeps up to `limit` changed and `limit` rejected rows per rule.
 fn collect_samples(
     out: &mut Vec<RuleSample>,
@@ -408,14 +412,7 @@ fn collect_samples(
     records: &RecordBatch,
     applied: &crate::rules::exec::Applied,
 ) {
-    let lines = records
-        .column_by_name("line_no")
-        .expect("model")
-        .as_primitive::<UInt64Type>();
-    let ids = records
-        .column_by_name("id")
-        .expect("model")
-        .as_string::<i32>();
+    let (lines, ids) = lines_and_ids(records);
     let mut add =
         |rule: usize, row: usize, change: Option<(String, String)>, reason: Option<String>| {
             let name = &chain.rules[rule].0.name;
