@@ -6,7 +6,7 @@
 //! back (by `line_no`), which carry a `reject_reason`, which have new text.
 
 use std::any::Any;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, StringArray, UInt32Array};
@@ -473,18 +473,4 @@ fn next_rows(current: &RecordBatch, resource_col: usize, fate: &[Fate]) -> Recor
         columns[resource_col] = Arc::new(texts);
     }
     RecordBatch::try_new(current.schema(), columns).expect("same schema")
-}
-
-/// Line numbers to rows, for callers that hold a batch's lines.
-pub fn index_by_line(batch: &RecordBatch) -> HashMap<u64, usize> {
-    let lines = batch
-        .column_by_name("line_no")
-        .expect("record model")
-        .as_primitive::<UInt64Type>();
-    lines
-        .values()
-        .iter()
-        .enumerate()
-        .map(|(i, &l)| (l, i))
-        .collect()
 }

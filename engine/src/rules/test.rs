@@ -18,7 +18,7 @@
 //! A rule without a test file is reported, and fails the command.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use arrow::array::{
@@ -378,10 +378,4 @@ fn column_type(t: &DataType) -> DefaultColumnType {
     } else {
         DefaultColumnType::Text
     }
-}
-
-/// Where a rule's test lives, for messages.
-pub fn describe(rule: &Rule) -> String {
-    let f = test_file(rule);
-    Path::new(&f).display().to_string()
 }
