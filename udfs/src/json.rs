@@ -226,16 +226,16 @@ pub fn items(src: &str, arr: Span) -> Vec<Span> {
     if arr.kind != Kind::Array {
         return out;
     }
-    let mut s = Scanner::at(src, arr.start + 1);
-    s.ws();
-    if s.peek() == Some(b']') {
-        return out;
-    }
-    while let Ok(v) = s.value() {
-        out.push(v);
-        if !matches!(s.next_item(b']'), Ok(true)) {
-            break;
+    let mut c = Cursor {
+        s: Scanner::at(src, arr.start),
+    };
+    let mut next = c.enter().and_then(|_| c.next_item(true));
+    while let Ok(true) = next {
+        match c.value() {
+            Ok(v) => out.push(v),
+            Err(_) => break,
         }
+        next = c.next_item(false);
     }
     out
 }

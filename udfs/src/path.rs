@@ -419,56 +419,34 @@ pub fn set(src: &str, path: &FhirPath, value: &str) -> Result<Option<String>, St
 /// stays as `[]` or `{}`.
 pub fn remove(src: &str, path: &FhirPath) -> Option<String> {
     let root = root(src, path)?;
-    if path.steps.is_empty() {
-        return None;
-    }
-    let last_is_member = matches!(path.steps.last(), Some(Step::Member(_)));
-    let mut edits = Vec::new();
-    for n in select_nodes(src, root, &path.steps) {
-        // A member step removes the whole member (all of an array's items).
-        let (container, target) = match n.slot {
-            Slot::Member { object, key } => (object, (key, n.value)),
-            Slot::Item { array } if last_is_member => match parent_member(src, array) {
-                Some((object, key)) => (object, (key, array)),
-                None => continue,
-            },
-            Slot::Item { array } => (array, (n.value, n.value)),
-            Slot::Root => continue,
-        };
-        if let Some(range) = removal_range(src, container, target) {
-            edits.push((range.0, range.1, String::new()));
-        }
-    }
-    apply(src, edits)
-}
-
-/// The object member whose value is the array `array` (for removing a whole
-/// member reached through its flattened items).
-fn parent_member(src: &str, array: Span) -> Option<(Span, Span)> {
-    // Walk down from the root to the object holding `array`.
-    let root = json::validate(src, MAX_DEPTH).ok()?;
-    let mut stack = vec![root];
-    while let Some(v) = stack.pop() {
-        match v.kind {
-            Kind::Object => {
-                for (k, m) in members(src, v) {
-                    if m == array {
-                        return Some((v, k));
-                    }
-                    if m.start <= array.start && array.end <= m.end {
-                        stack.push(m);
-                    }
-                }
-            }
-            Kind::Array => stack.extend(
-                items(src, v)
+    let (parents, last) = parents(src, root, path)?;
+    // (container, first..=last span of the entry to remove)
+    let targets: Vec<(Span, (Span, Span))> = match last {
+        // A member step removes the whole member (an array with its items).
+        Step::Member(name) => parents
+            .iter()
+            .flat_map(|p| {
+                members(src, p.value)
                     .into_iter()
-                    .filter(|i| i.start <= array.start && array.end <= i.end),
-            ),
-            _ => {}
-        }
-    }
-    None
+                    .filter(|(k, _)| key_is(src, *k, name))
+                    .map(move |(k, v)| (p.value, (k, v)))
+            })
+            .collect(),
+        _ => step(src, parents, last)
+            .into_iter()
+            .filter_map(|n| match n.slot {
+                Slot::Member { object, key } => Some((object, (key, n.value))),
+                Slot::Item { array } => Some((array, (n.value, n.value))),
+                Slot::Root => None,
+            })
+            .collect(),
+    };
+    let edits = targets
+        .into_iter()
+        .filter_map(|(container, entry)| removal_range(src, container, entry))
+        .map(|(from, to)| (from, to, String::new()))
+        .collect();
+    apply(src, edits)
 }
 
 /// The bytes to delete to remove one entry (`first..=last` spans: key and

@@ -399,9 +399,10 @@ fn eval_get_all(name: &str, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
 
 /// A reference string, or the `reference` of a Reference object's JSON.
 fn reference_text(arg: &str) -> Option<Cow<'_, str>> {
+    static REFERENCE: std::sync::LazyLock<FhirPath> =
+        std::sync::LazyLock::new(|| "reference".parse().expect("a valid path"));
     if arg.trim_start().starts_with('{') {
-        let p: FhirPath = "reference".parse().expect("a valid path");
-        let span = path::select(arg, &p).into_iter().next()?;
+        let span = path::select(arg, &REFERENCE).into_iter().next()?;
         path::value_text(arg, span)
     } else {
         Some(arg.into())
@@ -456,13 +457,18 @@ fn eval_remove(name: &str, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
 }
 
 fn eval_trim(name: &str, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
-    let mut caches: Vec<PathCache> = Vec::new();
+    // The paths, parsed again only when a row's path texts differ.
+    let mut texts: Vec<String> = Vec::new();
     let mut paths: Vec<FhirPath> = Vec::new();
     map_edits(name, args, |resource, row| {
-        caches.resize_with(row.len() - 1, PathCache::default);
-        paths.clear();
-        for (cache, p) in caches.iter_mut().zip(&row[1..]) {
-            paths.push(cache.get(name, p.expect("checked"))?.clone());
+        let row_paths = row[1..].iter().map(|p| p.expect("checked"));
+        if !row_paths.clone().eq(texts.iter().map(String::as_str)) {
+            texts = row_paths.map(str::to_string).collect();
+            paths = texts
+                .iter()
+                .map(|t| t.parse::<FhirPath>())
+                .collect::<std::result::Result<_, _>>()
+                .or_else(|e| exec_err!("{name}: {e}"))?;
         }
         Ok(path::trim(resource, &paths))
     })

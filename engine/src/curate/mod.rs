@@ -300,7 +300,7 @@ impl Run {
                                     .as_mut()
                                     .filter(|_| records.len() >= rules_pass::RULE_BATCH_ROWS)
                                 {
-                                    a.process(records.finish(), &mut out.plans)?;
+                                    a.process(records.finish())?;
                                 }
                                 None
                             }
@@ -351,7 +351,7 @@ impl Run {
         }
         if let Some(mut a) = applier {
             if !records.is_empty() {
-                a.process(records.finish(), &mut out.plans)?;
+                a.process(records.finish())?;
             }
             let mut done = a.finish(
                 std::mem::take(&mut out.keyed),
@@ -364,6 +364,49 @@ impl Run {
         }
         out.seconds = started.elapsed().as_secs_f64();
         Ok(out)
+    }
+}
+
+impl Run {
+    /// Reads `file` again (pass 2, the rules pass) and calls `f` with each
+    /// line that has a plan, in order, once it is known to be the line pass 1
+    /// read (same length). A corrupt compressed file ends where pass 1
+    /// stopped, which reported it as FILE_UNREADABLE.
+    fn reread(
+        &self,
+        file: &LayerFile,
+        plans: &[LinePlan],
+        mut f: impl FnMut(&LinePlan, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let mut next = 0;
+        let max = self.settings.curate.max_line_bytes;
+        let result = read_lines(&self.lake.raw, STAGE, file, max, |line_no, line| {
+            // Lines without a plan were rejected in pass 1.
+            let Some(plan) = plans.get(next).filter(|p| p.line_no == line_no) else {
+                return Ok(());
+            };
+            next += 1;
+            match line {
+                Line::Text { bytes, .. } if bytes.len() == plan.len as usize => f(plan, bytes),
+                _ => Err(input_changed(
+                    file,
+                    format!("line {line_no} is not the line read before"),
+                )),
+            }
+        });
+        match result {
+            Err(e) if !is_bad_input(&e) => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A raw file that differs from what pass 1 read.
+fn input_changed(file: &LayerFile, detail: String) -> Error {
+    Error::InputChanged {
+        stage: STAGE,
+        location: file.origin.source_file.clone(),
+        detail,
     }
 }
 
@@ -931,85 +974,57 @@ impl Run {
         // Test fault: drop one line on the floor, to prove that the
         // conservation check catches a record lost by a bug.
         let mut lose_one = commit::failpoint_active("lose-a-line");
-        let changed = |detail: String| Error::InputChanged {
-            stage: STAGE,
-            location: file.origin.source_file.clone(),
-            detail,
-        };
-        let (plans, dups) = (&work.plans, &work.duplicates);
-        let (mut next_plan, mut next_dup) = (0, 0);
-        let result = read_lines(
-            &self.lake.raw,
-            STAGE,
-            file,
-            c.max_line_bytes,
-            |line_no, line| {
-                // Lines without a plan were rejected in pass 1.
-                let Some(plan) = plans.get(next_plan).filter(|p| p.line_no == line_no) else {
-                    return Ok(());
-                };
-                next_plan += 1;
-                while next_dup < dups.len() && dups[next_dup] < line_no {
-                    next_dup += 1;
-                }
-                if dups.get(next_dup) == Some(&line_no) {
-                    return Ok(());
-                }
-                let bytes = match line {
-                    Line::Text { bytes, .. } if bytes.len() == plan.len as usize => bytes,
-                    _ => {
-                        return Err(changed(format!(
-                            "line {line_no} is not the line read before"
-                        )))
+        let dups = &work.duplicates;
+        let mut next_dup = 0;
+        self.reread(file, &work.plans, |plan, bytes| {
+            let line_no = plan.line_no;
+            while next_dup < dups.len() && dups[next_dup] < line_no {
+                next_dup += 1;
+            }
+            if dups.get(next_dup) == Some(&line_no) {
+                return Ok(());
+            }
+            let text = match work.changed.get(&line_no) {
+                Some(new) => new.as_str(),
+                None => std::str::from_utf8(bytes).map_err(|_| {
+                    input_changed(file, format!("line {line_no} is no longer UTF-8"))
+                })?,
+            };
+            let edit = if plan.rescan {
+                // Step 5 in full: scan again to find the edit or the reason.
+                let planned = scan_resource(text, c.max_depth)
+                    .map_err(LabelError::Json)
+                    .and_then(|scanned| labeller.plan(text, &scanned));
+                match planned {
+                    Ok(edit) => edit,
+                    Err(e) => {
+                        let id = key_line(text.as_bytes(), file.file_type, c.max_depth, false)
+                            .ok()
+                            .map(|k| k.id.into_owned());
+                        let r = label_reject(&e, ty, id.as_deref());
+                        out.rejected += 1;
+                        return self.errors.push(self.error_row(
+                            file,
+                            Some(line_no),
+                            r,
+                            Some(bytes),
+                        ));
                     }
-                };
-                let text = match work.changed.get(&line_no) {
-                    Some(new) => new.as_str(),
-                    None => std::str::from_utf8(bytes)
-                        .map_err(|_| changed(format!("line {line_no} is no longer UTF-8")))?,
-                };
-                let edit = if plan.rescan {
-                    // Step 5 in full: scan again to find the edit or the reason.
-                    let planned = scan_resource(text, c.max_depth)
-                        .map_err(LabelError::Json)
-                        .and_then(|scanned| labeller.plan(text, &scanned));
-                    match planned {
-                        Ok(edit) => edit,
-                        Err(e) => {
-                            let id = key_line(text.as_bytes(), file.file_type, c.max_depth, false)
-                                .ok()
-                                .map(|k| k.id.into_owned());
-                            let r = label_reject(&e, ty, id.as_deref());
-                            out.rejected += 1;
-                            return self.errors.push(self.error_row(
-                                file,
-                                Some(line_no),
-                                r,
-                                Some(bytes),
-                            ));
-                        }
-                    }
-                } else {
-                    match plan.insert {
-                        Some((at, piece)) => LabelEdit::Insert {
-                            at: at as usize,
-                            piece,
-                        },
-                        None => LabelEdit::Unchanged,
-                    }
-                };
-                if std::mem::take(&mut lose_one) {
-                    return Ok(());
                 }
-                writer.write(labeller, text, &edit)
-            },
-        );
-        match result {
-            Ok(_) => {}
-            // Already reported by pass 1 as FILE_UNREADABLE.
-            Err(e) if is_bad_input(&e) => {}
-            Err(e) => return Err(e),
-        }
+            } else {
+                match plan.insert {
+                    Some((at, piece)) => LabelEdit::Insert {
+                        at: at as usize,
+                        piece,
+                    },
+                    None => LabelEdit::Unchanged,
+                }
+            };
+            if std::mem::take(&mut lose_one) {
+                return Ok(());
+            }
+            writer.write(labeller, text, &edit)
+        })?;
         out.curated = writer.lines;
         out.bytes_out = writer.bytes;
         out.parts = writer.finish()?;

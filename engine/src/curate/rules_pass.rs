@@ -18,10 +18,9 @@ use arrow::datatypes::UInt64Type;
 use fhirflow_udfs::tenant_label::{LabelEdit, TenantLabeller};
 
 use super::parse::{key_and_scan, Reject};
-use super::{run_blocking, type_key, LinePlan, Run, Scanned, STAGE};
-use crate::error::{Error, Result};
-use crate::raw::lines::Line;
-use crate::raw::{read_lines, LayerFile};
+use super::{input_changed, run_blocking, type_key, LinePlan, Run, Scanned};
+use crate::error::Result;
+use crate::raw::LayerFile;
 use crate::report::Reporter;
 use crate::rules::exec::{records_schema, Chain, RuleCounts, RuleSession};
 use crate::rules::Rule;
@@ -165,6 +164,8 @@ pub(super) struct Applier<'a> {
     chain: Chain,
     samples: usize,
     rejected_lines: HashSet<u64>,
+    /// New label plans of changed lines, applied in `finish`.
+    relabel: HashMap<u64, LabelPlan>,
     done: RulesDone,
 }
 
@@ -189,6 +190,7 @@ impl<'a> Applier<'a> {
             chain,
             samples,
             rejected_lines: HashSet::new(),
+            relabel: HashMap::new(),
             done: RulesDone {
                 rows: FileRows {
                     keyed: Vec::new(),
@@ -206,10 +208,8 @@ impl<'a> Applier<'a> {
         })
     }
 
-    /// The chain over one batch of record-model rows; `plans` holds (at
-    /// least) the plans of the batch's lines, whose label plans change with
-    /// a changed text.
-    pub(super) fn process(&mut self, records: RecordBatch, plans: &mut [LinePlan]) -> Result<()> {
+    /// The chain over one batch of record-model rows.
+    pub(super) fn process(&mut self, records: RecordBatch) -> Result<()> {
         let started = Instant::now();
         let (run, file) = (self.run, self.file);
         let applied = self.handle.block_on(self.chain.apply(
@@ -245,12 +245,8 @@ impl<'a> Applier<'a> {
         for (row, new) in applied.changed {
             let line = lines.value(row);
             match run.recheck(file, ids.value(row), &new, self.labeller) {
-                Ok((insert, rescan)) => {
-                    let at = plans
-                        .binary_search_by_key(&line, |p| p.line_no)
-                        .expect("planned line");
-                    plans[at].insert = insert;
-                    plans[at].rescan = rescan;
+                Ok(plan) => {
+                    self.relabel.insert(line, plan);
                     self.done.changed.insert(line, new);
                 }
                 Err(findings) => {
@@ -281,6 +277,12 @@ impl<'a> Applier<'a> {
         let gone = &self.rejected_lines;
         self.done.rejected = gone.len() as u64;
         plans.retain(|p| !gone.contains(&p.line_no));
+        for p in &mut plans {
+            if let Some(&(insert, rescan)) = self.relabel.get(&p.line_no) {
+                p.insert = insert;
+                p.rescan = rescan;
+            }
+        }
         self.done.rows.plans = plans;
         self.done.rows.keyed = keyed
             .into_iter()
@@ -304,56 +306,27 @@ impl Run {
         samples: usize,
     ) -> Result<RulesDone> {
         let mut applier = Applier::new(self, file, labeller, rules, keys, samples)?;
-        let FileRows { keyed, mut plans } = rows;
+        let FileRows { keyed, plans } = rows;
         let batches = regroup(keyed, RULE_BATCH_ROWS);
-        let c = &self.settings.curate;
-        let changed_err = |detail: String| Error::InputChanged {
-            stage: STAGE,
-            location: file.origin.source_file.clone(),
-            detail,
-        };
-        let (mut next_plan, mut batch_i) = (0, 0);
+        let mut batch_i = 0;
         let mut texts = StringBuilder::new();
-        let read = read_lines(
-            &self.lake.raw,
-            STAGE,
-            file,
-            c.max_line_bytes,
-            |line_no, line| {
-                let Some(plan) = plans.get(next_plan).filter(|p| p.line_no == line_no) else {
-                    return Ok(());
-                };
-                next_plan += 1;
-                let text = match line {
-                    Line::Text { bytes, .. } if bytes.len() == plan.len as usize => {
-                        std::str::from_utf8(bytes).map_err(|_| {
-                            changed_err(format!("line {line_no} is no longer UTF-8"))
-                        })?
-                    }
-                    _ => {
-                        return Err(changed_err(format!(
-                            "line {line_no} is not the line read before"
-                        )))
-                    }
-                };
-                texts.append_value(text);
-                if texts.len() == batches[batch_i].num_rows() {
-                    let records = records_batch(&batches[batch_i], texts.finish());
-                    batch_i += 1;
-                    applier.process(records, &mut plans)?;
-                }
-                Ok(())
-            },
-        );
-        match read {
-            Ok(_) => {}
-            // A corrupt compressed file: pass 1 stopped at the same place
-            // and reported it; every line it accepted was read again.
-            Err(e) if super::is_bad_input(&e) => {}
-            Err(e) => return Err(e),
-        }
+        self.reread(file, &plans, |plan, bytes| {
+            let text = std::str::from_utf8(bytes).map_err(|_| {
+                input_changed(file, format!("line {} is no longer UTF-8", plan.line_no))
+            })?;
+            texts.append_value(text);
+            if texts.len() == batches[batch_i].num_rows() {
+                let records = records_batch(&batches[batch_i], texts.finish());
+                batch_i += 1;
+                applier.process(records)?;
+            }
+            Ok(())
+        })?;
         if batch_i != batches.len() {
-            return Err(changed_err("lines read in pass 1 are missing".into()));
+            return Err(input_changed(
+                file,
+                "lines read in pass 1 are missing".into(),
+            ));
         }
         Ok(applier.finish(batches, plans))
     }
@@ -473,21 +446,19 @@ fn regroup(keyed: Vec<RecordBatch>, rows: usize) -> Vec<RecordBatch> {
     out
 }
 
-/// Record-model rows from keyed rows and their text.
+/// Record-model rows from keyed rows (whose columns have the same types)
+/// and their text.
 fn records_batch(keyed: &RecordBatch, texts: arrow::array::StringArray) -> RecordBatch {
     let schema = records_schema();
     let columns: Vec<ArrayRef> = schema
         .fields()
         .iter()
-        .map(|f| {
-            if f.name() == "resource" {
-                Arc::new(texts.clone()) as ArrayRef
-            } else {
-                let c = keyed
-                    .column_by_name(f.name())
-                    .expect("keyed has the model's keys");
-                arrow::compute::cast(c, f.data_type()).expect("the keyed columns have these types")
-            }
+        .map(|f| match f.name().as_str() {
+            "resource" => Arc::new(texts.clone()) as ArrayRef,
+            name => keyed
+                .column_by_name(name)
+                .expect("keyed has the model's keys")
+                .clone(),
         })
         .collect();
     RecordBatch::try_new(schema, columns).expect("record model")
