@@ -2,6 +2,8 @@
 //! temporary folder, helpers to write NDJSON, run stages in-process or through
 //! the real binary, and read results back with SQL.
 
+pub mod fhir_server;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

@@ -71,7 +71,10 @@ pub fn failpoint_active(name: &str) -> bool {
     std::env::var_os("FHIRFLOW_FAILPOINT").is_some_and(|v| v == name)
 }
 
-/// Publishes a run's staged output (steps 1 to 5 above).
+/// The stage whose commit records define a partition's curated files.
+pub const CURATE: &str = "curate";
+
+/// Publishes a curate run's staged output (steps 1 to 5 above).
 pub async fn publish(
     lake: &Lake,
     tenant: &TenantGuid,
@@ -104,6 +107,38 @@ pub async fn publish(
         }
     }
     failpoint("after-curated-publish");
+    let record = publish_metadata(lake, tenant, date, run_id, CURATE, curated, metadata).await?;
+    lake.metadata
+        .delete(STAGE, &commits.clone().join(INTENT))
+        .await?;
+    Ok(record)
+}
+
+/// Publishes the metadata files of a run of another stage (steps 3 and 4
+/// above): such a run publishes no curated files, so the partition's curated
+/// files stay those of its latest curate run.
+pub async fn publish_stage_metadata(
+    lake: &Lake,
+    tenant: &TenantGuid,
+    date: ImportDate,
+    run_id: &str,
+    stage: &str,
+    metadata: &[Move],
+) -> Result<CommitRecord> {
+    assert_ne!(stage, CURATE, "curate runs publish through `publish`");
+    publish_metadata(lake, tenant, date, run_id, stage, &[], metadata).await
+}
+
+async fn publish_metadata(
+    lake: &Lake,
+    tenant: &TenantGuid,
+    date: ImportDate,
+    run_id: &str,
+    stage: &str,
+    curated: &[Move],
+    metadata: &[Move],
+) -> Result<CommitRecord> {
+    let commits = lake.metadata.paths.commits(tenant, date);
     for m in metadata {
         lake.metadata.rename(STAGE, &m.staged, &m.target).await?;
     }
@@ -111,7 +146,7 @@ pub async fn publish(
 
     let record = CommitRecord {
         run_id: run_id.to_string(),
-        stage: "curate".into(),
+        stage: stage.into(),
         tenant_guid: tenant.to_string(),
         import_date: date.to_string(),
         committed_at: chrono::Utc::now().to_rfc3339(),
@@ -127,9 +162,6 @@ pub async fn publish(
         )
         .await?;
     failpoint("after-commit-record");
-    lake.metadata
-        .delete(STAGE, &commits.clone().join(INTENT))
-        .await?;
     Ok(record)
 }
 
@@ -235,7 +267,8 @@ pub async fn visible(lake: &Lake) -> Result<Visible> {
             .as_ref()
             .is_some_and(|run| !records.contains_key(run));
         // Run ids are UUIDv7: their order is the order the runs started.
-        if let (false, Some(latest)) = (publishing, records.values().next_back()) {
+        let latest = records.values().rev().find(|r| r.stage == CURATE);
+        if let (false, Some(latest)) = (publishing, latest) {
             out.curated
                 .extend(latest.curated_files.iter().map(|p| Path::from(p.as_str())));
         }

@@ -81,6 +81,19 @@ pub enum Error {
     #[error("{0}")]
     Usage(String),
 
+    /// A request of the extract stage that failed for good (after retries).
+    #[error("extract: {what} {url}: {message}")]
+    Http {
+        what: String,
+        url: String,
+        message: String,
+    },
+
+    /// Authorization at the FHIR server's token endpoint failed. Never
+    /// carries a token, key or assertion.
+    #[error("extract: authorization at {endpoint}: {message}")]
+    Auth { endpoint: String, message: String },
+
     /// A rule that cannot be read, planned or run, or that broke the rules'
     /// contract (see `rules`).
     #[error("rule {file}: {message}")]

@@ -260,6 +260,29 @@ impl Paths {
         ])
     }
 
+    /// Where the extractor keeps its state for a (tenant, source system):
+    /// `raw/tenantGuid=…/source_system=…/_extract/<name>` (not a partition,
+    /// so no reader takes it for data).
+    pub fn extract_state(&self, t: &TenantGuid, s: &SourceSystem, name: &str) -> Path {
+        self.join([
+            "raw",
+            &tenant_seg(t),
+            &format!("source_system={s}"),
+            "_extract",
+            name,
+        ])
+    }
+
+    /// An export's own files kept beside the raw data: the manifest, the
+    /// `error` and `deleted` files, under `<raw partition>/_export/`.
+    pub fn export_file(&self, t: &TenantGuid, s: &SourceSystem, d: ImportDate, rel: &str) -> Path {
+        let mut p = self.raw_partition(t, s, d).join("_export");
+        for part in rel.split('/') {
+            p = p.join(part);
+        }
+        p
+    }
+
     pub fn raw_file(
         &self,
         t: &TenantGuid,

@@ -3,6 +3,7 @@
 //!
 //! The modules follow the flow:
 //!
+//! * [`extract`]: a FHIR Bulk Data `$export` lands in the raw layer;
 //! * [`ingest`]: local NDJSON files land in the raw layer;
 //! * [`raw`]: reading raw NDJSON line by line;
 //! * [`curate`]: parse and key, dedup, label, write (DESIGN.md's steps);
@@ -17,6 +18,7 @@
 pub mod commit;
 pub mod curate;
 pub mod error;
+pub mod extract;
 pub mod fhir;
 pub mod ingest;
 pub mod layout;

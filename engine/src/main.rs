@@ -87,8 +87,67 @@ struct Partition {
     date: ImportDate,
 }
 
+/// Where `extract` (and `run`) pull from, and what.
+#[derive(Args, Clone)]
+struct ExtractArgs {
+    /// The FHIR server's base URL (default: [extract] fhir_url).
+    #[arg(long, env = "FHIRFLOW_FHIR_URL")]
+    fhir_url: Option<String>,
+    /// Only resources changed since this instant (_since), e.g. 2024-05-01T00:00:00Z.
+    #[arg(long, conflicts_with = "incremental")]
+    since: Option<String>,
+    /// Only resources changed since the last complete extraction of this tenant and
+    /// source system (its manifest's transactionTime).
+    #[arg(long)]
+    incremental: bool,
+    /// Resource types to export (_type), comma-separated or repeated.
+    #[arg(long = "type", value_delimiter = ',')]
+    types: Vec<String>,
+    /// A search that narrows one type (_typeFilter), e.g. "Observation?status=final" (repeatable).
+    #[arg(long = "type-filter")]
+    type_filters: Vec<String>,
+    /// Export one Group's members (Group/<id>/$export).
+    #[arg(long, conflicts_with = "patient")]
+    group: Option<String>,
+    /// Export every patient's compartment (Patient/$export).
+    #[arg(long)]
+    patient: bool,
+    /// Abandon a pending (interrupted) extraction of this tenant and source system and start anew.
+    #[arg(long)]
+    restart: bool,
+    /// A static bearer token for the FHIR server (better from the environment).
+    #[arg(long, env = "FHIRFLOW_BEARER_TOKEN", hide_env_values = true)]
+    bearer_token: Option<String>,
+    /// SMART Backend Services: the registered client id.
+    #[arg(long, env = "FHIRFLOW_SMART_CLIENT_ID")]
+    smart_client_id: Option<String>,
+    /// SMART Backend Services: the private key (PEM or JWK file; RSA signs RS384, P-384 signs ES384).
+    #[arg(long, env = "FHIRFLOW_SMART_PRIVATE_KEY")]
+    smart_private_key: Option<PathBuf>,
+    /// SMART Backend Services: the token endpoint (default: from .well-known/smart-configuration).
+    #[arg(long, env = "FHIRFLOW_SMART_TOKEN_URL")]
+    smart_token_url: Option<String>,
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Pull a FHIR Bulk Data export ($export) from a FHIR server into the raw layer.
+    ///
+    /// Running the same command again after a crash or failure resumes the
+    /// export instead of starting a new one.
+    Extract {
+        #[command(flatten)]
+        from: ExtractArgs,
+        /// The tenant GUID.
+        #[arg(long)]
+        tenant: TenantGuid,
+        /// The source system, [A-Za-z0-9_-]{1,64}.
+        #[arg(long)]
+        source_system: SourceSystem,
+        /// The import date, YYYY-MM-DD (default: today, UTC).
+        #[arg(long)]
+        date: Option<ImportDate>,
+    },
     /// Land NDJSON files or folders in the raw layer.
     Ingest {
         /// Files named <Type>.ndjson or <Type>.NNN.ndjson (optionally .gz), or folders of them.
@@ -117,10 +176,13 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
-    /// Ingest the given paths (if any), then curate the tenant and date, with a summary.
+    /// Extract from a FHIR server (with --fhir-url) or ingest the given paths (if any),
+    /// then curate the tenant and date, with a summary.
     Run {
         /// Files or folders to ingest first.
         paths: Vec<PathBuf>,
+        #[command(flatten)]
+        from: ExtractArgs,
         /// The tenant GUID.
         #[arg(long)]
         tenant: TenantGuid,
@@ -218,6 +280,24 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<()> {
     let g = &cli.global;
+    let from = match &cli.command {
+        Command::Extract { from, .. } | Command::Run { from, .. } => Some(from.clone()),
+        _ => None,
+    };
+    let f = from.clone().unwrap_or_else(|| ExtractArgs {
+        fhir_url: None,
+        since: None,
+        incremental: false,
+        types: Vec::new(),
+        type_filters: Vec::new(),
+        group: None,
+        patient: false,
+        restart: false,
+        bearer_token: None,
+        smart_client_id: None,
+        smart_private_key: None,
+        smart_token_url: None,
+    });
     let overrides = Overrides {
         lake: g.lake.clone(),
         raw_root: g.raw_root.clone(),
@@ -231,6 +311,11 @@ async fn run(cli: Cli) -> Result<()> {
         validation: g.validation,
         rules: g.rules.clone(),
         rule_params: g.rule_params.clone(),
+        fhir_url: f.fhir_url.clone(),
+        bearer_token: f.bearer_token.clone(),
+        smart_client_id: f.smart_client_id.clone(),
+        smart_private_key: f.smart_private_key.clone(),
+        smart_token_url: f.smart_token_url.clone(),
     };
     let settings = Settings::resolve(g.config.as_deref(), &overrides)?;
     if let Command::Config = cli.command {
@@ -277,6 +362,17 @@ async fn run(cli: Cli) -> Result<()> {
                 fhirflow::ingest::ingest(&lake, &paths, &tenant, &source_system, date).await?;
             print_ingest(&report, g.quiet);
         }
+        Command::Extract {
+            from,
+            tenant,
+            source_system,
+            date,
+        } => {
+            let request = extract_request(&settings, &from, tenant, source_system, date)?
+                .ok_or_else(|| Error::Usage("extract: give --fhir-url (or [extract] fhir_url)".into()))?;
+            let report = fhirflow::extract::extract(&lake, &settings, &request, &bar).await?;
+            print_extract(&report, g.quiet);
+        }
         Command::Curate { partition } => {
             let report =
                 fhirflow::curate::curate(&lake, &settings, &partition.tenant, partition.date, &bar)
@@ -285,17 +381,28 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Run {
             paths,
+            from,
             tenant,
             source_system,
             date,
         } => {
+            let extract = match (&source_system, paths.is_empty()) {
+                (Some(system), true) => {
+                    extract_request(&settings, &from, tenant.clone(), system.clone(), date)?
+                }
+                _ => None,
+            };
             let plan = fhirflow::run::RunPlan {
                 paths,
+                extract,
                 tenant,
                 source_system,
                 date: date.unwrap_or_else(ImportDate::today),
             };
             let report = fhirflow::run::run(&lake, &settings, &plan, &bar).await?;
+            if let Some(x) = &report.extract {
+                print_extract(x, g.quiet);
+            }
             if let Some(i) = &report.ingest {
                 print_ingest(i, g.quiet);
             }
@@ -408,6 +515,84 @@ fn validate(settings: &Settings, paths: &[PathBuf], format: ValidateFormat) -> R
     }
 }
 
+/// The extraction `from` asks for, or None when no FHIR URL is known.
+fn extract_request(
+    settings: &Settings,
+    from: &ExtractArgs,
+    tenant: TenantGuid,
+    source_system: SourceSystem,
+    date: Option<ImportDate>,
+) -> Result<Option<fhirflow::extract::ExtractRequest>> {
+    use fhirflow::extract::{export::Level, ExtractRequest, Since};
+    let Some(url) = &settings.extract.fhir_url else {
+        return Ok(None);
+    };
+    let fhir_url = url::Url::parse(url)
+        .map_err(|e| Error::Usage(format!("--fhir-url {url:?}: {e}")))?;
+    let level = match (&from.group, from.patient) {
+        (Some(g), _) => Level::Group(g.clone()),
+        (None, true) => Level::Patient,
+        (None, false) => Level::System,
+    };
+    let since = match (&from.since, from.incremental) {
+        (Some(s), _) => Since::At(s.clone()),
+        (None, true) => Since::Incremental,
+        (None, false) => Since::All,
+    };
+    Ok(Some(ExtractRequest {
+        fhir_url,
+        tenant,
+        source_system,
+        date: date.unwrap_or_else(ImportDate::today),
+        level,
+        types: from.types.clone(),
+        type_filters: from.type_filters.clone(),
+        since,
+        restart: from.restart,
+    }))
+}
+
+fn print_extract(r: &fhirflow::extract::ExtractReport, quiet: bool) {
+    if quiet {
+        return;
+    }
+    let resumed = if r.resumed {
+        format!(", resumed; {} files were already written", r.reused)
+    } else {
+        String::new()
+    };
+    println!(
+        "extracted tenant {} source system {} date {} (run {}) in {:.2} s{resumed}",
+        r.tenant, r.source_system, r.date, r.run_id, r.seconds
+    );
+    println!(
+        "{:<28} {:>6} {:>10} {:>12}",
+        "resource type", "files", "resources", "MB"
+    );
+    for (ty, (files, lines, bytes)) in r.by_type() {
+        println!("{ty:<28} {files:>6} {lines:>10} {:>12.2}", bytes as f64 / 1e6);
+    }
+    let secs = r.download_seconds.max(1e-9);
+    println!(
+        "{:<28} {:>6} {:>10} {:>12.2}",
+        "total",
+        r.files.len(),
+        r.resources(),
+        r.bytes() as f64 / 1e6
+    );
+    println!(
+        "export prepared in {:.2} s; downloads {:.2} s ({:.0} resources/s, {:.1} MB/s); transactionTime {}",
+        r.export_wait_seconds,
+        r.download_seconds,
+        r.resources() as f64 / secs,
+        r.bytes() as f64 / 1e6 / secs,
+        r.transaction_time
+    );
+    if let Some(w) = &r.delete_warning {
+        println!("warning: the export's status URL could not be deleted: {w}");
+    }
+}
+
 fn print_ingest(report: &fhirflow::ingest::IngestReport, quiet: bool) {
     if quiet {
         return;
@@ -489,6 +674,13 @@ impl Bar {
 }
 
 impl Reporter for Bar {
+    fn status(&self, message: &str) {
+        if let Some(b) = &self.0 {
+            b.set_message(message.to_string());
+            b.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+            b.tick();
+        }
+    }
     fn start(&self, stage: &str, total_bytes: u64) {
         if let Some(b) = &self.0 {
             b.set_message(stage.to_string());

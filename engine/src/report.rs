@@ -6,6 +6,8 @@ pub trait Reporter: Send + Sync {
     fn start(&self, _stage: &str, _total_bytes: u64) {}
     fn advance(&self, _bytes: u64) {}
     fn finish(&self) {}
+    /// What a long wait is waiting for (an export in progress, say).
+    fn status(&self, _message: &str) {}
 }
 
 /// Reports nothing.

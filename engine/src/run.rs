@@ -1,10 +1,11 @@
-//! `fhirflow run`: ingest (when given paths), then curate every (tenant,
-//! date) touched, and a summary per resource type.
+//! `fhirflow run`: extract from a FHIR server or ingest local paths, then
+//! curate the (tenant, date), with a summary of every stage.
 
 use std::path::PathBuf;
 
 use crate::curate::{curate, CurateReport};
 use crate::error::Result;
+use crate::extract::{extract, ExtractReport, ExtractRequest};
 use crate::ingest::{ingest, IngestReport};
 use crate::layout::{ImportDate, SourceSystem, TenantGuid};
 use crate::report::Reporter;
@@ -15,6 +16,8 @@ use crate::storage::Lake;
 #[derive(Debug, Clone)]
 pub struct RunPlan {
     pub paths: Vec<PathBuf>,
+    /// Extract first (instead of ingesting paths).
+    pub extract: Option<ExtractRequest>,
     pub tenant: TenantGuid,
     pub source_system: Option<SourceSystem>,
     pub date: ImportDate,
@@ -22,6 +25,7 @@ pub struct RunPlan {
 
 #[derive(Debug, Clone)]
 pub struct RunReport {
+    pub extract: Option<ExtractReport>,
     pub ingest: Option<IngestReport>,
     pub curate: CurateReport,
 }
@@ -32,6 +36,17 @@ pub async fn run(
     plan: &RunPlan,
     reporter: &dyn Reporter,
 ) -> Result<RunReport> {
+    if plan.extract.is_some() && !plan.paths.is_empty() {
+        return Err(crate::Error::Usage(
+            "run: give either input paths or a FHIR server to extract from, not both".into(),
+        ));
+    }
+    let extracted = match &plan.extract {
+        Some(request) => Some(extract(lake, settings, request, reporter).await?),
+        None => None,
+    };
+    // A resumed extraction keeps its own import date.
+    let date = extracted.as_ref().map_or(plan.date, |x| x.date);
     let ingested = match (&plan.paths[..], &plan.source_system) {
         ([], _) => None,
         (paths, Some(system)) => Some(ingest(lake, paths, &plan.tenant, system, plan.date).await?),
@@ -41,8 +56,9 @@ pub async fn run(
             ))
         }
     };
-    let curated = curate(lake, settings, &plan.tenant, plan.date, reporter).await?;
+    let curated = curate(lake, settings, &plan.tenant, date, reporter).await?;
     Ok(RunReport {
+        extract: extracted,
         ingest: ingested,
         curate: curated,
     })

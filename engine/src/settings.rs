@@ -27,7 +27,68 @@ pub struct Settings {
     /// The `system` of the tenant label in `meta.security`.
     pub tenant_label_system: String,
     pub curate: CurateSettings,
+    pub extract: ExtractSettings,
     pub s3: S3Settings,
+}
+
+/// The extract stage: the Bulk Data client.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExtractSettings {
+    /// The FHIR server's base URL (`--fhir-url` overrides it).
+    pub fhir_url: Option<String>,
+    /// The kick-off request: `get` (parameters in the query) or `post` (a
+    /// Parameters resource).
+    pub kickoff_method: KickoffMethod,
+    /// Output files downloaded at once.
+    pub parallel_downloads: usize,
+    /// Retries of one request (kick-off, a poll, a file) after a 429, a 5xx
+    /// or a broken connection.
+    pub retries: u32,
+    /// The first backoff between retries, doubled each time up to
+    /// `backoff_max_seconds` (with jitter).
+    pub backoff_initial_ms: u64,
+    pub backoff_max_seconds: u64,
+    /// Wait between status polls when the server sends no Retry-After.
+    pub poll_interval_seconds: u64,
+    /// A server's Retry-After is honoured up to this many seconds.
+    pub max_retry_after_seconds: u64,
+    /// Give up on an export that is still in progress after this long.
+    pub max_export_wait_seconds: u64,
+    /// A request (or a file's body) that sends nothing for this long is a
+    /// broken connection.
+    pub timeout_seconds: u64,
+    /// DELETE the status URL once every file is downloaded.
+    pub delete_when_done: bool,
+    /// A static bearer token (the simple alternative to `smart`); better
+    /// given as FHIRFLOW_BEARER_TOKEN than in a file.
+    pub bearer_token: Option<String>,
+    /// SMART Backend Services authorization.
+    pub smart: Option<SmartSettings>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum KickoffMethod {
+    #[default]
+    Get,
+    Post,
+}
+
+/// `[extract.smart]`: a registered backend client and its private key.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmartSettings {
+    pub client_id: String,
+    /// A PEM file (PKCS#8, or PKCS#1 for RSA) or a JWK (JSON) file holding
+    /// an RSA key (signs RS384) or a P-384 key (signs ES384).
+    pub private_key: PathBuf,
+    /// The `kid` of the key as registered with the server (default: the
+    /// JWK's own `kid`).
+    pub kid: Option<String>,
+    /// The token endpoint (default: from `.well-known/smart-configuration`).
+    pub token_url: Option<String>,
+    pub scope: String,
 }
 
 /// Limits and sizes of the curate stage.
@@ -94,7 +155,40 @@ impl Default for Settings {
             metadata_root: None,
             tenant_label_system: fhirflow_udfs::tenant_label::DEFAULT_TENANT_SYSTEM.into(),
             curate: CurateSettings::default(),
+            extract: ExtractSettings::default(),
             s3: S3Settings::default(),
+        }
+    }
+}
+
+impl Default for SmartSettings {
+    fn default() -> Self {
+        SmartSettings {
+            client_id: String::new(),
+            private_key: PathBuf::new(),
+            kid: None,
+            token_url: None,
+            scope: "system/*.read".into(),
+        }
+    }
+}
+
+impl Default for ExtractSettings {
+    fn default() -> Self {
+        ExtractSettings {
+            fhir_url: None,
+            kickoff_method: KickoffMethod::Get,
+            parallel_downloads: 4,
+            retries: 5,
+            backoff_initial_ms: 500,
+            backoff_max_seconds: 30,
+            poll_interval_seconds: 5,
+            max_retry_after_seconds: 300,
+            max_export_wait_seconds: 24 * 3600,
+            timeout_seconds: 120,
+            delete_when_done: true,
+            bearer_token: None,
+            smart: None,
         }
     }
 }
@@ -136,6 +230,11 @@ pub struct Overrides {
     pub rules: Option<String>,
     /// `name=value` pairs for `rule_param`, over the config file's.
     pub rule_params: Vec<(String, String)>,
+    pub fhir_url: Option<String>,
+    pub bearer_token: Option<String>,
+    pub smart_client_id: Option<String>,
+    pub smart_private_key: Option<PathBuf>,
+    pub smart_token_url: Option<String>,
 }
 
 impl Settings {
@@ -175,6 +274,20 @@ impl Settings {
             s.curate.rules_for.clear();
         }
         s.curate.rule_params.extend(o.rule_params);
+        set!(extract.fhir_url <- o.fhir_url.map(Some));
+        set!(extract.bearer_token <- o.bearer_token.map(Some));
+        if o.smart_client_id.is_some() || o.smart_private_key.is_some() {
+            let smart = s.extract.smart.get_or_insert_with(SmartSettings::default);
+            if let Some(id) = o.smart_client_id {
+                smart.client_id = id;
+            }
+            if let Some(key) = o.smart_private_key {
+                smart.private_key = key;
+            }
+        }
+        if let (Some(url), Some(smart)) = (o.smart_token_url, s.extract.smart.as_mut()) {
+            smart.token_url = Some(url);
+        }
         s.check()?;
         Ok(s)
     }
@@ -213,6 +326,22 @@ impl Settings {
                 )));
             }
         }
+        let x = &self.extract;
+        for (name, v) in [
+            ("extract.parallel_downloads", x.parallel_downloads as u64),
+            ("extract.timeout_seconds", x.timeout_seconds),
+        ] {
+            if v == 0 {
+                return Err(Error::Config(format!("{name} must be greater than 0")));
+            }
+        }
+        if let Some(smart) = &x.smart {
+            if smart.client_id.is_empty() || smart.private_key.as_os_str().is_empty() {
+                return Err(Error::Config(
+                    "extract.smart needs both client_id and private_key".into(),
+                ));
+            }
+        }
         if self.tenant_label_system.is_empty() {
             return Err(Error::Config(
                 "tenant_label_system must not be empty".into(),
@@ -232,6 +361,7 @@ impl Settings {
         mask(&mut s.s3.access_key_id);
         mask(&mut s.s3.secret_access_key);
         mask(&mut s.s3.session_token);
+        mask(&mut s.extract.bearer_token);
         toml::to_string_pretty(&s).expect("settings serialise")
     }
 }

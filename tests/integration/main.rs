@@ -5,6 +5,7 @@ mod bad_input;
 mod cli;
 mod crash;
 mod dedup;
+mod extract;
 mod labels;
 mod lossless;
 mod rules;

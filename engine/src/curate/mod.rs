@@ -921,6 +921,7 @@ impl Run {
             records_exact_duplicate: s.exact_duplicates,
             bytes_in: s.bytes_in,
             bytes_out: s.bytes_out,
+            files: None,
             elapsed_seconds: s.seconds,
             records_per_second: s.records_in as f64 / secs,
             mb_per_second: s.bytes_in as f64 / 1e6 / secs,

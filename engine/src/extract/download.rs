@@ -1,0 +1,289 @@
+//! Downloading one output file of an export: streamed from the server into
+//! the raw layer (a multipart upload above 8 MiB, never the whole file in
+//! memory), gzip kept as sent, lines counted on the way and checked against
+//! the manifest. The object appears only when complete; a broken transfer
+//! is aborted and tried again from the start.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use object_store::buffered::BufWriter;
+use object_store::path::Path;
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt;
+use url::Url;
+
+use super::auth::Auth;
+use super::http::{describe, error_text, shown, Http, Request};
+use crate::error::{Error, Result};
+use crate::report::Reporter;
+use crate::storage::Root;
+
+const STAGE: &str = "extract";
+/// Above this, uploads go in parts.
+const UPLOAD_BUFFER: usize = 8 << 20;
+
+/// What a file of the manifest is.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Output,
+    Error,
+    Deleted,
+}
+
+/// A file to fetch: its URL and where it lands (without `.gz`, added when
+/// the server sends gzip).
+#[derive(Debug, Clone)]
+pub struct Planned {
+    pub kind: Kind,
+    pub resource_type: String,
+    pub url: Url,
+    pub count: Option<u64>,
+    pub target: Path,
+}
+
+/// A file completely written.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Done {
+    pub kind: Kind,
+    pub resource_type: String,
+    pub url: String,
+    /// Where it landed (a path in the raw root).
+    pub target: String,
+    pub lines: u64,
+    /// Bytes as stored (compressed, when the server sent gzip).
+    pub bytes: u64,
+    pub seconds: f64,
+    /// Of `seconds`, the time spent waiting for the server's bytes and the
+    /// time spent writing them.
+    pub wait_seconds: f64,
+    pub write_seconds: f64,
+    pub attempts: u32,
+}
+
+enum Failure {
+    /// Broken connection, truncated body: try again.
+    Retry(String),
+    Fatal(Error),
+}
+
+/// Downloads `file`, retrying broken transfers.
+pub async fn download(
+    http: &Http,
+    root: &Root,
+    file: &Planned,
+    auth: Option<(&Auth, &Url)>,
+    reporter: &dyn Reporter,
+) -> Result<Done> {
+    let mut attempt = 0;
+    loop {
+        match once(http, root, file, auth, reporter).await {
+            Ok(mut done) => {
+                done.attempts = attempt + 1;
+                return Ok(done);
+            }
+            Err(Failure::Retry(_)) if attempt < http.policy.retries => {
+                tokio::time::sleep(http.policy.backoff(attempt)).await;
+                attempt += 1;
+            }
+            Err(Failure::Retry(why)) => {
+                return Err(Error::Http {
+                    what: format!("{} file", file.resource_type),
+                    url: shown(&file.url),
+                    message: format!("{why} (after {attempt} retries)"),
+                })
+            }
+            Err(Failure::Fatal(e)) => return Err(e),
+        }
+    }
+}
+
+async fn once(
+    http: &Http,
+    root: &Root,
+    file: &Planned,
+    auth: Option<(&Auth, &Url)>,
+    reporter: &dyn Reporter,
+) -> Result<Done, Failure> {
+    let started = Instant::now();
+    let what = format!("{} file", file.resource_type);
+    let req = Request::get(file.url.clone()).header("Accept", "application/fhir+ndjson");
+    let mut resp = http.send(&what, &req, auth).await.map_err(Failure::Fatal)?;
+    if !resp.status().is_success() {
+        return Err(Failure::Fatal(Error::Http {
+            what,
+            url: shown(&file.url),
+            message: error_text(resp).await,
+        }));
+    }
+    let encoded_gzip = resp
+        .headers()
+        .get("content-encoding")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("gzip"));
+    let mut wait = started.elapsed();
+    let mut write = Duration::ZERO;
+    let broken = |e: reqwest::Error| Failure::Retry(describe(&e));
+
+    let t = Instant::now();
+    let first = resp.chunk().await.map_err(broken)?;
+    wait += t.elapsed();
+    let gzip = encoded_gzip || first.as_ref().is_some_and(|c| c.starts_with(&[0x1f, 0x8b]));
+    let target = if gzip {
+        Path::from(format!("{}.gz", file.target))
+    } else {
+        file.target.clone()
+    };
+    let location = root.url_of(&target);
+    let io = |e: std::io::Error| {
+        Failure::Fatal(Error::Io {
+            stage: STAGE,
+            location: location.clone(),
+            source: e,
+        })
+    };
+    let mut writer = BufWriter::with_capacity(root.store.clone(), target.clone(), UPLOAD_BUFFER);
+    let mut lines = LineCount::new(gzip);
+    let mut bytes = 0u64;
+    let mut chunk = first;
+    let result: Result<(), Failure> = async {
+        while let Some(c) = chunk {
+            lines.feed(&c).map_err(|e| {
+                Failure::Fatal(Error::Http {
+                    what: what.clone(),
+                    url: shown(&file.url),
+                    message: format!("not valid gzip: {e}"),
+                })
+            })?;
+            bytes += c.len() as u64;
+            reporter.advance(c.len() as u64);
+            let t = Instant::now();
+            writer.write_all(&c).await.map_err(io)?;
+            write += t.elapsed();
+            let t = Instant::now();
+            chunk = resp.chunk().await.map_err(broken)?;
+            wait += t.elapsed();
+        }
+        Ok(())
+    }
+    .await;
+    let counted = result.and_then(|()| {
+        lines.finish().map_err(|e| {
+            Failure::Retry(format!("the gzip stream ended early: {e}"))
+        })
+    });
+    let n = match counted {
+        Ok(n) => n,
+        Err(f) => {
+            let _ = writer.abort().await;
+            return Err(f);
+        }
+    };
+    if let Some(expected) = file.count.filter(|&c| c != n) {
+        let _ = writer.abort().await;
+        return Err(Failure::Fatal(Error::Http {
+            what,
+            url: shown(&file.url),
+            message: format!("{n} lines, but the manifest's count is {expected}; the file was not kept"),
+        }));
+    }
+    let t = Instant::now();
+    writer.shutdown().await.map_err(io)?;
+    write += t.elapsed();
+    Ok(Done {
+        kind: file.kind,
+        resource_type: file.resource_type.clone(),
+        url: file.url.to_string(),
+        target: target.to_string(),
+        lines: n,
+        bytes,
+        seconds: started.elapsed().as_secs_f64(),
+        wait_seconds: wait.as_secs_f64(),
+        write_seconds: write.as_secs_f64(),
+        attempts: 1,
+    })
+}
+
+/// Counts NDJSON lines (a last line without a newline counts too) of plain
+/// or gzip bytes fed in chunks.
+enum LineCount {
+    Plain(Lines),
+    Gzip(Box<flate2::write::MultiGzDecoder<Lines>>),
+}
+
+#[derive(Default)]
+struct Lines {
+    newlines: u64,
+    last: Option<u8>,
+}
+
+impl Write for Lines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.newlines += memchr::memchr_iter(b'\n', buf).count() as u64;
+        if let Some(&b) = buf.last() {
+            self.last = Some(b);
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Lines {
+    fn total(&self) -> u64 {
+        self.newlines + u64::from(self.last.is_some_and(|b| b != b'\n'))
+    }
+}
+
+impl LineCount {
+    fn new(gzip: bool) -> Self {
+        if gzip {
+            LineCount::Gzip(Box::new(flate2::write::MultiGzDecoder::new(Lines::default())))
+        } else {
+            LineCount::Plain(Lines::default())
+        }
+    }
+
+    fn feed(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        match self {
+            LineCount::Plain(l) => l.write_all(buf),
+            LineCount::Gzip(d) => d.write_all(buf),
+        }
+    }
+
+    fn finish(self) -> std::io::Result<u64> {
+        match self {
+            LineCount::Plain(l) => Ok(l.total()),
+            LineCount::Gzip(d) => Ok(d.finish()?.total()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_lines_plain_and_gzip() {
+        let text = b"{\"a\":1}\n{\"a\":2}\n{\"a\":3}";
+        let mut c = LineCount::new(false);
+        for part in text.chunks(4) {
+            c.feed(part).unwrap();
+        }
+        assert_eq!(c.finish().unwrap(), 3);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(b"x\ny\n").unwrap();
+        let bytes = gz.finish().unwrap();
+        let mut c = LineCount::new(true);
+        for part in bytes.chunks(3) {
+            c.feed(part).unwrap();
+        }
+        assert_eq!(c.finish().unwrap(), 2);
+        let mut c = LineCount::new(true);
+        c.feed(&bytes[..bytes.len() - 4]).unwrap();
+        assert!(c.finish().is_err(), "a truncated gzip stream is noticed");
+        assert_eq!(LineCount::new(false).finish().unwrap(), 0);
+    }
+}
