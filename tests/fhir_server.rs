@@ -65,7 +65,10 @@ impl Proxy {
     /// runs on its own thread for the life of the process. `authorize`: a
     /// header value added to forwarded requests (a file host that trusts
     /// its own URLs, like a signed-URL store).
-    pub fn start(upstream: impl Fn() -> String + Send + Sync + 'static, authorize: Option<String>) -> Proxy {
+    pub fn start(
+        upstream: impl Fn() -> String + Send + Sync + 'static,
+        authorize: Option<String>,
+    ) -> Proxy {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
@@ -90,8 +93,12 @@ impl Proxy {
                     let Ok((stream, _)) = listener.accept().await else {
                         continue;
                     };
-                    let (state, upstream, client, authorize) =
-                        (state.clone(), upstream.clone(), client.clone(), authorize.clone());
+                    let (state, upstream, client, authorize) = (
+                        state.clone(),
+                        upstream.clone(),
+                        client.clone(),
+                        authorize.clone(),
+                    );
                     tokio::spawn(async move {
                         let service = hyper::service::service_fn(move |req| {
                             handle(
@@ -159,7 +166,9 @@ impl Proxy {
 type Body = BoxBody<Bytes, std::io::Error>;
 
 fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed()
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 async fn handle(
@@ -217,7 +226,11 @@ async fn handle(
     }
     // Forward.
     let (parts, body) = req.into_parts();
-    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     let mut fwd = client.request(parts.method.clone(), format!("{upstream}{path}"));
     for (k, v) in &parts.headers {
         if k != "host" && k != "content-length" {
@@ -255,7 +268,15 @@ async fn handle(
             Ok(Frame::data(half)),
             Err(std::io::Error::other("connection cut by the test proxy")),
         ];
-        let body = StreamBody::new(futures::stream::iter(frames)).boxed();
+        // The error comes a moment later, so that the headers and the first
+        // half are on the wire before the connection breaks.
+        let frames = futures::StreamExt::then(futures::stream::iter(frames), |f| async move {
+            if f.is_err() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            f
+        });
+        let body = StreamBody::new(frames).boxed();
         return Ok(builder
             .header("content-length", bytes.len())
             .body(body)
@@ -343,7 +364,10 @@ impl Sekmet {
         };
         let deadline = Instant::now() + Duration::from_secs(60);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "sekmet did not listen on port {port}");
+            assert!(
+                Instant::now() < deadline,
+                "sekmet did not listen on port {port}"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         server
@@ -384,7 +408,11 @@ impl Sekmet {
                 .await
                 .expect("sekmet answers");
             let status = resp.status();
-            assert!(status.is_success(), "loading a bundle: {status}: {}", resp.text().await.unwrap_or_default());
+            assert!(
+                status.is_success(),
+                "loading a bundle: {status}: {}",
+                resp.text().await.unwrap_or_default()
+            );
         }
     }
 }
@@ -429,7 +457,11 @@ pub fn synthea_resources() -> Vec<Value> {
             if let (Some(s), Some(v)) = (i["system"].as_str(), i["value"].as_str()) {
                 ids.insert(
                     format!("{}?identifier={s}|{v}", r["resourceType"].as_str().unwrap()),
-                    format!("{}/{}", r["resourceType"].as_str().unwrap(), r["id"].as_str().unwrap()),
+                    format!(
+                        "{}/{}",
+                        r["resourceType"].as_str().unwrap(),
+                        r["id"].as_str().unwrap()
+                    ),
                 );
             }
         }

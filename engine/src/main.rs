@@ -369,7 +369,9 @@ async fn run(cli: Cli) -> Result<()> {
             date,
         } => {
             let request = extract_request(&settings, &from, tenant, source_system, date)?
-                .ok_or_else(|| Error::Usage("extract: give --fhir-url (or [extract] fhir_url)".into()))?;
+                .ok_or_else(|| {
+                    Error::Usage("extract: give --fhir-url (or [extract] fhir_url)".into())
+                })?;
             let report = fhirflow::extract::extract(&lake, &settings, &request, &bar).await?;
             print_extract(&report, g.quiet);
         }
@@ -527,8 +529,8 @@ fn extract_request(
     let Some(url) = &settings.extract.fhir_url else {
         return Ok(None);
     };
-    let fhir_url = url::Url::parse(url)
-        .map_err(|e| Error::Usage(format!("--fhir-url {url:?}: {e}")))?;
+    let fhir_url =
+        url::Url::parse(url).map_err(|e| Error::Usage(format!("--fhir-url {url:?}: {e}")))?;
     let level = match (&from.group, from.patient) {
         (Some(g), _) => Level::Group(g.clone()),
         (None, true) => Level::Patient,
@@ -570,7 +572,10 @@ fn print_extract(r: &fhirflow::extract::ExtractReport, quiet: bool) {
         "resource type", "files", "resources", "MB"
     );
     for (ty, (files, lines, bytes)) in r.by_type() {
-        println!("{ty:<28} {files:>6} {lines:>10} {:>12.2}", bytes as f64 / 1e6);
+        println!(
+            "{ty:<28} {files:>6} {lines:>10} {:>12.2}",
+            bytes as f64 / 1e6
+        );
     }
     let secs = r.download_seconds.max(1e-9);
     println!(

@@ -47,7 +47,13 @@ fn configure(s: &mut Settings, server: &Sekmet) {
     s.extract.retries = 3;
 }
 
-fn request(server: &Sekmet, system: &str, level: Level, types: &[&str], since: Since) -> ExtractRequest {
+fn request(
+    server: &Sekmet,
+    system: &str,
+    level: Level,
+    types: &[&str],
+    since: Since,
+) -> ExtractRequest {
     ExtractRequest {
         fhir_url: url::Url::parse(&server.base()).unwrap(),
         tenant: tenant(),
@@ -99,23 +105,32 @@ async fn loaded_server(auth: ServerAuth) -> (Sekmet, Vec<Value>) {
 async fn a_system_export_lands_exactly_what_was_loaded() {
     let (server, all) = loaded_server(ServerAuth::Bearer(TOKEN.into())).await;
     let t = TestLake::with(|s| configure(s, &server));
-    let report = run(&t, &request(&server, "sekmet", Level::System, &[], Since::All))
-        .await
-        .expect("extract");
+    let report = run(
+        &t,
+        &request(&server, "sekmet", Level::System, &[], Since::All),
+    )
+    .await
+    .expect("extract");
     assert_eq!(report.resources(), all.len() as u64);
     assert_eq!(raw_resources(&t, "sekmet", DATE), keyed(all.clone()));
 
     // The manifest beside the data; the status URL deleted when done.
-    let partition = t
-        .root()
-        .join(format!("raw/tenantGuid={TENANT}/source_system=sekmet/import_date={DATE}"));
+    let partition = t.root().join(format!(
+        "raw/tenantGuid={TENANT}/source_system=sekmet/import_date={DATE}"
+    ));
     let manifest: Value =
-        serde_json::from_slice(&std::fs::read(partition.join("_export/manifest.json")).unwrap()).unwrap();
-    assert_eq!(manifest["transactionTime"], report.transaction_time.as_str());
+        serde_json::from_slice(&std::fs::read(partition.join("_export/manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        manifest["transactionTime"],
+        report.transaction_time.as_str()
+    );
     assert_eq!(server.proxy.count("DELETE", "/bulk-status/"), 1);
     assert!(!t
         .root()
-        .join(format!("raw/tenantGuid={TENANT}/source_system=sekmet/_extract/pending.json"))
+        .join(format!(
+            "raw/tenantGuid={TENANT}/source_system=sekmet/_extract/pending.json"
+        ))
         .exists());
 
     // Metadata: the job and a metrics row per type, with files and bytes.
@@ -124,12 +139,26 @@ async fn a_system_export_lands_exactly_what_was_loaded() {
         .await;
     assert_eq!(
         rows,
-        vec![vec!["extract".to_string(), "succeeded".into(), "7160".into(), "7160".into()]]
+        vec![vec![
+            "extract".to_string(),
+            "succeeded".into(),
+            "7160".into(),
+            "7160".into()
+        ]]
     );
     let rows = t
         .sql("SELECT count(*), sum(files), sum(records_out), bool_and(conserved), min(bytes_out) > 0 FROM metadata.import_metrics WHERE stage = 'extract'")
         .await;
-    assert_eq!(rows, vec![vec!["13".to_string(), "13".into(), "7160".into(), "true".into(), "true".into()]]);
+    assert_eq!(
+        rows,
+        vec![vec![
+            "13".to_string(),
+            "13".into(),
+            "7160".into(),
+            "true".into(),
+            "true".into()
+        ]]
+    );
 
     // Curation reads what extraction wrote.
     let curated = t.curate().await.expect("curate");
@@ -140,10 +169,22 @@ async fn a_system_export_lands_exactly_what_was_loaded() {
 async fn patient_and_group_exports_with_type_and_a_post_kickoff() {
     let (server, all) = loaded_server(ServerAuth::Bearer(TOKEN.into())).await;
     let t = TestLake::with(|s| configure(s, &server));
-    run(&t, &request(&server, "patients", Level::Patient, &["Patient", "Condition"], Since::All))
-        .await
-        .expect("patient export");
-    assert_eq!(raw_resources(&t, "patients", DATE), of_types(&all, &["Patient", "Condition"]));
+    run(
+        &t,
+        &request(
+            &server,
+            "patients",
+            Level::Patient,
+            &["Patient", "Condition"],
+            Since::All,
+        ),
+    )
+    .await
+    .expect("patient export");
+    assert_eq!(
+        raw_resources(&t, "patients", DATE),
+        of_types(&all, &["Patient", "Condition"])
+    );
     assert!(server.proxy.count("GET", "/fhir/Patient/$export?") == 1);
 
     // A group of two patients, exported with a POST kick-off.
@@ -160,36 +201,70 @@ async fn patient_and_group_exports_with_type_and_a_post_kickoff() {
         configure(s, &server);
         s.extract.kickoff_method = KickoffMethod::Post;
     });
-    run(&t2, &request(&server, "group", Level::Group("two".into()), &["Patient", "Condition"], Since::All))
-        .await
-        .expect("group export");
-    let expected = keyed(all.iter().filter(|r| {
-        let ty = r["resourceType"].as_str().unwrap();
-        (ty == "Patient" && members.contains(&r["id"].as_str().unwrap()))
-            || (ty == "Condition"
-                && members
-                    .iter()
-                    .any(|m| r["subject"]["reference"] == format!("Patient/{m}").as_str()))
-    }).cloned());
+    run(
+        &t2,
+        &request(
+            &server,
+            "group",
+            Level::Group("two".into()),
+            &["Patient", "Condition"],
+            Since::All,
+        ),
+    )
+    .await
+    .expect("group export");
+    let expected = keyed(
+        all.iter()
+            .filter(|r| {
+                let ty = r["resourceType"].as_str().unwrap();
+                (ty == "Patient" && members.contains(&r["id"].as_str().unwrap()))
+                    || (ty == "Condition"
+                        && members
+                            .iter()
+                            .any(|m| r["subject"]["reference"] == format!("Patient/{m}").as_str()))
+            })
+            .cloned(),
+    );
     assert!(expected.len() > 2);
     assert_eq!(raw_resources(&t2, "group", DATE), expected);
     assert_eq!(server.proxy.count("POST", "/fhir/Group/two/$export"), 1);
 
     // A 4xx kick-off is shown with its OperationOutcome.
-    let err = run(&t2, &request(&server, "nogroup", Level::Group("nope".into()), &[], Since::All))
-        .await
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("404") && err.contains("Group/nope not found"), "{err}");
+    let err = run(
+        &t2,
+        &request(
+            &server,
+            "nogroup",
+            Level::Group("nope".into()),
+            &[],
+            Since::All,
+        ),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("404") && err.contains("Group/nope not found"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn incremental_exports_what_changed_since_the_last_one() {
     let (server, all) = loaded_server(ServerAuth::Bearer(TOKEN.into())).await;
     let t = TestLake::with(|s| configure(s, &server));
-    let first = run(&t, &request(&server, "inc", Level::System, &["Condition"], Since::Incremental))
-        .await
-        .expect("first export");
+    let first = run(
+        &t,
+        &request(
+            &server,
+            "inc",
+            Level::System,
+            &["Condition"],
+            Since::Incremental,
+        ),
+    )
+    .await
+    .expect("first export");
     assert_eq!(first.resources(), 555);
 
     let changed: Vec<Value> = all
@@ -205,14 +280,25 @@ async fn incremental_exports_what_changed_since_the_last_one() {
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     server.load(&changed, &format!("Bearer {TOKEN}")).await;
 
-    let mut req = request(&server, "inc", Level::System, &["Condition"], Since::Incremental);
+    let mut req = request(
+        &server,
+        "inc",
+        Level::System,
+        &["Condition"],
+        Since::Incremental,
+    );
     req.date = "2024-05-02".parse().unwrap();
     let second = run(&t, &req).await.expect("incremental export");
     assert_eq!(raw_resources(&t, "inc", "2024-05-02"), keyed(changed));
     assert_eq!(second.resources(), 3);
-    let since = url::form_urlencoded::byte_serialize(first.transaction_time.as_bytes()).collect::<String>();
+    let since =
+        url::form_urlencoded::byte_serialize(first.transaction_time.as_bytes()).collect::<String>();
     assert!(
-        server.proxy.seen().iter().any(|s| s.path.contains(&format!("_since={since}"))),
+        server
+            .proxy
+            .seen()
+            .iter()
+            .any(|s| s.path.contains(&format!("_since={since}"))),
         "the second kick-off carries the first transactionTime as _since"
     );
 }
@@ -224,18 +310,42 @@ async fn transient_faults_are_retried_and_lose_nothing() {
     p.inject("GET", "/$export", Fault::Status(429, Some("1".into())), 1);
     let date = chrono::Utc::now() + chrono::Duration::seconds(1);
     let http_date = date.format("%a, %d %b %Y %H:%M:%S GMT").to_string();
-    p.inject("GET", "/bulk-status/", Fault::Status(503, Some(http_date)), 1);
+    p.inject(
+        "GET",
+        "/bulk-status/",
+        Fault::Status(503, Some(http_date)),
+        1,
+    );
     p.inject("GET", "/bulk-status/", Fault::Status(500, None), 1);
     p.inject("GET", "/Patient.ndjson", Fault::Cut, 1);
     p.inject("GET", "/Condition.ndjson", Fault::Status(502, None), 2);
     let t = TestLake::with(|s| configure(s, &server));
     let started = std::time::Instant::now();
-    let report = run(&t, &request(&server, "faults", Level::System, &["Patient", "Condition", "Device"], Since::All))
-        .await
-        .expect("extract despite faults");
-    assert!(started.elapsed() >= std::time::Duration::from_secs(1), "Retry-After honoured");
-    assert_eq!(raw_resources(&t, "faults", DATE), of_types(&all, &["Patient", "Condition", "Device"]));
-    let patient = report.files.iter().find(|f| f.resource_type == "Patient").unwrap();
+    let report = run(
+        &t,
+        &request(
+            &server,
+            "faults",
+            Level::System,
+            &["Patient", "Condition", "Device"],
+            Since::All,
+        ),
+    )
+    .await
+    .expect("extract despite faults");
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(1),
+        "Retry-After honoured"
+    );
+    assert_eq!(
+        raw_resources(&t, "faults", DATE),
+        of_types(&all, &["Patient", "Condition", "Device"])
+    );
+    let patient = report
+        .files
+        .iter()
+        .find(|f| f.resource_type == "Patient")
+        .unwrap();
     assert_eq!(patient.attempts, 2, "the cut download was fetched again");
     let statuses: Vec<u16> = p.seen().iter().map(|s| s.status).collect();
     for code in [429, 503, 500, 502] {
@@ -246,12 +356,17 @@ async fn transient_faults_are_retried_and_lose_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_file_that_keeps_failing_fails_the_extraction_and_the_rerun_resumes() {
     let (server, all) = loaded_server(ServerAuth::Bearer(TOKEN.into())).await;
-    server.proxy.inject("GET", "/Device.ndjson", Fault::Cut, 100);
+    server
+        .proxy
+        .inject("GET", "/Device.ndjson", Fault::Cut, 100);
     let t = TestLake::with(|s| configure(s, &server));
     let types = ["Patient", "Condition", "Device"];
     let req = request(&server, "failing", Level::System, &types, Since::All);
     let err = run(&t, &req).await.unwrap_err().to_string();
-    assert!(err.contains("Device file") && err.contains("Device.ndjson"), "{err}");
+    assert!(
+        err.contains("Device file") && err.contains("Device.ndjson"),
+        "{err}"
+    );
     assert!(err.contains("after 3 retries"), "{err}");
 
     server.proxy.clear();
@@ -267,16 +382,24 @@ async fn a_file_that_keeps_failing_fails_the_extraction_and_the_rerun_resumes() 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_count_that_does_not_match_the_manifest_fails_and_keeps_nothing() {
     let (server, _) = loaded_server(ServerAuth::Bearer(TOKEN.into())).await;
-    server.proxy.inject("GET", "/bulk-status/", Fault::WrongCount, 100);
+    server
+        .proxy
+        .inject("GET", "/bulk-status/", Fault::WrongCount, 100);
     let t = TestLake::with(|s| configure(s, &server));
-    let err = run(&t, &request(&server, "count", Level::System, &["Patient"], Since::All))
-        .await
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("Patient file") && err.contains("13 lines, but the manifest's count is 14"), "{err}");
-    let file = t
-        .root()
-        .join(format!("raw/tenantGuid={TENANT}/source_system=count/import_date={DATE}/Patient.ndjson"));
+    let err = run(
+        &t,
+        &request(&server, "count", Level::System, &["Patient"], Since::All),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("Patient file") && err.contains("13 lines, but the manifest's count is 14"),
+        "{err}"
+    );
+    let file = t.root().join(format!(
+        "raw/tenantGuid={TENANT}/source_system=count/import_date={DATE}/Patient.ndjson"
+    ));
     assert!(!file.exists(), "a file that failed its count is not kept");
 }
 
@@ -290,26 +413,62 @@ async fn a_killed_extraction_resumes_without_losing_or_refetching_anything() {
     )
     .unwrap();
     let args = [
-        "extract", "--fhir-url", &server.base(), "--tenant", TENANT, "--source-system", "killed",
-        "--date", DATE, "--type", "Patient,Condition,Device,AllergyIntolerance",
+        "extract",
+        "--fhir-url",
+        &server.base(),
+        "--tenant",
+        TENANT,
+        "--source-system",
+        "killed",
+        "--date",
+        DATE,
+        "--type",
+        "Patient,Condition,Device,AllergyIntolerance",
     ];
-    let killed = t.cli(&args, &[("FHIRFLOW_BEARER_TOKEN", TOKEN), ("FHIRFLOW_FAILPOINT", "extract-after-file")]);
+    let killed = t.cli(
+        &args,
+        &[
+            ("FHIRFLOW_BEARER_TOKEN", TOKEN),
+            ("FHIRFLOW_FAILPOINT", "extract-after-file"),
+        ],
+    );
     assert!(!killed.status.success(), "the failpoint kills the run");
     let written = raw_resources(&t, "killed", DATE);
-    assert!(!written.is_empty() && written.len() < 595, "killed midway: {}", written.len());
+    assert!(
+        !written.is_empty() && written.len() < 595,
+        "killed midway: {}",
+        written.len()
+    );
 
     let resumed = t.cli(&args, &[("FHIRFLOW_BEARER_TOKEN", TOKEN)]);
     let out = String::from_utf8_lossy(&resumed.stdout);
-    assert!(resumed.status.success(), "{out}\n{}", String::from_utf8_lossy(&resumed.stderr));
-    assert!(out.contains("resumed; 1 files were already written"), "{out}");
+    assert!(
+        resumed.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    assert!(
+        out.contains("resumed; 1 files were already written"),
+        "{out}"
+    );
     assert!(!out.contains(TOKEN) && !String::from_utf8_lossy(&resumed.stderr).contains(TOKEN));
-    assert_eq!(server.proxy.count("GET", "/$export"), 1, "one export, resumed");
+    assert_eq!(
+        server.proxy.count("GET", "/$export"),
+        1,
+        "one export, resumed"
+    );
     let downloads = server.proxy.file_downloads();
     assert_eq!(downloads.len(), 4);
-    assert!(downloads.values().all(|&n| n == 1), "no file fetched twice: {downloads:?}");
+    assert!(
+        downloads.values().all(|&n| n == 1),
+        "no file fetched twice: {downloads:?}"
+    );
     assert_eq!(
         raw_resources(&t, "killed", DATE),
-        of_types(&all, &["Patient", "Condition", "Device", "AllergyIntolerance"])
+        of_types(
+            &all,
+            &["Patient", "Condition", "Device", "AllergyIntolerance"]
+        )
     );
 }
 
@@ -318,19 +477,39 @@ async fn authorization_is_not_sent_to_another_host_after_a_redirect() {
     let (server, all) = loaded_server(ServerAuth::Bearer(TOKEN.into())).await;
     // A file host on another origin that serves the server's files itself.
     let port = server.port;
-    let files = Proxy::start(move || format!("http://127.0.0.1:{port}"), Some(format!("Bearer {TOKEN}")));
+    let files = Proxy::start(
+        move || format!("http://127.0.0.1:{port}"),
+        Some(format!("Bearer {TOKEN}")),
+    );
     server
         .proxy
         .inject("GET", "/Patient.ndjson", Fault::RedirectTo(files.url()), 1);
     let t = TestLake::with(|s| configure(s, &server));
-    run(&t, &request(&server, "redirect", Level::System, &["Patient", "Device"], Since::All))
-        .await
-        .expect("extract");
-    assert_eq!(raw_resources(&t, "redirect", DATE), of_types(&all, &["Patient", "Device"]));
+    run(
+        &t,
+        &request(
+            &server,
+            "redirect",
+            Level::System,
+            &["Patient", "Device"],
+            Since::All,
+        ),
+    )
+    .await
+    .expect("extract");
+    assert_eq!(
+        raw_resources(&t, "redirect", DATE),
+        of_types(&all, &["Patient", "Device"])
+    );
     let at_files = files.seen();
     assert_eq!(at_files.len(), 1);
     assert!(!at_files[0].authorization, "no token to another origin");
-    assert!(server.proxy.seen().iter().filter(|s| s.path.contains("/bulk-files/")).all(|s| s.authorization));
+    assert!(server
+        .proxy
+        .seen()
+        .iter()
+        .filter(|s| s.path.contains("/bulk-files/"))
+        .all(|s| s.authorization));
 }
 
 /// An ES384 key made with ring: (PKCS#8 PEM, public JWK).
@@ -338,7 +517,8 @@ fn es384_key() -> (String, Value) {
     use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P384_SHA384_FIXED_SIGNING};
     let rng = ring::rand::SystemRandom::new();
     let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P384_SHA384_FIXED_SIGNING, &rng).unwrap();
-    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P384_SHA384_FIXED_SIGNING, pkcs8.as_ref(), &rng).unwrap();
+    let pair =
+        EcdsaKeyPair::from_pkcs8(&ECDSA_P384_SHA384_FIXED_SIGNING, pkcs8.as_ref(), &rng).unwrap();
     let public = pair.public_key().as_ref();
     let (x, y) = public[1..].split_at(48);
     let pem = format!(
@@ -369,7 +549,11 @@ print(json.dumps([priv, pub]))
         .current_dir(dir)
         .output()
         .expect("run the venv's python");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let pair: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
     (pair[0].clone(), pair[1].clone())
 }
@@ -390,10 +574,15 @@ async fn smart_backend_services_with_es384_and_rs384_and_token_renewal() {
     std::fs::write(&es_path, es_pem).unwrap();
     let rs_path = keys.path().join("rs.jwk.json");
     std::fs::write(&rs_path, rs_private.to_string()).unwrap();
-    for (client, key, system) in [("es-client", es_path, "smart-es"), ("rs-client", rs_path, "smart-rs")] {
+    for (client, key, system) in [
+        ("es-client", es_path, "smart-es"),
+        ("rs-client", rs_path, "smart-rs"),
+    ] {
         server.proxy.clear();
         // The server refuses the first file's token as if it had expired.
-        server.proxy.inject("GET", "/bulk-files/", Fault::Status(401, None), 1);
+        server
+            .proxy
+            .inject("GET", "/bulk-files/", Fault::Status(401, None), 1);
         let t = TestLake::with(|s| {
             configure(s, &server);
             s.extract.bearer_token = None;
@@ -403,13 +592,33 @@ async fn smart_backend_services_with_es384_and_rs384_and_token_renewal() {
                 ..Default::default()
             });
         });
-        run(&t, &request(&server, system, Level::System, &["Patient", "Condition", "Device"], Since::All))
-            .await
-            .unwrap_or_else(|e| panic!("{client}: {e}"));
-        assert_eq!(raw_resources(&t, system, DATE), of_types(&all, &["Patient", "Condition", "Device"]));
+        run(
+            &t,
+            &request(
+                &server,
+                system,
+                Level::System,
+                &["Patient", "Condition", "Device"],
+                Since::All,
+            ),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{client}: {e}"));
+        assert_eq!(
+            raw_resources(&t, system, DATE),
+            of_types(&all, &["Patient", "Condition", "Device"])
+        );
         let tokens = server.proxy.count("POST", "/auth/token");
-        assert!(tokens >= 2, "{client}: a new token after the refusal and before expiry ({tokens})");
-        assert_eq!(server.proxy.count("GET", "/.well-known/smart-configuration"), 1);
+        assert!(
+            tokens >= 2,
+            "{client}: a new token after the refusal and before expiry ({tokens})"
+        );
+        assert_eq!(
+            server
+                .proxy
+                .count("GET", "/.well-known/smart-configuration"),
+            1
+        );
     }
 
     // A client the server does not know is refused with the OAuth error.
@@ -422,9 +631,15 @@ async fn smart_backend_services_with_es384_and_rs384_and_token_renewal() {
             ..Default::default()
         });
     });
-    let err = run(&t, &request(&server, "stranger", Level::System, &["Patient"], Since::All))
-        .await
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("invalid_client") && err.contains("stranger"), "{err}");
+    let err = run(
+        &t,
+        &request(&server, "stranger", Level::System, &["Patient"], Since::All),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("invalid_client") && err.contains("stranger"),
+        "{err}"
+    );
 }

@@ -72,7 +72,8 @@ pub struct Smart {
     client_id: String,
     kid: Option<String>,
     key: Signer,
-    token_url: Option<String>,
+    /// Configured, or discovered once.
+    token_url: tokio::sync::OnceCell<String>,
     scope: String,
     token: Mutex<Option<Token>>,
 }
@@ -91,7 +92,10 @@ impl Smart {
             client_id: settings.client_id.clone(),
             kid: settings.kid.clone().or(jwk_kid),
             key,
-            token_url: settings.token_url.clone(),
+            token_url: match &settings.token_url {
+                Some(u) => tokio::sync::OnceCell::new_with(Some(u.clone())),
+                None => tokio::sync::OnceCell::new(),
+            },
             scope: settings.scope.clone(),
             token: Mutex::new(None),
         })
@@ -102,10 +106,11 @@ impl Smart {
         if let Some(t) = cached.as_ref().filter(|t| Instant::now() < t.renew_at) {
             return Ok(t.value.clone());
         }
-        let token_url = match &self.token_url {
-            Some(u) => u.clone(),
-            None => discover_token_url(http, fhir_base).await?,
-        };
+        let token_url = self
+            .token_url
+            .get_or_try_init(|| discover_token_url(http, fhir_base))
+            .await?
+            .clone();
         let assertion = self.assertion(&token_url)?;
         let body: String = url::form_urlencoded::Serializer::new(String::new())
             .append_pair("grant_type", "client_credentials")
@@ -255,7 +260,8 @@ impl Signer {
         let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
         let text = text.trim();
         if text.starts_with('{') {
-            let json: Value = serde_json::from_str(text).map_err(|e| bad(format!("not a JWK: {e}")))?;
+            let json: Value =
+                serde_json::from_str(text).map_err(|e| bad(format!("not a JWK: {e}")))?;
             // A JWK, or a JWK Set: the first key with a private part.
             let jwk = match json.get("keys").and_then(Value::as_array) {
                 Some(keys) => keys
@@ -303,8 +309,12 @@ impl Signer {
             "RSA PRIVATE KEY" => RsaKeyPair::from_der(&der)
                 .map(Signer::Rsa)
                 .map_err(|e| format!("not a usable RSA private key: {e}")),
-            "EC PRIVATE KEY" => Err("an SEC1 EC key: convert it to PKCS#8 (openssl pkcs8 -topk8 -nocrypt)".into()),
-            "ENCRYPTED PRIVATE KEY" => Err("an encrypted key: give the key unencrypted (and keep the file private)".into()),
+            "EC PRIVATE KEY" => {
+                Err("an SEC1 EC key: convert it to PKCS#8 (openssl pkcs8 -topk8 -nocrypt)".into())
+            }
+            "ENCRYPTED PRIVATE KEY" => {
+                Err("an encrypted key: give the key unencrypted (and keep the file private)".into())
+            }
             other => Err(format!("a PEM block of {other:?}, not a private key")),
         }
     }
@@ -350,7 +360,9 @@ impl Signer {
                 .map_err(|e| format!("not a usable P-384 key: {e}"))
             }
             Some("EC") => Err("an EC key on another curve than P-384 (ES384 needs P-384)".into()),
-            other => Err(format!("a JWK of kty {other:?}: RS384 needs RSA, ES384 needs EC P-384")),
+            other => Err(format!(
+                "a JWK of kty {other:?}: RS384 needs RSA, ES384 needs EC P-384"
+            )),
         }
     }
 
@@ -373,9 +385,8 @@ mod tests {
     #[test]
     fn es384_assertion_verifies() {
         let rng = SystemRandom::new();
-        let pkcs8 =
-            EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P384_SHA384_FIXED_SIGNING, &rng)
-                .unwrap();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P384_SHA384_FIXED_SIGNING, &rng)
+            .unwrap();
         let pem = format!(
             "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
             STANDARD.encode(pkcs8.as_ref())
@@ -419,7 +430,11 @@ mod tests {
     fn key_file_errors_name_the_problem() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("key.pem");
-        std::fs::write(&path, "-----BEGIN EC PRIVATE KEY-----\nAAAA\n-----END EC PRIVATE KEY-----\n").unwrap();
+        std::fs::write(
+            &path,
+            "-----BEGIN EC PRIVATE KEY-----\nAAAA\n-----END EC PRIVATE KEY-----\n",
+        )
+        .unwrap();
         let err = Signer::load(&path).err().unwrap().to_string();
         assert!(err.contains("PKCS#8") && err.contains("key.pem"), "{err}");
         std::fs::write(&path, r#"{"kty":"EC","crv":"P-256","x":"","y":"","d":""}"#).unwrap();

@@ -169,9 +169,9 @@ async fn once(
     }
     .await;
     let counted = result.and_then(|()| {
-        lines.finish().map_err(|e| {
-            Failure::Retry(format!("the gzip stream ended early: {e}"))
-        })
+        lines
+            .finish()
+            .map_err(|e| Failure::Retry(format!("the gzip stream ended early: {e}")))
     });
     let n = match counted {
         Ok(n) => n,
@@ -185,7 +185,9 @@ async fn once(
         return Err(Failure::Fatal(Error::Http {
             what,
             url: shown(&file.url),
-            message: format!("{n} lines, but the manifest's count is {expected}; the file was not kept"),
+            message: format!(
+                "{n} lines, but the manifest's count is {expected}; the file was not kept"
+            ),
         }));
     }
     let t = Instant::now();
@@ -240,7 +242,9 @@ impl Lines {
 impl LineCount {
     fn new(gzip: bool) -> Self {
         if gzip {
-            LineCount::Gzip(Box::new(flate2::write::MultiGzDecoder::new(Lines::default())))
+            LineCount::Gzip(Box::new(flate2::write::MultiGzDecoder::new(
+                Lines::default(),
+            )))
         } else {
             LineCount::Plain(Lines::default())
         }

@@ -44,7 +44,12 @@ pub fn join(base: &Url, rel: &str) -> Url {
 }
 
 /// The kick-off request for `level` and `params` at `base`.
-pub fn kickoff_request(base: &Url, level: &Level, params: &Parameters, method: KickoffMethod) -> Request {
+pub fn kickoff_request(
+    base: &Url,
+    level: &Level,
+    params: &Parameters,
+    method: KickoffMethod,
+) -> Request {
     let path = match level {
         Level::System => "$export".to_string(),
         Level::Patient => "Patient/$export".to_string(),
@@ -63,14 +68,19 @@ pub fn kickoff_request(base: &Url, level: &Level, params: &Parameters, method: K
     }
     let req = match method {
         KickoffMethod::Get => {
-            url.query_pairs_mut().extend_pairs(pairs.iter().map(|(k, v)| (*k, v.as_str())));
+            url.query_pairs_mut()
+                .extend_pairs(pairs.iter().map(|(k, v)| (*k, v.as_str())));
             Request::get(url)
         }
         KickoffMethod::Post => {
             let parameter: Vec<Value> = pairs
                 .iter()
                 .map(|(k, v)| {
-                    let kind = if *k == "_since" { "valueInstant" } else { "valueString" };
+                    let kind = if *k == "_since" {
+                        "valueInstant"
+                    } else {
+                        "valueString"
+                    };
                     json!({"name": k, kind: v})
                 })
                 .collect();
@@ -187,8 +197,15 @@ pub async fn poll(
                 }
                 tokio::time::sleep(wait).await;
             }
-            StatusCode::NOT_FOUND | StatusCode::GONE => return Ok(Polled::Gone(error_text(resp).await)),
-            _ => return Err(err(format!("the export failed: {}", error_text(resp).await))),
+            StatusCode::NOT_FOUND | StatusCode::GONE => {
+                return Ok(Polled::Gone(error_text(resp).await))
+            }
+            _ => {
+                return Err(err(format!(
+                    "the export failed: {}",
+                    error_text(resp).await
+                )))
+            }
         }
     }
 }

@@ -141,7 +141,12 @@ impl Http {
     /// 401 the token is renewed once. A response with a transient status is
     /// returned after the last retry, for the caller to report with its body;
     /// a transport error after the last retry is an error naming `what`.
-    pub async fn send(&self, what: &str, req: &Request, auth: Option<(&Auth, &Url)>) -> Result<Response> {
+    pub async fn send(
+        &self,
+        what: &str,
+        req: &Request,
+        auth: Option<(&Auth, &Url)>,
+    ) -> Result<Response> {
         let Some((a, origin)) = auth else {
             return self.send_plain(what, req).await;
         };
@@ -159,7 +164,9 @@ impl Http {
                 None => None,
             };
             let resp = self
-                .retrying(what, req, || self.fetch(req, header.as_ref().map(|(v, o)| (v, *o))))
+                .retrying(what, req, || {
+                    self.fetch(req, header.as_ref().map(|(v, o)| (v, *o)))
+                })
                 .await?;
             if resp.status() == StatusCode::UNAUTHORIZED && !renewed && a.invalidate().await {
                 renewed = true;
@@ -174,7 +181,12 @@ impl Http {
         self.retrying(what, req, || self.fetch(req, None)).await
     }
 
-    async fn retrying<F, Fut>(&self, what: &str, req: &Request, mut attempt_once: F) -> Result<Response>
+    async fn retrying<F, Fut>(
+        &self,
+        what: &str,
+        req: &Request,
+        mut attempt_once: F,
+    ) -> Result<Response>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<Response, SendError>>,
@@ -210,7 +222,11 @@ impl Http {
 
     /// One try, following redirects; `auth` (a header value and the origin
     /// it is for) goes only to that origin.
-    async fn fetch(&self, req: &Request, auth: Option<(&HeaderValue, &Url)>) -> Result<Response, SendError> {
+    async fn fetch(
+        &self,
+        req: &Request,
+        auth: Option<(&HeaderValue, &Url)>,
+    ) -> Result<Response, SendError> {
         let mut url = req.url.clone();
         let mut method = req.method.clone();
         let mut body = req.body.clone();
@@ -224,7 +240,10 @@ impl Http {
             if let Some((h, _)) = auth.filter(|(_, o)| same_origin(o, &url)) {
                 headers.insert(AUTHORIZATION, h.clone());
             }
-            let mut builder = self.client.request(method.clone(), url.clone()).headers(headers);
+            let mut builder = self
+                .client
+                .request(method.clone(), url.clone())
+                .headers(headers);
             if let Some(b) = &body {
                 builder = builder.body(b.clone());
             }
@@ -275,9 +294,9 @@ pub fn shown(url: &Url) -> String {
     let mut u = url.clone();
     let _ = u.set_username("");
     let _ = u.set_password(None);
-    let signed = u
-        .query_pairs()
-        .any(|(k, _)| k.to_ascii_lowercase().contains("signature") || k.eq_ignore_ascii_case("sig"));
+    let signed = u.query_pairs().any(|(k, _)| {
+        k.to_ascii_lowercase().contains("signature") || k.eq_ignore_ascii_case("sig")
+    });
     if signed {
         u.set_query(None);
     }
@@ -361,8 +380,14 @@ mod tests {
         let at = at.replace("+0000", "GMT");
         h.insert(RETRY_AFTER, HeaderValue::from_str(&at).unwrap());
         let w = p.retry_after(&h).unwrap();
-        assert!(w > Duration::from_secs(25) && w <= Duration::from_secs(30), "{w:?}");
-        h.insert(RETRY_AFTER, HeaderValue::from_static("Tue, 01 Jan 2000 00:00:00 GMT"));
+        assert!(
+            w > Duration::from_secs(25) && w <= Duration::from_secs(30),
+            "{w:?}"
+        );
+        h.insert(
+            RETRY_AFTER,
+            HeaderValue::from_static("Sat, 01 Jan 2000 00:00:00 GMT"),
+        );
         assert_eq!(p.retry_after(&h), Some(Duration::ZERO));
         h.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
         assert_eq!(p.retry_after(&h), None);
@@ -380,8 +405,14 @@ mod tests {
     fn origins_and_shown_urls() {
         let a = Url::parse("http://127.0.0.1:80/fhir").unwrap();
         assert!(same_origin(&a, &Url::parse("http://127.0.0.1/x").unwrap()));
-        assert!(!same_origin(&a, &Url::parse("http://127.0.0.1:81/x").unwrap()));
-        assert!(!same_origin(&a, &Url::parse("https://127.0.0.1/x").unwrap()));
+        assert!(!same_origin(
+            &a,
+            &Url::parse("http://127.0.0.1:81/x").unwrap()
+        ));
+        assert!(!same_origin(
+            &a,
+            &Url::parse("https://127.0.0.1/x").unwrap()
+        ));
         let u = Url::parse("https://u:p@files.example/a.ndjson?X-Amz-Signature=abc").unwrap();
         assert_eq!(shown(&u), "https://files.example/a.ndjson");
     }

@@ -81,7 +81,9 @@ impl ExtractRequest {
     pub fn check(&self) -> Result<()> {
         for t in &self.types {
             if crate::fhir::resource_type(t).is_none() {
-                return Err(Error::Usage(format!("--type: {t:?} is not an R4 resource type")));
+                return Err(Error::Usage(format!(
+                    "--type: {t:?} is not an R4 resource type"
+                )));
             }
         }
         for f in &self.type_filters {
@@ -101,7 +103,9 @@ impl ExtractRequest {
         }
         if let Level::Group(id) = &self.level {
             let ok = (1..=64).contains(&id.len())
-                && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
             if !ok {
                 return Err(Error::Usage(format!("--group: {id:?} is not a FHIR id")));
             }
@@ -164,7 +168,11 @@ pub struct ExtractReport {
 
 impl ExtractReport {
     pub fn resources(&self) -> u64 {
-        self.files.iter().filter(|f| f.kind == Kind::Output).map(|f| f.lines).sum()
+        self.files
+            .iter()
+            .filter(|f| f.kind == Kind::Output)
+            .map(|f| f.lines)
+            .sum()
     }
     pub fn bytes(&self) -> u64 {
         self.files.iter().map(|f| f.bytes).sum()
@@ -253,7 +261,9 @@ pub async fn extract(
         Some(p) if request.restart => {
             // Best effort: tell the server the old export is no longer wanted.
             if let Ok(url) = Url::parse(&p.status_url) {
-                let _ = http.send("export cancel", &Request::delete(url), with_auth).await;
+                let _ = http
+                    .send("export cancel", &Request::delete(url), with_auth)
+                    .await;
             }
             root.delete(STAGE, &pending_path).await?;
             None
@@ -333,7 +343,11 @@ pub async fn extract(
     // Plan every file's target, in manifest order (so a resumed run names
     // them the same).
     let plan = plan_files(lake, tenant, system, date, &manifest)?;
-    let file_auth = if manifest.requires_access_token { with_auth } else { None };
+    let file_auth = if manifest.requires_access_token {
+        with_auth
+    } else {
+        None
+    };
     let todo: Vec<&Planned> = plan
         .iter()
         .filter(|p| !pending.done.contains_key(p.url.as_str()))
@@ -379,8 +393,13 @@ pub async fn extract(
     });
 
     // The manifest beside the data, then the next `_since`.
-    let manifest_path = root.paths.export_file(tenant, system, date, "manifest.json");
-    let manifest_json = pending.manifest.clone().expect("manifest saved before downloads");
+    let manifest_path = root
+        .paths
+        .export_file(tenant, system, date, "manifest.json");
+    let manifest_json = pending
+        .manifest
+        .clone()
+        .expect("manifest saved before downloads");
     root.put(
         STAGE,
         &manifest_path,
@@ -410,10 +429,20 @@ pub async fn extract(
         import_date: pending.import_date.clone(),
         request: pending.request.clone(),
     };
-    root.put(STAGE, &last_path, serde_json::to_vec_pretty(&last).expect("JSON serialises"))
-        .await?;
+    root.put(
+        STAGE,
+        &last_path,
+        serde_json::to_vec_pretty(&last).expect("JSON serialises"),
+    )
+    .await?;
     if x.delete_when_done {
-        let resp = http.send("export delete", &Request::delete(status_url.clone()), with_auth).await;
+        let resp = http
+            .send(
+                "export delete",
+                &Request::delete(status_url.clone()),
+                with_auth,
+            )
+            .await;
         report.delete_warning = match resp {
             Ok(r) if r.status().is_success() || r.status().as_u16() == 404 => None,
             Ok(r) => Some(http::error_text(r).await),
@@ -427,7 +456,11 @@ pub async fn extract(
 
 async fn save(lake: &Lake, path: &object_store::path::Path, p: &Pending) -> Result<()> {
     lake.raw
-        .put(STAGE, path, serde_json::to_vec_pretty(p).expect("JSON serialises"))
+        .put(
+            STAGE,
+            path,
+            serde_json::to_vec_pretty(p).expect("JSON serialises"),
+        )
         .await
 }
 
@@ -458,7 +491,10 @@ fn plan_files(
             let ty = crate::fhir::resource_type(&f.resource_type).ok_or_else(|| Error::Http {
                 what: "export manifest".into(),
                 url: manifest.request.clone(),
-                message: format!("an output file of type {:?}, not an R4 resource type", f.resource_type),
+                message: format!(
+                    "an output file of type {:?}, not an R4 resource type",
+                    f.resource_type
+                ),
             })?;
             let n = seen.entry(ty).or_default();
             *n += 1;
@@ -475,7 +511,9 @@ fn plan_files(
                     &crate::layout::RawFileName::parse(&name).expect("a valid raw file name"),
                 ),
                 Kind::Error => paths.export_file(tenant, system, date, &format!("error/{name}")),
-                Kind::Deleted => paths.export_file(tenant, system, date, &format!("deleted/{name}")),
+                Kind::Deleted => {
+                    paths.export_file(tenant, system, date, &format!("deleted/{name}"))
+                }
             };
             let url = Url::parse(&f.url).map_err(|e| Error::Http {
                 what: "export manifest".into(),
@@ -509,8 +547,16 @@ async fn write_metadata(
     let expected: u64 = manifest.output.iter().map(|f| f.count.unwrap_or(0)).sum();
     let counted = manifest.output.iter().all(|f| f.count.is_some());
     let resources = report.resources();
-    let errors = report.files.iter().filter(|f| f.kind == Kind::Error).count();
-    let deleted = report.files.iter().filter(|f| f.kind == Kind::Deleted).count();
+    let errors = report
+        .files
+        .iter()
+        .filter(|f| f.kind == Kind::Error)
+        .count();
+    let deleted = report
+        .files
+        .iter()
+        .filter(|f| f.kind == Kind::Deleted)
+        .count();
     let job = JobRow {
         job_id: run.clone(),
         stage: STAGE.into(),
@@ -578,7 +624,10 @@ async fn write_metadata(
     let mut moves = Vec::new();
     for (table, batch) in [
         (MetadataTable::ImportJobs, metadata::jobs_batch(&[job])),
-        (MetadataTable::ImportMetrics, metadata::metrics_batch(&metrics)),
+        (
+            MetadataTable::ImportMetrics,
+            metadata::metrics_batch(&metrics),
+        ),
     ] {
         let target = m.paths.metadata_file(table, tenant, date, run);
         let staged = m.paths.staged(Layer::Metadata, run, &target);
