@@ -312,7 +312,14 @@ pub enum ServerAuth {
 pub const TOKEN: &str = "test-bearer-token-3f9a";
 
 impl Sekmet {
+    /// Starts the server behind the proxy.
     pub fn start(auth: ServerAuth) -> Sekmet {
+        Self::start_with(auth, true)
+    }
+
+    /// Starts the server; `proxied`: the URLs it hands out lead through the
+    /// proxy (else straight to the server, for benchmarks).
+    pub fn start_with(auth: ServerAuth, proxied: bool) -> Sekmet {
         let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/sekmet");
         assert!(
             bin.is_file(),
@@ -337,7 +344,7 @@ impl Sekmet {
         };
         // YAML is a superset of JSON.
         let settings = json!({
-            "base_url": format!("{}/fhir", proxy.url()),
+            "base_url": if proxied { format!("{}/fhir", proxy.url()) } else { format!("http://127.0.0.1:{port}/fhir") },
             "host": "127.0.0.1",
             "port": port,
             "data_dir": dir.path().join("data"),
@@ -376,6 +383,11 @@ impl Sekmet {
     /// The FHIR base URL clients use (through the proxy).
     pub fn base(&self) -> String {
         format!("{}/fhir", self.proxy.url())
+    }
+
+    /// The server's own base URL.
+    pub fn direct_base(&self) -> String {
+        self.direct()
     }
 
     /// The server's own base URL (no proxy), for loading data.

@@ -593,6 +593,10 @@ fn print_extract(r: &fhirflow::extract::ExtractReport, quiet: bool) {
         r.bytes() as f64 / 1e6 / secs,
         r.transaction_time
     );
+    println!(
+        "of the downloads' time per file: waiting for the server {:.2} s, writing {:.2} s",
+        r.server_wait_seconds, r.write_seconds
+    );
     if let Some(w) = &r.delete_warning {
         println!("warning: the export's status URL could not be deleted: {w}");
     }
