@@ -63,7 +63,11 @@ fn main() {
     }
     let t = Instant::now();
     rt.block_on(server.load(&all, &format!("Bearer {TOKEN}")));
-    eprintln!("loaded {} resources in {:.1} s", all.len(), t.elapsed().as_secs_f64());
+    eprintln!(
+        "loaded {} resources in {:.1} s",
+        all.len(),
+        t.elapsed().as_secs_f64()
+    );
     let _ = std::fs::remove_dir_all(&args.work);
 
     let mut ours = Vec::new();
@@ -73,21 +77,40 @@ fn main() {
         let out = Command::new(&args.fhirflow)
             .args(["--lake"])
             .arg(&lake)
-            .args(["extract", "--fhir-url", &server.direct_base(), "--tenant",
-                "0f8fad5b-d9cb-469f-a165-70867728950e", "--source-system", "bench", "--date", "2024-08-06"])
+            .args([
+                "extract",
+                "--fhir-url",
+                &server.direct_base(),
+                "--tenant",
+                "0f8fad5b-d9cb-469f-a165-70867728950e",
+                "--source-system",
+                "bench",
+                "--date",
+                "2024-08-06",
+            ])
             .env("FHIRFLOW_BEARER_TOKEN", TOKEN)
             .env("FHIRFLOW_CONFIG", write_config(&args))
             .output()
             .expect("run fhirflow");
         let secs = t.elapsed().as_secs_f64();
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         ours.push((secs, text));
     }
     ours.sort_by(|a, b| a.0.total_cmp(&b.0));
     let (secs, text) = &ours[ours.len() / 2];
-    println!("fhirflow extract ({} runs, median {secs:.2} s wall, process included):", args.runs);
-    for line in text.lines().filter(|l| l.starts_with("total") || l.starts_with("export") || l.starts_with("of the")) {
+    println!(
+        "fhirflow extract ({} runs, median {secs:.2} s wall, process included):",
+        args.runs
+    );
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("total") || l.starts_with("export") || l.starts_with("of the"))
+    {
         println!("  {line}");
     }
 
@@ -100,11 +123,20 @@ fn main() {
             .arg(args.work.join(format!("peer-{run}")))
             .output()
             .expect("run the peer");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         peer.push(v);
     }
-    peer.sort_by(|a, b| a["seconds"].as_f64().unwrap().total_cmp(&b["seconds"].as_f64().unwrap()));
+    peer.sort_by(|a, b| {
+        a["seconds"]
+            .as_f64()
+            .unwrap()
+            .total_cmp(&b["seconds"].as_f64().unwrap())
+    });
     let p = &peer[peer.len() / 2];
     let dl = p["download_seconds"].as_f64().unwrap();
     println!(
@@ -120,6 +152,13 @@ fn main() {
 fn write_config(args: &Args) -> PathBuf {
     std::fs::create_dir_all(&args.work).unwrap();
     let p = args.work.join("fhirflow.toml");
-    std::fs::write(&p, format!("[extract]\nparallel_downloads = {}\npoll_interval_seconds = 1\n", args.parallel)).unwrap();
+    std::fs::write(
+        &p,
+        format!(
+            "[extract]\nparallel_downloads = {}\npoll_interval_seconds = 1\n",
+            args.parallel
+        ),
+    )
+    .unwrap();
     std::fs::canonicalize(p).unwrap()
 }

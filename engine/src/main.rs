@@ -88,7 +88,7 @@ struct Partition {
 }
 
 /// Where `extract` (and `run`) pull from, and what.
-#[derive(Args, Clone)]
+#[derive(Args, Clone, Default)]
 struct ExtractArgs {
     /// The FHIR server's base URL (default: [extract] fhir_url).
     #[arg(long, env = "FHIRFLOW_FHIR_URL")]
@@ -284,20 +284,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Extract { from, .. } | Command::Run { from, .. } => Some(from.clone()),
         _ => None,
     };
-    let f = from.clone().unwrap_or_else(|| ExtractArgs {
-        fhir_url: None,
-        since: None,
-        incremental: false,
-        types: Vec::new(),
-        type_filters: Vec::new(),
-        group: None,
-        patient: false,
-        restart: false,
-        bearer_token: None,
-        smart_client_id: None,
-        smart_private_key: None,
-        smart_token_url: None,
-    });
+    let f = from.unwrap_or_default();
     let overrides = Overrides {
         lake: g.lake.clone(),
         raw_root: g.raw_root.clone(),
