@@ -211,6 +211,35 @@ pub async fn recover(lake: &Lake, tenant: &TenantGuid, date: ImportDate) -> Resu
     Ok(())
 }
 
+/// The partition's latest committed curate run, unless a curate run is
+/// publishing it right now.
+pub async fn latest_curate(
+    lake: &Lake,
+    tenant: &TenantGuid,
+    date: ImportDate,
+) -> Result<Option<CommitRecord>> {
+    let commits = lake.metadata.paths.commits(tenant, date);
+    let mut latest: Option<CommitRecord> = None;
+    let mut committed = BTreeSet::new();
+    let mut intent = None;
+    for obj in lake.metadata.list(STAGE, &commits).await? {
+        let Some(bytes) = lake.metadata.get_bytes(STAGE, &obj.location).await? else {
+            continue;
+        };
+        if obj.location.filename() == Some(INTENT) {
+            intent = serde_json::from_slice::<Intent>(&bytes).ok();
+        } else if let Ok(r) = serde_json::from_slice::<CommitRecord>(&bytes) {
+            committed.insert(r.run_id.clone());
+            // Run ids are UUIDv7: their order is the order the runs started.
+            if r.stage == CURATE && latest.as_ref().is_none_or(|l| l.run_id < r.run_id) {
+                latest = Some(r);
+            }
+        }
+    }
+    let publishing = intent.is_some_and(|i| !committed.contains(&i.run_id));
+    Ok(if publishing { None } else { latest })
+}
+
 async fn committed_runs(lake: &Lake, commits: &Path) -> Result<BTreeSet<String>> {
     Ok(lake
         .metadata

@@ -111,6 +111,29 @@ pub enum Error {
     #[error("cancelled: the consumer stopped reading")]
     Cancelled,
 
+    /// An AWS call (Glue, HealthLake) that failed for good, after the SDK's
+    /// retries. The message is the service's error code and text.
+    #[error("{stage}: AWS {operation}: {message}")]
+    Aws {
+        stage: &'static str,
+        operation: String,
+        message: String,
+    },
+
+    /// The local lake's Iceberg catalog or tables.
+    #[error("{stage}: lake {context}: {source}")]
+    Lake {
+        stage: &'static str,
+        context: String,
+        #[source]
+        source: iceberg::Error,
+    },
+
+    /// An import that ran but did not succeed (a failed HealthLake job, nothing
+    /// curated to import).
+    #[error("import: {0}")]
+    Import(String),
+
     #[error("internal: task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
 }
@@ -136,6 +159,41 @@ impl Error {
         source: datafusion::error::DataFusionError,
     ) -> Self {
         Error::Query {
+            stage,
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// An AWS SDK error with the service's code and message (the SDK's own
+    /// Display says only "service error").
+    pub(crate) fn aws<E, R>(
+        stage: &'static str,
+        operation: impl Into<String>,
+        err: aws_smithy_runtime_api::client::result::SdkError<E, R>,
+    ) -> Self
+    where
+        E: aws_smithy_types::error::metadata::ProvideErrorMetadata + std::error::Error + 'static,
+        R: std::fmt::Debug,
+    {
+        use aws_smithy_types::error::display::DisplayErrorContext;
+        let message = match err.as_service_error() {
+            Some(e) => format!(
+                "{}: {}",
+                e.code().unwrap_or("error"),
+                e.message().unwrap_or("(no message)")
+            ),
+            None => DisplayErrorContext(&err).to_string(),
+        };
+        Error::Aws {
+            stage,
+            operation: operation.into(),
+            message,
+        }
+    }
+
+    pub(crate) fn lake(stage: &'static str, context: impl Into<String>, source: iceberg::Error) -> Self {
+        Error::Lake {
             stage,
             context: context.into(),
             source,

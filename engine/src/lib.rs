@@ -8,6 +8,9 @@
 //! * [`raw`]: reading raw NDJSON line by line;
 //! * [`curate`]: parse and key, dedup, label, write (DESIGN.md's steps);
 //! * [`rules`]: step 3, the analysts' SQL rules;
+//! * [`import`]: a curated partition into the local Iceberg [`lake`] or
+//!   AWS HealthLake;
+//! * [`catalog`]: the AWS Glue Data Catalog over every layer;
 //! * [`commit`]: staging and the commit protocol every write goes through;
 //! * [`metadata`]: `import_jobs`, `import_errors`, `import_metrics`;
 //! * [`sql`]: one DataFusion session over every layer.
@@ -15,12 +18,16 @@
 //! [`layout`] is the one place that builds object paths; [`storage`] opens
 //! layer roots; [`settings`] resolves configuration.
 
+pub mod aws;
+pub mod catalog;
 pub mod commit;
 pub mod curate;
 pub mod error;
 pub mod extract;
 pub mod fhir;
+pub mod import;
 pub mod ingest;
+pub mod lake;
 pub mod layout;
 pub mod metadata;
 pub mod model;

@@ -168,7 +168,22 @@ enum Command {
         #[command(flatten)]
         partition: Partition,
     },
-    /// Run SQL over every layer (raw.<type>, curated.<type>, metadata.import_*).
+    /// Import one curated tenant and date into the local Iceberg lake (default) or HealthLake.
+    ///
+    /// A retried import never imports twice. `fhirflow import status` looks at a
+    /// HealthLake job started with --no-wait.
+    Import {
+        #[command(subcommand)]
+        command: Option<ImportCommand>,
+        #[command(flatten)]
+        args: ImportArgs,
+    },
+    /// The AWS Glue Data Catalog over the lake's S3 layers.
+    Catalog {
+        #[command(subcommand)]
+        command: CatalogCommand,
+    },
+    /// Run SQL over every layer (raw.<type>, curated.<type>, metadata.import_*, lake.<type>).
     Sql {
         /// The query.
         query: String,
@@ -177,8 +192,17 @@ enum Command {
         format: Format,
     },
     /// Extract from a FHIR server (with --fhir-url) or ingest the given paths (if any),
-    /// then curate the tenant and date, with a summary.
+    /// then curate, import and (on an S3 lake) sync the Glue catalog, with a summary.
     Run {
+        /// Where to import (default: [import] target, `local`).
+        #[arg(long, value_enum)]
+        target: Option<fhirflow::settings::ImportTarget>,
+        /// Stop after curate.
+        #[arg(long)]
+        no_import: bool,
+        /// HealthLake: return once the import job is submitted.
+        #[arg(long)]
+        no_wait: bool,
         /// Files or folders to ingest first.
         paths: Vec<PathBuf>,
         #[command(flatten)]
@@ -211,6 +235,40 @@ enum Command {
     },
     /// Print the resolved settings (secrets masked).
     Config,
+}
+
+#[derive(Args)]
+struct ImportArgs {
+    /// The tenant GUID.
+    #[arg(long, global = true)]
+    tenant: Option<TenantGuid>,
+    /// The import date, YYYY-MM-DD.
+    #[arg(long, global = true)]
+    date: Option<ImportDate>,
+    /// Where to import (default: [import] target, `local`).
+    #[arg(long, value_enum)]
+    target: Option<fhirflow::settings::ImportTarget>,
+    /// HealthLake: return once the job is submitted (see `fhirflow import status`).
+    #[arg(long)]
+    no_wait: bool,
+}
+
+#[derive(Subcommand)]
+enum ImportCommand {
+    /// The HealthLake job of a tenant and date now; records its outcome once it has ended.
+    Status,
+}
+
+#[derive(Subcommand)]
+enum CatalogCommand {
+    /// Create or update, idempotently, the Glue databases, the tables of every layer and
+    /// the partitions written since the last sync.
+    Sync {
+        /// The environment: the metadata database is fhir_import_metadata_<env>
+        /// (default: [glue] env).
+        #[arg(long, env = "FHIRFLOW_ENV")]
+        env: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -285,6 +343,17 @@ async fn run(cli: Cli) -> Result<()> {
         _ => None,
     };
     let f = from.unwrap_or_default();
+    let import_target = match &cli.command {
+        Command::Import { args, .. } => args.target,
+        Command::Run { target, .. } => *target,
+        _ => None,
+    };
+    let glue_env = match &cli.command {
+        Command::Catalog {
+            command: CatalogCommand::Sync { env },
+        } => env.clone(),
+        _ => None,
+    };
     let overrides = Overrides {
         lake: g.lake.clone(),
         raw_root: g.raw_root.clone(),
@@ -303,6 +372,8 @@ async fn run(cli: Cli) -> Result<()> {
         smart_client_id: f.smart_client_id.clone(),
         smart_private_key: f.smart_private_key.clone(),
         smart_token_url: f.smart_token_url.clone(),
+        import_target,
+        glue_env,
     };
     let settings = Settings::resolve(g.config.as_deref(), &overrides)?;
     if let Command::Config = cli.command {
@@ -368,12 +439,41 @@ async fn run(cli: Cli) -> Result<()> {
                     .await?;
             print_summary(&report, g.verbose);
         }
+        Command::Import { command, args } => {
+            let (Some(tenant), Some(date)) = (args.tenant, args.date) else {
+                return Err(Error::Usage("import: give --tenant and --date".into()));
+            };
+            let report = match command {
+                Some(ImportCommand::Status) => {
+                    fhirflow::import::healthlake::status(&lake, &settings, &tenant, date).await?
+                }
+                None => {
+                    let req = fhirflow::import::ImportRequest {
+                        tenant,
+                        date,
+                        target: settings.import.target,
+                        wait: !args.no_wait,
+                    };
+                    fhirflow::import::import(&lake, &settings, &req, &bar).await?
+                }
+            };
+            print_import(&report, g.quiet);
+        }
+        Command::Catalog {
+            command: CatalogCommand::Sync { .. },
+        } => {
+            let report = fhirflow::catalog::sync(&lake, &settings).await?;
+            print_catalog(&report, g.quiet);
+        }
         Command::Run {
             paths,
             from,
             tenant,
             source_system,
             date,
+            target: _,
+            no_import,
+            no_wait,
         } => {
             let extract = match (&source_system, paths.is_empty()) {
                 (Some(system), true) => {
@@ -387,6 +487,8 @@ async fn run(cli: Cli) -> Result<()> {
                 tenant,
                 source_system,
                 date: date.unwrap_or_else(ImportDate::today),
+                import: (!no_import).then_some(settings.import.target),
+                wait: !no_wait,
             };
             let report = fhirflow::run::run(&lake, &settings, &plan, &bar).await?;
             if let Some(x) = &report.extract {
@@ -396,6 +498,16 @@ async fn run(cli: Cli) -> Result<()> {
                 print_ingest(i, g.quiet);
             }
             print_summary(&report.curate, g.verbose);
+            if let Some(i) = &report.import {
+                print_import(i, g.quiet);
+            }
+            match &report.catalog {
+                Some(c) => print_catalog(c, g.quiet),
+                None if !g.quiet => println!(
+                    "catalog: the lake is local; `fhirflow sql` shows the Glue names over it"
+                ),
+                None => {}
+            }
         }
         Command::Sql { query, format } => {
             let ctx = fhirflow::sql::session(&lake, &settings).await?;
@@ -587,6 +699,54 @@ fn print_extract(r: &fhirflow::extract::ExtractReport, quiet: bool) {
     if let Some(w) = &r.delete_warning {
         println!("warning: the export's status URL could not be deleted: {w}");
     }
+}
+
+fn print_import(r: &fhirflow::import::ImportReport, quiet: bool) {
+    if quiet {
+        return;
+    }
+    let target = match r.target {
+        fhirflow::settings::ImportTarget::Local => "the local lake",
+        fhirflow::settings::ImportTarget::Healthlake => "HealthLake",
+    };
+    println!(
+        "imported into {target} (job {}, curate run {}) in {:.2} s: {}",
+        r.job_id, r.curate_run, r.seconds, r.status
+    );
+    if let Some(id) = &r.healthlake_job_id {
+        println!(
+            "HealthLake job {id}: {} sent, {} imported, {} rejected",
+            r.records_in, r.records_out, r.records_rejected
+        );
+    }
+    for (ty, n) in &r.by_type {
+        match r.snapshots.get(ty) {
+            Some(snap) => println!("{ty:<28} {n:>10}  snapshot {snap}"),
+            None => println!("{ty:<28}"),
+        }
+    }
+    if let Some(m) = &r.message {
+        println!("{m}");
+    }
+    if r.records_rejected > 0 {
+        println!(
+            "rejected by HealthLake: fhirflow sql \"SELECT source_file, line_no, error_code, message FROM metadata.import_errors WHERE job_id = '{}'\"",
+            r.job_id
+        );
+    }
+}
+
+fn print_catalog(r: &fhirflow::catalog::SyncReport, quiet: bool) {
+    if quiet {
+        return;
+    }
+    println!(
+        "Glue catalog: databases {}; {} tables created, {} updated; {} partitions registered",
+        r.databases.join(", "),
+        r.tables_created,
+        r.tables_updated,
+        r.partitions_added
+    );
 }
 
 fn print_ingest(report: &fhirflow::ingest::IngestReport, quiet: bool) {

@@ -1,15 +1,18 @@
 //! `fhirflow run`: extract from a FHIR server or ingest local paths, then
-//! curate the (tenant, date), with a summary of every stage.
+//! curate the (tenant, date), import it, and, on an S3 lake, sync the Glue
+//! catalog, with a summary of every stage.
 
 use std::path::PathBuf;
 
 use crate::curate::{curate, CurateReport};
 use crate::error::Result;
 use crate::extract::{extract, ExtractReport, ExtractRequest};
+use crate::catalog::SyncReport;
+use crate::import::{ImportReport, ImportRequest};
 use crate::ingest::{ingest, IngestReport};
 use crate::layout::{ImportDate, SourceSystem, TenantGuid};
 use crate::report::Reporter;
-use crate::settings::Settings;
+use crate::settings::{ImportTarget, Settings};
 use crate::storage::Lake;
 
 /// What `run` does.
@@ -21,6 +24,10 @@ pub struct RunPlan {
     pub tenant: TenantGuid,
     pub source_system: Option<SourceSystem>,
     pub date: ImportDate,
+    /// Import after curate, into this target.
+    pub import: Option<ImportTarget>,
+    /// HealthLake: wait for the import job to end.
+    pub wait: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -28,6 +35,9 @@ pub struct RunReport {
     pub extract: Option<ExtractReport>,
     pub ingest: Option<IngestReport>,
     pub curate: CurateReport,
+    pub import: Option<ImportReport>,
+    /// The Glue sync (S3 lakes only: Glue describes S3 data).
+    pub catalog: Option<SyncReport>,
 }
 
 pub async fn run(
@@ -57,9 +67,28 @@ pub async fn run(
         }
     };
     let curated = curate(lake, settings, &plan.tenant, date, reporter).await?;
+    let imported = match plan.import {
+        Some(target) => {
+            let req = ImportRequest {
+                tenant: plan.tenant.clone(),
+                date,
+                target,
+                wait: plan.wait,
+            };
+            Some(crate::import::import(lake, settings, &req, reporter).await?)
+        }
+        None => None,
+    };
+    let catalog = if crate::catalog::on_s3(lake) {
+        Some(crate::catalog::sync(lake, settings).await?)
+    } else {
+        None
+    };
     Ok(RunReport {
         extract: extracted,
         ingest: ingested,
         curate: curated,
+        import: imported,
+        catalog,
     })
 }

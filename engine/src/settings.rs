@@ -28,7 +28,73 @@ pub struct Settings {
     pub tenant_label_system: String,
     pub curate: CurateSettings,
     pub extract: ExtractSettings,
+    pub import: ImportSettings,
+    pub healthlake: HealthLakeSettings,
+    pub glue: GlueSettings,
     pub s3: S3Settings,
+}
+
+/// Where `fhirflow import` (and `run`) sends a curated partition.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ImportTarget {
+    /// The local Iceberg lake (the embedded stand-in for HealthLake).
+    #[default]
+    Local,
+    /// AWS HealthLake, through StartFHIRImportJob.
+    Healthlake,
+}
+
+/// `[import]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImportSettings {
+    /// The default target (`--target` overrides it).
+    pub target: ImportTarget,
+}
+
+/// `[healthlake]`: the import into AWS HealthLake.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthLakeSettings {
+    /// Tenant GUID → datastore id: a tenant's data only ever goes to its own
+    /// datastore.
+    pub datastores: std::collections::BTreeMap<String, String>,
+    /// The IAM role HealthLake assumes to read the input and write the output.
+    pub data_access_role_arn: String,
+    /// Where HealthLake writes each job's output manifest and failure files
+    /// (`s3://bucket/prefix`).
+    pub output_s3_uri: String,
+    /// The KMS key for the output.
+    pub kms_key_id: String,
+    /// `strict`, `structure-only` or `minimal` (HealthLake's own validation).
+    pub validation_level: String,
+    /// The service endpoint (default: the region's); for tests and VPC endpoints.
+    pub endpoint: Option<String>,
+    /// The region (default: `s3.region`, then the standard AWS chain).
+    pub region: Option<String>,
+    /// DescribeFHIRImportJob polling: the first wait, doubled up to the max.
+    pub poll_initial_seconds: f64,
+    pub poll_max_seconds: f64,
+    /// Give up waiting (the job goes on; `fhirflow import status` looks later).
+    pub max_wait_seconds: u64,
+    /// Attempts of one call that HealthLake throttles or fails with a 5xx.
+    pub max_attempts: u32,
+}
+
+/// `[glue]`: the AWS Glue Data Catalog that `fhirflow catalog sync` keeps.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GlueSettings {
+    /// The environment: the metadata database is `fhir_import_metadata_<env>`
+    /// (`--env` overrides it).
+    pub env: String,
+    /// The service endpoint (default: the region's).
+    pub endpoint: Option<String>,
+    /// The region (default: `s3.region`, then the standard AWS chain).
+    pub region: Option<String>,
+    /// The Data Catalog id (default: the caller's account).
+    pub catalog_id: Option<String>,
 }
 
 /// The extract stage: the Bulk Data client.
@@ -156,7 +222,39 @@ impl Default for Settings {
             tenant_label_system: fhirflow_udfs::tenant_label::DEFAULT_TENANT_SYSTEM.into(),
             curate: CurateSettings::default(),
             extract: ExtractSettings::default(),
+            import: ImportSettings::default(),
+            healthlake: HealthLakeSettings::default(),
+            glue: GlueSettings::default(),
             s3: S3Settings::default(),
+        }
+    }
+}
+
+impl Default for HealthLakeSettings {
+    fn default() -> Self {
+        HealthLakeSettings {
+            datastores: Default::default(),
+            data_access_role_arn: String::new(),
+            output_s3_uri: String::new(),
+            kms_key_id: String::new(),
+            validation_level: "strict".into(),
+            endpoint: None,
+            region: None,
+            poll_initial_seconds: 5.0,
+            poll_max_seconds: 60.0,
+            max_wait_seconds: 6 * 3600,
+            max_attempts: 8,
+        }
+    }
+}
+
+impl Default for GlueSettings {
+    fn default() -> Self {
+        GlueSettings {
+            env: "dev".into(),
+            endpoint: None,
+            region: None,
+            catalog_id: None,
         }
     }
 }
@@ -235,6 +333,8 @@ pub struct Overrides {
     pub smart_client_id: Option<String>,
     pub smart_private_key: Option<PathBuf>,
     pub smart_token_url: Option<String>,
+    pub import_target: Option<ImportTarget>,
+    pub glue_env: Option<String>,
 }
 
 impl Settings {
@@ -288,6 +388,8 @@ impl Settings {
         if let (Some(url), Some(smart)) = (o.smart_token_url, s.extract.smart.as_mut()) {
             smart.token_url = Some(url);
         }
+        set!(import.target <- o.import_target);
+        set!(glue.env <- o.glue_env);
         s.check()?;
         Ok(s)
     }
@@ -341,6 +443,29 @@ impl Settings {
                     "extract.smart needs both client_id and private_key".into(),
                 ));
             }
+        }
+        if !self
+            .glue
+            .env
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            || self.glue.env.is_empty()
+        {
+            return Err(Error::Config(format!(
+                "glue.env {:?} must be [a-z0-9_]+ (it names a Glue database)",
+                self.glue.env
+            )));
+        }
+        if !["strict", "structure-only", "minimal"].contains(&self.healthlake.validation_level.as_str()) {
+            return Err(Error::Config(format!(
+                "healthlake.validation_level {:?} must be strict, structure-only or minimal",
+                self.healthlake.validation_level
+            )));
+        }
+        for (tenant, _) in &self.healthlake.datastores {
+            tenant.parse::<crate::layout::TenantGuid>().map_err(|e| {
+                Error::Config(format!("healthlake.datastores: {e}"))
+            })?;
         }
         if self.tenant_label_system.is_empty() {
             return Err(Error::Config(

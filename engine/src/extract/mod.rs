@@ -35,9 +35,9 @@ use self::auth::{Auth, Smart};
 use self::download::{Done, Kind, Planned};
 use self::export::{Level, Manifest, Parameters, Polled};
 use self::http::{shown, Http, Request};
-use crate::commit::{self, Move};
+use crate::commit;
 use crate::error::{Error, Result};
-use crate::layout::{ImportDate, Layer, MetadataTable, SourceSystem, TenantGuid};
+use crate::layout::{ImportDate, SourceSystem, TenantGuid};
 use crate::metadata::{self, JobRow, MetricRow};
 use crate::report::Reporter;
 use crate::settings::Settings;
@@ -620,20 +620,5 @@ async fn write_metadata(
             }
         })
         .collect();
-    let m = &lake.metadata;
-    let mut moves = Vec::new();
-    for (table, batch) in [
-        (MetadataTable::ImportJobs, metadata::jobs_batch(&[job])),
-        (
-            MetadataTable::ImportMetrics,
-            metadata::metrics_batch(&metrics),
-        ),
-    ] {
-        let target = m.paths.metadata_file(table, tenant, date, run);
-        let staged = m.paths.staged(Layer::Metadata, run, &target);
-        metadata::write_parquet(m, STAGE, &staged, &batch).await?;
-        moves.push(Move { staged, target });
-    }
-    commit::publish_stage_metadata(lake, tenant, date, run, STAGE, &moves).await?;
-    Ok(())
+    metadata::publish_stage_rows(lake, STAGE, tenant, date, run, &[job], &[], &metrics).await
 }

@@ -302,6 +302,39 @@ pub async fn write_parquet(
     Ok(())
 }
 
+/// Writes a run's rows (one file per non-empty table, staged) and publishes
+/// them with the run's commit record: the path of every stage but curate,
+/// whose rows are few enough to hold (see [`ErrorSink`] for curate's).
+#[allow(clippy::too_many_arguments)]
+pub async fn publish_stage_rows(
+    lake: &crate::storage::Lake,
+    stage: &'static str,
+    tenant: &crate::layout::TenantGuid,
+    date: crate::layout::ImportDate,
+    run: &str,
+    jobs: &[JobRow],
+    errors: &[ErrorRow],
+    metrics: &[MetricRow],
+) -> Result<()> {
+    let m = &lake.metadata;
+    let mut moves = Vec::new();
+    for (table, rows, batch) in [
+        (MetadataTable::ImportJobs, jobs.len(), jobs_batch(jobs)),
+        (MetadataTable::ImportErrors, errors.len(), errors_batch(errors)),
+        (MetadataTable::ImportMetrics, metrics.len(), metrics_batch(metrics)),
+    ] {
+        if rows == 0 {
+            continue;
+        }
+        let target = m.paths.metadata_file(table, tenant, date, run);
+        let staged = m.paths.staged(crate::layout::Layer::Metadata, run, &target);
+        write_parquet(m, stage, &staged, &batch).await?;
+        moves.push(crate::commit::Move { staged, target });
+    }
+    crate::commit::publish_stage_metadata(lake, tenant, date, run, stage, &moves).await?;
+    Ok(())
+}
+
 /// `import_errors` rows streamed to one Parquet object as a run finds them,
 /// so that a run over millions of bad lines holds one small batch in memory,
 /// not every row. Shared by the threads of a run; call from blocking threads.

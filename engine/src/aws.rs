@@ -1,0 +1,71 @@
+//! The AWS SDK clients (Glue, HealthLake): one place that builds their
+//! configuration.
+//!
+//! Credentials come from the standard AWS chain (environment, profile, web
+//! identity, ECS task role, instance metadata) unless `[s3]` names static keys,
+//! which then serve every AWS client of the run. The HTTP client is smithy's
+//! hyper 1 client on rustls with ring; throttling and 5xx answers are retried
+//! by the SDK's standard retry strategy with backoff.
+
+use aws_config::retry::RetryConfig;
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_sdk_glue::config::Credentials;
+use aws_smithy_http_client::tls;
+
+use crate::settings::Settings;
+
+/// An SDK configuration for one service: `endpoint` and `region` are that
+/// service's overrides (`[glue]`, `[healthlake]`); `attempts` the retries of
+/// one call, the first included.
+pub async fn sdk_config(
+    settings: &Settings,
+    endpoint: Option<&str>,
+    region: Option<&str>,
+    attempts: u32,
+) -> SdkConfig {
+    let http = aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(
+            tls::rustls_provider::CryptoMode::Ring,
+        ))
+        .build_https();
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .http_client(http)
+        .retry_config(RetryConfig::standard().with_max_attempts(attempts.max(1)));
+    if let Some(r) = region.or(settings.s3.region.as_deref()) {
+        loader = loader.region(Region::new(r.to_string()));
+    }
+    if let Some(e) = endpoint {
+        loader = loader.endpoint_url(e);
+    }
+    let s3 = &settings.s3;
+    if let (Some(k), Some(s)) = (&s3.access_key_id, &s3.secret_access_key) {
+        loader = loader.credentials_provider(Credentials::new(
+            k,
+            s,
+            s3.session_token.clone(),
+            None,
+            "fhirflow-settings",
+        ));
+    }
+    loader.load().await
+}
+
+/// Splits `s3://bucket/key/prefix` into the bucket and the key prefix.
+pub fn split_s3_uri(uri: &str) -> Option<(&str, &str)> {
+    let rest = uri.strip_prefix("s3://")?;
+    let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
+    (!bucket.is_empty()).then_some((bucket, key.trim_matches('/')))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn s3_uris() {
+        assert_eq!(split_s3_uri("s3://b/p/q/"), Some(("b", "p/q")));
+        assert_eq!(split_s3_uri("s3://b"), Some(("b", "")));
+        assert_eq!(split_s3_uri("s3:///x"), None);
+        assert_eq!(split_s3_uri("file:///x"), None);
+    }
+}

@@ -1,0 +1,521 @@
+//! `--target healthlake`: one StartFHIRImportJob over the curated partition's
+//! S3 prefix, into the tenant's own datastore.
+//!
+//! * The `ClientToken` is derived from the tenant, the date, the datastore and
+//!   the curate run: importing the same curated files again (a retried run, a
+//!   second `fhirflow import`) gives HealthLake the same token, and HealthLake
+//!   answers with the job it already has instead of importing twice.
+//! * The job name carries the date and the import's job id, never record data.
+//! * HealthLake runs one import per datastore and queues the rest (status
+//!   QUEUED / SUBMITTED): the job is polled with DescribeFHIRImportJob, backing
+//!   off from `poll_initial_seconds` to `poll_max_seconds`, through every
+//!   status until it ends. Throttling and 5xx answers are retried by the SDK.
+//! * Once the job ends, its `manifest.json` and the files of its FAILURE folder
+//!   are read back from the output S3 location: the counts go to
+//!   `import_jobs`, each rejected resource to `import_errors` with its line.
+//!
+//! With `--no-wait` the stage records the submitted job and returns;
+//! [`status`] (`fhirflow import status`) looks at it later and records the
+//! outcome once the job has ended.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use aws_sdk_healthlake::types::{
+    ImportJobProperties, InputDataConfig, JobStatus, OutputDataConfig, S3Configuration,
+    ValidationLevel,
+};
+use aws_sdk_healthlake::Client;
+use object_store::ObjectStoreExt;
+use serde::{Deserialize, Serialize};
+
+use super::{curated, job_row, metric_rows, ImportReport, ImportRequest, STAGE};
+use crate::error::{Error, Result};
+use crate::layout::{ImportDate, TenantGuid};
+use crate::metadata::{self, ErrorRow};
+use crate::report::Reporter;
+use crate::settings::{ImportTarget, Settings};
+use crate::storage::{Lake, Root};
+
+/// What a submitted import needs to be looked at again (saved in the
+/// metadata layer; holds no credentials and no record data).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct State {
+    job_id: String,
+    curate_run: String,
+    datastore_id: String,
+    healthlake_job_id: String,
+    client_token: String,
+    input_uri: String,
+    started_at: i64,
+    /// The outcome was recorded in the metadata tables.
+    recorded: bool,
+}
+
+pub(super) async fn import(
+    lake: &Lake,
+    settings: &Settings,
+    req: &ImportRequest,
+    reporter: &dyn Reporter,
+) -> Result<ImportReport> {
+    let started_at = chrono::Utc::now().timestamp_micros();
+    let hl = &settings.healthlake;
+    let datastore_id = hl.datastores.get(req.tenant.as_str()).ok_or_else(|| {
+        Error::Config(format!(
+            "no HealthLake datastore for tenant {}: add it to [healthlake.datastores]",
+            req.tenant
+        ))
+    })?;
+    for (name, v) in [
+        ("healthlake.data_access_role_arn", &hl.data_access_role_arn),
+        ("healthlake.output_s3_uri", &hl.output_s3_uri),
+        ("healthlake.kms_key_id", &hl.kms_key_id),
+    ] {
+        if v.is_empty() {
+            return Err(Error::Config(format!("{name} is needed to import into HealthLake")));
+        }
+    }
+    if lake.curated.store_url.scheme() != "s3" {
+        return Err(Error::Config(format!(
+            "HealthLake imports from S3: the curated layer is at {}",
+            lake.curated.store_url
+        )));
+    }
+    let curated = curated(lake, &req.tenant, req.date).await?;
+    let input_uri = format!(
+        "{}/",
+        lake.curated
+            .url_of(&lake.curated.paths.curated_partition(&req.tenant, req.date))
+    );
+    let client = client(settings).await;
+    let state_path = lake.metadata.paths.import_state(&req.tenant, req.date);
+
+    // The same curated files already went to HealthLake: look at that job.
+    let previous = read_state(lake, &req.tenant, req.date).await?;
+    let state = match previous {
+        Some(s) if s.curate_run == curated.record.run_id && s.datastore_id == *datastore_id => s,
+        _ => {
+            let job_id = uuid::Uuid::now_v7().to_string();
+            let client_token = client_token(&req.tenant, req.date, datastore_id, &curated.record.run_id);
+            reporter.status(&format!("starting a HealthLake import into datastore {datastore_id}"));
+            let started = client
+                .start_fhir_import_job()
+                .job_name(format!("fhirflow-{}-{}", req.date, &job_id[..18]))
+                .input_data_config(InputDataConfig::S3Uri(input_uri.clone()))
+                .job_output_data_config(OutputDataConfig::S3Configuration(
+                    S3Configuration::builder()
+                        .s3_uri(&hl.output_s3_uri)
+                        .kms_key_id(&hl.kms_key_id)
+                        .build()
+                        .map_err(|e| Error::Config(format!("healthlake output: {e}")))?,
+                ))
+                .datastore_id(datastore_id)
+                .data_access_role_arn(&hl.data_access_role_arn)
+                .validation_level(ValidationLevel::from(hl.validation_level.as_str()))
+                .client_token(&client_token)
+                .send()
+                .await
+                .map_err(|e| Error::aws(STAGE, "StartFHIRImportJob", e))?;
+            let s = State {
+                job_id,
+                curate_run: curated.record.run_id.clone(),
+                datastore_id: datastore_id.clone(),
+                healthlake_job_id: started.job_id().to_string(),
+                client_token,
+                input_uri: input_uri.clone(),
+                started_at,
+                recorded: false,
+            };
+            write_state(lake, &state_path, &s).await?;
+            s
+        }
+    };
+    if state.recorded {
+        let props = describe(&client, &state).await?;
+        let mut report = report_of(&state, &props);
+        report.status = "already imported".into();
+        return Ok(report);
+    }
+    follow(lake, settings, &client, req, state, req.wait, reporter).await
+}
+
+/// `fhirflow import status`: the partition's HealthLake job now; records the
+/// outcome when the job has ended and it is not recorded yet.
+pub async fn status(
+    lake: &Lake,
+    settings: &Settings,
+    tenant: &TenantGuid,
+    date: ImportDate,
+) -> Result<ImportReport> {
+    let state = read_state(lake, tenant, date).await?.ok_or_else(|| {
+        Error::Import(format!("no HealthLake import of tenant {tenant} date {date} to look at"))
+    })?;
+    let client = client(settings).await;
+    let req = ImportRequest {
+        tenant: tenant.clone(),
+        date,
+        target: ImportTarget::Healthlake,
+        wait: false,
+    };
+    if state.recorded {
+        let props = describe(&client, &state).await?;
+        return Ok(report_of(&state, &props));
+    }
+    follow(lake, settings, &client, &req, state, false, &crate::report::Quiet).await
+}
+
+async fn client(settings: &Settings) -> Client {
+    let hl = &settings.healthlake;
+    let config = crate::aws::sdk_config(
+        settings,
+        hl.endpoint.as_deref(),
+        hl.region.as_deref(),
+        hl.max_attempts,
+    )
+    .await;
+    Client::new(&config)
+}
+
+/// A token HealthLake accepts (`[a-zA-Z0-9-]{1,64}`) that only this partition,
+/// datastore and curate run give.
+fn client_token(tenant: &TenantGuid, date: ImportDate, datastore: &str, curate_run: &str) -> String {
+    let h = xxhash_rust::xxh3::xxh3_128(format!("{tenant}|{date}|{datastore}|{curate_run}").as_bytes());
+    format!("fhirflow-{h:032x}")
+}
+
+fn ended(status: &JobStatus) -> bool {
+    matches!(
+        status,
+        JobStatus::Completed
+            | JobStatus::CompletedWithErrors
+            | JobStatus::Failed
+            | JobStatus::CancelCompleted
+            | JobStatus::CancelFailed
+    )
+}
+
+async fn describe(client: &Client, state: &State) -> Result<ImportJobProperties> {
+    let out = client
+        .describe_fhir_import_job()
+        .datastore_id(&state.datastore_id)
+        .job_id(&state.healthlake_job_id)
+        .send()
+        .await
+        .map_err(|e| Error::aws(STAGE, "DescribeFHIRImportJob", e))?;
+    out.import_job_properties().cloned().ok_or_else(|| Error::Aws {
+        stage: STAGE,
+        operation: "DescribeFHIRImportJob".into(),
+        message: "the answer has no ImportJobProperties".into(),
+    })
+}
+
+fn report_of(state: &State, props: &ImportJobProperties) -> ImportReport {
+    ImportReport {
+        job_id: state.job_id.clone(),
+        target: ImportTarget::Healthlake,
+        curate_run: state.curate_run.clone(),
+        status: props.job_status().as_str().to_string(),
+        healthlake_job_id: Some(state.healthlake_job_id.clone()),
+        message: props.message().map(str::to_string),
+        ..Default::default()
+    }
+}
+
+/// Polls the job (when `wait`) and records what is known: the outcome with
+/// the job's output once it has ended, the status otherwise.
+async fn follow(
+    lake: &Lake,
+    settings: &Settings,
+    client: &Client,
+    req: &ImportRequest,
+    mut state: State,
+    wait: bool,
+    reporter: &dyn Reporter,
+) -> Result<ImportReport> {
+    let hl = &settings.healthlake;
+    let clock = Instant::now();
+    let mut pause = Duration::from_secs_f64(hl.poll_initial_seconds.max(0.01));
+    let props = loop {
+        let props = describe(client, &state).await?;
+        let status = props.job_status();
+        if ended(status) || !wait {
+            break props;
+        }
+        if clock.elapsed().as_secs() >= hl.max_wait_seconds {
+            break props;
+        }
+        reporter.status(&format!(
+            "HealthLake job {} is {}",
+            state.healthlake_job_id,
+            status.as_str()
+        ));
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs_f64(hl.poll_max_seconds.max(0.01)));
+    };
+    let mut report = report_of(&state, &props);
+    let mut errors = Vec::new();
+    let mut rejected_by_type = BTreeMap::new();
+    let done = ended(props.job_status());
+    if done {
+        let output = read_output(settings, &state, &props, req).await?;
+        report.records_in = output.scanned;
+        report.records_out = output.imported;
+        report.records_rejected = output.rejected;
+        errors = output.errors;
+        for e in &errors {
+            let ty = e.resource_type.clone().unwrap_or_else(|| "unknown".into());
+            *rejected_by_type.entry(ty).or_insert(0u64) += 1;
+        }
+    } else if wait {
+        report.message = Some(format!(
+            "still {} after {}s; `fhirflow import status` looks later",
+            props.job_status().as_str(),
+            hl.max_wait_seconds
+        ));
+    }
+    // Bytes per resource type: the curated objects' sizes.
+    let curated = curated(lake, &req.tenant, req.date).await;
+    let mut bytes = BTreeMap::new();
+    if let Ok(c) = &curated {
+        for (ty, files) in &c.files {
+            let mut total = 0;
+            for f in files {
+                if let Ok(meta) = lake.curated.store.head(f).await {
+                    total += meta.size;
+                }
+            }
+            bytes.insert(ty.to_string(), total);
+            report.by_type.insert(ty.to_string(), 0);
+        }
+    }
+    report.seconds = (chrono::Utc::now().timestamp_micros() - state.started_at) as f64 / 1e6;
+    let output_uri = match props.job_output_data_config() {
+        Some(OutputDataConfig::S3Configuration(c)) => c.s3_uri().to_string(),
+        _ => hl.output_s3_uri.clone(),
+    };
+    let mut job = job_row(req, &report, state.started_at, state.input_uri.clone(), output_uri);
+    job.healthlake_status = Some(props.job_status().as_str().to_string());
+    job.status = match props.job_status() {
+        JobStatus::Completed => "succeeded".into(),
+        JobStatus::CompletedWithErrors => "succeeded with rejections".into(),
+        s if ended(s) => "failed".into(),
+        s => s.as_str().to_ascii_lowercase(),
+    };
+    let metrics = if done {
+        let mut m = metric_rows(req, &report, &bytes, &rejected_by_type);
+        // HealthLake reports counts per job, not per type: per type, only the
+        // bytes sent and the resources it rejected are known.
+        for row in &mut m {
+            row.records_in = 0;
+            row.records_out = 0;
+            row.conserved = true;
+        }
+        m
+    } else {
+        Vec::new()
+    };
+    metadata::publish_stage_rows(
+        lake,
+        STAGE,
+        &req.tenant,
+        req.date,
+        &state.job_id,
+        &[job],
+        &errors,
+        &metrics,
+    )
+    .await?;
+    if done {
+        state.recorded = true;
+        let path = lake.metadata.paths.import_state(&req.tenant, req.date);
+        write_state(lake, &path, &state).await?;
+    }
+    if matches!(props.job_status(), JobStatus::Failed | JobStatus::CancelCompleted | JobStatus::CancelFailed) {
+        return Err(Error::Import(format!(
+            "HealthLake job {} ended {}: {}",
+            state.healthlake_job_id,
+            props.job_status().as_str(),
+            props.message().unwrap_or("(no message)")
+        )));
+    }
+    Ok(report)
+}
+
+async fn read_state(lake: &Lake, tenant: &TenantGuid, date: ImportDate) -> Result<Option<State>> {
+    let path = lake.metadata.paths.import_state(tenant, date);
+    let Some(bytes) = lake.metadata.get_bytes(STAGE, &path).await? else {
+        return Ok(None);
+    };
+    serde_json::from_slice(&bytes).map(Some).map_err(|e| Error::Input {
+        path: lake.metadata.url_of(&path).into(),
+        reason: e.to_string(),
+    })
+}
+
+async fn write_state(lake: &Lake, path: &object_store::path::Path, state: &State) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(state).expect("state serialises");
+    lake.metadata.put(STAGE, path, bytes).await
+}
+
+/// What the job's output says.
+struct Output {
+    scanned: u64,
+    imported: u64,
+    rejected: u64,
+    errors: Vec<ErrorRow>,
+}
+
+/// The parts of `manifest.json` fhirflow reads (AWS HealthLake Developer
+/// Guide, "Manifest JSON file").
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Manifest {
+    #[serde(default)]
+    failure_output: Option<FailureOutput>,
+    #[serde(default)]
+    number_of_resources_scanned: u64,
+    #[serde(default)]
+    number_of_resources_imported_successfully: u64,
+    #[serde(default)]
+    number_of_resources_with_customer_error: u64,
+    #[serde(default)]
+    number_of_resources_with_server_error: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct FailureOutput {
+    failure_output_s3_uri: String,
+}
+
+/// Reads the job's `manifest.json` and FAILURE files. The output folder is
+/// `<output S3 URI>/<datastore id>-FHIR_IMPORT-<job id>/`.
+async fn read_output(
+    settings: &Settings,
+    state: &State,
+    props: &ImportJobProperties,
+    req: &ImportRequest,
+) -> Result<Output> {
+    let base = match props.job_output_data_config() {
+        Some(OutputDataConfig::S3Configuration(c)) => c.s3_uri().to_string(),
+        _ => settings.healthlake.output_s3_uri.clone(),
+    };
+    let folder = format!(
+        "{}/{}-FHIR_IMPORT-{}/",
+        base.trim_end_matches('/'),
+        state.datastore_id,
+        state.healthlake_job_id
+    );
+    let root = Root::open(&folder, &settings.s3)?;
+    let manifest_path = root.paths.prefix.clone().join("manifest.json");
+    let Some(bytes) = root.get_bytes(STAGE, &manifest_path).await? else {
+        if props.job_status() == &JobStatus::Failed {
+            // A job that failed before it read anything writes no manifest.
+            return Ok(Output {
+                scanned: 0,
+                imported: 0,
+                rejected: 0,
+                errors: Vec::new(),
+            });
+        }
+        return Err(Error::Import(format!(
+            "HealthLake job {} ended {} but wrote no {}",
+            state.healthlake_job_id,
+            props.job_status().as_str(),
+            root.url_of(&manifest_path)
+        )));
+    };
+    let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| Error::Input {
+        path: root.url_of(&manifest_path).into(),
+        reason: e.to_string(),
+    })?;
+    let mut errors = Vec::new();
+    if let Some(f) = &manifest.failure_output {
+        let froot = Root::open(&f.failure_output_s3_uri, &settings.s3)?;
+        for obj in froot.list(STAGE, &froot.paths.prefix).await? {
+            let Some(data) = froot.get_bytes(STAGE, &obj.location).await? else {
+                continue;
+            };
+            let name = obj.location.filename().unwrap_or_default().to_string();
+            for line in data.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+                errors.push(failure_row(line, &name, &state.input_uri, req, &state.job_id, settings));
+            }
+        }
+    }
+    Ok(Output {
+        scanned: manifest.number_of_resources_scanned,
+        imported: manifest.number_of_resources_imported_successfully,
+        rejected: manifest.number_of_resources_with_customer_error
+            + manifest.number_of_resources_with_server_error,
+        errors,
+    })
+}
+
+/// One line of a FAILURE file as an `import_errors` row. The documented
+/// fields are read under the names HealthLake uses; a line that is not JSON
+/// is kept whole as the message, so no rejection is lost.
+fn failure_row(
+    line: &[u8],
+    file_name: &str,
+    input_uri: &str,
+    req: &ImportRequest,
+    job_id: &str,
+    settings: &Settings,
+) -> ErrorRow {
+    let v: serde_json::Value = serde_json::from_slice(line).unwrap_or_else(|_| {
+        serde_json::json!({ "errorMessage": String::from_utf8_lossy(line) })
+    });
+    let text = |keys: &[&str]| {
+        keys.iter().find_map(|k| match v.get(*k) {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+            _ => None,
+        })
+    };
+    let resource = v.get("resource");
+    let of_resource = |k: &str| resource.and_then(|r| r.get(k)).and_then(|x| x.as_str()).map(str::to_string);
+    let record = resource.map(|r| {
+        let mut s = r.to_string();
+        let cap = settings.curate.error_record_max_bytes;
+        if s.len() > cap {
+            let mut end = cap;
+            while !s.is_char_boundary(end) {
+                end -= 1;
+            }
+            s.truncate(end);
+        }
+        s
+    });
+    let source_file = text(&["file", "fileName", "sourceFile"])
+        .unwrap_or_else(|| format!("{input_uri}{}", file_name));
+    ErrorRow {
+        job_id: job_id.to_string(),
+        stage: STAGE.into(),
+        tenant_guid: req.tenant.to_string(),
+        import_date: req.date.days_since_epoch(),
+        source_file,
+        line_no: text(&["lineNumber", "line"]).and_then(|n| n.parse().ok()),
+        resource_type: text(&["resourceType"]).or_else(|| of_resource("resourceType")),
+        resource_id: text(&["resourceId", "id"]).or_else(|| of_resource("id")),
+        error_code: text(&["errorCode", "code"]).unwrap_or_else(|| "HEALTHLAKE_REJECTED".into()),
+        message: text(&["errorMessage", "message"]).unwrap_or_default(),
+        location: None,
+        record: record.filter(|r| !r.is_empty() && settings.curate.error_record_max_bytes > 0),
+        rule: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_tokens_are_stable_and_valid() {
+        let t: TenantGuid = "0f8fad5b-d9cb-469f-a165-70867728950e".parse().unwrap();
+        let d: ImportDate = "2024-05-01".parse().unwrap();
+        let a = client_token(&t, d, "ds1", "run1");
+        assert_eq!(a, client_token(&t, d, "ds1", "run1"));
+        assert_ne!(a, client_token(&t, d, "ds1", "run2"));
+        assert!(a.len() <= 64 && a.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+    }
+}
