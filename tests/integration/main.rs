@@ -7,6 +7,7 @@ mod crash;
 mod dedup;
 mod extract;
 mod labels;
+mod lake;
 mod lossless;
 mod rules;
 mod s3;

@@ -5,10 +5,15 @@
 //! | `raw`      | one per resource type present, e.g. `raw.patient`        |
 //! | `curated`  | one per resource type of the committed partitions         |
 //! | `metadata` | `import_jobs`, `import_errors`, `import_metrics`          |
+//! | `lake`, `lake_history` | the local Iceberg lake (see [`lake_tables`])  |
 //!
 //! Raw and curated tables use the record model (partition columns included);
-//! metadata tables read the Parquet files of committed runs only.
+//! metadata tables read the Parquet files of committed runs only. The same
+//! tables also answer to the Glue catalog's names (`external_fhir_raw`,
+//! `external_fhir_curated`, `fhir_import_metadata_<env>`), so a query written
+//! for Athena runs here as it is.
 
+pub mod lake_tables;
 pub mod ndjson_table;
 
 use std::collections::BTreeMap;
@@ -45,15 +50,34 @@ pub async fn session(lake: &Lake, settings: &Settings) -> Result<SessionContext>
     }
     fhirflow_udfs::register_all(&mut ctx).map_err(|e| Error::query(STAGE, "register UDFs", e))?;
     let catalog = ctx.catalog("datafusion").expect("default catalog");
-    for schema in ["raw", "curated", "metadata"] {
+    let glue_metadata = crate::catalog::metadata_database(&settings.glue.env);
+    let glue = |schema: &str| match schema {
+        "raw" => crate::catalog::RAW_DATABASE,
+        "curated" => crate::catalog::CURATED_DATABASE,
+        _ => glue_metadata.as_str(),
+    };
+    for schema in [
+        "raw",
+        "curated",
+        "metadata",
+        "lake",
+        "lake_history",
+        glue("raw"),
+        glue("curated"),
+        glue("metadata"),
+    ] {
         catalog
             .register_schema(schema, Arc::new(MemorySchemaProvider::new()))
             .map_err(|e| Error::query(STAGE, "register schema", e))?;
     }
+    // `schema.table`, and the same table under the schema's Glue name.
     let register = |name: String, table: Arc<dyn TableProvider>| {
-        ctx.register_table(name.as_str(), table)
-            .map(|_| ())
-            .map_err(|e| Error::query(STAGE, format!("register {name}"), e))
+        let (schema, t) = name.split_once('.').expect("schema.table");
+        for full in [name.clone(), format!("{}.{t}", glue(schema))] {
+            ctx.register_table(full.as_str(), table.clone())
+                .map_err(|e| Error::query(STAGE, format!("register {full}"), e))?;
+        }
+        Ok::<(), Error>(())
     };
 
     // raw: every raw file whose name gives a resource type.
@@ -113,6 +137,7 @@ pub async fn session(lake: &Lake, settings: &Settings) -> Result<SessionContext>
         let provider = metadata_table(&lake.metadata, table, files)?;
         register(format!("metadata.{}", table.name()), provider)?;
     }
+    lake_tables::register(&ctx, lake).await?;
     Ok(ctx)
 }
 

@@ -1,0 +1,143 @@
+//! The local Iceberg lake (`import --target local`): two imports with an
+//! update between them, the current view, time travel, partition pruning by
+//! tenant, and a retried import that appends nothing.
+
+use fhirflow::import::{import, ImportRequest};
+use fhirflow::layout::{ImportDate, SourceSystem, TenantGuid};
+use fhirflow::report::Quiet;
+use fhirflow::settings::ImportTarget;
+use fhirflow_tests::*;
+
+fn patient(id: &str, version: &str, family: &str) -> String {
+    format!(
+        r#"{{"resourceType":"Patient","id":"{id}","meta":{{"versionId":"{version}","lastUpdated":"2024-05-0{version}T10:00:00Z"}},"name":[{{"family":"{family}"}}],"birthDate":"1970-01-0{version}"}}"#
+    )
+}
+
+async fn land(t: &TestLake, tenant: &TenantGuid, date: &str, lines: &[String]) {
+    let date: ImportDate = date.parse().unwrap();
+    let dir = t.input(&format!("{tenant}-{date}"));
+    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+    let file = write_lines(&dir, "Patient.ndjson", &refs);
+    fhirflow::ingest::ingest(&t.lake, &[file], tenant, &"ehr".parse::<SourceSystem>().unwrap(), date)
+        .await
+        .expect("ingest");
+    fhirflow::curate::curate(&t.lake, &t.settings, tenant, date, &Quiet)
+        .await
+        .expect("curate");
+}
+
+async fn import_local(t: &TestLake, tenant: &TenantGuid, date: &str) -> fhirflow::import::ImportReport {
+    let req = ImportRequest {
+        tenant: tenant.clone(),
+        date: date.parse().unwrap(),
+        target: ImportTarget::Local,
+        wait: true,
+    };
+    import(&t.lake, &t.settings, &req, &Quiet).await.expect("import")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_imports_give_the_current_view_and_time_travel() {
+    let t = TestLake::new();
+    let other: TenantGuid = OTHER_TENANT.parse().unwrap();
+    land(&t, &tenant(), "2024-05-01", &[patient("p1", "1", "Old"), patient("p2", "1", "Two")]).await;
+    let first = import_local(&t, &tenant(), "2024-05-01").await;
+    assert_eq!(first.status, "succeeded");
+    assert_eq!(first.records_out, 2);
+    let first_snapshot = first.snapshots["Patient"];
+
+    // p1 changes; p3 is new; another tenant lands in the same table.
+    land(&t, &tenant(), "2024-05-02", &[patient("p1", "2", "New"), patient("p3", "1", "Three")]).await;
+    let second = import_local(&t, &tenant(), "2024-05-02").await;
+    assert_eq!(second.records_out, 2);
+    land(&t, &other, "2024-05-02", &[patient("p1", "1", "Elsewhere")]).await;
+    import_local(&t, &other, "2024-05-02").await;
+
+    // The current view: the latest version per tenant and id.
+    let q = format!(
+        "SELECT id, version_id, json_get_str(resource, 'name', 0, 'family') FROM lake.patient WHERE tenant_guid = '{TENANT}' ORDER BY id"
+    );
+    assert_eq!(
+        t.sql(&q).await,
+        vec![
+            vec!["p1".to_string(), "2".into(), "New".into()],
+            vec!["p2".into(), "1".into(), "Two".into()],
+            vec!["p3".into(), "1".into(), "Three".into()],
+        ]
+    );
+    // Every version stays in the history; the curated text is kept whole.
+    assert_eq!(
+        t.sql(&format!("SELECT count(*) FROM lake_history.patient WHERE tenant_guid = '{TENANT}'")).await,
+        vec![vec!["4".to_string()]]
+    );
+    let curated = t.sql("SELECT resource FROM curated.patient WHERE id = 'p3'").await;
+    let lake = t.sql(&format!("SELECT resource FROM lake.patient WHERE id = 'p3' AND tenant_guid = '{TENANT}'")).await;
+    assert_eq!(curated, lake);
+
+    // Time travel: the lake as the first import left it.
+    assert_eq!(
+        t.sql(&format!(
+            "SELECT id, version_id FROM lake_at('Patient', {first_snapshot}) ORDER BY id"
+        ))
+        .await,
+        vec![
+            vec!["p1".to_string(), "1".into()],
+            vec!["p2".into(), "1".into()],
+        ]
+    );
+    let snaps = t
+        .sql("SELECT count(*), count(DISTINCT job_id) FROM lake_snapshots WHERE table_name = 'patient'")
+        .await;
+    assert_eq!(snaps, vec![vec!["3".to_string(), "3".into()]]);
+
+    // Pruned reads by tenant return every row of that tenant, and only those.
+    let by_tenant = t
+        .sql("SELECT tenant_guid, count(*) FROM lake_history.patient GROUP BY tenant_guid ORDER BY tenant_guid")
+        .await;
+    assert_eq!(
+        by_tenant,
+        vec![vec![TENANT.to_string(), "4".into()], vec![OTHER_TENANT.to_string(), "1".into()]]
+    );
+    assert_eq!(
+        t.sql(&format!("SELECT id FROM lake.patient WHERE tenant_guid = '{OTHER_TENANT}'")).await,
+        vec![vec!["p1".to_string()]]
+    );
+    // The files themselves sit under their tenant's partition folder.
+    let data = t.root().join("iceberg/warehouse/fhir/patient/data");
+    let mut dirs: Vec<String> = std::fs::read_dir(&data)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    dirs.sort();
+    assert_eq!(
+        dirs,
+        vec![format!("tenant_guid={TENANT}"), format!("tenant_guid={OTHER_TENANT}")]
+    );
+
+    // A retried import appends nothing and says so.
+    let again = import_local(&t, &tenant(), "2024-05-02").await;
+    assert_eq!(again.status, "already imported");
+    assert_eq!(
+        t.sql(&format!("SELECT count(*) FROM lake_history.patient WHERE tenant_guid = '{TENANT}'")).await,
+        vec![vec!["4".to_string()]]
+    );
+    let jobs = t
+        .sql("SELECT status, records_in FROM metadata.import_jobs WHERE stage = 'import' ORDER BY job_id")
+        .await;
+    assert_eq!(jobs.len(), 4);
+    assert_eq!(jobs[3], vec!["already imported".to_string(), "2".into()]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn importing_what_was_never_curated_is_a_clear_error() {
+    let t = TestLake::new();
+    let req = ImportRequest {
+        tenant: tenant(),
+        date: date(),
+        target: ImportTarget::Local,
+        wait: true,
+    };
+    let err = import(&t.lake, &t.settings, &req, &Quiet).await.unwrap_err();
+    assert!(err.to_string().contains("nothing curated"), "{err}");
+}
