@@ -3,6 +3,7 @@
 //! the real binary, and read results back with SQL.
 
 pub mod fhir_server;
+pub mod healthlake;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -6,6 +6,7 @@ mod cli;
 mod crash;
 mod dedup;
 mod extract;
+mod healthlake;
 mod labels;
 mod lake;
 mod lossless;

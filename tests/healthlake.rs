@@ -1,0 +1,474 @@
+//! A stand-in for AWS HealthLake's import API, for the tests: no emulator
+//! exists. It speaks the service's protocol (awsJson1_0: `POST /` with
+//! `X-Amz-Target: HealthLake.<Operation>`, JSON bodies, errors as `__type` and
+//! `message` with status 400), so the real aws-sdk-healthlake client drives it.
+//!
+//! Operations: StartFHIRImportJob, DescribeFHIRImportJob, ListFHIRImportJobs,
+//! DescribeFHIRDatastore. Like the service it
+//! * answers a repeated `ClientToken` with the job it already has;
+//! * runs one import per datastore at a time, in submission order, the others
+//!   QUEUED;
+//! * reads every object under the input S3 URI (from the S3 stand-in, moto),
+//!   checks each line the way the service documents (valid JSON, a
+//!   `resourceType`, an `id` matching `[A-Za-z0-9\-\.]{1,64}`), stores what
+//!   passes, and writes `<output>/<datastore>-FHIR_IMPORT-<job>/manifest.json`
+//!   and a FAILURE file per input file with one JSON line per rejection;
+//! * fails a job whose data access role is not the datastore's.
+//!
+//! Faults for the tests: `throttle(n)` answers the next n requests with
+//! ThrottlingException; `set_work_time` makes each job take that long.
+
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response};
+use object_store::aws::AmazonS3Builder;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt};
+use serde_json::{json, Value};
+
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub id: String,
+    pub name: String,
+    pub datastore: String,
+    pub status: String,
+    pub input: String,
+    pub output: String,
+    pub kms: String,
+    pub role: String,
+    pub client_token: String,
+    pub submit: f64,
+    pub end: Option<f64>,
+    pub message: Option<String>,
+    pub scanned: u64,
+    pub imported: u64,
+    pub rejected: u64,
+}
+
+#[derive(Default)]
+struct State {
+    jobs: Vec<Job>,
+    /// datastore id → its data access role.
+    datastores: BTreeMap<String, String>,
+    /// datastore → resourceType/id → resource text.
+    stored: HashMap<String, BTreeMap<String, String>>,
+    throttle: usize,
+    throttled: usize,
+    requests: Vec<String>,
+    work_time: Duration,
+}
+
+pub struct HealthLake {
+    addr: std::net::SocketAddr,
+    state: Arc<Mutex<State>>,
+}
+
+impl HealthLake {
+    /// Starts the stand-in on a free loopback port, reading and writing S3
+    /// through `s3_endpoint` (moto). `datastores`: id → data access role ARN.
+    pub fn start(s3_endpoint: &str, datastores: &[(&str, &str)]) -> HealthLake {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(Mutex::new(State {
+            datastores: datastores
+                .iter()
+                .map(|(d, r)| (d.to_string(), r.to_string()))
+                .collect(),
+            work_time: Duration::from_millis(100),
+            ..Default::default()
+        }));
+        let s3 = s3_endpoint.to_string();
+        let shared = state.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let worker_state = shared.clone();
+                let worker_s3 = s3.clone();
+                tokio::spawn(async move { work(worker_state, worker_s3).await });
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let state = shared.clone();
+                    tokio::spawn(async move {
+                        let service = hyper::service::service_fn(move |req| handle(req, state.clone()));
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                            .await;
+                    });
+                }
+            });
+        });
+        HealthLake { addr, state }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn throttle(&self, n: usize) {
+        self.state.lock().unwrap().throttle = n;
+    }
+
+    pub fn throttled(&self) -> usize {
+        self.state.lock().unwrap().throttled
+    }
+
+    pub fn set_work_time(&self, d: Duration) {
+        self.state.lock().unwrap().work_time = d;
+    }
+
+    pub fn jobs(&self) -> Vec<Job> {
+        self.state.lock().unwrap().jobs.clone()
+    }
+
+    /// The operations called, in order.
+    pub fn requests(&self) -> Vec<String> {
+        self.state.lock().unwrap().requests.clone()
+    }
+
+    /// The resources a datastore holds: "Type/id" → text.
+    pub fn stored(&self, datastore: &str) -> BTreeMap<String, String> {
+        self.state
+            .lock()
+            .unwrap()
+            .stored
+            .get(datastore)
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+fn now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+fn reply(status: u16, body: Value) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("Content-Type", "application/x-amz-json-1.0")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap()
+}
+
+fn error(kind: &str, message: &str) -> Response<Full<Bytes>> {
+    reply(400, json!({ "__type": kind, "message": message }))
+}
+
+fn properties(j: &Job) -> Value {
+    let mut p = json!({
+        "JobId": j.id,
+        "JobName": j.name,
+        "JobStatus": j.status,
+        "SubmitTime": j.submit,
+        "DatastoreId": j.datastore,
+        "InputDataConfig": { "S3Uri": j.input },
+        "JobOutputDataConfig": { "S3Configuration": { "S3Uri": j.output, "KmsKeyId": j.kms } },
+        "DataAccessRoleArn": j.role,
+        "ValidationLevel": "strict",
+        "JobProgressReport": {
+            "TotalNumberOfResourcesScanned": j.scanned,
+            "TotalNumberOfResourcesImported": j.imported,
+            "TotalNumberOfResourcesWithCustomerError": j.rejected,
+        },
+    });
+    if let Some(e) = j.end {
+        p["EndTime"] = json!(e);
+    }
+    if let Some(m) = &j.message {
+        p["Message"] = json!(m);
+    }
+    p
+}
+
+async fn handle(
+    req: Request<hyper::body::Incoming>,
+    state: Arc<Mutex<State>>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let target = req
+        .headers()
+        .get("x-amz-target")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let Some(op) = target.strip_prefix("HealthLake.") else {
+        return Ok(error("UnknownOperationException", "no X-Amz-Target"));
+    };
+    let Ok(input) = serde_json::from_slice::<Value>(&body) else {
+        return Ok(error("SerializationException", "the body is not JSON"));
+    };
+    let mut s = state.lock().unwrap();
+    s.requests.push(op.to_string());
+    if s.throttle > 0 {
+        s.throttle -= 1;
+        s.throttled += 1;
+        return Ok(error("ThrottlingException", "Rate exceeded"));
+    }
+    let text = |k: &str| input.get(k).and_then(Value::as_str).map(str::to_string);
+    let datastore = text("DatastoreId").unwrap_or_default();
+    if !s.datastores.contains_key(&datastore) {
+        return Ok(error("ResourceNotFoundException", &format!("Datastore {datastore} not found")));
+    }
+    Ok(match op {
+        "StartFHIRImportJob" => {
+            let token = text("ClientToken").unwrap_or_default();
+            if let Some(j) = s.jobs.iter().find(|j| !token.is_empty() && j.client_token == token) {
+                return Ok(reply(200, json!({ "JobId": j.id, "JobStatus": j.status, "DatastoreId": j.datastore })));
+            }
+            let (Some(input_uri), Some(out)) = (
+                input.pointer("/InputDataConfig/S3Uri").and_then(Value::as_str),
+                input.pointer("/JobOutputDataConfig/S3Configuration"),
+            ) else {
+                return Ok(error("ValidationException", "InputDataConfig and JobOutputDataConfig are required"));
+            };
+            let id = format!("{:032x}", s.jobs.len() as u128 + 0x5eed_0000);
+            // One import per datastore at a time: later ones wait in line.
+            let waiting = s.jobs.iter().any(|j| {
+                j.datastore == datastore && ["SUBMITTED", "QUEUED", "IN_PROGRESS"].contains(&j.status.as_str())
+            });
+            let status = if waiting { "QUEUED" } else { "SUBMITTED" };
+            let job = Job {
+                id: id.clone(),
+                name: text("JobName").unwrap_or_default(),
+                datastore: datastore.clone(),
+                status: status.into(),
+                input: input_uri.to_string(),
+                output: out.get("S3Uri").and_then(Value::as_str).unwrap_or("").to_string(),
+                kms: out.get("KmsKeyId").and_then(Value::as_str).unwrap_or("").to_string(),
+                role: text("DataAccessRoleArn").unwrap_or_default(),
+                client_token: token,
+                submit: now(),
+                end: None,
+                message: None,
+                scanned: 0,
+                imported: 0,
+                rejected: 0,
+            };
+            s.jobs.push(job);
+            reply(200, json!({ "JobId": id, "JobStatus": status, "DatastoreId": datastore }))
+        }
+        "DescribeFHIRImportJob" => {
+            let id = text("JobId").unwrap_or_default();
+            match s.jobs.iter().find(|j| j.id == id && j.datastore == datastore) {
+                Some(j) => reply(200, json!({ "ImportJobProperties": properties(j) })),
+                None => error("ResourceNotFoundException", &format!("Job {id} not found")),
+            }
+        }
+        "ListFHIRImportJobs" => {
+            let status = text("JobStatus");
+            let list: Vec<Value> = s
+                .jobs
+                .iter()
+                .filter(|j| j.datastore == datastore && status.as_ref().is_none_or(|st| &j.status == st))
+                .map(properties)
+                .collect();
+            reply(200, json!({ "ImportJobPropertiesList": list }))
+        }
+        "DescribeFHIRDatastore" => reply(
+            200,
+            json!({ "DatastoreProperties": {
+                "DatastoreId": datastore,
+                "DatastoreArn": format!("arn:aws:healthlake:us-east-1:123456789012:datastore/fhir/{datastore}"),
+                "DatastoreName": datastore,
+                "DatastoreStatus": "ACTIVE",
+                "CreatedAt": 1_700_000_000.0,
+                "DatastoreTypeVersion": "R4",
+                "DatastoreEndpoint": format!("https://healthlake.us-east-1.amazonaws.com/datastore/{datastore}/r4/"),
+            }}),
+        ),
+        other => error("UnknownOperationException", &format!("{other} is not supported by the stand-in")),
+    })
+}
+
+/// Runs the jobs: per datastore one at a time, in submission order.
+async fn work(state: Arc<Mutex<State>>, s3: String) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let next = {
+            let mut s = state.lock().unwrap();
+            let busy: Vec<String> = s
+                .jobs
+                .iter()
+                .filter(|j| j.status == "IN_PROGRESS")
+                .map(|j| j.datastore.clone())
+                .collect();
+            let mut next = None;
+            let mut seen = Vec::new();
+            for j in s.jobs.iter_mut().filter(|j| j.status == "SUBMITTED" || j.status == "QUEUED") {
+                if busy.contains(&j.datastore) || seen.contains(&j.datastore) {
+                    j.status = "QUEUED".into();
+                } else {
+                    seen.push(j.datastore.clone());
+                    if next.is_none() {
+                        j.status = "IN_PROGRESS".into();
+                        next = Some(j.clone());
+                    }
+                }
+            }
+            next.map(|j| (j, s.work_time, s.datastores.clone()))
+        };
+        let Some((job, work_time, datastores)) = next else {
+            continue;
+        };
+        tokio::time::sleep(work_time).await;
+        let outcome = if datastores.get(&job.datastore) != Some(&job.role) {
+            Err(format!("Unable to assume the data access role {}", job.role))
+        } else {
+            run_job(&job, &s3).await
+        };
+        let mut s = state.lock().unwrap();
+        let stored = outcome.as_ref().map(|o| o.stored.clone()).unwrap_or_default();
+        s.stored.entry(job.datastore.clone()).or_default().extend(stored);
+        let j = s.jobs.iter_mut().find(|j| j.id == job.id).unwrap();
+        j.end = Some(now());
+        match outcome {
+            Ok(o) => {
+                j.scanned = o.scanned;
+                j.imported = o.imported;
+                j.rejected = o.rejected;
+                j.status = if o.rejected > 0 { "COMPLETED_WITH_ERRORS" } else { "COMPLETED" }.into();
+            }
+            Err(m) => {
+                j.status = "FAILED".into();
+                j.message = Some(m);
+            }
+        }
+    }
+}
+
+struct Outcome {
+    scanned: u64,
+    imported: u64,
+    rejected: u64,
+    stored: BTreeMap<String, String>,
+}
+
+fn store(s3: &str, bucket: &str) -> Arc<dyn ObjectStore> {
+    Arc::new(
+        AmazonS3Builder::new()
+            .with_endpoint(s3)
+            .with_bucket_name(bucket)
+            .with_region("us-east-1")
+            .with_allow_http(true)
+            .with_virtual_hosted_style_request(false)
+            .with_access_key_id("testing")
+            .with_secret_access_key("testing")
+            .build()
+            .unwrap(),
+    )
+}
+
+fn split(uri: &str) -> (String, String) {
+    let rest = uri.strip_prefix("s3://").unwrap_or(uri);
+    let (b, k) = rest.split_once('/').unwrap_or((rest, ""));
+    (b.to_string(), k.trim_matches('/').to_string())
+}
+
+fn valid_id(id: &str) -> bool {
+    (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
+async fn run_job(job: &Job, s3: &str) -> Result<Outcome, String> {
+    let (in_bucket, in_prefix) = split(&job.input);
+    let input = store(s3, &in_bucket);
+    let objects: Vec<_> = input
+        .list(Some(&Path::from(in_prefix.as_str())))
+        .try_collect()
+        .await
+        .map_err(|e| format!("reading the input: {e}"))?;
+    if objects.is_empty() {
+        return Err(format!("No files found at {}", job.input));
+    }
+    let (out_bucket, out_prefix) = split(&job.output);
+    let output = store(s3, &out_bucket);
+    let folder = format!("{out_prefix}/{}-FHIR_IMPORT-{}", job.datastore, job.id);
+    let mut o = Outcome { scanned: 0, imported: 0, rejected: 0, stored: BTreeMap::new() };
+    for obj in objects {
+        let data = input.get(&obj.location).await.unwrap().bytes().await.unwrap();
+        let name = obj.location.filename().unwrap().to_string();
+        let file = format!("s3://{in_bucket}/{}", obj.location);
+        let mut failures = String::new();
+        for (n, line) in data.split(|&b| b == b'\n').enumerate() {
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            o.scanned += 1;
+            let problem = match serde_json::from_slice::<Value>(line) {
+                Err(e) => Some(("INVALID_JSON", format!("Invalid JSON: {e}"), None, None)),
+                Ok(v) => {
+                    let ty = v.get("resourceType").and_then(Value::as_str).map(str::to_string);
+                    let id = v.get("id").and_then(Value::as_str).map(str::to_string);
+                    match (&ty, &id) {
+                        (None, _) => Some(("MISSING_RESOURCE_TYPE", "resourceType is missing".into(), ty, id)),
+                        (_, None) => Some(("MISSING_ID", "Resource id is missing".into(), ty, id)),
+                        (Some(t), Some(i)) if !valid_id(i) => Some((
+                            "INVALID_ID",
+                            "Resource id does not match [A-Za-z0-9\\-\\.]{1,64}".into(),
+                            Some(t.clone()),
+                            id.clone(),
+                        )),
+                        (Some(t), Some(i)) => {
+                            o.stored.insert(format!("{t}/{i}"), String::from_utf8_lossy(line).into_owned());
+                            None
+                        }
+                    }
+                }
+            };
+            match problem {
+                None => o.imported += 1,
+                Some((code, message, ty, id)) => {
+                    o.rejected += 1;
+                    let mut f = json!({
+                        "file": file,
+                        "lineNumber": n + 1,
+                        "errorCode": code,
+                        "errorMessage": message,
+                    });
+                    if let Some(t) = ty {
+                        f["resourceType"] = json!(t);
+                    }
+                    if let Some(i) = id {
+                        f["id"] = json!(i);
+                    }
+                    failures.push_str(&f.to_string());
+                    failures.push('\n');
+                }
+            }
+        }
+        if !failures.is_empty() {
+            let p = Path::from(format!("{folder}/FAILURE/{name}"));
+            output.put(&p, failures.into_bytes().into()).await.map_err(|e| e.to_string())?;
+        }
+    }
+    let manifest = json!({
+        "inputDataConfig": { "s3Uri": job.input },
+        "outputDataConfig": { "s3Uri": format!("s3://{out_bucket}/{folder}/"), "encryptionKeyID": job.kms },
+        "successOutput": { "successOutputS3Uri": format!("s3://{out_bucket}/{folder}/SUCCESS/") },
+        "failureOutput": { "failureOutputS3Uri": format!("s3://{out_bucket}/{folder}/FAILURE/") },
+        "numberOfResourcesScanned": o.scanned,
+        "numberOfResourcesImportedSuccessfully": o.imported,
+        "numberOfResourcesWithCustomerError": o.rejected,
+        "numberOfResourcesWithServerError": 0,
+    });
+    output
+        .put(&Path::from(format!("{folder}/manifest.json")), manifest.to_string().into_bytes().into())
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(o)
+}

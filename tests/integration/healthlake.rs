@@ -1,0 +1,270 @@
+//! `import --target healthlake` against the HealthLake stand-in
+//! (`tests/healthlake.rs`) driven by the real aws-sdk-healthlake client, the
+//! lake and the job output on moto's S3.
+
+use std::time::Duration;
+
+use fhirflow::import::{healthlake, import, ImportRequest};
+use fhirflow::layout::{ImportDate, SourceSystem};
+use fhirflow::report::Quiet;
+use fhirflow::settings::ImportTarget;
+use fhirflow_tests::healthlake::HealthLake;
+use fhirflow_tests::*;
+use object_store::ObjectStoreExt;
+
+const ROLE: &str = "arn:aws:iam::123456789012:role/healthlake-import";
+const DATASTORE: &str = "ds0f8fad5bd9cb469fa16570867728950e";
+
+struct Setup {
+    _moto: Moto,
+    hl: HealthLake,
+    t: TestLake,
+}
+
+fn setup(role: &str) -> Setup {
+    let moto = Moto::start();
+    moto.create_bucket("lake");
+    moto.create_bucket("hl-output");
+    let hl = HealthLake::start(&moto.endpoint(), &[(DATASTORE, ROLE)]);
+    let endpoint = hl.endpoint();
+    let t = TestLake::with(|s| {
+        moto.configure(s, "lake", "fhir");
+        s.healthlake.datastores.insert(TENANT.into(), DATASTORE.into());
+        s.healthlake.data_access_role_arn = role.into();
+        s.healthlake.output_s3_uri = "s3://hl-output/jobs".into();
+        s.healthlake.kms_key_id = "arn:aws:kms:us-east-1:123456789012:key/test".into();
+        s.healthlake.endpoint = Some(endpoint);
+        s.healthlake.poll_initial_seconds = 0.05;
+        s.healthlake.poll_max_seconds = 0.2;
+        s.import.target = ImportTarget::Healthlake;
+    });
+    Setup { _moto: moto, hl, t }
+}
+
+fn patients(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| format!(r#"{{"resourceType":"Patient","id":"p{i}","birthDate":"1970-01-01"}}"#))
+        .collect()
+}
+
+async fn land(t: &TestLake, date: &str, lines: &[String]) {
+    let date: ImportDate = date.parse().unwrap();
+    let dir = t.input(date.to_string().as_str());
+    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+    let file = write_lines(&dir, "Patient.ndjson", &refs);
+    fhirflow::ingest::ingest(&t.lake, &[file], &tenant(), &"ehr".parse::<SourceSystem>().unwrap(), date)
+        .await
+        .expect("ingest");
+    fhirflow::curate::curate(&t.lake, &t.settings, &tenant(), date, &Quiet)
+        .await
+        .expect("curate");
+}
+
+fn request(date: &str, wait: bool) -> ImportRequest {
+    ImportRequest {
+        tenant: tenant(),
+        date: date.parse().unwrap(),
+        target: ImportTarget::Healthlake,
+        wait,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_clean_job_imports_every_curated_resource() {
+    let s = setup(ROLE);
+    land(&s.t, DATE, &patients(25)).await;
+    let report = import(&s.t.lake, &s.t.settings, &request(DATE, true), &Quiet)
+        .await
+        .expect("import");
+    assert_eq!(report.status, "COMPLETED");
+    assert_eq!((report.records_in, report.records_out, report.records_rejected), (25, 25, 0));
+    let stored = s.hl.stored(DATASTORE);
+    assert_eq!(stored.len(), 25);
+    // What HealthLake received is the curated text, tenant label included.
+    assert!(stored["Patient/p3"].contains(&label(TENANT)));
+
+    let jobs = s.hl.jobs();
+    assert_eq!(jobs.len(), 1);
+    let job = &jobs[0];
+    assert_eq!(
+        job.input,
+        format!("s3://lake/fhir/curated/tenantGuid={TENANT}/import_date={DATE}/")
+    );
+    assert_eq!(job.output, "s3://hl-output/jobs");
+    assert!(!job.name.contains(TENANT) && job.name.starts_with("fhirflow-"));
+    assert!(job.client_token.starts_with("fhirflow-"));
+    let rows = s
+        .t
+        .sql("SELECT status, healthlake_job_id, healthlake_status, records_in, records_out FROM metadata.import_jobs WHERE stage = 'import'")
+        .await;
+    assert_eq!(
+        rows,
+        vec![vec![
+            "succeeded".to_string(),
+            job.id.clone(),
+            "COMPLETED".into(),
+            "25".into(),
+            "25".into()
+        ]]
+    );
+    // The operations the client used, polling included.
+    let ops = s.hl.requests();
+    assert_eq!(ops[0], "StartFHIRImportJob");
+    assert!(ops[1..].iter().all(|o| o == "DescribeFHIRImportJob"), "{ops:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn healthlake_rejections_come_back_with_their_line() {
+    let s = setup(ROLE);
+    land(&s.t, DATE, &patients(4)).await;
+    // HealthLake rejects what curation let through (here: lines altered on
+    // S3 after curation, standing in for a stricter service check).
+    let root = &s.t.lake.curated;
+    let path = root
+        .paths
+        .curated_partition(&tenant(), date())
+        .join("Patient-processed.ndjson");
+    let text = String::from_utf8(root.store.get(&path).await.unwrap().bytes().await.unwrap().to_vec()).unwrap();
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    lines[1] = r#"{"resourceType":"Patient","id":"bad id!"}"#.into();
+    lines.push(r#"{"resourceType":"Patient""#.into());
+    root.store
+        .put(&path, (lines.join("\n") + "\n").into_bytes().into())
+        .await
+        .unwrap();
+
+    let report = import(&s.t.lake, &s.t.settings, &request(DATE, true), &Quiet)
+        .await
+        .expect("import");
+    assert_eq!(report.status, "COMPLETED_WITH_ERRORS");
+    assert_eq!((report.records_in, report.records_out, report.records_rejected), (5, 3, 2));
+    let errors = s
+        .t
+        .sql("SELECT stage, line_no, error_code, resource_type, resource_id, source_file FROM metadata.import_errors WHERE stage = 'import' ORDER BY line_no")
+        .await;
+    let file = format!("s3://lake/fhir/curated/tenantGuid={TENANT}/import_date={DATE}/Patient-processed.ndjson");
+    assert_eq!(
+        errors,
+        vec![
+            vec!["import".to_string(), "2".into(), "INVALID_ID".into(), "Patient".into(), "bad id!".into(), file.clone()],
+            vec!["import".to_string(), "5".into(), "INVALID_JSON".into(), "NULL".into(), "NULL".into(), file],
+        ]
+    );
+    let status = s
+        .t
+        .sql("SELECT status, records_rejected FROM metadata.import_jobs WHERE stage = 'import'")
+        .await;
+    assert_eq!(status, vec![vec!["succeeded with rejections".to_string(), "2".into()]]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_job_fails_the_import_and_is_recorded() {
+    let s = setup("arn:aws:iam::123456789012:role/not-the-datastores");
+    land(&s.t, DATE, &patients(2)).await;
+    let err = import(&s.t.lake, &s.t.settings, &request(DATE, true), &Quiet)
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("FAILED") && text.contains("data access role"), "{text}");
+    let rows = s
+        .t
+        .sql("SELECT status, healthlake_status FROM metadata.import_jobs WHERE stage = 'import'")
+        .await;
+    assert_eq!(rows, vec![vec!["failed".to_string(), "FAILED".into()]]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn throttling_is_retried() {
+    let s = setup(ROLE);
+    land(&s.t, DATE, &patients(3)).await;
+    s.hl.throttle(3);
+    let report = import(&s.t.lake, &s.t.settings, &request(DATE, true), &Quiet)
+        .await
+        .expect("import despite throttling");
+    assert_eq!(report.status, "COMPLETED");
+    assert_eq!(s.hl.throttled(), 3);
+    assert_eq!(s.hl.jobs().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retried_import_reuses_the_job_through_its_client_token() {
+    let s = setup(ROLE);
+    land(&s.t, DATE, &patients(3)).await;
+    let first = import(&s.t.lake, &s.t.settings, &request(DATE, true), &Quiet)
+        .await
+        .expect("import");
+    // A run that crashed before it saved the job id starts again: the same
+    // client token brings back the same job, and nothing is imported twice.
+    let state = s.t.lake.metadata.paths.import_state(&tenant(), date());
+    s.t.lake.metadata.store.delete(&state).await.unwrap();
+    let second = import(&s.t.lake, &s.t.settings, &request(DATE, true), &Quiet)
+        .await
+        .expect("import again");
+    assert_eq!(first.healthlake_job_id, second.healthlake_job_id);
+    assert_eq!(s.hl.jobs().len(), 1);
+    let starts = s.hl.requests().iter().filter(|o| *o == "StartFHIRImportJob").count();
+    assert_eq!(starts, 2);
+    // With the state in place, a third import does not even call Start.
+    let third = import(&s.t.lake, &s.t.settings, &request(DATE, true), &Quiet)
+        .await
+        .expect("import a third time");
+    assert_eq!(third.status, "already imported");
+    let starts = s.hl.requests().iter().filter(|o| *o == "StartFHIRImportJob").count();
+    assert_eq!(starts, 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_wait_queues_behind_the_running_job_and_status_records_the_outcome() {
+    let s = setup(ROLE);
+    s.hl.set_work_time(Duration::from_millis(600));
+    land(&s.t, "2024-05-01", &patients(2)).await;
+    land(&s.t, "2024-05-02", &patients(3)).await;
+    let a = import(&s.t.lake, &s.t.settings, &request("2024-05-01", false), &Quiet)
+        .await
+        .expect("submit a");
+    let b = import(&s.t.lake, &s.t.settings, &request("2024-05-02", false), &Quiet)
+        .await
+        .expect("submit b");
+    assert!(["SUBMITTED", "IN_PROGRESS"].contains(&a.status.as_str()), "{}", a.status);
+    // One import per datastore at a time: the second one waits its turn.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let statuses: Vec<String> = s.hl.jobs().iter().map(|j| j.status.clone()).collect();
+    assert_eq!(statuses, vec!["IN_PROGRESS".to_string(), "QUEUED".into()]);
+    assert!(["SUBMITTED", "QUEUED"].contains(&b.status.as_str()), "{}", b.status);
+
+    // Until the job ends, import_jobs holds its status as submitted.
+    let rows = s
+        .t
+        .sql("SELECT status FROM metadata.import_jobs WHERE stage = 'import' ORDER BY import_date")
+        .await;
+    assert!(["submitted", "in_progress"].contains(&rows[0][0].as_str()), "{rows:?}");
+    assert_eq!(rows[1], vec!["queued".to_string()]);
+
+    for day in ["2024-05-01", "2024-05-02"] {
+        let d: ImportDate = day.parse().unwrap();
+        let mut last = String::new();
+        for _ in 0..100 {
+            last = healthlake::status(&s.t.lake, &s.t.settings, &tenant(), d)
+                .await
+                .expect("status")
+                .status;
+            if last == "COMPLETED" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(last, "COMPLETED", "{day}");
+    }
+    // The outcome replaced the submitted row: one row per import.
+    let rows = s
+        .t
+        .sql("SELECT import_date, status, records_out FROM metadata.import_jobs WHERE stage = 'import' ORDER BY import_date")
+        .await;
+    assert_eq!(
+        rows,
+        vec![
+            vec!["2024-05-01".to_string(), "succeeded".into(), "2".into()],
+            vec!["2024-05-02".into(), "succeeded".into(), "3".into()],
+        ]
+    );
+}
