@@ -2,6 +2,7 @@
 //! issue 2 against a real lake in a temporary folder.
 
 mod bad_input;
+mod catalog;
 mod cli;
 mod crash;
 mod dedup;
