@@ -103,7 +103,8 @@ impl HealthLake {
                     };
                     let state = shared.clone();
                     tokio::spawn(async move {
-                        let service = hyper::service::service_fn(move |req| handle(req, state.clone()));
+                        let service =
+                            hyper::service::service_fn(move |req| handle(req, state.clone()));
                         let _ = hyper::server::conn::http1::Builder::new()
                             .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                             .await;
@@ -206,7 +207,12 @@ async fn handle(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string();
-    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     let Some(op) = target.strip_prefix("HealthLake.") else {
         return Ok(error("UnknownOperationException", "no X-Amz-Target"));
     };
@@ -223,24 +229,40 @@ async fn handle(
     let text = |k: &str| input.get(k).and_then(Value::as_str).map(str::to_string);
     let datastore = text("DatastoreId").unwrap_or_default();
     if !s.datastores.contains_key(&datastore) {
-        return Ok(error("ResourceNotFoundException", &format!("Datastore {datastore} not found")));
+        return Ok(error(
+            "ResourceNotFoundException",
+            &format!("Datastore {datastore} not found"),
+        ));
     }
     Ok(match op {
         "StartFHIRImportJob" => {
             let token = text("ClientToken").unwrap_or_default();
-            if let Some(j) = s.jobs.iter().find(|j| !token.is_empty() && j.client_token == token) {
-                return Ok(reply(200, json!({ "JobId": j.id, "JobStatus": j.status, "DatastoreId": j.datastore })));
+            if let Some(j) = s
+                .jobs
+                .iter()
+                .find(|j| !token.is_empty() && j.client_token == token)
+            {
+                return Ok(reply(
+                    200,
+                    json!({ "JobId": j.id, "JobStatus": j.status, "DatastoreId": j.datastore }),
+                ));
             }
             let (Some(input_uri), Some(out)) = (
-                input.pointer("/InputDataConfig/S3Uri").and_then(Value::as_str),
+                input
+                    .pointer("/InputDataConfig/S3Uri")
+                    .and_then(Value::as_str),
                 input.pointer("/JobOutputDataConfig/S3Configuration"),
             ) else {
-                return Ok(error("ValidationException", "InputDataConfig and JobOutputDataConfig are required"));
+                return Ok(error(
+                    "ValidationException",
+                    "InputDataConfig and JobOutputDataConfig are required",
+                ));
             };
             let id = format!("{:032x}", s.jobs.len() as u128 + 0x5eed_0000);
             // One import per datastore at a time: later ones wait in line.
             let waiting = s.jobs.iter().any(|j| {
-                j.datastore == datastore && ["SUBMITTED", "QUEUED", "IN_PROGRESS"].contains(&j.status.as_str())
+                j.datastore == datastore
+                    && ["SUBMITTED", "QUEUED", "IN_PROGRESS"].contains(&j.status.as_str())
             });
             let status = if waiting { "QUEUED" } else { "SUBMITTED" };
             let job = Job {
@@ -249,8 +271,16 @@ async fn handle(
                 datastore: datastore.clone(),
                 status: status.into(),
                 input: input_uri.to_string(),
-                output: out.get("S3Uri").and_then(Value::as_str).unwrap_or("").to_string(),
-                kms: out.get("KmsKeyId").and_then(Value::as_str).unwrap_or("").to_string(),
+                output: out
+                    .get("S3Uri")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string(),
+                kms: out
+                    .get("KmsKeyId")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string(),
                 role: text("DataAccessRoleArn").unwrap_or_default(),
                 client_token: token,
                 submit: now(),
@@ -261,11 +291,18 @@ async fn handle(
                 rejected: 0,
             };
             s.jobs.push(job);
-            reply(200, json!({ "JobId": id, "JobStatus": status, "DatastoreId": datastore }))
+            reply(
+                200,
+                json!({ "JobId": id, "JobStatus": status, "DatastoreId": datastore }),
+            )
         }
         "DescribeFHIRImportJob" => {
             let id = text("JobId").unwrap_or_default();
-            match s.jobs.iter().find(|j| j.id == id && j.datastore == datastore) {
+            match s
+                .jobs
+                .iter()
+                .find(|j| j.id == id && j.datastore == datastore)
+            {
                 Some(j) => reply(200, json!({ "ImportJobProperties": properties(j) })),
                 None => error("ResourceNotFoundException", &format!("Job {id} not found")),
             }
@@ -275,7 +312,9 @@ async fn handle(
             let list: Vec<Value> = s
                 .jobs
                 .iter()
-                .filter(|j| j.datastore == datastore && status.as_ref().is_none_or(|st| &j.status == st))
+                .filter(|j| {
+                    j.datastore == datastore && status.as_ref().is_none_or(|st| &j.status == st)
+                })
                 .map(properties)
                 .collect();
             reply(200, json!({ "ImportJobPropertiesList": list }))
@@ -292,7 +331,10 @@ async fn handle(
                 "DatastoreEndpoint": format!("https://healthlake.us-east-1.amazonaws.com/datastore/{datastore}/r4/"),
             }}),
         ),
-        other => error("UnknownOperationException", &format!("{other} is not supported by the stand-in")),
+        other => error(
+            "UnknownOperationException",
+            &format!("{other} is not supported by the stand-in"),
+        ),
     })
 }
 
@@ -310,7 +352,11 @@ async fn work(state: Arc<Mutex<State>>, s3: String) {
                 .collect();
             let mut next = None;
             let mut seen = Vec::new();
-            for j in s.jobs.iter_mut().filter(|j| j.status == "SUBMITTED" || j.status == "QUEUED") {
+            for j in s
+                .jobs
+                .iter_mut()
+                .filter(|j| j.status == "SUBMITTED" || j.status == "QUEUED")
+            {
                 if busy.contains(&j.datastore) || seen.contains(&j.datastore) {
                     j.status = "QUEUED".into();
                 } else {
@@ -328,13 +374,22 @@ async fn work(state: Arc<Mutex<State>>, s3: String) {
         };
         tokio::time::sleep(work_time).await;
         let outcome = if datastores.get(&job.datastore) != Some(&job.role) {
-            Err(format!("Unable to assume the data access role {}", job.role))
+            Err(format!(
+                "Unable to assume the data access role {}",
+                job.role
+            ))
         } else {
             run_job(&job, &s3).await
         };
         let mut s = state.lock().unwrap();
-        let stored = outcome.as_ref().map(|o| o.stored.clone()).unwrap_or_default();
-        s.stored.entry(job.datastore.clone()).or_default().extend(stored);
+        let stored = outcome
+            .as_ref()
+            .map(|o| o.stored.clone())
+            .unwrap_or_default();
+        s.stored
+            .entry(job.datastore.clone())
+            .or_default()
+            .extend(stored);
         let j = s.jobs.iter_mut().find(|j| j.id == job.id).unwrap();
         j.end = Some(now());
         match outcome {
@@ -342,7 +397,12 @@ async fn work(state: Arc<Mutex<State>>, s3: String) {
                 j.scanned = o.scanned;
                 j.imported = o.imported;
                 j.rejected = o.rejected;
-                j.status = if o.rejected > 0 { "COMPLETED_WITH_ERRORS" } else { "COMPLETED" }.into();
+                j.status = if o.rejected > 0 {
+                    "COMPLETED_WITH_ERRORS"
+                } else {
+                    "COMPLETED"
+                }
+                .into();
             }
             Err(m) => {
                 j.status = "FAILED".into();
@@ -381,7 +441,10 @@ fn split(uri: &str) -> (String, String) {
 }
 
 fn valid_id(id: &str) -> bool {
-    (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
 async fn run_job(job: &Job, s3: &str) -> Result<Outcome, String> {
@@ -398,9 +461,20 @@ async fn run_job(job: &Job, s3: &str) -> Result<Outcome, String> {
     let (out_bucket, out_prefix) = split(&job.output);
     let output = store(s3, &out_bucket);
     let folder = format!("{out_prefix}/{}-FHIR_IMPORT-{}", job.datastore, job.id);
-    let mut o = Outcome { scanned: 0, imported: 0, rejected: 0, stored: BTreeMap::new() };
+    let mut o = Outcome {
+        scanned: 0,
+        imported: 0,
+        rejected: 0,
+        stored: BTreeMap::new(),
+    };
     for obj in objects {
-        let data = input.get(&obj.location).await.unwrap().bytes().await.unwrap();
+        let data = input
+            .get(&obj.location)
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
         let name = obj.location.filename().unwrap().to_string();
         let file = format!("s3://{in_bucket}/{}", obj.location);
         let mut failures = String::new();
@@ -412,10 +486,18 @@ async fn run_job(job: &Job, s3: &str) -> Result<Outcome, String> {
             let problem = match serde_json::from_slice::<Value>(line) {
                 Err(e) => Some(("INVALID_JSON", format!("Invalid JSON: {e}"), None, None)),
                 Ok(v) => {
-                    let ty = v.get("resourceType").and_then(Value::as_str).map(str::to_string);
+                    let ty = v
+                        .get("resourceType")
+                        .and_then(Value::as_str)
+                        .map(str::to_string);
                     let id = v.get("id").and_then(Value::as_str).map(str::to_string);
                     match (&ty, &id) {
-                        (None, _) => Some(("MISSING_RESOURCE_TYPE", "resourceType is missing".into(), ty, id)),
+                        (None, _) => Some((
+                            "MISSING_RESOURCE_TYPE",
+                            "resourceType is missing".into(),
+                            ty,
+                            id,
+                        )),
                         (_, None) => Some(("MISSING_ID", "Resource id is missing".into(), ty, id)),
                         (Some(t), Some(i)) if !valid_id(i) => Some((
                             "INVALID_ID",
@@ -424,7 +506,10 @@ async fn run_job(job: &Job, s3: &str) -> Result<Outcome, String> {
                             id.clone(),
                         )),
                         (Some(t), Some(i)) => {
-                            o.stored.insert(format!("{t}/{i}"), String::from_utf8_lossy(line).into_owned());
+                            o.stored.insert(
+                                format!("{t}/{i}"),
+                                String::from_utf8_lossy(line).into_owned(),
+                            );
                             None
                         }
                     }
@@ -453,7 +538,10 @@ async fn run_job(job: &Job, s3: &str) -> Result<Outcome, String> {
         }
         if !failures.is_empty() {
             let p = Path::from(format!("{folder}/FAILURE/{name}"));
-            output.put(&p, failures.into_bytes().into()).await.map_err(|e| e.to_string())?;
+            output
+                .put(&p, failures.into_bytes().into())
+                .await
+                .map_err(|e| e.to_string())?;
         }
     }
     let manifest = json!({
@@ -467,7 +555,10 @@ async fn run_job(job: &Job, s3: &str) -> Result<Outcome, String> {
         "numberOfResourcesWithServerError": 0,
     });
     output
-        .put(&Path::from(format!("{folder}/manifest.json")), manifest.to_string().into_bytes().into())
+        .put(
+            &Path::from(format!("{folder}/manifest.json")),
+            manifest.to_string().into_bytes().into(),
+        )
         .await
         .map_err(|e| e.to_string())?;
     Ok(o)

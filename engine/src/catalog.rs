@@ -90,7 +90,8 @@ pub async fn sync(lake: &Lake, settings: &crate::settings::Settings) -> Result<S
     }
     let env = &settings.glue.env;
     let g = &settings.glue;
-    let config = crate::aws::sdk_config(settings, g.endpoint.as_deref(), g.region.as_deref(), 8).await;
+    let config =
+        crate::aws::sdk_config(settings, g.endpoint.as_deref(), g.region.as_deref(), 8).await;
     let client = Client::new(&config);
     let mut report = SyncReport::default();
     let meta_db = metadata_database(env);
@@ -129,10 +130,19 @@ pub async fn sync(lake: &Lake, settings: &crate::settings::Settings) -> Result<S
                     .table_input(input)
                     .send()
                     .await
-                    .map_err(|e| Error::aws(STAGE, format!("UpdateTable {}.{}", spec.database, spec.name), e))?;
+                    .map_err(|e| {
+                        Error::aws(
+                            STAGE,
+                            format!("UpdateTable {}.{}", spec.database, spec.name),
+                            e,
+                        )
+                    })?;
                 report.tables_updated += 1;
             }
-            Err(e) if e.as_service_error().is_some_and(|s| s.is_entity_not_found_exception()) => {
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|s| s.is_entity_not_found_exception()) =>
+            {
                 client
                     .create_table()
                     .set_catalog_id(g.catalog_id.clone())
@@ -140,24 +150,44 @@ pub async fn sync(lake: &Lake, settings: &crate::settings::Settings) -> Result<S
                     .table_input(input)
                     .send()
                     .await
-                    .map_err(|e| Error::aws(STAGE, format!("CreateTable {}.{}", spec.database, spec.name), e))?;
+                    .map_err(|e| {
+                        Error::aws(
+                            STAGE,
+                            format!("CreateTable {}.{}", spec.database, spec.name),
+                            e,
+                        )
+                    })?;
                 report.tables_created += 1;
             }
-            Err(e) => return Err(Error::aws(STAGE, format!("GetTable {}.{}", spec.database, spec.name), e)),
+            Err(e) => {
+                return Err(Error::aws(
+                    STAGE,
+                    format!("GetTable {}.{}", spec.database, spec.name),
+                    e,
+                ))
+            }
         }
 
         // The symlink files: rewritten when the partition's files changed.
         let key = format!("{}.{}", spec.database, spec.name);
         let mut new = Vec::new();
         for (values, files) in &spec.partitions {
-            let dir = symlink_dir(&lake.metadata, &spec.database, &spec.name, &pairs(spec, values));
+            let dir = symlink_dir(
+                &lake.metadata,
+                &spec.database,
+                &spec.name,
+                &pairs(spec, values),
+            );
             let path = dir.clone().join("symlink.txt");
             let text = files.iter().map(|f| format!("{f}\n")).collect::<String>();
             let old = lake.metadata.get_bytes(STAGE, &path).await?;
             if old.as_deref() != Some(text.as_bytes()) {
                 lake.metadata.put(STAGE, &path, text.into_bytes()).await?;
             }
-            let known = state.registered.get(&key).is_some_and(|s| s.contains(values));
+            let known = state
+                .registered
+                .get(&key)
+                .is_some_and(|s| s.contains(values));
             if !known {
                 new.push((values.clone(), lake.metadata.url_of(&dir) + "/"));
             }
@@ -165,10 +195,12 @@ pub async fn sync(lake: &Lake, settings: &crate::settings::Settings) -> Result<S
         for chunk in new.chunks(100) {
             let inputs = chunk
                 .iter()
-                .map(|(values, location)| PartitionInput::builder()
-                    .set_values(Some(values.clone()))
-                    .storage_descriptor(storage(spec, location, Vec::new()))
-                    .build())
+                .map(|(values, location)| {
+                    PartitionInput::builder()
+                        .set_values(Some(values.clone()))
+                        .storage_descriptor(storage(spec, location, Vec::new()))
+                        .build()
+                })
                 .collect::<Vec<_>>();
             let out = client
                 .batch_create_partition()
@@ -223,7 +255,10 @@ async fn ensure_database(client: &Client, catalog_id: Option<&str>, name: &str) 
         .await;
     match got {
         Ok(_) => Ok(()),
-        Err(e) if e.as_service_error().is_some_and(|s| s.is_entity_not_found_exception()) => {
+        Err(e)
+            if e.as_service_error()
+                .is_some_and(|s| s.is_entity_not_found_exception()) =>
+        {
             let input = DatabaseInput::builder()
                 .name(name)
                 .description("FHIR data of fhirflow's lake")
@@ -238,7 +273,12 @@ async fn ensure_database(client: &Client, catalog_id: Option<&str>, name: &str) 
             {
                 Ok(_) => Ok(()),
                 // Another sync made it in between.
-                Err(e) if e.as_service_error().is_some_and(|s| s.is_already_exists_exception()) => Ok(()),
+                Err(e)
+                    if e.as_service_error()
+                        .is_some_and(|s| s.is_already_exists_exception()) =>
+                {
+                    Ok(())
+                }
                 Err(e) => Err(Error::aws(STAGE, format!("CreateDatabase {name}"), e)),
             }
         }
@@ -270,7 +310,9 @@ fn pairs(spec: &TableSpec, values: &[String]) -> Vec<(String, String)> {
 
 fn storage(spec: &TableSpec, location: &str, columns: Vec<Column>) -> StorageDescriptor {
     let serde = if spec.parquet {
-        SerDeInfo::builder().serialization_library(PARQUET_SERDE).build()
+        SerDeInfo::builder()
+            .serialization_library(PARQUET_SERDE)
+            .build()
     } else {
         SerDeInfo::builder()
             .serialization_library(JSON_SERDE)
@@ -283,7 +325,11 @@ fn storage(spec: &TableSpec, location: &str, columns: Vec<Column>) -> StorageDes
         .set_columns((!columns.is_empty()).then_some(columns))
         .location(location)
         .input_format(SYMLINK_INPUT)
-        .output_format(if spec.parquet { PARQUET_OUTPUT } else { TEXT_OUTPUT })
+        .output_format(if spec.parquet {
+            PARQUET_OUTPUT
+        } else {
+            TEXT_OUTPUT
+        })
         .serde_info(serde)
         .build()
 }
@@ -310,9 +356,15 @@ fn table_input(spec: &TableSpec, location: &str) -> Result<TableInput> {
     TableInput::builder()
         .name(&spec.name)
         .table_type("EXTERNAL_TABLE")
-        .parameters("classification", if spec.parquet { "parquet" } else { "json" })
+        .parameters(
+            "classification",
+            if spec.parquet { "parquet" } else { "json" },
+        )
         .parameters("EXTERNAL", "TRUE")
-        .parameters("fhirflow.layout", "symlink partitions under metadata/_catalog")
+        .parameters(
+            "fhirflow.layout",
+            "symlink partitions under metadata/_catalog",
+        )
         .set_partition_keys(Some(keys))
         .storage_descriptor(storage(spec, location, columns))
         .build()
@@ -455,7 +507,9 @@ mod tests {
     fn resource_tables_have_the_type_elements_once() {
         let cols = resource_columns("Observation");
         let names: Vec<&str> = cols.iter().map(|c| c.0.as_str()).collect();
-        assert!(names.contains(&"id") && names.contains(&"status") && names.contains(&"valuequantity"));
+        assert!(
+            names.contains(&"id") && names.contains(&"status") && names.contains(&"valuequantity")
+        );
         let unique: BTreeSet<&&str> = names.iter().collect();
         assert_eq!(unique.len(), names.len());
         assert!(!names.iter().any(|n| n.starts_with('_')));

@@ -126,7 +126,7 @@ pub enum Error {
         stage: &'static str,
         context: String,
         #[source]
-        source: iceberg::Error,
+        source: Box<iceberg::Error>,
     },
 
     /// An import that ran but did not succeed (a failed HealthLake job, nothing
@@ -192,11 +192,15 @@ impl Error {
         }
     }
 
-    pub(crate) fn lake(stage: &'static str, context: impl Into<String>, source: iceberg::Error) -> Self {
+    pub(crate) fn lake(
+        stage: &'static str,
+        context: impl Into<String>,
+        source: iceberg::Error,
+    ) -> Self {
         Error::Lake {
             stage,
             context: context.into(),
-            source,
+            source: Box::new(source),
         }
     }
 

@@ -118,12 +118,18 @@ impl LocalLake {
             source: e,
         })?;
         let props = HashMap::from([
-            ("uri".to_string(), format!("sqlite:{}?mode=rwc", db.display())),
+            (
+                "uri".to_string(),
+                format!("sqlite:{}?mode=rwc", db.display()),
+            ),
             (
                 "warehouse".to_string(),
                 format!("file://{}", warehouse.display()),
             ),
-            ("sql_bind_style".to_string(), SqlBindStyle::QMark.to_string()),
+            (
+                "sql_bind_style".to_string(),
+                SqlBindStyle::QMark.to_string(),
+            ),
             // One writer at a time; SQLite serialises anyway.
             ("pool.max-connections".to_string(), "1".to_string()),
         ]);
@@ -239,8 +245,7 @@ impl LocalLake {
         let err = |what: &str, e| Error::lake(STAGE, format!("{name}: {what}"), e);
         let metadata = table.metadata();
         let schema = metadata.current_schema().clone();
-        let arrow_schema =
-            Arc::new(schema_to_arrow_schema(&schema).map_err(|e| err("schema", e))?);
+        let arrow_schema = Arc::new(schema_to_arrow_schema(&schema).map_err(|e| err("schema", e))?);
         // Every row of an import has the import's tenant: one partition key.
         let key = PartitionKey::new(
             metadata.default_partition_spec().as_ref().clone(),
@@ -311,7 +316,11 @@ pub struct Appender {
 
 impl Appender {
     fn err(&self, what: &str, e: iceberg::Error) -> Error {
-        Error::lake(STAGE, format!("{}: {what}", self.table.identifier().name()), e)
+        Error::lake(
+            STAGE,
+            format!("{}: {what}", self.table.identifier().name()),
+            e,
+        )
     }
 
     pub async fn push(&mut self, row: LakeRow<'_>) -> Result<()> {

@@ -332,7 +332,13 @@ impl Paths {
     /// The state of a partition's HealthLake import (its job id), for
     /// `import status` and for a retried import.
     pub fn import_state(&self, t: &TenantGuid, d: ImportDate) -> Path {
-        self.join(["metadata", "_import", &tenant_seg(t), &date_seg(d), "healthlake.json"])
+        self.join([
+            "metadata",
+            "_import",
+            &tenant_seg(t),
+            &date_seg(d),
+            "healthlake.json",
+        ])
     }
 
     /// The local Iceberg lake: `iceberg/catalog.db` and `iceberg/warehouse/`.

@@ -4,10 +4,10 @@
 
 use std::path::PathBuf;
 
+use crate::catalog::SyncReport;
 use crate::curate::{curate, CurateReport};
 use crate::error::Result;
 use crate::extract::{extract, ExtractReport, ExtractRequest};
-use crate::catalog::SyncReport;
 use crate::import::{ImportReport, ImportRequest};
 use crate::ingest::{ingest, IngestReport};
 use crate::layout::{ImportDate, SourceSystem, TenantGuid};

@@ -456,16 +456,18 @@ impl Settings {
                 self.glue.env
             )));
         }
-        if !["strict", "structure-only", "minimal"].contains(&self.healthlake.validation_level.as_str()) {
+        if !["strict", "structure-only", "minimal"]
+            .contains(&self.healthlake.validation_level.as_str())
+        {
             return Err(Error::Config(format!(
                 "healthlake.validation_level {:?} must be strict, structure-only or minimal",
                 self.healthlake.validation_level
             )));
         }
-        for (tenant, _) in &self.healthlake.datastores {
-            tenant.parse::<crate::layout::TenantGuid>().map_err(|e| {
-                Error::Config(format!("healthlake.datastores: {e}"))
-            })?;
+        for tenant in self.healthlake.datastores.keys() {
+            tenant
+                .parse::<crate::layout::TenantGuid>()
+                .map_err(|e| Error::Config(format!("healthlake.datastores: {e}")))?;
         }
         if self.tenant_label_system.is_empty() {
             return Err(Error::Config(

@@ -20,7 +20,9 @@ async fn run_on_s3_imports_and_describes_every_layer_in_glue() {
     let hl = HealthLake::start(&moto.endpoint(), &[(DATASTORE, ROLE)]);
     let t = TestLake::with(|s| {
         moto.configure(s, "lake", "fhir");
-        s.healthlake.datastores.insert(TENANT.into(), DATASTORE.into());
+        s.healthlake
+            .datastores
+            .insert(TENANT.into(), DATASTORE.into());
         s.healthlake.data_access_role_arn = ROLE.into();
         s.healthlake.output_s3_uri = "s3://hl-output/jobs".into();
         s.healthlake.kms_key_id = "arn:aws:kms:us-east-1:123456789012:key/test".into();
@@ -61,7 +63,11 @@ async fn run_on_s3_imports_and_describes_every_layer_in_glue() {
         .iter()
         .map(|d| d.name().to_string())
         .collect();
-    for db in ["external_fhir_raw", "external_fhir_curated", "fhir_import_metadata_test"] {
+    for db in [
+        "external_fhir_raw",
+        "external_fhir_curated",
+        "fhir_import_metadata_test",
+    ] {
         assert!(dbs.contains(&db.to_string()), "{db} in {dbs:?}");
     }
     let table = glue
@@ -76,8 +82,14 @@ async fn run_on_s3_imports_and_describes_every_layer_in_glue() {
     assert_eq!(keys, vec!["tenant_guid", "import_date"]);
     let sd = table.storage_descriptor().unwrap();
     let columns: Vec<&str> = sd.columns().iter().map(|c| c.name()).collect();
-    assert!(columns.contains(&"id") && columns.contains(&"birthdate"), "{columns:?}");
-    assert_eq!(sd.serde_info().unwrap().serialization_library(), Some("org.openx.data.jsonserde.JsonSerDe"));
+    assert!(
+        columns.contains(&"id") && columns.contains(&"birthdate"),
+        "{columns:?}"
+    );
+    assert_eq!(
+        sd.serde_info().unwrap().serialization_library(),
+        Some("org.openx.data.jsonserde.JsonSerDe")
+    );
 
     let parts = glue
         .get_partitions()
@@ -93,7 +105,16 @@ async fn run_on_s3_imports_and_describes_every_layer_in_glue() {
     let location = parts[0].storage_descriptor().unwrap().location().unwrap();
     let key = location.strip_prefix("s3://lake/").unwrap();
     let symlink = object_store::path::Path::from(format!("{}symlink.txt", key));
-    let text = t.lake.metadata.store.get(&symlink).await.unwrap().bytes().await.unwrap();
+    let text = t
+        .lake
+        .metadata
+        .store
+        .get(&symlink)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
     let listed: Vec<&str> = std::str::from_utf8(&text).unwrap().lines().collect();
     assert_eq!(
         listed,
@@ -119,11 +140,22 @@ async fn run_on_s3_imports_and_describes_every_layer_in_glue() {
         .await
         .unwrap();
     let jobs = jobs.table().unwrap();
-    let cols: Vec<&str> = jobs.storage_descriptor().unwrap().columns().iter().map(|c| c.name()).collect();
-    assert!(cols.contains(&"healthlake_job_id") && !cols.contains(&"tenant_guid"), "{cols:?}");
+    let cols: Vec<&str> = jobs
+        .storage_descriptor()
+        .unwrap()
+        .columns()
+        .iter()
+        .map(|c| c.name())
+        .collect();
+    assert!(
+        cols.contains(&"healthlake_job_id") && !cols.contains(&"tenant_guid"),
+        "{cols:?}"
+    );
 
     // Again: nothing new to register, tables updated in place.
-    let again = fhirflow::catalog::sync(&t.lake, &t.settings).await.expect("sync again");
+    let again = fhirflow::catalog::sync(&t.lake, &t.settings)
+        .await
+        .expect("sync again");
     assert_eq!((again.tables_created, again.partitions_added), (0, 0));
     assert_eq!(again.tables_updated, 29);
 

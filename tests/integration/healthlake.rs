@@ -29,7 +29,9 @@ fn setup(role: &str) -> Setup {
     let endpoint = hl.endpoint();
     let t = TestLake::with(|s| {
         moto.configure(s, "lake", "fhir");
-        s.healthlake.datastores.insert(TENANT.into(), DATASTORE.into());
+        s.healthlake
+            .datastores
+            .insert(TENANT.into(), DATASTORE.into());
         s.healthlake.data_access_role_arn = role.into();
         s.healthlake.output_s3_uri = "s3://hl-output/jobs".into();
         s.healthlake.kms_key_id = "arn:aws:kms:us-east-1:123456789012:key/test".into();
@@ -52,9 +54,15 @@ async fn land(t: &TestLake, date: &str, lines: &[String]) {
     let dir = t.input(date.to_string().as_str());
     let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
     let file = write_lines(&dir, "Patient.ndjson", &refs);
-    fhirflow::ingest::ingest(&t.lake, &[file], &tenant(), &"ehr".parse::<SourceSystem>().unwrap(), date)
-        .await
-        .expect("ingest");
+    fhirflow::ingest::ingest(
+        &t.lake,
+        &[file],
+        &tenant(),
+        &"ehr".parse::<SourceSystem>().unwrap(),
+        date,
+    )
+    .await
+    .expect("ingest");
     fhirflow::curate::curate(&t.lake, &t.settings, &tenant(), date, &Quiet)
         .await
         .expect("curate");
@@ -77,7 +85,14 @@ async fn a_clean_job_imports_every_curated_resource() {
         .await
         .expect("import");
     assert_eq!(report.status, "COMPLETED");
-    assert_eq!((report.records_in, report.records_out, report.records_rejected), (25, 25, 0));
+    assert_eq!(
+        (
+            report.records_in,
+            report.records_out,
+            report.records_rejected
+        ),
+        (25, 25, 0)
+    );
     let stored = s.hl.stored(DATASTORE);
     assert_eq!(stored.len(), 25);
     // What HealthLake received is the curated text, tenant label included.
@@ -110,7 +125,10 @@ async fn a_clean_job_imports_every_curated_resource() {
     // The operations the client used, polling included.
     let ops = s.hl.requests();
     assert_eq!(ops[0], "StartFHIRImportJob");
-    assert!(ops[1..].iter().all(|o| o == "DescribeFHIRImportJob"), "{ops:?}");
+    assert!(
+        ops[1..].iter().all(|o| o == "DescribeFHIRImportJob"),
+        "{ops:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -124,7 +142,17 @@ async fn healthlake_rejections_come_back_with_their_line() {
         .paths
         .curated_partition(&tenant(), date())
         .join("Patient-processed.ndjson");
-    let text = String::from_utf8(root.store.get(&path).await.unwrap().bytes().await.unwrap().to_vec()).unwrap();
+    let text = String::from_utf8(
+        root.store
+            .get(&path)
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap()
+            .to_vec(),
+    )
+    .unwrap();
     let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
     lines[1] = r#"{"resourceType":"Patient","id":"bad id!"}"#.into();
     lines.push(r#"{"resourceType":"Patient""#.into());
@@ -137,24 +165,49 @@ async fn healthlake_rejections_come_back_with_their_line() {
         .await
         .expect("import");
     assert_eq!(report.status, "COMPLETED_WITH_ERRORS");
-    assert_eq!((report.records_in, report.records_out, report.records_rejected), (5, 3, 2));
+    assert_eq!(
+        (
+            report.records_in,
+            report.records_out,
+            report.records_rejected
+        ),
+        (5, 3, 2)
+    );
     let errors = s
         .t
         .sql("SELECT stage, line_no, error_code, resource_type, resource_id, source_file FROM metadata.import_errors WHERE stage = 'import' ORDER BY line_no")
         .await;
-    let file = format!("s3://lake/fhir/curated/tenantGuid={TENANT}/import_date={DATE}/Patient-processed.ndjson");
+    let file = format!(
+        "s3://lake/fhir/curated/tenantGuid={TENANT}/import_date={DATE}/Patient-processed.ndjson"
+    );
     assert_eq!(
         errors,
         vec![
-            vec!["import".to_string(), "2".into(), "INVALID_ID".into(), "Patient".into(), "bad id!".into(), file.clone()],
-            vec!["import".to_string(), "5".into(), "INVALID_JSON".into(), "NULL".into(), "NULL".into(), file],
+            vec![
+                "import".to_string(),
+                "2".into(),
+                "INVALID_ID".into(),
+                "Patient".into(),
+                "bad id!".into(),
+                file.clone()
+            ],
+            vec![
+                "import".to_string(),
+                "5".into(),
+                "INVALID_JSON".into(),
+                "NULL".into(),
+                "NULL".into(),
+                file
+            ],
         ]
     );
-    let status = s
-        .t
-        .sql("SELECT status, records_rejected FROM metadata.import_jobs WHERE stage = 'import'")
-        .await;
-    assert_eq!(status, vec![vec!["succeeded with rejections".to_string(), "2".into()]]);
+    let status =
+        s.t.sql("SELECT status, records_rejected FROM metadata.import_jobs WHERE stage = 'import'")
+            .await;
+    assert_eq!(
+        status,
+        vec![vec!["succeeded with rejections".to_string(), "2".into()]]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -165,7 +218,10 @@ async fn a_failed_job_fails_the_import_and_is_recorded() {
         .await
         .unwrap_err();
     let text = err.to_string();
-    assert!(text.contains("FAILED") && text.contains("data access role"), "{text}");
+    assert!(
+        text.contains("FAILED") && text.contains("data access role"),
+        "{text}"
+    );
     let rows = s
         .t
         .sql("SELECT status, healthlake_status FROM metadata.import_jobs WHERE stage = 'import'")
@@ -202,14 +258,22 @@ async fn a_retried_import_reuses_the_job_through_its_client_token() {
         .expect("import again");
     assert_eq!(first.healthlake_job_id, second.healthlake_job_id);
     assert_eq!(s.hl.jobs().len(), 1);
-    let starts = s.hl.requests().iter().filter(|o| *o == "StartFHIRImportJob").count();
+    let starts =
+        s.hl.requests()
+            .iter()
+            .filter(|o| *o == "StartFHIRImportJob")
+            .count();
     assert_eq!(starts, 2);
     // With the state in place, a third import does not even call Start.
     let third = import(&s.t.lake, &s.t.settings, &request(DATE, true), &Quiet)
         .await
         .expect("import a third time");
     assert_eq!(third.status, "already imported");
-    let starts = s.hl.requests().iter().filter(|o| *o == "StartFHIRImportJob").count();
+    let starts =
+        s.hl.requests()
+            .iter()
+            .filter(|o| *o == "StartFHIRImportJob")
+            .count();
     assert_eq!(starts, 2);
 }
 
@@ -219,25 +283,46 @@ async fn no_wait_queues_behind_the_running_job_and_status_records_the_outcome() 
     s.hl.set_work_time(Duration::from_millis(600));
     land(&s.t, "2024-05-01", &patients(2)).await;
     land(&s.t, "2024-05-02", &patients(3)).await;
-    let a = import(&s.t.lake, &s.t.settings, &request("2024-05-01", false), &Quiet)
-        .await
-        .expect("submit a");
-    let b = import(&s.t.lake, &s.t.settings, &request("2024-05-02", false), &Quiet)
-        .await
-        .expect("submit b");
-    assert!(["SUBMITTED", "IN_PROGRESS"].contains(&a.status.as_str()), "{}", a.status);
+    let a = import(
+        &s.t.lake,
+        &s.t.settings,
+        &request("2024-05-01", false),
+        &Quiet,
+    )
+    .await
+    .expect("submit a");
+    let b = import(
+        &s.t.lake,
+        &s.t.settings,
+        &request("2024-05-02", false),
+        &Quiet,
+    )
+    .await
+    .expect("submit b");
+    assert!(
+        ["SUBMITTED", "IN_PROGRESS"].contains(&a.status.as_str()),
+        "{}",
+        a.status
+    );
     // One import per datastore at a time: the second one waits its turn.
     tokio::time::sleep(Duration::from_millis(250)).await;
     let statuses: Vec<String> = s.hl.jobs().iter().map(|j| j.status.clone()).collect();
     assert_eq!(statuses, vec!["IN_PROGRESS".to_string(), "QUEUED".into()]);
-    assert!(["SUBMITTED", "QUEUED"].contains(&b.status.as_str()), "{}", b.status);
+    assert!(
+        ["SUBMITTED", "QUEUED"].contains(&b.status.as_str()),
+        "{}",
+        b.status
+    );
 
     // Until the job ends, import_jobs holds its status as submitted.
     let rows = s
         .t
         .sql("SELECT status FROM metadata.import_jobs WHERE stage = 'import' ORDER BY import_date")
         .await;
-    assert!(["submitted", "in_progress"].contains(&rows[0][0].as_str()), "{rows:?}");
+    assert!(
+        ["submitted", "in_progress"].contains(&rows[0][0].as_str()),
+        "{rows:?}"
+    );
     assert_eq!(rows[1], vec!["queued".to_string()]);
 
     for day in ["2024-05-01", "2024-05-02"] {

@@ -19,36 +19,60 @@ async fn land(t: &TestLake, tenant: &TenantGuid, date: &str, lines: &[String]) {
     let dir = t.input(&format!("{tenant}-{date}"));
     let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
     let file = write_lines(&dir, "Patient.ndjson", &refs);
-    fhirflow::ingest::ingest(&t.lake, &[file], tenant, &"ehr".parse::<SourceSystem>().unwrap(), date)
-        .await
-        .expect("ingest");
+    fhirflow::ingest::ingest(
+        &t.lake,
+        &[file],
+        tenant,
+        &"ehr".parse::<SourceSystem>().unwrap(),
+        date,
+    )
+    .await
+    .expect("ingest");
     fhirflow::curate::curate(&t.lake, &t.settings, tenant, date, &Quiet)
         .await
         .expect("curate");
 }
 
-async fn import_local(t: &TestLake, tenant: &TenantGuid, date: &str) -> fhirflow::import::ImportReport {
+async fn import_local(
+    t: &TestLake,
+    tenant: &TenantGuid,
+    date: &str,
+) -> fhirflow::import::ImportReport {
     let req = ImportRequest {
         tenant: tenant.clone(),
         date: date.parse().unwrap(),
         target: ImportTarget::Local,
         wait: true,
     };
-    import(&t.lake, &t.settings, &req, &Quiet).await.expect("import")
+    import(&t.lake, &t.settings, &req, &Quiet)
+        .await
+        .expect("import")
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn two_imports_give_the_current_view_and_time_travel() {
     let t = TestLake::new();
     let other: TenantGuid = OTHER_TENANT.parse().unwrap();
-    land(&t, &tenant(), "2024-05-01", &[patient("p1", "1", "Old"), patient("p2", "1", "Two")]).await;
+    land(
+        &t,
+        &tenant(),
+        "2024-05-01",
+        &[patient("p1", "1", "Old"), patient("p2", "1", "Two")],
+    )
+    .await;
     let first = import_local(&t, &tenant(), "2024-05-01").await;
     assert_eq!(first.status, "succeeded");
     assert_eq!(first.records_out, 2);
     let first_snapshot = first.snapshots["Patient"];
 
     // p1 changes; p3 is new; another tenant lands in the same table.
-    land(&t, &tenant(), "2024-05-02", &[patient("p1", "2", "New"), patient("p3", "1", "Three")]).await;
+    land(
+        &t,
+        &tenant(),
+        "2024-05-02",
+        &[patient("p1", "2", "New"), patient("p3", "1", "Three")],
+    )
+    .await;
     let second = import_local(&t, &tenant(), "2024-05-02").await;
     assert_eq!(second.records_out, 2);
     land(&t, &other, "2024-05-02", &[patient("p1", "1", "Elsewhere")]).await;
@@ -68,11 +92,20 @@ async fn two_imports_give_the_current_view_and_time_travel() {
     );
     // Every version stays in the history; the curated text is kept whole.
     assert_eq!(
-        t.sql(&format!("SELECT count(*) FROM lake_history.patient WHERE tenant_guid = '{TENANT}'")).await,
+        t.sql(&format!(
+            "SELECT count(*) FROM lake_history.patient WHERE tenant_guid = '{TENANT}'"
+        ))
+        .await,
         vec![vec!["4".to_string()]]
     );
-    let curated = t.sql("SELECT resource FROM curated.patient WHERE id = 'p3'").await;
-    let lake = t.sql(&format!("SELECT resource FROM lake.patient WHERE id = 'p3' AND tenant_guid = '{TENANT}'")).await;
+    let curated = t
+        .sql("SELECT resource FROM curated.patient WHERE id = 'p3'")
+        .await;
+    let lake = t
+        .sql(&format!(
+            "SELECT resource FROM lake.patient WHERE id = 'p3' AND tenant_guid = '{TENANT}'"
+        ))
+        .await;
     assert_eq!(curated, lake);
 
     // Time travel: the lake as the first import left it.
@@ -97,10 +130,16 @@ async fn two_imports_give_the_current_view_and_time_travel() {
         .await;
     assert_eq!(
         by_tenant,
-        vec![vec![TENANT.to_string(), "4".into()], vec![OTHER_TENANT.to_string(), "1".into()]]
+        vec![
+            vec![TENANT.to_string(), "4".into()],
+            vec![OTHER_TENANT.to_string(), "1".into()]
+        ]
     );
     assert_eq!(
-        t.sql(&format!("SELECT id FROM lake.patient WHERE tenant_guid = '{OTHER_TENANT}'")).await,
+        t.sql(&format!(
+            "SELECT id FROM lake.patient WHERE tenant_guid = '{OTHER_TENANT}'"
+        ))
+        .await,
         vec![vec!["p1".to_string()]]
     );
     // The files themselves sit under their tenant's partition folder.
@@ -112,14 +151,20 @@ async fn two_imports_give_the_current_view_and_time_travel() {
     dirs.sort();
     assert_eq!(
         dirs,
-        vec![format!("tenant_guid={TENANT}"), format!("tenant_guid={OTHER_TENANT}")]
+        vec![
+            format!("tenant_guid={TENANT}"),
+            format!("tenant_guid={OTHER_TENANT}")
+        ]
     );
 
     // A retried import appends nothing and says so.
     let again = import_local(&t, &tenant(), "2024-05-02").await;
     assert_eq!(again.status, "already imported");
     assert_eq!(
-        t.sql(&format!("SELECT count(*) FROM lake_history.patient WHERE tenant_guid = '{TENANT}'")).await,
+        t.sql(&format!(
+            "SELECT count(*) FROM lake_history.patient WHERE tenant_guid = '{TENANT}'"
+        ))
+        .await,
         vec![vec!["4".to_string()]]
     );
     let jobs = t
@@ -138,6 +183,8 @@ async fn importing_what_was_never_curated_is_a_clear_error() {
         target: ImportTarget::Local,
         wait: true,
     };
-    let err = import(&t.lake, &t.settings, &req, &Quiet).await.unwrap_err();
+    let err = import(&t.lake, &t.settings, &req, &Quiet)
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("nothing curated"), "{err}");
 }

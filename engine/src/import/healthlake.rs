@@ -72,7 +72,9 @@ pub(super) async fn import(
         ("healthlake.kms_key_id", &hl.kms_key_id),
     ] {
         if v.is_empty() {
-            return Err(Error::Config(format!("{name} is needed to import into HealthLake")));
+            return Err(Error::Config(format!(
+                "{name} is needed to import into HealthLake"
+            )));
         }
     }
     if lake.curated.store_url.scheme() != "s3" {
@@ -96,8 +98,11 @@ pub(super) async fn import(
         Some(s) if s.curate_run == curated.record.run_id && s.datastore_id == *datastore_id => s,
         _ => {
             let job_id = uuid::Uuid::now_v7().to_string();
-            let client_token = client_token(&req.tenant, req.date, datastore_id, &curated.record.run_id);
-            reporter.status(&format!("starting a HealthLake import into datastore {datastore_id}"));
+            let client_token =
+                client_token(&req.tenant, req.date, datastore_id, &curated.record.run_id);
+            reporter.status(&format!(
+                "starting a HealthLake import into datastore {datastore_id}"
+            ));
             let started = client
                 .start_fhir_import_job()
                 .job_name(format!("fhirflow-{}-{}", req.date, &job_id[..18]))
@@ -148,7 +153,9 @@ pub async fn status(
     date: ImportDate,
 ) -> Result<ImportReport> {
     let state = read_state(lake, tenant, date).await?.ok_or_else(|| {
-        Error::Import(format!("no HealthLake import of tenant {tenant} date {date} to look at"))
+        Error::Import(format!(
+            "no HealthLake import of tenant {tenant} date {date} to look at"
+        ))
     })?;
     let client = client(settings).await;
     let req = ImportRequest {
@@ -161,7 +168,16 @@ pub async fn status(
         let props = describe(&client, &state).await?;
         return Ok(report_of(&state, &props));
     }
-    follow(lake, settings, &client, &req, state, false, &crate::report::Quiet).await
+    follow(
+        lake,
+        settings,
+        &client,
+        &req,
+        state,
+        false,
+        &crate::report::Quiet,
+    )
+    .await
 }
 
 async fn client(settings: &Settings) -> Client {
@@ -178,8 +194,14 @@ async fn client(settings: &Settings) -> Client {
 
 /// A token HealthLake accepts (`[a-zA-Z0-9-]{1,64}`) that only this partition,
 /// datastore and curate run give.
-fn client_token(tenant: &TenantGuid, date: ImportDate, datastore: &str, curate_run: &str) -> String {
-    let h = xxhash_rust::xxh3::xxh3_128(format!("{tenant}|{date}|{datastore}|{curate_run}").as_bytes());
+fn client_token(
+    tenant: &TenantGuid,
+    date: ImportDate,
+    datastore: &str,
+    curate_run: &str,
+) -> String {
+    let h =
+        xxhash_rust::xxh3::xxh3_128(format!("{tenant}|{date}|{datastore}|{curate_run}").as_bytes());
     format!("fhirflow-{h:032x}")
 }
 
@@ -202,11 +224,13 @@ async fn describe(client: &Client, state: &State) -> Result<ImportJobProperties>
         .send()
         .await
         .map_err(|e| Error::aws(STAGE, "DescribeFHIRImportJob", e))?;
-    out.import_job_properties().cloned().ok_or_else(|| Error::Aws {
-        stage: STAGE,
-        operation: "DescribeFHIRImportJob".into(),
-        message: "the answer has no ImportJobProperties".into(),
-    })
+    out.import_job_properties()
+        .cloned()
+        .ok_or_else(|| Error::Aws {
+            stage: STAGE,
+            operation: "DescribeFHIRImportJob".into(),
+            message: "the answer has no ImportJobProperties".into(),
+        })
 }
 
 fn report_of(state: &State, props: &ImportJobProperties) -> ImportReport {
@@ -293,7 +317,13 @@ async fn follow(
         Some(OutputDataConfig::S3Configuration(c)) => c.s3_uri().to_string(),
         _ => hl.output_s3_uri.clone(),
     };
-    let mut job = job_row(req, &report, state.started_at, state.input_uri.clone(), output_uri);
+    let mut job = job_row(
+        req,
+        &report,
+        state.started_at,
+        state.input_uri.clone(),
+        output_uri,
+    );
     job.healthlake_status = Some(props.job_status().as_str().to_string());
     job.status = match props.job_status() {
         JobStatus::Completed => "succeeded".into(),
@@ -330,7 +360,10 @@ async fn follow(
         let path = lake.metadata.paths.import_state(&req.tenant, req.date);
         write_state(lake, &path, &state).await?;
     }
-    if matches!(props.job_status(), JobStatus::Failed | JobStatus::CancelCompleted | JobStatus::CancelFailed) {
+    if matches!(
+        props.job_status(),
+        JobStatus::Failed | JobStatus::CancelCompleted | JobStatus::CancelFailed
+    ) {
         return Err(Error::Import(format!(
             "HealthLake job {} ended {}: {}",
             state.healthlake_job_id,
@@ -346,10 +379,12 @@ async fn read_state(lake: &Lake, tenant: &TenantGuid, date: ImportDate) -> Resul
     let Some(bytes) = lake.metadata.get_bytes(STAGE, &path).await? else {
         return Ok(None);
     };
-    serde_json::from_slice(&bytes).map(Some).map_err(|e| Error::Input {
-        path: lake.metadata.url_of(&path).into(),
-        reason: e.to_string(),
-    })
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| Error::Input {
+            path: lake.metadata.url_of(&path).into(),
+            reason: e.to_string(),
+        })
 }
 
 async fn write_state(lake: &Lake, path: &object_store::path::Path, state: &State) -> Result<()> {
@@ -438,7 +473,14 @@ async fn read_output(
             };
             let name = obj.location.filename().unwrap_or_default().to_string();
             for line in data.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-                errors.push(failure_row(line, &name, &state.input_uri, req, &state.job_id, settings));
+                errors.push(failure_row(
+                    line,
+                    &name,
+                    &state.input_uri,
+                    req,
+                    &state.job_id,
+                    settings,
+                ));
             }
         }
     }
@@ -462,9 +504,8 @@ fn failure_row(
     job_id: &str,
     settings: &Settings,
 ) -> ErrorRow {
-    let v: serde_json::Value = serde_json::from_slice(line).unwrap_or_else(|_| {
-        serde_json::json!({ "errorMessage": String::from_utf8_lossy(line) })
-    });
+    let v: serde_json::Value = serde_json::from_slice(line)
+        .unwrap_or_else(|_| serde_json::json!({ "errorMessage": String::from_utf8_lossy(line) }));
     let text = |keys: &[&str]| {
         keys.iter().find_map(|k| match v.get(*k) {
             Some(serde_json::Value::String(s)) => Some(s.clone()),
@@ -473,7 +514,12 @@ fn failure_row(
         })
     };
     let resource = v.get("resource");
-    let of_resource = |k: &str| resource.and_then(|r| r.get(k)).and_then(|x| x.as_str()).map(str::to_string);
+    let of_resource = |k: &str| {
+        resource
+            .and_then(|r| r.get(k))
+            .and_then(|x| x.as_str())
+            .map(str::to_string)
+    };
     let record = resource.map(|r| {
         let mut s = r.to_string();
         let cap = settings.curate.error_record_max_bytes;

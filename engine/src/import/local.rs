@@ -66,7 +66,10 @@ pub(super) async fn import(
     let total: usize = curated.files.values().map(Vec::len).sum();
     reporter.start(STAGE, total as u64);
     for (ty, files) in &curated.files {
-        let appended = match local.already_imported(ty, &req.tenant, run.curate_run).await? {
+        let appended = match local
+            .already_imported(ty, &req.tenant, run.curate_run)
+            .await?
+        {
             Some(a) => {
                 already += 1;
                 reporter.advance(files.len() as u64);
@@ -86,14 +89,15 @@ pub(super) async fn import(
                         if line.is_empty() {
                             continue;
                         }
-                        appender.push(row(line).map_err(|reason| {
-                            Error::Import(format!(
-                                "{} line {}: {reason}",
-                                lake.curated.url_of(path),
-                                n + 1
-                            ))
-                        })?)
-                        .await?;
+                        appender
+                            .push(row(line).map_err(|reason| {
+                                Error::Import(format!(
+                                    "{} line {}: {reason}",
+                                    lake.curated.url_of(path),
+                                    n + 1
+                                ))
+                            })?)
+                            .await?;
                     }
                     reporter.advance(1);
                 }
@@ -101,7 +105,9 @@ pub(super) async fn import(
             }
         };
         report.by_type.insert(ty.to_string(), appended.rows);
-        report.snapshots.insert(ty.to_string(), appended.snapshot_id);
+        report
+            .snapshots
+            .insert(ty.to_string(), appended.snapshot_id);
     }
     reporter.finish();
     report.records_in = report.by_type.values().sum();
@@ -123,8 +129,17 @@ pub(super) async fn import(
     let output = lake.metadata.url_of(&lake.metadata.paths.iceberg());
     let job = job_row(req, &report, started_at, input, output);
     let metrics = metric_rows(req, &report, &bytes, &BTreeMap::new());
-    metadata::publish_stage_rows(lake, STAGE, &req.tenant, req.date, &job_id, &[job], &[], &metrics)
-        .await?;
+    metadata::publish_stage_rows(
+        lake,
+        STAGE,
+        &req.tenant,
+        req.date,
+        &job_id,
+        &[job],
+        &[],
+        &metrics,
+    )
+    .await?;
     Ok(report)
 }
 

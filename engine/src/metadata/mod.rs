@@ -320,8 +320,16 @@ pub async fn publish_stage_rows(
     let mut moves = Vec::new();
     for (table, rows, batch) in [
         (MetadataTable::ImportJobs, jobs.len(), jobs_batch(jobs)),
-        (MetadataTable::ImportErrors, errors.len(), errors_batch(errors)),
-        (MetadataTable::ImportMetrics, metrics.len(), metrics_batch(metrics)),
+        (
+            MetadataTable::ImportErrors,
+            errors.len(),
+            errors_batch(errors),
+        ),
+        (
+            MetadataTable::ImportMetrics,
+            metrics.len(),
+            metrics_batch(metrics),
+        ),
     ] {
         if rows == 0 {
             continue;

@@ -46,11 +46,17 @@ pub async fn register(ctx: &SessionContext, lake: &Lake) -> Result<()> {
         let all: Arc<dyn TableProvider> = Arc::new(all);
         ctx.register_table(format!("lake_history.{name}").as_str(), all.clone())
             .map_err(q(format!("lake_history.{name}")))?;
-        ctx.register_table(format!("lake.{name}").as_str(), current_view(all).map_err(q(format!("lake.{name}")))?)
-            .map_err(q(format!("lake.{name}")))?;
+        ctx.register_table(
+            format!("lake.{name}").as_str(),
+            current_view(all).map_err(q(format!("lake.{name}")))?,
+        )
+        .map_err(q(format!("lake.{name}")))?;
     }
-    ctx.register_table("lake_snapshots", snapshots(&tables).map_err(q("lake_snapshots".into()))?)
-        .map_err(q("lake_snapshots".into()))?;
+    ctx.register_table(
+        "lake_snapshots",
+        snapshots(&tables).map_err(q("lake_snapshots".into()))?,
+    )
+    .map_err(q("lake_snapshots".into()))?;
     ctx.register_udtf("lake_at", Arc::new(LakeAt { tables }));
     Ok(())
 }
@@ -74,7 +80,9 @@ fn current_view(all: Arc<dyn TableProvider>) -> datafusion::error::Result<Arc<dy
     Ok(Arc::new(ViewTable::new(plan, None)))
 }
 
-fn snapshots(tables: &BTreeMap<String, Table>) -> datafusion::error::Result<Arc<dyn TableProvider>> {
+fn snapshots(
+    tables: &BTreeMap<String, Table>,
+) -> datafusion::error::Result<Arc<dyn TableProvider>> {
     let schema = Arc::new(Schema::new(vec![
         Field::new("table_name", DataType::Utf8, false),
         Field::new("snapshot_id", DataType::Int64, false),
@@ -89,8 +97,16 @@ fn snapshots(tables: &BTreeMap<String, Table>) -> datafusion::error::Result<Arc<
         Field::new("curate_run", DataType::Utf8, true),
         Field::new("added_records", DataType::Int64, true),
     ]));
-    let (mut name, mut id, mut at, mut job, mut tenant, mut date, mut run, mut added) =
-        (vec![], vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+    let (mut name, mut id, mut at, mut job, mut tenant, mut date, mut run, mut added) = (
+        vec![],
+        vec![],
+        vec![],
+        vec![],
+        vec![],
+        vec![],
+        vec![],
+        vec![],
+    );
     for (n, t) in tables {
         let mut snaps: Vec<_> = t.metadata().snapshots().collect();
         snaps.sort_by_key(|s| (s.timestamp_ms(), s.sequence_number()));
@@ -161,7 +177,9 @@ impl TableFunctionImpl for LakeAt {
                     .max_by_key(|s| (s.timestamp_ms(), s.sequence_number()))
                 {
                     Some(s) => s.snapshot_id(),
-                    None => return plan_err!("lake_at: {name} has no snapshot at or before {text}"),
+                    None => {
+                        return plan_err!("lake_at: {name} has no snapshot at or before {text}")
+                    }
                 }
             }
             other => return plan_err!("lake_at: {other} is neither a snapshot id nor a time"),
