@@ -102,7 +102,7 @@ impl LocalLake {
             }
             return Err(Error::Config(format!(
                 "the local lake needs a local lake root, not {}; import into HealthLake \
-                 (--target healthlake) from an S3 lake",
+                 (--target healthlake) from an S3 lake, or stop after curate (--no-import)",
                 root.store_url
             )));
         }

@@ -94,6 +94,7 @@ fn run_sql_and_config_from_the_command_line() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("Procedure"), "{stdout}");
+    assert!(stdout.contains("imported into the local lake"), "{stdout}");
     assert!(
         stdout.contains("skipped") && stdout.contains("log.ndjson"),
         "{stdout}"
@@ -112,16 +113,31 @@ fn run_sql_and_config_from_the_command_line() {
     let out = t.cli(
         &[
             "sql",
-            "SELECT status, records_in FROM metadata.import_jobs",
+            "SELECT stage, status, records_in FROM metadata.import_jobs ORDER BY stage",
             "--format",
             "json",
         ],
         &[],
     );
+    // run imported into the local lake after curate.
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
-        r#"{"status":"succeeded","records_in":7160}"#
+        concat!(
+            r#"{"stage":"curate","status":"succeeded","records_in":7160}"#,
+            "\n",
+            r#"{"stage":"import","status":"succeeded","records_in":7160}"#
+        )
     );
+    let out = t.cli(
+        &[
+            "sql",
+            "SELECT count(*) AS n FROM lake.patient",
+            "--format",
+            "csv",
+        ],
+        &[],
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "n\n13\n");
 
     std::fs::write(
         t.dir.path().join("fhirflow.toml"),
