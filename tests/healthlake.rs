@@ -119,6 +119,26 @@ impl HealthLake {
         format!("http://{}", self.addr)
     }
 
+    /// Settings that import `tenant` into `datastore` of this stand-in with
+    /// `role`, the job output going to `s3://hl-output/jobs` (a bucket the
+    /// test creates), polling fast.
+    pub fn configure(
+        &self,
+        s: &mut fhirflow::settings::Settings,
+        tenant: &str,
+        datastore: &str,
+        role: &str,
+    ) {
+        let h = &mut s.healthlake;
+        h.datastores.insert(tenant.into(), datastore.into());
+        h.data_access_role_arn = role.into();
+        h.output_s3_uri = "s3://hl-output/jobs".into();
+        h.kms_key_id = "arn:aws:kms:us-east-1:123456789012:key/test".into();
+        h.endpoint = Some(self.endpoint());
+        h.poll_initial_seconds = 0.05;
+        h.poll_max_seconds = 0.2;
+    }
+
     pub fn throttle(&self, n: usize) {
         self.state.lock().unwrap().throttle = n;
     }

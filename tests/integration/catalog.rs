@@ -20,14 +20,7 @@ async fn run_on_s3_imports_and_describes_every_layer_in_glue() {
     let hl = HealthLake::start(&moto.endpoint(), &[(DATASTORE, ROLE)]);
     let t = TestLake::with(|s| {
         moto.configure(s, "lake", "fhir");
-        s.healthlake
-            .datastores
-            .insert(TENANT.into(), DATASTORE.into());
-        s.healthlake.data_access_role_arn = ROLE.into();
-        s.healthlake.output_s3_uri = "s3://hl-output/jobs".into();
-        s.healthlake.kms_key_id = "arn:aws:kms:us-east-1:123456789012:key/test".into();
-        s.healthlake.endpoint = Some(hl.endpoint());
-        s.healthlake.poll_initial_seconds = 0.05;
+        hl.configure(s, TENANT, DATASTORE, ROLE);
         s.glue.endpoint = Some(moto.endpoint());
         s.glue.env = "test".into();
     });

@@ -26,18 +26,9 @@ fn setup(role: &str) -> Setup {
     moto.create_bucket("lake");
     moto.create_bucket("hl-output");
     let hl = HealthLake::start(&moto.endpoint(), &[(DATASTORE, ROLE)]);
-    let endpoint = hl.endpoint();
     let t = TestLake::with(|s| {
         moto.configure(s, "lake", "fhir");
-        s.healthlake
-            .datastores
-            .insert(TENANT.into(), DATASTORE.into());
-        s.healthlake.data_access_role_arn = role.into();
-        s.healthlake.output_s3_uri = "s3://hl-output/jobs".into();
-        s.healthlake.kms_key_id = "arn:aws:kms:us-east-1:123456789012:key/test".into();
-        s.healthlake.endpoint = Some(endpoint);
-        s.healthlake.poll_initial_seconds = 0.05;
-        s.healthlake.poll_max_seconds = 0.2;
+        hl.configure(s, TENANT, DATASTORE, role);
         s.import.target = ImportTarget::Healthlake;
     });
     Setup { _moto: moto, hl, t }
