@@ -87,8 +87,6 @@ pub struct Appended {
     pub resource_type: String,
     pub snapshot_id: i64,
     pub rows: u64,
-    /// The snapshot was already there: a retried import.
-    pub already: bool,
 }
 
 impl LocalLake {
@@ -233,7 +231,6 @@ impl LocalLake {
                 .get("added-records")
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0),
-            already: true,
         }))
     }
 
@@ -366,7 +363,6 @@ impl Appender {
             resource_type: self.resource_type,
             snapshot_id,
             rows: self.rows,
-            already: false,
         })
     }
 }

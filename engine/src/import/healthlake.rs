@@ -26,12 +26,11 @@ use aws_sdk_healthlake::types::{
     ValidationLevel,
 };
 use aws_sdk_healthlake::Client;
-use object_store::ObjectStoreExt;
 use serde::{Deserialize, Serialize};
 
 use super::{curated, job_row, metric_rows, ImportReport, ImportRequest, STAGE};
 use crate::error::{Error, Result};
-use crate::layout::{ImportDate, TenantGuid};
+use crate::layout::{curated_file_type, ImportDate, TenantGuid};
 use crate::metadata::{self, ErrorRow};
 use crate::report::Reporter;
 use crate::settings::{ImportTarget, Settings};
@@ -277,19 +276,35 @@ async fn follow(
         pause = (pause * 2).min(Duration::from_secs_f64(hl.poll_max_seconds.max(0.01)));
     };
     let mut report = report_of(&state, &props);
+    let output_uri = match props.job_output_data_config() {
+        Some(OutputDataConfig::S3Configuration(c)) => c.s3_uri().to_string(),
+        _ => hl.output_s3_uri.clone(),
+    };
     let mut errors = Vec::new();
-    let mut rejected_by_type = BTreeMap::new();
-    let done = ended(props.job_status());
-    if done {
-        let output = read_output(settings, &state, &props, req).await?;
+    let mut metrics = Vec::new();
+    if ended(props.job_status()) {
+        let output = read_output(settings, &state, &props, &output_uri, req).await?;
         report.records_in = output.scanned;
         report.records_out = output.imported;
         report.records_rejected = output.rejected;
         errors = output.errors;
+        // HealthLake counts per job, not per type: per type, the bytes it
+        // was given (the partition's objects) and the resources it rejected.
+        let mut rejected = BTreeMap::new();
         for e in &errors {
             let ty = e.resource_type.clone().unwrap_or_else(|| "unknown".into());
-            *rejected_by_type.entry(ty).or_insert(0u64) += 1;
+            *rejected.entry(ty).or_insert(0u64) += 1;
         }
+        let partition = lake.curated.paths.curated_partition(&req.tenant, req.date);
+        let mut bytes = BTreeMap::new();
+        for obj in lake.curated.list(STAGE, &partition).await? {
+            if let Some(ty) = obj.location.filename().and_then(curated_file_type) {
+                *bytes.entry(ty.to_string()).or_insert(0) += obj.size;
+                report.by_type.entry(ty.to_string()).or_insert(0);
+            }
+        }
+        report.seconds = (chrono::Utc::now().timestamp_micros() - state.started_at) as f64 / 1e6;
+        metrics = metric_rows(req, &report, &bytes, &rejected);
     } else if wait {
         report.message = Some(format!(
             "still {} after {}s; `fhirflow import status` looks later",
@@ -297,26 +312,6 @@ async fn follow(
             hl.max_wait_seconds
         ));
     }
-    // Bytes per resource type: the curated objects' sizes.
-    let curated = curated(lake, &req.tenant, req.date).await;
-    let mut bytes = BTreeMap::new();
-    if let Ok(c) = &curated {
-        for (ty, files) in &c.files {
-            let mut total = 0;
-            for f in files {
-                if let Ok(meta) = lake.curated.store.head(f).await {
-                    total += meta.size;
-                }
-            }
-            bytes.insert(ty.to_string(), total);
-            report.by_type.insert(ty.to_string(), 0);
-        }
-    }
-    report.seconds = (chrono::Utc::now().timestamp_micros() - state.started_at) as f64 / 1e6;
-    let output_uri = match props.job_output_data_config() {
-        Some(OutputDataConfig::S3Configuration(c)) => c.s3_uri().to_string(),
-        _ => hl.output_s3_uri.clone(),
-    };
     let mut job = job_row(
         req,
         &report,
@@ -331,19 +326,6 @@ async fn follow(
         s if ended(s) => "failed".into(),
         s => s.as_str().to_ascii_lowercase(),
     };
-    let metrics = if done {
-        let mut m = metric_rows(req, &report, &bytes, &rejected_by_type);
-        // HealthLake reports counts per job, not per type: per type, only the
-        // bytes sent and the resources it rejected are known.
-        for row in &mut m {
-            row.records_in = 0;
-            row.records_out = 0;
-            row.conserved = true;
-        }
-        m
-    } else {
-        Vec::new()
-    };
     metadata::publish_stage_rows(
         lake,
         STAGE,
@@ -355,7 +337,7 @@ async fn follow(
         &metrics,
     )
     .await?;
-    if done {
+    if ended(props.job_status()) {
         state.recorded = true;
         let path = lake.metadata.paths.import_state(&req.tenant, req.date);
         write_state(lake, &path, &state).await?;
@@ -429,12 +411,9 @@ async fn read_output(
     settings: &Settings,
     state: &State,
     props: &ImportJobProperties,
+    base: &str,
     req: &ImportRequest,
 ) -> Result<Output> {
-    let base = match props.job_output_data_config() {
-        Some(OutputDataConfig::S3Configuration(c)) => c.s3_uri().to_string(),
-        _ => settings.healthlake.output_s3_uri.clone(),
-    };
     let folder = format!(
         "{}/{}-FHIR_IMPORT-{}/",
         base.trim_end_matches('/'),
