@@ -12,7 +12,6 @@
 //! the date and the curate run it came from. A retried import finds that
 //! snapshot and appends nothing twice.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -39,6 +38,7 @@ use iceberg_catalog_sql::{SqlBindStyle, SqlCatalog, SqlCatalogBuilder};
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 
+use crate::curate::parse::Keys;
 use crate::error::{Error, Result};
 use crate::layout::{ImportDate, TenantGuid};
 use crate::storage::Root;
@@ -71,14 +71,6 @@ pub const COLUMNS: [&str; 9] = [
 pub struct LocalLake {
     catalog: Arc<SqlCatalog>,
     namespace: NamespaceIdent,
-}
-
-/// One curated resource, as the lake stores it.
-pub struct LakeRow<'a> {
-    pub id: Cow<'a, str>,
-    pub version_id: Option<Cow<'a, str>>,
-    pub last_updated: Option<i64>,
-    pub resource: &'a str,
 }
 
 /// What one import wrote into one table.
@@ -236,7 +228,7 @@ impl LocalLake {
 
     /// Starts appending one resource type of one curated partition: rows are
     /// written as they come, and become visible at [`Appender::commit`].
-    pub async fn appender(&self, resource_type: &str, import: &ImportRun<'_>) -> Result<Appender> {
+    pub async fn appender(&self, resource_type: &str, import: &ImportRun) -> Result<Appender> {
         let table = self.table(resource_type).await?;
         let name = table.identifier().name().to_string();
         let err = |what: &str, e| Error::lake(STAGE, format!("{name}: {what}"), e);
@@ -288,11 +280,11 @@ impl LocalLake {
 }
 
 /// The import an append belongs to.
-pub struct ImportRun<'a> {
-    pub tenant: &'a TenantGuid,
+pub struct ImportRun {
+    pub tenant: TenantGuid,
     pub date: ImportDate,
-    pub job_id: &'a str,
-    pub curate_run: &'a str,
+    pub job_id: String,
+    pub curate_run: String,
     pub imported_at_micros: i64,
     pub batch_rows: usize,
 }
@@ -320,8 +312,9 @@ impl Appender {
         )
     }
 
-    pub async fn push(&mut self, row: LakeRow<'_>) -> Result<()> {
-        self.batch.push(&self.fixed, &self.resource_type, &row);
+    /// Adds one curated resource (its text and the keys curation read).
+    pub async fn push(&mut self, row: &Keys<'_>) -> Result<()> {
+        self.batch.push(&self.fixed, &self.resource_type, row);
         self.rows += 1;
         if self.batch.len >= self.batch_rows {
             self.flush().await?;
@@ -425,7 +418,7 @@ impl Batch {
         }
     }
 
-    fn push(&mut self, fixed: &Fixed, resource_type: &str, row: &LakeRow) {
+    fn push(&mut self, fixed: &Fixed, resource_type: &str, row: &Keys) {
         self.len += 1;
         self.tenant.append_value(&fixed.tenant);
         self.id.append_value(&row.id);
@@ -435,7 +428,7 @@ impl Batch {
         self.import_date.append_value(fixed.date);
         self.job_id.append_value(&fixed.job_id);
         self.imported_at.append_value(fixed.imported_at);
-        self.resource.append_value(row.resource);
+        self.resource.append_value(row.text);
     }
 
     /// The batch in exactly the table's Arrow schema (field ids and

@@ -188,3 +188,52 @@ async fn importing_what_was_never_curated_is_a_clear_error() {
         .unwrap_err();
     assert!(err.to_string().contains("nothing curated"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_damaged_curated_file_fails_the_import_naming_its_line() {
+    let t = TestLake::new();
+    let dir = t.input("two-types");
+    let org = r#"{"resourceType":"Organization","id":"o1","name":"Clinic"}"#;
+    let files = [
+        write_lines(
+            &dir,
+            "Patient.ndjson",
+            &[&patient("p1", "1", "One"), &patient("p2", "1", "Two")],
+        ),
+        write_lines(&dir, "Organization.ndjson", &[org]),
+    ];
+    t.ingest(&files, "ehr").await;
+    t.curate().await.expect("curate");
+    // Cut the second Patient short after curation, as a damaged copy would be.
+    let name = "Patient-processed.ndjson";
+    let path = t
+        .root()
+        .join("curated")
+        .join(format!("tenantGuid={TENANT}"))
+        .join(format!("import_date={DATE}"))
+        .join(name);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let cut = text.rfind("\"name\"").unwrap();
+    std::fs::write(&path, format!("{}\n", &text[..cut])).unwrap();
+
+    let req = ImportRequest {
+        tenant: tenant(),
+        date: date(),
+        target: ImportTarget::Local,
+        wait: true,
+    };
+    let err = import(&t.lake, &t.settings, &req, &Quiet)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(name) && err.contains("line 2"), "{err}");
+    // Nothing of the Patient table became visible, and no import was recorded.
+    let patients = t
+        .sql("SELECT count(*) FROM lake_snapshots WHERE table_name = 'patient'")
+        .await;
+    assert_eq!(patients, vec![vec!["0".to_string()]]);
+    let jobs = t
+        .sql("SELECT count(*) FROM metadata.import_jobs WHERE stage = 'import'")
+        .await;
+    assert_eq!(jobs, vec![vec!["0".to_string()]]);
+}

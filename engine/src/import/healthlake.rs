@@ -28,9 +28,9 @@ use aws_sdk_healthlake::types::{
 use aws_sdk_healthlake::Client;
 use serde::{Deserialize, Serialize};
 
-use super::{curated, job_row, metric_rows, ImportReport, ImportRequest, STAGE};
+use super::{curated, curated_bytes, job_row, metric_rows, ImportReport, ImportRequest, STAGE};
 use crate::error::{Error, Result};
-use crate::layout::{curated_file_type, ImportDate, TenantGuid};
+use crate::layout::{ImportDate, TenantGuid};
 use crate::metadata::{self, ErrorRow};
 use crate::report::Reporter;
 use crate::settings::{ImportTarget, Settings};
@@ -295,13 +295,9 @@ async fn follow(
             let ty = e.resource_type.clone().unwrap_or_else(|| "unknown".into());
             *rejected.entry(ty).or_insert(0u64) += 1;
         }
-        let partition = lake.curated.paths.curated_partition(&req.tenant, req.date);
-        let mut bytes = BTreeMap::new();
-        for obj in lake.curated.list(STAGE, &partition).await? {
-            if let Some(ty) = obj.location.filename().and_then(curated_file_type) {
-                *bytes.entry(ty.to_string()).or_insert(0) += obj.size;
-                report.by_type.entry(ty.to_string()).or_insert(0);
-            }
+        let bytes = curated_bytes(lake, &req.tenant, req.date).await?;
+        for ty in bytes.keys() {
+            report.by_type.entry(ty.clone()).or_insert(0);
         }
         report.seconds = (chrono::Utc::now().timestamp_micros() - state.started_at) as f64 / 1e6;
         metrics = metric_rows(req, &report, &bytes, &rejected);

@@ -86,6 +86,23 @@ pub(crate) async fn curated(lake: &Lake, tenant: &TenantGuid, date: ImportDate) 
     Ok(Curated { record, files })
 }
 
+/// The bytes of each resource type's files in the curated partition, from
+/// one listing.
+pub(crate) async fn curated_bytes(
+    lake: &Lake,
+    tenant: &TenantGuid,
+    date: ImportDate,
+) -> Result<BTreeMap<String, u64>> {
+    let partition = lake.curated.paths.curated_partition(tenant, date);
+    let mut bytes = BTreeMap::new();
+    for obj in lake.curated.list(STAGE, &partition).await? {
+        if let Some(ty) = obj.location.filename().and_then(curated_file_type) {
+            *bytes.entry(ty.to_string()).or_insert(0) += obj.size;
+        }
+    }
+    Ok(bytes)
+}
+
 /// Imports one curated partition.
 pub async fn import(
     lake: &Lake,
