@@ -17,11 +17,10 @@
 //! `cargo run --release -p fhirflow-benches -- --size-mb 700`
 
 use std::fs;
-use std::path::PathBuf;
 use std::process::Command;
 
 use clap::Parser;
-use fhirflow_benches::{generate, ingest, median, run, Measured, DATE, TENANT};
+use fhirflow_benches::{generate, ingest, median, run, Common, Measured, DATE, TENANT};
 
 /// End-to-end curate benchmark against DuckDB.
 #[derive(Parser)]
@@ -29,24 +28,8 @@ struct Args {
     /// Raw layer sizes to build and curate, in MB (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "700")]
     size_mb: Vec<u64>,
-    /// Working folder (generated data is kept and reused).
-    #[arg(long, default_value = "target/bench-curate")]
-    work: PathBuf,
-    /// The sample to replicate.
-    #[arg(long, default_value = "tests/data/synthea-10")]
-    sample: PathBuf,
-    /// The fhirflow binary.
-    #[arg(long, default_value = "target/release/fhirflow")]
-    fhirflow: PathBuf,
-    /// Python with duckdb installed (see benches/requirements.txt).
-    #[arg(long, default_value = ".venv/bin/python")]
-    python: PathBuf,
-    /// Skip the DuckDB run.
-    #[arg(long)]
-    no_peer: bool,
-    /// Runs of each measurement; the median (by wall time) is printed.
-    #[arg(long, default_value_t = 3)]
-    runs: usize,
+    #[command(flatten)]
+    common: Common,
 }
 
 fn main() {
@@ -54,25 +37,25 @@ fn main() {
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     println!(
         "curate benchmark: {threads} cores, sample {}",
-        args.sample.display()
+        args.common.sample.display()
     );
     println!(
         "{:>8} {:>10} {:<30} {:>8} {:>9} {:>11} {:>9}",
         "raw MB", "records", "engine", "seconds", "MB/s", "records/s", "peak MB"
     );
     for &size in &args.size_mb {
-        let data = args.work.join(format!("data-{size}mb"));
-        let (bytes, records) = generate(&args.sample, &data, size * 1_000_000);
+        let data = args.common.work.join(format!("data-{size}mb"));
+        let (bytes, records) = generate(&args.common.sample, &data, size * 1_000_000);
         let mb = bytes as f64 / 1e6;
 
         // Ours: ingest into a fresh lake (not timed), then curate. Each run
         // gets a fresh lake: a re-run replaces curated files, and replacing
         // files costs the file system a flush that a first run does not pay.
-        let lake = args.work.join("lake");
+        let lake = args.common.work.join("lake");
         let curate = |level: &str, rules: &str, extra: &[&str]| {
             let _ = fs::remove_dir_all(&lake);
-            ingest(&args.fhirflow, &data, &lake);
-            run(Command::new(&args.fhirflow)
+            ingest(&args.common.fhirflow, &data, &lake);
+            run(Command::new(&args.common.fhirflow)
                 .args(["curate", "--tenant", TENANT, "--date", DATE, "--quiet"])
                 .args(["--validation", level, "--rules", rules])
                 .args(extra)
@@ -81,7 +64,7 @@ fn main() {
         // Interleaved, so that a slow spell of the machine hits all alike.
         let (mut off, mut strict, mut rules, mut lookup) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..args.runs.max(1) {
+        for _ in 0..args.common.runs.max(1) {
             off.push(curate("off", "none", &[]));
             strict.push(curate("strict", "none", &[]));
             rules.push(curate("strict", "queries", &[]));
@@ -117,13 +100,13 @@ fn main() {
             (with_lookup.seconds / no_rules.seconds - 1.0) * 100.0
         );
 
-        if !args.no_peer {
-            let out = args.work.join("duckdb-out.ndjson");
+        if !args.common.no_peer {
+            let out = args.common.work.join("duckdb-out.ndjson");
             let raw = lake.join("raw");
             let peer = median(
-                (0..args.runs.max(1))
+                (0..args.common.runs.max(1))
                     .map(|_| {
-                        run(Command::new(&args.python).args([
+                        run(Command::new(&args.common.python).args([
                             "benches/peer_duckdb.py",
                             raw.to_str().unwrap(),
                             out.to_str().unwrap(),

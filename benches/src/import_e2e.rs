@@ -16,11 +16,11 @@
 //! `cargo run --release -p fhirflow-benches --bin import_e2e -- --size-mb 700`
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use clap::Parser;
-use fhirflow_benches::{generate, ingest, median, run, Measured, DATE, TENANT};
+use fhirflow_benches::{generate, ingest, median, run, Common, Measured, DATE, TENANT};
 
 /// End-to-end local import benchmark against PyIceberg.
 #[derive(Parser)]
@@ -28,35 +28,19 @@ struct Args {
     /// Raw layer size to build, curate and import, in MB.
     #[arg(long, default_value_t = 700)]
     size_mb: u64,
-    /// Working folder (the generated raw data is shared with curate_e2e).
-    #[arg(long, default_value = "target/bench-curate")]
-    work: PathBuf,
-    /// The sample to replicate.
-    #[arg(long, default_value = "tests/data/synthea-10")]
-    sample: PathBuf,
-    /// The fhirflow binary.
-    #[arg(long, default_value = "target/release/fhirflow")]
-    fhirflow: PathBuf,
-    /// Python with pyiceberg and duckdb (see benches/requirements.txt).
-    #[arg(long, default_value = ".venv/bin/python")]
-    python: PathBuf,
-    /// Skip the PyIceberg run.
-    #[arg(long)]
-    no_peer: bool,
-    /// Runs of each measurement; the median (by wall time) is printed.
-    #[arg(long, default_value_t = 3)]
-    runs: usize,
+    #[command(flatten)]
+    common: Common,
 }
 
 fn main() {
     let args = Args::parse();
-    let data = args.work.join(format!("data-{}mb", args.size_mb));
-    generate(&args.sample, &data, args.size_mb * 1_000_000);
+    let data = args.common.work.join(format!("data-{}mb", args.size_mb));
+    generate(&args.common.sample, &data, args.size_mb * 1_000_000);
 
-    let lake = args.work.join("import-lake");
+    let lake = args.common.work.join("import-lake");
     let _ = fs::remove_dir_all(&lake);
-    ingest(&args.fhirflow, &data, &lake);
-    run(Command::new(&args.fhirflow)
+    ingest(&args.common.fhirflow, &data, &lake);
+    run(Command::new(&args.common.fhirflow)
         .args(["curate", "--tenant", TENANT, "--date", DATE, "--quiet"])
         .args(["--validation", "off", "--rules", "none"])
         .env("FHIRFLOW_LAKE", &lake));
@@ -72,18 +56,18 @@ fn main() {
     );
 
     let iceberg = lake.join("iceberg");
-    let peer_warehouse = args.work.join("pyiceberg");
+    let peer_warehouse = args.common.work.join("pyiceberg");
     let (mut ours, mut peer) = (Vec::new(), Vec::new());
     // Interleaved, so that a slow spell of the machine hits both alike.
-    for _ in 0..args.runs.max(1) {
+    for _ in 0..args.common.runs.max(1) {
         let _ = fs::remove_dir_all(&iceberg);
-        ours.push(run(Command::new(&args.fhirflow)
+        ours.push(run(Command::new(&args.common.fhirflow)
             .args(["import", "--tenant", TENANT, "--date", DATE, "--quiet"])
             .args(["--target", "local"])
             .env("FHIRFLOW_LAKE", &lake)));
-        if !args.no_peer {
+        if !args.common.no_peer {
             let _ = fs::remove_dir_all(&peer_warehouse);
-            peer.push(run(Command::new(&args.python).args([
+            peer.push(run(Command::new(&args.common.python).args([
                 "benches/peer_pyiceberg.py",
                 partition.to_str().unwrap(),
                 peer_warehouse.to_str().unwrap(),

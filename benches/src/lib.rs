@@ -3,13 +3,37 @@
 
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, BufWriter, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
 /// The tenant and import date the benchmarks load their data under.
 pub const TENANT: &str = "0f8fad5b-d9cb-469f-a165-70867728950e";
 pub const DATE: &str = "2024-08-06";
+
+/// The options every end-to-end benchmark takes.
+#[derive(clap::Args)]
+pub struct Common {
+    /// Working folder (generated raw data is kept and reused by every
+    /// benchmark).
+    #[arg(long, default_value = "target/bench-curate")]
+    pub work: PathBuf,
+    /// The sample to replicate.
+    #[arg(long, default_value = "tests/data/synthea-10")]
+    pub sample: PathBuf,
+    /// The fhirflow binary.
+    #[arg(long, default_value = "target/release/fhirflow")]
+    pub fhirflow: PathBuf,
+    /// Python with the peers' packages (benches/requirements.txt).
+    #[arg(long, default_value = ".venv/bin/python")]
+    pub python: PathBuf,
+    /// Skip the peer's runs.
+    #[arg(long)]
+    pub no_peer: bool,
+    /// Runs of each measurement; the median (by wall time) is printed.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+}
 
 /// Wall time and peak memory of one child process.
 pub struct Measured {

@@ -38,15 +38,23 @@ async fn import_local(
     tenant: &TenantGuid,
     date: &str,
 ) -> fhirflow::import::ImportReport {
-    let req = ImportRequest {
+    import(
+        &t.lake,
+        &t.settings,
+        &local(tenant, date.parse().unwrap()),
+        &Quiet,
+    )
+    .await
+    .expect("import")
+}
+
+fn local(tenant: &TenantGuid, date: ImportDate) -> ImportRequest {
+    ImportRequest {
         tenant: tenant.clone(),
-        date: date.parse().unwrap(),
+        date,
         target: ImportTarget::Local,
         wait: true,
-    };
-    import(&t.lake, &t.settings, &req, &Quiet)
-        .await
-        .expect("import")
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -177,13 +185,7 @@ async fn two_imports_give_the_current_view_and_time_travel() {
 #[tokio::test(flavor = "multi_thread")]
 async fn importing_what_was_never_curated_is_a_clear_error() {
     let t = TestLake::new();
-    let req = ImportRequest {
-        tenant: tenant(),
-        date: date(),
-        target: ImportTarget::Local,
-        wait: true,
-    };
-    let err = import(&t.lake, &t.settings, &req, &Quiet)
+    let err = import(&t.lake, &t.settings, &local(&tenant(), date()), &Quiet)
         .await
         .unwrap_err();
     assert!(err.to_string().contains("nothing curated"), "{err}");
@@ -216,13 +218,7 @@ async fn a_damaged_curated_file_fails_the_import_naming_its_line() {
     let cut = text.rfind("\"name\"").unwrap();
     std::fs::write(&path, format!("{}\n", &text[..cut])).unwrap();
 
-    let req = ImportRequest {
-        tenant: tenant(),
-        date: date(),
-        target: ImportTarget::Local,
-        wait: true,
-    };
-    let err = import(&t.lake, &t.settings, &req, &Quiet)
+    let err = import(&t.lake, &t.settings, &local(&tenant(), date()), &Quiet)
         .await
         .unwrap_err()
         .to_string();
