@@ -30,7 +30,8 @@ pub(super) async fn import(
     let started = Instant::now();
     let started_at = chrono::Utc::now().timestamp_micros();
     let curated = curated(lake, &req.tenant, req.date).await?;
-    let bytes = curated_bytes(lake, &req.tenant, req.date).await?;
+    // Sizes from the listing only order the tables; metrics count what was read.
+    let sizes = curated_bytes(lake, &req.tenant, req.date).await?;
     let local = Arc::new(
         LocalLake::open(&lake.metadata, true)
             .await?
@@ -55,12 +56,13 @@ pub(super) async fn import(
     reporter.start(STAGE, total as u64);
     // Largest tables first, so that the last one to finish is a small one.
     let mut tables: Vec<_> = curated.files.into_iter().collect();
-    tables.sort_by_key(|(ty, _)| Reverse(bytes.get(*ty).copied().unwrap_or(0)));
+    tables.sort_by_key(|(ty, _)| Reverse(sizes.get(*ty).copied().unwrap_or(0)));
     let mut tables = tables.into_iter();
     // Dropping the set (on an error) aborts the other tables' imports; a
     // table commits all of its rows or none.
     let mut running = JoinSet::new();
     let mut already = 0;
+    let mut bytes = BTreeMap::new();
     loop {
         while running.len() < settings.curate.concurrency.max(1) {
             let Some((ty, files)) = tables.next() else {
@@ -79,10 +81,11 @@ pub(super) async fn import(
         let Some(done) = running.join_next().await else {
             break;
         };
-        let (appended, files, was_there) =
-            done.map_err(|e| Error::Import(format!("an import task failed: {e}")))??;
-        already += usize::from(was_there);
-        reporter.advance(files as u64);
+        let done = done.map_err(|e| Error::Import(format!("an import task failed: {e}")))??;
+        let appended = done.appended;
+        already += usize::from(done.was_there);
+        reporter.advance(done.files as u64);
+        bytes.insert(appended.resource_type.clone(), done.bytes_read);
         report
             .by_type
             .insert(appended.resource_type.clone(), appended.rows);
@@ -124,6 +127,15 @@ pub(super) async fn import(
     Ok(report)
 }
 
+/// What one table's import did.
+struct TableDone {
+    appended: Appended,
+    files: usize,
+    bytes_read: u64,
+    /// An earlier import of the same curate run had made the snapshot.
+    was_there: bool,
+}
+
 /// One resource type's curated files into its table.
 struct TableImport {
     lake: Lake,
@@ -135,9 +147,7 @@ struct TableImport {
 }
 
 impl TableImport {
-    /// The table's snapshot of this import, how many files it covers, and
-    /// whether an earlier import of the same curate run had made it.
-    async fn run(self) -> Result<(Appended, usize, bool)> {
+    async fn run(self) -> Result<TableDone> {
         let ty = self.resource_type;
         let run = &self.run;
         if let Some(a) = self
@@ -145,10 +155,16 @@ impl TableImport {
             .already_imported(ty, &run.tenant, &run.curate_run)
             .await?
         {
-            return Ok((a, self.files.len(), true));
+            return Ok(TableDone {
+                appended: a,
+                files: self.files.len(),
+                bytes_read: 0,
+                was_there: true,
+            });
         }
         let curated = &self.lake.curated;
         let mut appender = self.local.appender(ty, run).await?;
+        let mut bytes_read = 0;
         for path in &self.files {
             let data = curated.get_bytes(STAGE, path).await?.ok_or_else(|| {
                 Error::Import(format!(
@@ -156,6 +172,7 @@ impl TableImport {
                     curated.url_of(path)
                 ))
             })?;
+            bytes_read += data.len() as u64;
             // Curated lines passed curation's step 1: one that no longer
             // does is a broken curated file, and fails the import.
             let ends = memchr::memchr_iter(b'\n', &data).chain([data.len()]);
@@ -177,6 +194,11 @@ impl TableImport {
                 appender.push(&keys).await?;
             }
         }
-        Ok((appender.commit().await?, self.files.len(), false))
+        Ok(TableDone {
+            appended: appender.commit().await?,
+            files: self.files.len(),
+            bytes_read,
+            was_there: false,
+        })
     }
 }
