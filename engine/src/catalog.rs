@@ -30,7 +30,7 @@ use object_store::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::layout::{curated_file_type, parse_partition, Layer, MetadataTable, RawFileName};
+use crate::layout::{parse_partition, Layer, MetadataTable, RawFileName};
 use crate::storage::{Lake, Root};
 
 const STAGE: &str = "catalog";
@@ -436,23 +436,15 @@ async fn table_specs(lake: &Lake, meta_db: &str) -> Result<Vec<TableSpec>> {
     }
 
     // curated and metadata: what committed runs published.
-    let visible = crate::commit::visible(lake).await?;
-    let cbase = lake.curated.paths.layer(Layer::Curated);
+    let visible = crate::commit::visible(lake, &crate::commit::PartitionFilter::default()).await?;
     let mut curated: BTreeMap<&'static str, BTreeMap<Vec<String>, Vec<String>>> = BTreeMap::new();
-    for path in &visible.curated {
-        let Some(p) = parse_partition(&cbase, path) else {
-            continue;
-        };
-        let (Some(t), Some(d), Some(ty)) = (&p.tenant, p.date, curated_file_type(&p.file_name))
-        else {
-            continue;
-        };
+    for part in &visible.curated {
         curated
-            .entry(ty)
+            .entry(part.resource_type)
             .or_default()
-            .entry(vec![t.to_string(), d.to_string()])
+            .entry(vec![part.tenant.to_string(), part.date.to_string()])
             .or_default()
-            .push(lake.curated.url_of(path));
+            .push(lake.curated.url_of(&part.object.location()));
     }
     for (ty, partitions) in curated {
         specs.push(TableSpec {
@@ -465,10 +457,19 @@ async fn table_specs(lake: &Lake, meta_db: &str) -> Result<Vec<TableSpec>> {
         });
     }
     let mbase = lake.metadata.paths.layer(Layer::Metadata);
-    for table in MetadataTable::ALL {
+    // `<table>`: each partition's latest run of each stage; `<table>_history`: every run.
+    for (table, suffix) in MetadataTable::ALL
+        .into_iter()
+        .flat_map(|t| [(t, ""), (t, "_history")])
+    {
         let mut partitions: BTreeMap<Vec<String>, Vec<String>> = BTreeMap::new();
         let tbase = mbase.clone().join(table.name());
-        for path in &visible.metadata[table.name()] {
+        let files = if suffix.is_empty() {
+            &visible.metadata[table.name()]
+        } else {
+            &visible.metadata_history[table.name()]
+        };
+        for path in files {
             let Some(p) = parse_partition(&tbase, path) else {
                 continue;
             };
@@ -489,7 +490,7 @@ async fn table_specs(lake: &Lake, meta_db: &str) -> Result<Vec<TableSpec>> {
             .collect();
         specs.push(TableSpec {
             database: meta_db.to_string(),
-            name: table.name().to_string(),
+            name: format!("{}{suffix}", table.name()),
             columns,
             partition_keys: vec!["tenant_guid", "import_date"],
             parquet: true,

@@ -134,6 +134,32 @@ pub enum Error {
     #[error("import: {0}")]
     Import(String),
 
+    /// Another run holds the partition's lease (exit code 4): nothing was
+    /// written; try again later.
+    #[error("{stage}: {partition} is busy: {holder}")]
+    Busy {
+        stage: &'static str,
+        partition: String,
+        holder: String,
+    },
+
+    /// This run lost its partition lease (it was not renewed in time and
+    /// another run took it over): the run stops before it commits anything.
+    #[error("{stage}: lost the lease on {partition}: {detail}")]
+    LeaseLost {
+        stage: &'static str,
+        partition: String,
+        detail: String,
+    },
+
+    /// An object a commit lists is not what the commit says.
+    #[error("{stage}: {location} does not match its commit: {detail}")]
+    Corrupt {
+        stage: &'static str,
+        location: String,
+        detail: String,
+    },
+
     #[error("internal: task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
 }
@@ -212,6 +238,7 @@ impl Error {
             | Error::Config(_)
             | Error::ConfigFile { .. } => 2,
             Error::Conservation { .. } => 3,
+            Error::Busy { .. } => 4,
             _ => 1,
         }
     }

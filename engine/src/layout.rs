@@ -5,8 +5,9 @@
 //! raw/tenantGuid=<guid>/source_system=<system>/import_date=<YYYY-MM-DD>/<Type>[.NNN].ndjson[.gz]
 //! curated/tenantGuid=<guid>/import_date=<YYYY-MM-DD>/<Type>-processed[.NNN].ndjson
 //! metadata/<table>/tenantGuid=<guid>/import_date=<YYYY-MM-DD>/<run_id>.parquet
-//! metadata/_commits/tenantGuid=<guid>/import_date=<YYYY-MM-DD>/<run_id>.json
-//! <layer>/_staging/<run_id>/...   (a run's writes, before it commits)
+//! metadata/_commits/tenantGuid=<guid>/import_date=<YYYY-MM-DD>/<sequence>.json
+//! metadata/_leases/tenantGuid=<guid>/{import_date=<date>|source_system=<system>}/<generation>.json
+//! curated/_runs/tenantGuid=<guid>/import_date=<date>/<run_id>/...  (immutable parts; commits list them)
 //! ```
 //!
 //! Partition values are validated types: nothing a source sends can choose
@@ -313,6 +314,11 @@ impl Paths {
         self.curated_partition(t, d).join(name)
     }
 
+    /// The folder of a metadata table's files of one partition.
+    pub fn metadata_partition(&self, table: MetadataTable, t: &TenantGuid, d: ImportDate) -> Path {
+        self.join(["metadata", table.name(), &tenant_seg(t), &date_seg(d)])
+    }
+
     pub fn metadata_file(
         &self,
         table: MetadataTable,
@@ -350,28 +356,44 @@ impl Paths {
         self.join(["metadata", "_commits"])
     }
 
+    pub fn commits_tenant(&self, t: &TenantGuid) -> Path {
+        self.join(["metadata", "_commits", &tenant_seg(t)])
+    }
+
+    /// A (tenant, date) partition's commit log (see `commit`).
     pub fn commits(&self, t: &TenantGuid, d: ImportDate) -> Path {
         self.join(["metadata", "_commits", &tenant_seg(t), &date_seg(d)])
     }
 
+    /// The lease of a (tenant, date) partition: curate and import of it.
+    pub fn partition_lease(&self, t: &TenantGuid, d: ImportDate) -> Path {
+        self.join(["metadata", "_leases", &tenant_seg(t), &date_seg(d)])
+    }
+
+    /// The lease of a (tenant, source system): its extraction.
+    pub fn source_lease(&self, t: &TenantGuid, s: &SourceSystem) -> Path {
+        self.join([
+            "metadata",
+            "_leases",
+            &tenant_seg(t),
+            &format!("source_system={s}"),
+        ])
+    }
+
+    /// Where curate runs of a partition write their immutable parts:
+    /// `curated/_runs/tenantGuid=…/import_date=…/<run>/` (outside the
+    /// visible folder, which HealthLake imports whole).
+    pub fn curated_runs(&self, t: &TenantGuid, d: ImportDate) -> Path {
+        self.join(["curated", "_runs", &tenant_seg(t), &date_seg(d)])
+    }
+
+    pub fn curated_run_part(&self, t: &TenantGuid, d: ImportDate, run: &str, name: &str) -> Path {
+        self.curated_runs(t, d).join(run).join(name)
+    }
+
+    /// Scratch space of a run (objects no reader ever resolves).
     pub fn staging(&self, layer: Layer, run: &str) -> Path {
         self.join([layer.dir(), "_staging", run])
-    }
-
-    pub fn staging_root(&self, layer: Layer) -> Path {
-        self.join([layer.dir(), "_staging"])
-    }
-
-    /// Where `final_path` (under this root) is staged for `run`.
-    pub fn staged(&self, layer: Layer, run: &str, final_path: &Path) -> Path {
-        let rel = final_path
-            .prefix_match(&self.layer(layer))
-            .expect("staged paths are built from this layer");
-        let mut p = self.staging(layer, run);
-        for part in rel {
-            p = p.join(part);
-        }
-        p
     }
 }
 
@@ -484,11 +506,13 @@ mod tests {
         assert!(c
             .as_ref()
             .ends_with("import_date=2024-05-01/Patient-processed.002.ndjson"));
-        let staged = p.staged(Layer::Curated, "r1", &c);
+        let part = p.curated_run_part(&t, d, "r1", "Patient-processed.f000000.001.ndjson");
         assert_eq!(
-            staged.as_ref(),
-            "lake/curated/_staging/r1/tenantGuid=0f8fad5b-d9cb-469f-a165-70867728950e/import_date=2024-05-01/Patient-processed.002.ndjson"
+            part.as_ref(),
+            "lake/curated/_runs/tenantGuid=0f8fad5b-d9cb-469f-a165-70867728950e/import_date=2024-05-01/r1/Patient-processed.f000000.001.ndjson"
         );
+        // A run's parts are never taken for a curated partition's files.
+        assert!(parse_partition(&p.layer(Layer::Curated), &part).is_none());
         assert!(parse_partition(
             &p.layer(Layer::Raw),
             &Path::from("lake/raw/tenantGuid=x/a.ndjson")

@@ -69,6 +69,13 @@ struct Global {
     /// A value for rule_param(name, …) in the rules, as name=value (repeatable).
     #[arg(long = "rule-param", global = true, value_parser = parse_param)]
     rule_params: Vec<(String, String)>,
+    /// Wait up to this many seconds for a partition another run is writing,
+    /// instead of exiting at once with code 4 (busy).
+    #[arg(long, global = true, env = "FHIRFLOW_WAIT", value_name = "SECONDS")]
+    wait: Option<u64>,
+    /// How long a partition lease lasts without renewal (default 60 s).
+    #[arg(long, global = true, env = "FHIRFLOW_LEASE_TTL_SECONDS", hide = true)]
+    lease_ttl_seconds: Option<u64>,
     /// Print only results and errors.
     #[arg(short, long, global = true)]
     quiet: bool,
@@ -374,6 +381,8 @@ async fn run(cli: Cli) -> Result<()> {
         smart_token_url: f.smart_token_url.clone(),
         import_target,
         glue_env,
+        lease_wait_seconds: g.wait,
+        lease_ttl_seconds: g.lease_ttl_seconds,
     };
     let settings = Settings::resolve(g.config.as_deref(), &overrides)?;
     if let Command::Config = cli.command {

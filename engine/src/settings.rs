@@ -32,6 +32,29 @@ pub struct Settings {
     pub healthlake: HealthLakeSettings,
     pub glue: GlueSettings,
     pub s3: S3Settings,
+    pub lease: LeaseSettings,
+}
+
+/// `[lease]`: the partition lease every writing stage holds (see `commit::lease`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LeaseSettings {
+    /// How long a lease stays valid without renewal: a crashed holder's lease
+    /// can be taken over this long after its last renewal. A live holder
+    /// renews it every third of this.
+    pub ttl_seconds: u64,
+    /// How long a run waits for a busy partition before it gives up with exit
+    /// code 4 (`--wait` overrides it; 0: do not wait).
+    pub wait_seconds: u64,
+}
+
+impl Default for LeaseSettings {
+    fn default() -> Self {
+        LeaseSettings {
+            ttl_seconds: 60,
+            wait_seconds: 0,
+        }
+    }
 }
 
 /// Where `fhirflow import` (and `run`) sends a curated partition.
@@ -226,6 +249,7 @@ impl Default for Settings {
             healthlake: HealthLakeSettings::default(),
             glue: GlueSettings::default(),
             s3: S3Settings::default(),
+            lease: LeaseSettings::default(),
         }
     }
 }
@@ -335,6 +359,8 @@ pub struct Overrides {
     pub smart_token_url: Option<String>,
     pub import_target: Option<ImportTarget>,
     pub glue_env: Option<String>,
+    pub lease_wait_seconds: Option<u64>,
+    pub lease_ttl_seconds: Option<u64>,
 }
 
 impl Settings {
@@ -390,6 +416,8 @@ impl Settings {
         }
         set!(import.target <- o.import_target);
         set!(glue.env <- o.glue_env);
+        set!(lease.wait_seconds <- o.lease_wait_seconds);
+        set!(lease.ttl_seconds <- o.lease_ttl_seconds);
         s.check()?;
         Ok(s)
     }
@@ -414,6 +442,7 @@ impl Settings {
             ("curate.batch_rows", c.batch_rows as u64),
             ("curate.concurrency", c.concurrency as u64),
             ("curate.memory_limit_mb", c.memory_limit_mb as u64),
+            ("lease.ttl_seconds", self.lease.ttl_seconds),
         ];
         for (name, v) in positive {
             if v == 0 {

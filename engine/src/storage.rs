@@ -143,6 +143,23 @@ impl Root {
             .map_err(|e| Error::store(stage, self.url_of(path), e))
     }
 
+    /// Creates `path` only if no object is there (S3 `If-None-Match: *`, a
+    /// hard link on a local disk): `false` when one already is. The building
+    /// block of every name that two runs might both want (commit sequence
+    /// numbers, lease generations, raw part numbers).
+    pub async fn create(&self, stage: &'static str, path: &Path, bytes: Vec<u8>) -> Result<bool> {
+        let opts = object_store::PutOptions {
+            mode: object_store::PutMode::Create,
+            ..Default::default()
+        };
+        match self.store.put_opts(path, PutPayload::from(bytes), opts).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. })
+            | Err(object_store::Error::Precondition { .. }) => Ok(false),
+            Err(e) => Err(Error::store(stage, self.url_of(path), e)),
+        }
+    }
+
     pub async fn get_bytes(
         &self,
         stage: &'static str,

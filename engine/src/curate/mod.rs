@@ -14,15 +14,17 @@
 //!   a second parse, and is written to the run's staging area ([`write`]).
 //!   The label's rare hard cases (another tenant's label, extra copies) are
 //!   scanned again here, after dedup, as DESIGN.md orders the steps.
-//! * **commit** (step 6): metadata Parquet, the conservation check, then
-//!   [`crate::commit::publish`].
+//! * **commit** (step 6): the conservation check, metadata Parquet, then the
+//!   run's record in the partition's commit log ([`crate::commit`]), under
+//!   the partition's lease.
 //!
 //! Raw objects are checked when pass 2 reopens them (size and e-tag, and each
 //! line's length): a file replaced between the passes fails the run instead
 //! of mixing two versions.
 //!
-//! One curate run per (tenant, date) at a time: a run cleans up what earlier,
-//! killed runs of its partition left in staging.
+//! One curate run per (tenant, date) at a time, by the partition's lease: a
+//! second run waits or exits busy. A run cleans up what earlier, killed runs
+//! of its partition left behind.
 
 pub mod check;
 pub mod dedup;
@@ -39,9 +41,9 @@ use fhirflow_udfs::json::scan_resource;
 use fhirflow_udfs::tenant_label::{LabelEdit, LabelError, Piece, TenantLabeller};
 use tokio::sync::Semaphore;
 
-use crate::commit::{self, failpoint, Move};
+use crate::commit::{self, failpoint};
 use crate::error::{Error, Result};
-use crate::layout::{ImportDate, Layer, MetadataTable, TenantGuid};
+use crate::layout::{ImportDate, MetadataTable, TenantGuid};
 use crate::metadata::{self, ErrorRow, ErrorSink, JobRow, MetricRow};
 use crate::model::{RowsBuilder, Shape};
 use crate::raw::lines::Line;
@@ -424,8 +426,8 @@ struct FileWork {
 struct Written {
     curated: u64,
     bytes_out: u64,
-    /// Staged parts, in order.
-    parts: Vec<object_store::path::Path>,
+    /// The parts written, in order.
+    parts: Vec<commit::Object>,
     /// Survivors rejected by the label step.
     rejected: u64,
     seconds: f64,
@@ -561,7 +563,9 @@ fn step_two(settings: &Settings) -> Vec<Arc<dyn LineCheck>> {
 }
 
 /// [`curate`] with the given step 2 checks (instead of the validation the
-/// settings choose).
+/// settings choose). The run, in order: take the partition's lease, clean up
+/// after dead runs, read the raw files, the two passes, account for every
+/// record, write the metadata, commit, publish the visible folder.
 pub async fn curate_with_checks(
     lake: &Lake,
     settings: &Settings,
@@ -572,33 +576,120 @@ pub async fn curate_with_checks(
 ) -> Result<CurateReport> {
     let started = Instant::now();
     let started_at = chrono::Utc::now().timestamp_micros();
-    commit::recover(lake, tenant, date).await?;
     let run_id = uuid::Uuid::now_v7().to_string();
-    let paths = &lake.metadata.paths;
-    let errors_target = paths.metadata_file(MetadataTable::ImportErrors, tenant, date, &run_id);
-    let errors_staged = paths.staged(Layer::Metadata, &run_id, &errors_target);
-    let errors = {
-        let (root, path) = (lake.metadata.clone(), errors_staged.clone());
-        tokio::task::spawn_blocking(move || ErrorSink::create(&root, &path)).await??
+    // A HealthLake job that read this partition and has ended since frees it.
+    let settled = crate::import::healthlake::settle(lake, settings, tenant, date).await;
+    let lease = commit::lease_partition(
+        lake,
+        settings,
+        tenant,
+        date,
+        STAGE,
+        &run_id,
+        commit::lease::Take::Free,
+    )
+    .await
+    .map_err(|e| match (e, settled) {
+        (Error::Busy { stage, partition, holder }, Err(why)) => Error::Busy {
+            stage,
+            partition,
+            holder: format!("{holder} (looking at the job failed: {why})"),
+        },
+        (e, _) => e,
+    })?;
+    failpoint("curate-after-lease");
+    let dead: Vec<String> = lease.displaced().map(|r| r.run_id.clone()).into_iter().collect();
+    let result = async {
+        commit::collect_garbage(lake, tenant, date, &run_id, &dead).await?;
+        let files = Arc::new(raw_files(lake, tenant, date).await?);
+        if files.is_empty() {
+            return Err(Error::Usage(format!(
+                "no raw files for tenant {tenant} and date {date} under {}",
+                lake.raw.url_of(&lake.raw.paths.raw_tenant(tenant))
+            )));
+        }
+        let run = Run::start(lake, settings, tenant, date, &run_id, checks).await?;
+        let processed = process(&run, &files, reporter).await?;
+        let (types, total) = account(tenant, date, processed.summaries)?;
+        let metadata = run
+            .write_metadata(&files, &types, &total, &processed.rule_counts, &processed.rules_used, started_at)
+            .await?;
+        failpoint("after-metadata-staged");
+        let draft = commit::Draft {
+            curated: processed.parts,
+            metadata,
+            imported: None,
+        };
+        let record = commit::commit(lake, &lease, tenant, date, &run_id, commit::CURATE, draft).await?;
+        Ok((record, types, total, processed.phases, processed.rule_counts))
+    }
+    .await;
+    let (record, types, total, mut phases, rule_counts) = match result {
+        Ok(done) => done,
+        Err(e) => {
+            // Nothing of this run is visible; its objects go now (or with
+            // the next run, if this clean-up fails too).
+            let _ = commit::collect_garbage(lake, tenant, date, "", std::slice::from_ref(&run_id)).await;
+            let _ = lease.release().await;
+            return Err(e);
+        }
     };
-    let run = Arc::new(Run {
-        lake: lake.clone(),
-        settings: settings.clone(),
+    // Committed: the run's state is the partition's. The visible folder and
+    // the clean-up follow; if this process dies here, the next holder of the
+    // lease redoes both.
+    let publish_start = Instant::now();
+    failpoint("after-commit");
+    commit::mirror(lake, tenant, date, &record).await?;
+    failpoint("after-mirror");
+    commit::collect_garbage(lake, tenant, date, &run_id, &[]).await?;
+    lease.release().await?;
+    phases.push(Phase {
+        name: "publish",
+        seconds: publish_start.elapsed().as_secs_f64(),
+        peak_rss_mb: peak_rss_mb(),
+    });
+    reporter.finish();
+    Ok(CurateReport {
+        run_id,
         tenant: tenant.clone(),
         date,
-        run_id,
-        errors,
-        checks,
-    });
+        types,
+        total,
+        seconds: started.elapsed().as_secs_f64(),
+        curated_files: record
+            .curated
+            .iter()
+            .filter_map(|o| o.name.as_deref())
+            .map(|n| {
+                lake.curated
+                    .url_of(&lake.curated.paths.curated_partition(tenant, date).join(n))
+            })
+            .collect(),
+        phases,
+        rules: rule_summaries(rule_counts),
+    })
+}
 
-    let files = Arc::new(raw_files(lake, tenant, date).await?);
-    if files.is_empty() {
-        return Err(Error::Usage(format!(
-            "no raw files for tenant {tenant} and date {date} under {}",
-            lake.raw.url_of(&lake.raw.paths.raw_tenant(tenant))
-        )));
-    }
-    let rules = rules_pass::chains_for(settings, tenant.as_str(), &files).await?;
+/// What the passes produced.
+struct Processed {
+    summaries: BTreeMap<String, TypeSummary>,
+    /// The run's curated parts with their visible names.
+    parts: Vec<commit::Object>,
+    rule_counts: BTreeMap<(String, String), RuleCounts>,
+    /// The rule folders the run used.
+    rules_used: Vec<String>,
+    phases: Vec<Phase>,
+}
+
+/// Steps 1 to 6 over `files`: pass 1, the rules, dedup, pass 2.
+async fn process(
+    run: &Arc<Run>,
+    files: &Arc<Vec<LayerFile>>,
+    reporter: &dyn Reporter,
+) -> Result<Processed> {
+    let (settings, lake) = (&run.settings, &run.lake);
+    let (tenant, date) = (&run.tenant, run.date);
+    let rules = rules_pass::chains_for(settings, tenant.as_str(), files).await?;
     let has_rules = rules.chains.iter().any(|c| !c.is_empty());
     let total_bytes: u64 = files.iter().map(|f| f.meta.size).sum();
     let mut phases: Vec<Phase> = Vec::new();
@@ -619,7 +710,7 @@ pub async fn curate_with_checks(
         &settings.tenant_label_system,
         tenant.as_str(),
     ));
-    let mut scans = pass_one(&run, &files, &labeller, reporter, &rules, 0).await?;
+    let mut scans = pass_one(run, files, &labeller, reporter, &rules, 0).await?;
     phase(if has_rules && rules.inline {
         "parse, key and rules"
     } else {
@@ -627,16 +718,9 @@ pub async fn curate_with_checks(
     });
 
     // Step 3: the rules, over the files that have any.
-    let step = rules_pass::rules_step(
-        &run,
-        &files,
-        &rules.chains,
-        &mut scans,
-        &labeller,
-        reporter,
-        0,
-    )
-    .await?;
+    let step =
+        rules_pass::rules_step(run, files, &rules.chains, &mut scans, &labeller, reporter, 0)
+            .await?;
     if has_rules && !rules.inline {
         phase("rules");
     }
@@ -692,7 +776,7 @@ pub async fn curate_with_checks(
     )
     .await?;
     // Parts of each type in raw file order (files are sorted by path).
-    let mut parts: BTreeMap<&'static str, Vec<object_store::path::Path>> = BTreeMap::new();
+    let mut by_type: BTreeMap<&'static str, Vec<commit::Object>> = BTreeMap::new();
     for (file, w) in files.iter().zip(written) {
         let s = summaries
             .get_mut(type_key(file))
@@ -702,17 +786,31 @@ pub async fn curate_with_checks(
         s.bytes_out += w.bytes_out;
         s.seconds += w.seconds;
         if let Some(ty) = file.file_type {
-            parts.entry(ty).or_default().extend(w.parts);
+            by_type.entry(ty).or_default().extend(w.parts);
         }
     }
-    let moves: Vec<Move> = parts
+    let parts: Vec<commit::Object> = by_type
         .into_iter()
-        .flat_map(|(ty, staged)| write::name_parts(&lake.curated, tenant, date, ty, staged))
+        .flat_map(|(ty, parts)| write::name_parts(&lake.curated, tenant, date, ty, parts))
         .collect();
     failpoint("after-curated-staged");
     phase("label and write");
+    Ok(Processed {
+        summaries,
+        parts,
+        rule_counts,
+        rules_used: rules.folders,
+        phases,
+    })
+}
 
-    // Conservation, per type and in total.
+/// Conservation, per type and in total: the run stops here, before anything
+/// is committed, when a record is unaccounted for.
+fn account(
+    tenant: &TenantGuid,
+    date: ImportDate,
+    summaries: BTreeMap<String, TypeSummary>,
+) -> Result<(Vec<TypeSummary>, TypeSummary)> {
     let mut total = TypeSummary {
         resource_type: "*".into(),
         ..Default::default()
@@ -734,90 +832,121 @@ pub async fn curate_with_checks(
             duplicates: bad.duplicates,
         });
     }
+    Ok((summaries.into_values().collect(), total))
+}
 
-    // Metadata, staged like the curated files.
-    let types: Vec<TypeSummary> = summaries.into_values().collect();
-    let ended_at = chrono::Utc::now().timestamp_micros();
-    let systems: BTreeSet<&str> = files
-        .iter()
-        .filter_map(|f| f.origin.source_system.as_deref())
-        .collect();
-    let job = JobRow {
-        job_id: run.run_id.clone(),
-        stage: STAGE.into(),
-        tenant_guid: tenant.to_string(),
-        source_system: Some(systems.into_iter().collect::<Vec<_>>().join(",")),
-        import_date: date.days_since_epoch(),
-        started_at,
-        ended_at,
-        status: "succeeded".into(),
-        input_uri: format!(
-            "{}/*/import_date={date}/",
-            lake.raw.url_of(&lake.raw.paths.raw_tenant(tenant))
-        ),
-        output_uri: format!(
-            "{}/",
-            lake.curated
-                .url_of(&lake.curated.paths.curated_partition(tenant, date))
-        ),
-        records_in: total.records_in,
-        records_out: total.curated,
-        records_rejected: total.rejected,
-        records_duplicate: total.duplicates,
-        healthlake_job_id: None,
-        healthlake_status: None,
-        message: Some(format!(
-            "{} raw files, {} resource types; rules: {}",
-            files.len(),
-            types.len(),
-            rules.folders.join(", ")
-        )),
-        engine_version: env!("CARGO_PKG_VERSION").into(),
-    };
-    let mut metrics: Vec<MetricRow> = types.iter().map(|s| run.metric_row(s)).collect();
-    metrics.extend(
-        rule_counts
-            .iter()
-            .map(|((ty, rule), c)| run.rule_metric_row(ty, rule, c)),
-    );
-    let errors_written = {
-        let run = run.clone();
-        tokio::task::spawn_blocking(move || run.errors.finish()).await??
-    };
-    debug_assert!(errors_written >= total.rejected);
-    let mut metadata_moves = vec![Move {
-        staged: errors_staged,
-        target: errors_target,
-    }];
-    for (table, batch) in [
-        (MetadataTable::ImportJobs, metadata::jobs_batch(&[job])),
-        (
-            MetadataTable::ImportMetrics,
-            metadata::metrics_batch(&metrics),
-        ),
-    ] {
-        let paths = &lake.metadata.paths;
-        let target = paths.metadata_file(table, tenant, date, &run.run_id);
-        let staged = paths.staged(Layer::Metadata, &run.run_id, &target);
-        metadata::write_parquet(&lake.metadata, STAGE, &staged, &batch).await?;
-        metadata_moves.push(Move { staged, target });
+impl Run {
+    /// The run's shared context, with its `import_errors` sink open.
+    async fn start(
+        lake: &Lake,
+        settings: &Settings,
+        tenant: &TenantGuid,
+        date: ImportDate,
+        run_id: &str,
+        checks: Vec<Arc<dyn LineCheck>>,
+    ) -> Result<Arc<Run>> {
+        let errors_path =
+            lake.metadata
+                .paths
+                .metadata_file(MetadataTable::ImportErrors, tenant, date, run_id);
+        let errors = {
+            let root = lake.metadata.clone();
+            tokio::task::spawn_blocking(move || ErrorSink::create(&root, &errors_path)).await??
+        };
+        Ok(Arc::new(Run {
+            lake: lake.clone(),
+            settings: settings.clone(),
+            tenant: tenant.clone(),
+            date,
+            run_id: run_id.to_string(),
+            errors,
+            checks,
+        }))
     }
-    failpoint("after-metadata-staged");
 
-    let record = commit::publish(lake, tenant, date, &run.run_id, &moves, &metadata_moves).await?;
-    phase("metadata and commit");
-    reporter.finish();
-    Ok(CurateReport {
-        run_id: run.run_id.clone(),
-        tenant: tenant.clone(),
-        date,
-        types,
-        total,
-        seconds: started.elapsed().as_secs_f64(),
-        curated_files: record.curated_files,
-        phases,
-        rules: rule_summaries(rule_counts),
-    })
+    /// Writes the run's metadata files (immutable, named by run id); what
+    /// the commit lists of them.
+    async fn write_metadata(
+        self: &Arc<Self>,
+        files: &[LayerFile],
+        types: &[TypeSummary],
+        total: &TypeSummary,
+        rule_counts: &BTreeMap<(String, String), RuleCounts>,
+        rules_used: &[String],
+        started_at: i64,
+    ) -> Result<Vec<commit::Object>> {
+        let (lake, tenant, date) = (&self.lake, &self.tenant, self.date);
+        let systems: BTreeSet<&str> = files
+            .iter()
+            .filter_map(|f| f.origin.source_system.as_deref())
+            .collect();
+        let job = JobRow {
+            job_id: self.run_id.clone(),
+            stage: STAGE.into(),
+            tenant_guid: tenant.to_string(),
+            source_system: Some(systems.into_iter().collect::<Vec<_>>().join(",")),
+            import_date: date.days_since_epoch(),
+            started_at,
+            ended_at: chrono::Utc::now().timestamp_micros(),
+            status: "succeeded".into(),
+            input_uri: format!(
+                "{}/*/import_date={date}/",
+                lake.raw.url_of(&lake.raw.paths.raw_tenant(tenant))
+            ),
+            output_uri: format!(
+                "{}/",
+                lake.curated
+                    .url_of(&lake.curated.paths.curated_partition(tenant, date))
+            ),
+            records_in: total.records_in,
+            records_out: total.curated,
+            records_rejected: total.rejected,
+            records_duplicate: total.duplicates,
+            healthlake_job_id: None,
+            healthlake_status: None,
+            message: Some(format!(
+                "{} raw files, {} resource types; rules: {}",
+                files.len(),
+                types.len(),
+                rules_used.join(", ")
+            )),
+            engine_version: env!("CARGO_PKG_VERSION").into(),
+        };
+        let mut metrics: Vec<MetricRow> = types.iter().map(|s| self.metric_row(s)).collect();
+        metrics.extend(
+            rule_counts
+                .iter()
+                .map(|((ty, rule), c)| self.rule_metric_row(ty, rule, c)),
+        );
+        let errors_written = {
+            let run = self.clone();
+            tokio::task::spawn_blocking(move || run.errors.finish()).await??
+        };
+        if errors_written < total.rejected {
+            return Err(Error::Conservation {
+                tenant: tenant.to_string(),
+                date: date.to_string(),
+                read: total.records_in,
+                curated: total.curated,
+                rejected: total.rejected,
+                duplicates: total.duplicates,
+            });
+        }
+        let paths = &lake.metadata.paths;
+        let mut written = vec![paths.metadata_file(MetadataTable::ImportErrors, tenant, date, &self.run_id)];
+        for (table, batch) in [
+            (MetadataTable::ImportJobs, metadata::jobs_batch(&[job])),
+            (
+                MetadataTable::ImportMetrics,
+                metadata::metrics_batch(&metrics),
+            ),
+        ] {
+            let path = paths.metadata_file(table, tenant, date, &self.run_id);
+            metadata::write_parquet(&lake.metadata, STAGE, &path, &batch).await?;
+            written.push(path);
+        }
+        metadata::describe_all(&lake.metadata, STAGE, &written).await
+    }
 }
 
 fn rule_summaries(counts: BTreeMap<(String, String), RuleCounts>) -> Vec<RuleSummary> {

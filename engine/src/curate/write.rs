@@ -1,9 +1,11 @@
 //! Curation step 6, the curated NDJSON. Pass 2 writes each raw file's
-//! surviving lines into the run's staging area as one or more parts, starting
-//! a new part before one would pass the configured size (HealthLake's
-//! per-file limit). Writing per raw file lets both cores work whatever the mix
-//! of resource types; [`name_parts`] then gives the parts of each type their
-//! final names in raw file order, so the output does not depend on timing.
+//! surviving lines as one or more immutable parts of the run
+//! (`curated/_runs/<partition>/<run>/`, see `commit`), starting a new part
+//! before one would pass the configured size (HealthLake's per-file limit),
+//! with each part's size and checksum taken on the way. Writing per raw file
+//! lets both cores work whatever the mix of resource types; [`name_parts`]
+//! then gives the parts of each type their visible names in raw file order,
+//! so the output does not depend on timing.
 
 use std::io::Write;
 
@@ -12,9 +14,9 @@ use object_store::buffered::BufWriter;
 use object_store::path::Path;
 use tokio_util::io::SyncIoBridge;
 
-use crate::commit::Move;
+use crate::commit::{Checksum, Object};
 use crate::error::{Error, Result};
-use crate::layout::{ImportDate, Layer, TenantGuid};
+use crate::layout::{ImportDate, TenantGuid};
 use crate::storage::Root;
 
 const STAGE: &str = "curate";
@@ -31,6 +33,7 @@ struct Part {
     writer: std::io::BufWriter<SyncIoBridge<BufWriter>>,
     staged: Path,
     bytes: u64,
+    sum: Checksum,
 }
 
 /// Writes the curated lines of one raw file.
@@ -44,7 +47,7 @@ pub struct PartWriter<'a> {
     file_index: usize,
     max_bytes: u64,
     current: Option<Part>,
-    done: Vec<Path>,
+    done: Vec<Object>,
     pub lines: u64,
     pub bytes: u64,
 }
@@ -94,19 +97,17 @@ impl<'a> PartWriter<'a> {
             self.close_part()?;
         }
         if self.current.is_none() {
-            // A staged name only; the final one is given by `name_parts`.
+            // The run's own name; the visible one is given by `name_parts`.
             let name = format!(
                 "{}-processed.f{:06}.{:03}.ndjson",
                 self.ty,
                 self.file_index,
                 self.done.len() + 1
             );
-            let target = self
-                .root
-                .paths
-                .curated_partition(self.tenant, self.date)
-                .join(name.as_str());
-            let staged = self.root.paths.staged(Layer::Curated, self.run_id, &target);
+            let staged =
+                self.root
+                    .paths
+                    .curated_run_part(self.tenant, self.date, self.run_id, &name);
             let upload =
                 BufWriter::with_capacity(self.root.store.clone(), staged.clone(), UPLOAD_BUFFER)
                     .with_max_concurrency(UPLOADS_IN_FLIGHT);
@@ -115,15 +116,18 @@ impl<'a> PartWriter<'a> {
                 writer: std::io::BufWriter::with_capacity(LINE_BUFFER, bridge),
                 staged,
                 bytes: 0,
+                sum: Checksum::default(),
             });
         }
         let part = self.current.as_mut().expect("part open");
         let mut res = Ok(());
         labeller.for_each_piece(src, edit, |piece| {
             if res.is_ok() {
+                part.sum.update(piece.as_bytes());
                 res = part.writer.write_all(piece.as_bytes());
             }
         });
+        part.sum.update(b"\n");
         if let Err(e) = res.and_then(|_| part.writer.write_all(b"\n")) {
             let staged = part.staged.clone();
             return Err(self.io_err(&staged)(e));
@@ -139,19 +143,24 @@ impl<'a> PartWriter<'a> {
             let err = self.io_err(&part.staged);
             let mut bridge = part.writer.into_inner().map_err(|e| err(e.into_error()))?;
             bridge.shutdown().map_err(err)?;
-            self.done.push(part.staged);
+            self.done.push(Object {
+                path: part.staged.to_string(),
+                size: part.bytes,
+                xxh3: part.sum.hex(),
+                name: None,
+            });
         }
         Ok(())
     }
 
-    /// Closes the last part; the staged parts, in order.
-    pub fn finish(mut self) -> Result<Vec<Path>> {
+    /// Closes the last part; the parts, in order.
+    pub fn finish(mut self) -> Result<Vec<Object>> {
         self.close_part()?;
         Ok(std::mem::take(&mut self.done))
     }
 }
 
-/// Final names for the staged parts of one resource type, given in raw file
+/// Visible names for the parts of one resource type, given in raw file
 /// order: `<Type>-processed.ndjson` when there is one part, otherwise
 /// `<Type>-processed.001.ndjson`, `.002`, … .
 pub fn name_parts(
@@ -159,17 +168,18 @@ pub fn name_parts(
     tenant: &TenantGuid,
     date: ImportDate,
     ty: &str,
-    staged: Vec<Path>,
-) -> Vec<Move> {
-    let single = staged.len() == 1;
-    staged
+    parts: Vec<Object>,
+) -> Vec<Object> {
+    let single = parts.len() == 1;
+    parts
         .into_iter()
         .enumerate()
-        .map(|(i, staged)| Move {
-            staged,
-            target: root
+        .map(|(i, mut part)| {
+            let visible = root
                 .paths
-                .curated_file(tenant, date, ty, (!single).then_some(i + 1)),
+                .curated_file(tenant, date, ty, (!single).then_some(i + 1));
+            part.name = visible.filename().map(str::to_string);
+            part
         })
         .collect()
 }

@@ -208,7 +208,8 @@ fn request_identity(req: &Request) -> String {
     format!("{} {} {body}", req.method, req.url)
 }
 
-/// Runs (or resumes) an extraction.
+/// Runs (or resumes) an extraction, holding the (tenant, source system)
+/// lease: a second extraction of the same source waits or exits busy.
 pub async fn extract(
     lake: &Lake,
     settings: &Settings,
@@ -216,6 +217,33 @@ pub async fn extract(
     reporter: &dyn Reporter,
 ) -> Result<ExtractReport> {
     request.check()?;
+    let lease = crate::commit::lease::Lease::acquire(
+        &lake.metadata,
+        lake.metadata
+            .paths
+            .source_lease(&request.tenant, &request.source_system),
+        format!(
+            "tenant {} source system {}",
+            request.tenant, request.source_system
+        ),
+        STAGE,
+        &uuid::Uuid::now_v7().to_string(),
+        crate::commit::lease::Timing::from_settings(&settings.lease),
+        crate::commit::lease::Take::Free,
+    )
+    .await?;
+    let result = extract_leased(lake, settings, request, reporter, &lease).await;
+    let _ = lease.release().await;
+    result
+}
+
+async fn extract_leased(
+    lake: &Lake,
+    settings: &Settings,
+    request: &ExtractRequest,
+    reporter: &dyn Reporter,
+    lease: &crate::commit::lease::Lease,
+) -> Result<ExtractReport> {
     let started = Instant::now();
     let x = &settings.extract;
     let http = Http::new(x)?;
@@ -422,7 +450,7 @@ pub async fn extract(
         write_seconds,
         delete_warning: None,
     };
-    write_metadata(lake, request, &kickoff, &pending, &report, &manifest).await?;
+    write_metadata(lake, lease, request, &kickoff, &pending, &report, &manifest).await?;
     let last = Last {
         transaction_time: manifest.transaction_time.clone(),
         run_id: pending.run_id.clone(),
@@ -536,6 +564,7 @@ fn plan_files(
 /// resource type), published as the extract stage's commit.
 async fn write_metadata(
     lake: &Lake,
+    lease: &crate::commit::lease::Lease,
     request: &ExtractRequest,
     kickoff: &Request,
     pending: &Pending,
@@ -620,5 +649,12 @@ async fn write_metadata(
             }
         })
         .collect();
-    metadata::publish_stage_rows(lake, STAGE, tenant, date, run, &[job], &[], &metrics).await
+    let rows = metadata::StageRows {
+        jobs: &[job],
+        errors: &[],
+        metrics: &metrics,
+    };
+    metadata::publish_stage_rows(lake, lease, STAGE, tenant, date, run, rows, None)
+        .await
+        .map(|_| ())
 }

@@ -28,7 +28,8 @@ use aws_sdk_healthlake::types::{
 use aws_sdk_healthlake::Client;
 use serde::{Deserialize, Serialize};
 
-use super::{curated, curated_bytes, job_row, metric_rows, ImportReport, ImportRequest, STAGE};
+use super::{curated, job_row, metric_rows, ImportReport, ImportRequest, STAGE};
+use crate::commit::{self, lease::{Lease, Take}};
 use crate::error::{Error, Result};
 use crate::layout::{ImportDate, TenantGuid};
 use crate::metadata::{self, ErrorRow};
@@ -82,7 +83,27 @@ pub(super) async fn import(
             lake.curated.store_url
         )));
     }
-    let curated = curated(lake, &req.tenant, req.date).await?;
+    // The partition stays leased while HealthLake reads it: from here until
+    // the job ends, whichever run sees the end (this one, or `import status`).
+    let previous = read_state(lake, &req.tenant, req.date).await?;
+    let settling = previous.as_ref().filter(|s| !s.recorded).map(|s| s.healthlake_job_id.clone());
+    let lease = commit::lease_partition(
+        lake,
+        settings,
+        &req.tenant,
+        req.date,
+        STAGE,
+        &uuid::Uuid::now_v7().to_string(),
+        settling.as_deref().map_or(Take::Free, Take::SettlingJob),
+    )
+    .await?;
+    let curated = match curated(lake, &req.tenant, req.date).await {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = lease.release().await;
+            return Err(e);
+        }
+    };
     let input_uri = format!(
         "{}/",
         lake.curated
@@ -92,10 +113,15 @@ pub(super) async fn import(
     let state_path = lake.metadata.paths.import_state(&req.tenant, req.date);
 
     // The same curated files already went to HealthLake: look at that job.
-    let previous = read_state(lake, &req.tenant, req.date).await?;
     let state = match previous {
         Some(s) if s.curate_run == curated.record.run_id && s.datastore_id == *datastore_id => s,
         _ => {
+            // HealthLake reads the whole prefix: it must hold exactly the
+            // pinned commit's parts. A run that died between its commit and
+            // its mirror left it stale: this holder of the lease finishes it.
+            if commit::check_mirror(lake, &req.tenant, req.date, &curated.record).await.is_err() {
+                commit::mirror(lake, &req.tenant, req.date, &curated.record).await?;
+            }
             let job_id = uuid::Uuid::now_v7().to_string();
             let client_token =
                 client_token(&req.tenant, req.date, datastore_id, &curated.record.run_id);
@@ -131,16 +157,18 @@ pub(super) async fn import(
                 recorded: false,
             };
             write_state(lake, &state_path, &s).await?;
+            lease.note_job(&s.healthlake_job_id).await?;
             s
         }
     };
     if state.recorded {
-        let props = describe(&client, &state).await?;
-        let mut report = report_of(&state, &props);
+        let props = describe(&client, &state).await;
+        lease.release().await?;
+        let mut report = report_of(&state, &props?);
         report.status = "already imported".into();
         return Ok(report);
     }
-    follow(lake, settings, &client, req, state, req.wait, reporter).await
+    follow(lake, settings, &client, req, state, req.wait, reporter, lease).await
 }
 
 /// `fhirflow import status`: the partition's HealthLake job now; records the
@@ -167,6 +195,16 @@ pub async fn status(
         let props = describe(&client, &state).await?;
         return Ok(report_of(&state, &props));
     }
+    let lease = commit::lease_partition(
+        lake,
+        settings,
+        tenant,
+        date,
+        STAGE,
+        &uuid::Uuid::now_v7().to_string(),
+        Take::SettlingJob(&state.healthlake_job_id),
+    )
+    .await?;
     follow(
         lake,
         settings,
@@ -175,8 +213,29 @@ pub async fn status(
         state,
         false,
         &crate::report::Quiet,
+        lease,
     )
     .await
+}
+
+/// Settles the partition's HealthLake job if one holds its lease and has
+/// ended (what `import status` does), so that a curate run after the job
+/// need not wait for someone to look. Does nothing when no job holds it or
+/// HealthLake is not configured for the tenant.
+pub async fn settle(
+    lake: &Lake,
+    settings: &Settings,
+    tenant: &TenantGuid,
+    date: ImportDate,
+) -> Result<()> {
+    let (dir, _) = commit::partition_lease(lake, tenant, date);
+    let held_by_job = commit::lease::current(&lake.metadata, &dir)
+        .await?
+        .is_some_and(|r| !r.released && r.healthlake_job_id.is_some());
+    if held_by_job && settings.healthlake.datastores.contains_key(tenant.as_str()) {
+        status(lake, settings, tenant, date).await?;
+    }
+    Ok(())
 }
 
 async fn client(settings: &Settings) -> Client {
@@ -246,6 +305,7 @@ fn report_of(state: &State, props: &ImportJobProperties) -> ImportReport {
 
 /// Polls the job (when `wait`) and records what is known: the outcome with
 /// the job's output once it has ended, the status otherwise.
+#[allow(clippy::too_many_arguments)]
 async fn follow(
     lake: &Lake,
     settings: &Settings,
@@ -254,12 +314,20 @@ async fn follow(
     mut state: State,
     wait: bool,
     reporter: &dyn Reporter,
+    lease: Lease,
 ) -> Result<ImportReport> {
     let hl = &settings.healthlake;
     let clock = Instant::now();
     let mut pause = Duration::from_secs_f64(hl.poll_initial_seconds.max(0.01));
     let props = loop {
-        let props = describe(client, &state).await?;
+        let props = match describe(client, &state).await {
+            Ok(p) => p,
+            Err(e) => {
+                // The job goes on without us: it keeps the partition.
+                let _ = lease.hand_to_job(&state.healthlake_job_id).await;
+                return Err(e);
+            }
+        };
         let status = props.job_status();
         if ended(status) || !wait {
             break props;
@@ -295,7 +363,7 @@ async fn follow(
             let ty = e.resource_type.clone().unwrap_or_else(|| "unknown".into());
             *rejected.entry(ty).or_insert(0u64) += 1;
         }
-        let bytes = curated_bytes(lake, &req.tenant, req.date).await?;
+        let bytes = curated(lake, &req.tenant, req.date).await?.bytes();
         for ty in bytes.keys() {
             report.by_type.entry(ty.clone()).or_insert(0);
         }
@@ -322,21 +390,25 @@ async fn follow(
         s if ended(s) => "failed".into(),
         s => s.as_str().to_ascii_lowercase(),
     };
-    metadata::publish_stage_rows(
-        lake,
-        STAGE,
-        &req.tenant,
-        req.date,
-        &state.job_id,
-        &[job],
-        &errors,
-        &metrics,
-    )
-    .await?;
+    let rows = metadata::StageRows {
+        jobs: &[job],
+        errors: &errors,
+        metrics: &metrics,
+    };
+    let published =
+        metadata::publish_stage_rows(lake, &lease, STAGE, &req.tenant, req.date, &state.job_id, rows, None)
+            .await;
+    if let Err(e) = published {
+        let _ = lease.hand_to_job(&state.healthlake_job_id).await;
+        return Err(e);
+    }
     if ended(props.job_status()) {
         state.recorded = true;
         let path = lake.metadata.paths.import_state(&req.tenant, req.date);
         write_state(lake, &path, &state).await?;
+        lease.release().await?;
+    } else {
+        lease.hand_to_job(&state.healthlake_job_id).await?;
     }
     if matches!(
         props.job_status(),

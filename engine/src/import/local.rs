@@ -9,10 +9,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use object_store::path::Path;
 use tokio::task::JoinSet;
 
-use super::{curated, curated_bytes, job_row, metric_rows, ImportReport, ImportRequest, STAGE};
+use super::{curated, job_row, metric_rows, ImportReport, ImportRequest, STAGE};
+use crate::commit;
 use crate::curate::parse::key_line;
 use crate::error::{Error, Result};
 use crate::lake::{Appended, ImportRun, LocalLake};
@@ -29,15 +29,42 @@ pub(super) async fn import(
 ) -> Result<ImportReport> {
     let started = Instant::now();
     let started_at = chrono::Utc::now().timestamp_micros();
+    let job_id = uuid::Uuid::now_v7().to_string();
+    let lease = commit::lease_partition(
+        lake,
+        settings,
+        &req.tenant,
+        req.date,
+        STAGE,
+        &job_id,
+        commit::lease::Take::Free,
+    )
+    .await?;
+    let result = import_pinned(lake, settings, req, reporter, &lease, &job_id, started, started_at).await;
+    let _ = lease.release().await;
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn import_pinned(
+    lake: &Lake,
+    settings: &Settings,
+    req: &ImportRequest,
+    reporter: &dyn Reporter,
+    lease: &commit::lease::Lease,
+    job_id: &str,
+    started: Instant,
+    started_at: i64,
+) -> Result<ImportReport> {
+    let job_id = job_id.to_string();
     let curated = curated(lake, &req.tenant, req.date).await?;
-    // Sizes from the listing only order the tables; metrics count what was read.
-    let sizes = curated_bytes(lake, &req.tenant, req.date).await?;
+    // Sizes from the commit only order the tables; metrics count what was read.
+    let sizes = curated.bytes();
     let local = Arc::new(
         LocalLake::open(&lake.metadata, true)
             .await?
             .expect("created when missing"),
     );
-    let job_id = uuid::Uuid::now_v7().to_string();
     let run = Arc::new(ImportRun {
         tenant: req.tenant.clone(),
         date: req.date,
@@ -113,15 +140,20 @@ pub(super) async fn import(
     let output = lake.metadata.url_of(&lake.metadata.paths.iceberg());
     let job = job_row(req, &report, started_at, input, output);
     let metrics = metric_rows(req, &report, &bytes, &BTreeMap::new());
+    let rows = metadata::StageRows {
+        jobs: &[job],
+        errors: &[],
+        metrics: &metrics,
+    };
     metadata::publish_stage_rows(
         lake,
+        lease,
         STAGE,
         &req.tenant,
         req.date,
         &job_id,
-        &[job],
-        &[],
-        &metrics,
+        rows,
+        Some(curated.record.sequence),
     )
     .await?;
     Ok(report)
@@ -142,7 +174,7 @@ struct TableImport {
     local: Arc<LocalLake>,
     run: Arc<ImportRun>,
     resource_type: &'static str,
-    files: Vec<Path>,
+    files: Vec<commit::Object>,
     max_depth: usize,
 }
 
@@ -165,13 +197,11 @@ impl TableImport {
         let curated = &self.lake.curated;
         let mut appender = self.local.appender(ty, run).await?;
         let mut bytes_read = 0;
-        for path in &self.files {
-            let data = curated.get_bytes(STAGE, path).await?.ok_or_else(|| {
-                Error::Import(format!(
-                    "{} is gone: a newer curate run replaced it; import again",
-                    curated.url_of(path)
-                ))
-            })?;
+        for part in &self.files {
+            // Exactly the bytes the pinned commit lists, or the import fails
+            // naming the object.
+            let data = commit::read_verified(curated, STAGE, part).await?;
+            let path = &part.location();
             bytes_read += data.len() as u64;
             // Curated lines passed curation's step 1: one that no longer
             // does is a broken curated file, and fails the import.

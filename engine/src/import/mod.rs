@@ -4,8 +4,10 @@
 //! * [`local`]: the local Iceberg lake ([`crate::lake`]), the default;
 //! * [`healthlake`]: AWS HealthLake, through StartFHIRImportJob.
 //!
-//! Either way the stage imports exactly the files of the partition's latest
-//! committed curate run, and publishes an `import_jobs` row, an
+//! Either way the stage holds the partition's lease (so no curate run
+//! republishes it meanwhile), pins the partition's latest curate commit,
+//! imports exactly the objects that commit lists, checked against their
+//! sizes and checksums, and publishes an `import_jobs` row, an
 //! `import_metrics` row per resource type and (HealthLake) an `import_errors`
 //! row per resource HealthLake rejected, with the commit protocol of every
 //! stage. A retried import never imports twice: the local lake recognises the
@@ -15,8 +17,6 @@ pub mod healthlake;
 pub mod local;
 
 use std::collections::BTreeMap;
-
-use object_store::path::Path;
 
 use crate::commit::{self, CommitRecord};
 use crate::error::{Error, Result};
@@ -62,10 +62,20 @@ pub struct ImportReport {
     pub seconds: f64,
 }
 
-/// The committed curated files of a partition, by resource type.
+/// The committed curated parts of a partition, by resource type.
 pub(crate) struct Curated {
     pub record: CommitRecord,
-    pub files: BTreeMap<&'static str, Vec<Path>>,
+    pub files: BTreeMap<&'static str, Vec<commit::Object>>,
+}
+
+impl Curated {
+    /// The bytes of each resource type's parts, as the commit records them.
+    pub fn bytes(&self) -> BTreeMap<String, u64> {
+        self.files
+            .iter()
+            .map(|(ty, parts)| (ty.to_string(), parts.iter().map(|p| p.size).sum()))
+            .collect()
+    }
 }
 
 pub(crate) async fn curated(lake: &Lake, tenant: &TenantGuid, date: ImportDate) -> Result<Curated> {
@@ -76,31 +86,13 @@ pub(crate) async fn curated(lake: &Lake, tenant: &TenantGuid, date: ImportDate) 
                 "nothing curated for tenant {tenant} date {date}: run `fhirflow curate` first"
             ))
         })?;
-    let mut files: BTreeMap<&'static str, Vec<Path>> = BTreeMap::new();
-    for f in &record.curated_files {
-        let path = Path::from(f.as_str());
-        if let Some(ty) = path.filename().and_then(curated_file_type) {
-            files.entry(ty).or_default().push(path);
+    let mut files: BTreeMap<&'static str, Vec<commit::Object>> = BTreeMap::new();
+    for o in &record.curated {
+        if let Some(ty) = o.name.as_deref().and_then(curated_file_type) {
+            files.entry(ty).or_default().push(o.clone());
         }
     }
     Ok(Curated { record, files })
-}
-
-/// The bytes of each resource type's files in the curated partition, from
-/// one listing.
-pub(crate) async fn curated_bytes(
-    lake: &Lake,
-    tenant: &TenantGuid,
-    date: ImportDate,
-) -> Result<BTreeMap<String, u64>> {
-    let partition = lake.curated.paths.curated_partition(tenant, date);
-    let mut bytes = BTreeMap::new();
-    for obj in lake.curated.list(STAGE, &partition).await? {
-        if let Some(ty) = obj.location.filename().and_then(curated_file_type) {
-            *bytes.entry(ty.to_string()).or_insert(0) += obj.size;
-        }
-    }
-    Ok(bytes)
 }
 
 /// Imports one curated partition.

@@ -302,45 +302,84 @@ pub async fn write_parquet(
     Ok(())
 }
 
-/// Writes a run's rows (one file per non-empty table, staged) and publishes
-/// them with the run's commit record: the path of every stage but curate,
-/// whose rows are few enough to hold (see [`ErrorSink`] for curate's).
+/// Writes a run's rows (one immutable file per non-empty table, named by run
+/// id) and commits them as the run's record in the partition's log, under
+/// `lease`: the path of every stage but curate, whose rows are few enough to
+/// hold (see [`ErrorSink`] for curate's). Returns the record.
 #[allow(clippy::too_many_arguments)]
 pub async fn publish_stage_rows(
     lake: &crate::storage::Lake,
+    lease: &crate::commit::lease::Lease,
     stage: &'static str,
     tenant: &crate::layout::TenantGuid,
     date: crate::layout::ImportDate,
     run: &str,
-    jobs: &[JobRow],
-    errors: &[ErrorRow],
-    metrics: &[MetricRow],
-) -> Result<()> {
+    rows: StageRows<'_>,
+    imported: Option<u64>,
+) -> Result<crate::commit::CommitRecord> {
     let m = &lake.metadata;
-    let mut moves = Vec::new();
-    for (table, rows, batch) in [
-        (MetadataTable::ImportJobs, jobs.len(), jobs_batch(jobs)),
+    // A run may publish more than once (a HealthLake import records the
+    // submitted job, then its outcome): each publish gets its own files.
+    let file_id = format!("{run}-{}", uuid::Uuid::now_v7().simple());
+    let mut written = Vec::new();
+    for (table, n, batch) in [
+        (MetadataTable::ImportJobs, rows.jobs.len(), jobs_batch(rows.jobs)),
         (
             MetadataTable::ImportErrors,
-            errors.len(),
-            errors_batch(errors),
+            rows.errors.len(),
+            errors_batch(rows.errors),
         ),
         (
             MetadataTable::ImportMetrics,
-            metrics.len(),
-            metrics_batch(metrics),
+            rows.metrics.len(),
+            metrics_batch(rows.metrics),
         ),
     ] {
-        if rows == 0 {
+        if n == 0 {
             continue;
         }
-        let target = m.paths.metadata_file(table, tenant, date, run);
-        let staged = m.paths.staged(crate::layout::Layer::Metadata, run, &target);
-        write_parquet(m, stage, &staged, &batch).await?;
-        moves.push(crate::commit::Move { staged, target });
+        let path = m.paths.metadata_file(table, tenant, date, &file_id);
+        write_parquet(m, stage, &path, &batch).await?;
+        written.push(path);
     }
-    crate::commit::publish_stage_metadata(lake, tenant, date, run, stage, &moves).await?;
-    Ok(())
+    let metadata = describe_all(m, stage, &written).await?;
+    let draft = crate::commit::Draft {
+        curated: Vec::new(),
+        metadata,
+        imported,
+    };
+    crate::commit::commit(lake, lease, tenant, date, run, stage, draft).await
+}
+
+/// The rows of one run of a stage.
+#[derive(Debug, Clone, Copy)]
+pub struct StageRows<'a> {
+    pub jobs: &'a [JobRow],
+    pub errors: &'a [ErrorRow],
+    pub metrics: &'a [MetricRow],
+}
+
+/// Size and checksum of each file just written, for its commit record.
+pub async fn describe_all(
+    root: &Root,
+    stage: &'static str,
+    paths: &[Path],
+) -> Result<Vec<crate::commit::Object>> {
+    let mut out = Vec::with_capacity(paths.len());
+    for p in paths {
+        let bytes = root.get_bytes(stage, p).await?.ok_or_else(|| Error::Corrupt {
+            stage,
+            location: root.url_of(p),
+            detail: "written but not found".into(),
+        })?;
+        out.push(crate::commit::Object {
+            path: p.to_string(),
+            size: bytes.len() as u64,
+            xxh3: crate::commit::Checksum::of(&bytes),
+            name: None,
+        });
+    }
+    Ok(out)
 }
 
 /// `import_errors` rows streamed to one Parquet object as a run finds them,

@@ -4,7 +4,7 @@
 //! | ---------- | --------------------------------------------------------- |
 //! | `raw`      | one per resource type present, e.g. `raw.patient`        |
 //! | `curated`  | one per resource type of the committed partitions         |
-//! | `metadata` | `import_jobs`, `import_errors`, `import_metrics`          |
+//! | `metadata` | `import_jobs`, `import_errors`, `import_metrics` (each partition's latest run of each stage), and `…_history` (every run) |
 //! | `lake`, `lake_history` | the local Iceberg lake (see [`lake_tables`])  |
 //!
 //! Raw and curated tables use the record model (partition columns included);
@@ -27,11 +27,10 @@ use datafusion::datasource::listing::{
 };
 use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
-use object_store::ObjectStoreExt;
 
 use crate::commit;
 use crate::error::{Error, Result};
-use crate::layout::{parse_partition, Layer, MetadataTable};
+use crate::layout::{Layer, MetadataTable};
 use crate::metadata;
 use crate::model::{FileOrigin, Shape};
 use crate::raw::LayerFile;
@@ -93,33 +92,21 @@ pub async fn session(lake: &Lake, settings: &Settings) -> Result<SessionContext>
         register(format!("raw.{}", ty.to_ascii_lowercase()), Arc::new(t))?;
     }
 
-    // curated and metadata: only what committed runs published.
-    let visible = commit::visible(lake).await?;
-    let cbase = lake.curated.paths.layer(Layer::Curated);
+    // curated and metadata: only what committed runs published, resolved
+    // through each partition's commit log (sizes from the records: no HEADs).
+    let visible = commit::visible(lake, &commit::PartitionFilter::default()).await?;
     let mut curated: BTreeMap<&'static str, Vec<LayerFile>> = BTreeMap::new();
-    for path in &visible.curated {
-        let Some(p) = parse_partition(&cbase, path) else {
-            continue;
-        };
-        let (Some(t), Some(d)) = (&p.tenant, p.date) else {
-            continue;
-        };
-        let Some(ty) = crate::layout::curated_file_type(&p.file_name) else {
-            continue;
-        };
-        let Ok(meta) = lake.curated.store.head(path).await else {
-            continue;
-        };
-        curated.entry(ty).or_default().push(LayerFile {
-            file_type: Some(ty),
+    for part in &visible.curated {
+        curated.entry(part.resource_type).or_default().push(LayerFile {
+            file_type: Some(part.resource_type),
             gzip: false,
             origin: FileOrigin {
-                tenant: t.to_string(),
+                tenant: part.tenant.to_string(),
                 source_system: None,
-                import_date: d.days_since_epoch(),
-                source_file: lake.curated.url_of(path),
+                import_date: part.date.days_since_epoch(),
+                source_file: lake.curated.url_of(&part.object.location()),
             },
-            meta,
+            meta: part.object.meta(),
         });
     }
     for (ty, files) in curated {
@@ -132,10 +119,16 @@ pub async fn session(lake: &Lake, settings: &Settings) -> Result<SessionContext>
         .map_err(|e| Error::query(STAGE, "curated table", e))?;
         register(format!("curated.{}", ty.to_ascii_lowercase()), Arc::new(t))?;
     }
+    // `metadata.<table>`: each partition's latest run of each stage;
+    // `metadata.<table>_history`: every committed run.
     for table in MetadataTable::ALL {
-        let files = &visible.metadata[table.name()];
-        let provider = metadata_table(&lake.metadata, table, files)?;
-        register(format!("metadata.{}", table.name()), provider)?;
+        for (suffix, files) in [
+            ("", &visible.metadata[table.name()]),
+            ("_history", &visible.metadata_history[table.name()]),
+        ] {
+            let provider = metadata_table(&lake.metadata, table, files)?;
+            register(format!("metadata.{}{suffix}", table.name()), provider)?;
+        }
     }
     lake_tables::register(&ctx, lake).await?;
     Ok(ctx)
