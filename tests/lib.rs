@@ -137,17 +137,52 @@ impl TestLake {
 
     /// Runs the real `fhirflow` binary on this lake.
     pub fn cli(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        self.command(args, env).output().expect("run fhirflow")
+    }
+
+    /// The real `fhirflow` binary on this lake, ready to run or spawn.
+    pub fn command(&self, args: &[&str], env: &[(&str, &str)]) -> Command {
         let mut cmd = Command::new(binary());
+        if self.settings.s3.endpoint.is_some() {
+            // A lake on moto: the binary reads the same settings from a file.
+            let path = self.dir.path().join("s3-lake.toml");
+            let s3 = fhirflow::settings::Settings {
+                lake: self.settings.lake.clone(),
+                s3: self.settings.s3.clone(),
+                ..Default::default()
+            };
+            std::fs::write(&path, toml::to_string(&s3).unwrap()).unwrap();
+            cmd.env("FHIRFLOW_CONFIG", path);
+        } else {
+            cmd.env("FHIRFLOW_LAKE", self.root());
+        }
         cmd.args(args)
-            .env("FHIRFLOW_LAKE", self.root())
             .env("FHIRFLOW_RULES", rules_dir())
+            // A killed run's lease lapses in seconds, not a minute...
+            .env("FHIRFLOW_LEASE_TTL_SECONDS", "3")
+            // ... and the next run waits for that (tests of busy runs set 0).
+            .env("FHIRFLOW_WAIT", "30")
             .env_remove("FHIRFLOW_FAILPOINT");
         for (k, v) in env {
             cmd.env(k, v);
         }
-        cmd.current_dir(self.dir.path())
-            .output()
-            .expect("run fhirflow")
+        cmd.current_dir(self.dir.path());
+        cmd
+    }
+
+    /// The visible curated folder of the partition, on any store: name → bytes.
+    pub async fn visible_files(&self) -> std::collections::BTreeMap<String, Vec<u8>> {
+        use futures::TryStreamExt;
+        use object_store::ObjectStoreExt;
+        let root = &self.lake.curated;
+        let folder = root.paths.curated_partition(&tenant(), date());
+        let listed: Vec<_> = root.store.list(Some(&folder)).try_collect().await.unwrap();
+        let mut out = std::collections::BTreeMap::new();
+        for o in listed {
+            let bytes = root.store.get(&o.location).await.unwrap().bytes().await.unwrap();
+            out.insert(o.location.filename().unwrap().to_string(), bytes.to_vec());
+        }
+        out
     }
 }
 

@@ -9,15 +9,14 @@ use std::time::Duration;
 
 use fhirflow_tests::*;
 
-/// The protocol's named points, in order (see engine/src/commit.rs).
-const POINTS: [&str; 7] = [
+/// The protocol's named points, in order (see engine/src/commit/mod.rs).
+const POINTS: [&str; 6] = [
+    "curate-after-lease",
     "after-curated-staged",
     "after-metadata-staged",
-    "after-intent",
-    "mid-curated-publish",
-    "after-curated-publish",
-    "after-metadata-publish",
     "after-commit-record",
+    "after-commit",
+    "after-mirror",
 ];
 
 fn ingest_cli(t: &TestLake, dir: &std::path::Path, system: &str) {
@@ -41,29 +40,38 @@ fn ingest_cli(t: &TestLake, dir: &std::path::Path, system: &str) {
     );
 }
 
+/// A curate run; after a kill it waits for the dead run's lease to lapse.
 fn curate_cli(t: &TestLake, failpoint: Option<&str>) -> std::process::Output {
-    let env: Vec<(&str, &str)> = failpoint
+    let mut env: Vec<(&str, &str)> = failpoint
         .map(|f| ("FHIRFLOW_FAILPOINT", f))
         .into_iter()
         .collect();
+    env.push(("FHIRFLOW_WAIT", "30"));
     t.cli(&["curate", "--tenant", TENANT, "--date", DATE], &env)
 }
 
-/// Curated files as readers see them (through the commit records).
+/// Curated parts as readers see them (through the commit records), by
+/// their visible names.
 async fn visible_curated(t: &TestLake) -> BTreeMap<String, Vec<u8>> {
-    let v = fhirflow::commit::visible(&t.lake).await.unwrap();
+    let v = fhirflow::commit::visible(&t.lake, &Default::default())
+        .await
+        .unwrap();
     v.curated
         .iter()
         .map(|p| {
-            let name = p.filename().unwrap().to_string();
-            let bytes = std::fs::read(format!("/{p}")).expect("a visible file exists");
+            let name = p.object.name.clone().unwrap();
+            let bytes = std::fs::read(format!("/{}", p.object.path)).expect("a visible part exists");
             (name, bytes)
         })
         .collect()
 }
 
-async fn job_count(t: &TestLake) -> usize {
-    t.sql("SELECT job_id FROM metadata.import_jobs").await.len()
+/// Committed curate runs: (in the current table, in the history table).
+async fn job_count(t: &TestLake) -> (usize, usize) {
+    (
+        t.sql("SELECT job_id FROM metadata.import_jobs").await.len(),
+        t.sql("SELECT job_id FROM metadata.import_jobs_history").await.len(),
+    )
 }
 
 /// Two batches of input: the second adds resources and a new version.
@@ -124,10 +132,10 @@ async fn a_run_killed_at_each_point_of_the_protocol_leaves_nothing_partial() {
             "{point}: the failpoint must kill the run"
         );
 
-        // Readers see the old state, nothing, or (once committed) the new one.
+        // Readers see the old state or (once committed) the new one.
         let seen = visible_curated(&t).await;
-        let committed = point == "after-commit-record";
-        let ok = seen == old_state || seen.is_empty() || (committed && seen == new_state);
+        let committed = matches!(point, "after-commit-record" | "after-commit" | "after-mirror");
+        let ok = if committed { seen == new_state } else { seen == old_state };
         assert!(
             ok,
             "{point}: readers see a partial state: {:?}",
@@ -138,7 +146,7 @@ async fn a_run_killed_at_each_point_of_the_protocol_leaves_nothing_partial() {
         }
         assert_eq!(
             job_count(&t).await,
-            if committed { 2 } else { 1 },
+            (1, if committed { 2 } else { 1 }),
             "{point}: metadata rows"
         );
 
@@ -153,12 +161,15 @@ async fn a_run_killed_at_each_point_of_the_protocol_leaves_nothing_partial() {
         assert_eq!(visible_curated(&t).await, new_state, "{point}");
         assert_eq!(
             job_count(&t).await,
-            if committed { 3 } else { 2 },
+            (1, if committed { 3 } else { 2 }),
             "{point}: metadata rows after re-run"
         );
-        let staging = t.root().join("curated/_staging");
-        let leftovers = walk(&staging);
-        assert!(leftovers.is_empty(), "{point}: staging left: {leftovers:?}");
+        // Only the current run's parts are left, and metadata files of
+        // committed runs only.
+        let runs = walk(&t.root().join("curated/_runs"));
+        assert_eq!(runs.len(), new_state.len(), "{point}: parts left: {runs:?}");
+        let jobs = walk(&t.root().join("metadata/import_jobs"));
+        assert_eq!(jobs.len(), job_count(&t).await.1, "{point}: {jobs:?}");
     }
 }
 
@@ -192,6 +203,7 @@ async fn sigkill_at_arbitrary_moments_never_exposes_a_partial_run() {
         let mut child = std::process::Command::new(binary())
             .args(["curate", "--tenant", TENANT, "--date", DATE])
             .env("FHIRFLOW_LAKE", t.root())
+            .env("FHIRFLOW_LEASE_TTL_SECONDS", "3")
             .env_remove("FHIRFLOW_FAILPOINT")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -206,7 +218,7 @@ async fn sigkill_at_arbitrary_moments_never_exposes_a_partial_run() {
             seen.is_empty() || seen == full,
             "killed after {delay_ms} ms: partial state visible"
         );
-        let jobs = job_count(&t).await;
+        let (jobs, _) = job_count(&t).await;
         assert_eq!(
             jobs,
             usize::from(!seen.is_empty()),
@@ -224,7 +236,7 @@ async fn sigkill_at_arbitrary_moments_never_exposes_a_partial_run() {
             full,
             "killed after {delay_ms} ms: re-run bytes"
         );
-        assert_eq!(job_count(&t).await, jobs + 1);
+        assert_eq!(job_count(&t).await, (1, jobs + 1));
     }
 }
 
@@ -239,5 +251,5 @@ async fn a_run_whose_records_do_not_add_up_fails_and_publishes_nothing() {
     assert!(err.contains("do not add up"), "{err}");
     assert!(visible_curated(&t).await.is_empty());
     assert!(t.curated_files().is_empty());
-    assert_eq!(job_count(&t).await, 0);
+    assert_eq!(job_count(&t).await, (0, 0));
 }

@@ -114,13 +114,14 @@ async fn a_system_export_lands_exactly_what_was_loaded() {
     assert_eq!(report.resources(), all.len() as u64);
     assert_eq!(raw_resources(&t, "sekmet", DATE), keyed(all.clone()));
 
-    // The manifest beside the data; the status URL deleted when done.
+    // The manifest beside the data, in the export's own folder; the status
+    // URL deleted when done.
     let partition = t.root().join(format!(
         "raw/tenantGuid={TENANT}/source_system=sekmet/import_date={DATE}"
     ));
+    let manifest_path = partition.join(format!("_export/{}/manifest.json", report.run_id));
     let manifest: Value =
-        serde_json::from_slice(&std::fs::read(partition.join("_export/manifest.json")).unwrap())
-            .unwrap();
+        serde_json::from_slice(&std::fs::read(manifest_path).unwrap()).unwrap();
     assert_eq!(
         manifest["transactionTime"],
         report.transaction_time.as_str()
@@ -470,6 +471,113 @@ async fn a_killed_extraction_resumes_without_losing_or_refetching_anything() {
             &["Patient", "Condition", "Device", "AllergyIntolerance"]
         )
     );
+}
+
+/// The data files of a raw partition on a local lake: name → bytes.
+fn raw_file_bytes(t: &TestLake, system: &str) -> BTreeMap<String, Vec<u8>> {
+    let dir = t.root().join(format!(
+        "raw/tenantGuid={TENANT}/source_system={system}/import_date={DATE}"
+    ));
+    std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file())
+        .map(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            (name, std::fs::read(&p).unwrap())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_landed_before_a_kill_is_not_fetched_again_and_a_second_export_keeps_the_first() {
+    let (server, all) = loaded_server(ServerAuth::Bearer(TOKEN.into())).await;
+    let t = TestLake::new();
+    std::fs::write(
+        t.dir.path().join("fhirflow.toml"),
+        "[extract]\nparallel_downloads = 1\npoll_interval_seconds = 1\n",
+    )
+    .unwrap();
+    let types = ["Patient", "Condition", "Device"];
+    let type_list = types.join(",");
+    let args = [
+        "extract",
+        "--fhir-url",
+        &server.base(),
+        "--tenant",
+        TENANT,
+        "--source-system",
+        "relanded",
+        "--date",
+        DATE,
+        "--type",
+        &type_list,
+    ];
+    // Killed after the first file's upload, before `pending.json` records it.
+    let killed = t.cli(
+        &args,
+        &[
+            ("FHIRFLOW_BEARER_TOKEN", TOKEN),
+            ("FHIRFLOW_FAILPOINT", "extract-after-upload"),
+        ],
+    );
+    assert!(!killed.status.success(), "the failpoint kills the run");
+    let first_file = raw_file_bytes(&t, "relanded");
+    assert_eq!(first_file.len(), 1, "{:?}", first_file.keys());
+
+    let resumed = t.cli(&args, &[("FHIRFLOW_BEARER_TOKEN", TOKEN)]);
+    let out = String::from_utf8_lossy(&resumed.stdout);
+    assert!(
+        resumed.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    assert!(out.contains("resumed; 1 files were already written"), "{out}");
+    let downloads = server.proxy.file_downloads();
+    assert_eq!(downloads.len(), 3);
+    assert!(
+        downloads.values().all(|&n| n == 1),
+        "the file the killed run landed was not fetched again: {downloads:?}"
+    );
+    assert_eq!(raw_resources(&t, "relanded", DATE), of_types(&all, &types));
+    let first = raw_file_bytes(&t, "relanded");
+    assert_eq!(
+        first.keys().collect::<Vec<_>>(),
+        ["Condition.ndjson", "Device.ndjson", "Patient.ndjson"]
+    );
+    let last_path = t.root().join(format!(
+        "raw/tenantGuid={TENANT}/source_system=relanded/_extract/last.json"
+    ));
+    let last: Value = serde_json::from_slice(&std::fs::read(&last_path).unwrap()).unwrap();
+
+    // A second export the same day: the first one's files stay as they were,
+    // the new ones take the next part numbers.
+    let again = t.cli(&args, &[("FHIRFLOW_BEARER_TOKEN", TOKEN)]);
+    let out = String::from_utf8_lossy(&again.stdout);
+    assert!(
+        again.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert!(!out.contains("resumed"), "{out}");
+    let both = raw_file_bytes(&t, "relanded");
+    for (name, bytes) in &first {
+        assert_eq!(&both[name], bytes, "{name} kept");
+        let second = name.replace(".ndjson", ".002.ndjson");
+        let mut a: Vec<&str> = std::str::from_utf8(bytes).unwrap().lines().collect();
+        let mut b: Vec<&str> = std::str::from_utf8(&both[&second]).unwrap().lines().collect();
+        a.sort_unstable();
+        b.sort_unstable();
+        assert_eq!(a.len(), b.len(), "{second}: the same resources again");
+    }
+    assert_eq!(both.len(), 6, "{:?}", both.keys());
+    // Each export keeps its own manifest; `_since` moved to the second.
+    let exports = t.root().join(format!(
+        "raw/tenantGuid={TENANT}/source_system=relanded/import_date={DATE}/_export"
+    ));
+    assert_eq!(std::fs::read_dir(&exports).unwrap().count(), 2);
+    let last2: Value = serde_json::from_slice(&std::fs::read(&last_path).unwrap()).unwrap();
+    assert_ne!(last["run_id"], last2["run_id"]);
 }
 
 #[tokio::test(flavor = "multi_thread")]

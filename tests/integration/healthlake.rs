@@ -126,8 +126,9 @@ async fn a_clean_job_imports_every_curated_resource() {
 async fn healthlake_rejections_come_back_with_their_line() {
     let s = setup(ROLE);
     land(&s.t, DATE, &patients(4)).await;
-    // HealthLake rejects what curation let through (here: lines altered on
-    // S3 after curation, standing in for a stricter service check).
+    // HealthLake rejects what curation let through (here: lines of the
+    // visible copy altered on S3 after curation, keeping the size the
+    // commit records, standing in for a stricter service check).
     let root = &s.t.lake.curated;
     let path = root
         .paths
@@ -145,8 +146,9 @@ async fn healthlake_rejections_come_back_with_their_line() {
     )
     .unwrap();
     let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
-    lines[1] = r#"{"resourceType":"Patient","id":"bad id!"}"#.into();
-    lines.push(r#"{"resourceType":"Patient""#.into());
+    let same_size = |s: &str, len: usize| format!("{s}{}", " ".repeat(len - s.len()));
+    lines[1] = same_size(r#"{"resourceType":"Patient","id":"bad id!"}"#, lines[1].len());
+    lines[3] = same_size(r#"{"resourceType":"Patient""#, lines[3].len());
     root.store
         .put(&path, (lines.join("\n") + "\n").into_bytes().into())
         .await
@@ -162,7 +164,7 @@ async fn healthlake_rejections_come_back_with_their_line() {
             report.records_out,
             report.records_rejected
         ),
-        (5, 3, 2)
+        (4, 2, 2)
     );
     let errors = s
         .t
@@ -184,7 +186,7 @@ async fn healthlake_rejections_come_back_with_their_line() {
             ],
             vec![
                 "import".to_string(),
-                "5".into(),
+                "4".into(),
                 "INVALID_JSON".into(),
                 "NULL".into(),
                 "NULL".into(),
@@ -343,4 +345,46 @@ async fn no_wait_queues_behind_the_running_job_and_status_records_the_outcome() 
             vec!["2024-05-02".into(), "succeeded".into(), "3".into()],
         ]
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn curate_refuses_a_partition_healthlake_is_reading_then_proceeds_once_the_job_ends() {
+    let s = setup(ROLE);
+    s.hl.set_work_time(Duration::from_millis(700));
+    land(&s.t, "2024-05-01", &patients(2)).await;
+    land(&s.t, "2024-05-02", &patients(3)).await;
+    for day in ["2024-05-01", "2024-05-02"] {
+        import(&s.t.lake, &s.t.settings, &request(day, false), &Quiet)
+            .await
+            .expect("submit");
+    }
+    // The second job waits behind the first: HealthLake has not read its
+    // partition yet, so a re-curate of it must not republish it.
+    let statuses: Vec<String> = s.hl.jobs().iter().map(|j| j.status.clone()).collect();
+    assert_eq!(statuses[1], "QUEUED", "{statuses:?}");
+    let d: ImportDate = "2024-05-02".parse().unwrap();
+    let err = fhirflow::curate::curate(&s.t.lake, &s.t.settings, &tenant(), d, &Quiet)
+        .await
+        .unwrap_err();
+    assert_eq!(err.exit_code(), 4, "{err}");
+    let job = s.hl.jobs()[1].id.clone();
+    assert!(err.to_string().contains(&job), "{err}");
+
+    // Once the job has ended the partition is free again: curate sees the
+    // job through and goes on, with nobody running `import status` first.
+    for _ in 0..100 {
+        if s.hl.jobs().iter().all(|j| j.status == "COMPLETED") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let report = fhirflow::curate::curate(&s.t.lake, &s.t.settings, &tenant(), d, &Quiet)
+        .await
+        .expect("curate after the job");
+    assert_eq!(report.total.curated, 3);
+    let rows = s
+        .t
+        .sql("SELECT status FROM metadata.import_jobs WHERE stage = 'import' AND import_date = DATE '2024-05-02'")
+        .await;
+    assert_eq!(rows, vec![vec!["succeeded".to_string()]]);
 }

@@ -175,11 +175,17 @@ async fn two_imports_give_the_current_view_and_time_travel() {
         .await,
         vec![vec!["4".to_string()]]
     );
+    // Every import in the history; the current table holds each
+    // partition's latest one.
     let jobs = t
-        .sql("SELECT status, records_in FROM metadata.import_jobs WHERE stage = 'import' ORDER BY job_id")
+        .sql("SELECT status, records_in FROM metadata.import_jobs_history WHERE stage = 'import' ORDER BY job_id")
         .await;
     assert_eq!(jobs.len(), 4);
     assert_eq!(jobs[3], vec!["already imported".to_string(), "2".into()]);
+    let current = t
+        .sql("SELECT count(*) FROM metadata.import_jobs WHERE stage = 'import'")
+        .await;
+    assert_eq!(current, vec![vec!["3".to_string()]]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -206,14 +212,19 @@ async fn a_damaged_curated_file_fails_the_import_naming_its_line() {
     ];
     t.ingest(&files, "ehr").await;
     t.curate().await.expect("curate");
-    // Cut the second Patient short after curation, as a damaged copy would be.
-    let name = "Patient-processed.ndjson";
-    let path = t
-        .root()
-        .join("curated")
-        .join(format!("tenantGuid={TENANT}"))
-        .join(format!("import_date={DATE}"))
-        .join(name);
+    // Cut the second Patient short after curation, as a damaged copy would
+    // be: the committed object itself, which the import reads.
+    let record = fhirflow::commit::latest_curate(&t.lake, &tenant(), date())
+        .await
+        .unwrap()
+        .unwrap();
+    let part = record
+        .curated
+        .iter()
+        .find(|o| o.name.as_deref() == Some("Patient-processed.ndjson"))
+        .unwrap();
+    let name = part.path.rsplit('/').next().unwrap().to_string();
+    let path = std::path::PathBuf::from(format!("/{}", part.path));
     let text = std::fs::read_to_string(&path).unwrap();
     let cut = text.rfind("\"name\"").unwrap();
     std::fs::write(&path, format!("{}\n", &text[..cut])).unwrap();
@@ -222,7 +233,10 @@ async fn a_damaged_curated_file_fails_the_import_naming_its_line() {
         .await
         .unwrap_err()
         .to_string();
-    assert!(err.contains(name) && err.contains("line 2"), "{err}");
+    assert!(
+        err.contains(&name) && err.contains("does not match its commit"),
+        "{err}"
+    );
     // Nothing of the Patient table became visible, and no import was recorded.
     let patients = t
         .sql("SELECT count(*) FROM lake_snapshots WHERE table_name = 'patient'")

@@ -4,6 +4,7 @@
 mod bad_input;
 mod catalog;
 mod cli;
+mod concurrency;
 mod crash;
 mod dedup;
 mod extract;
@@ -11,6 +12,7 @@ mod healthlake;
 mod labels;
 mod lake;
 mod lossless;
+mod relanding;
 mod rules;
 mod s3;
 mod sql;
