@@ -145,13 +145,18 @@ impl TestLake {
         let mut cmd = Command::new(binary());
         if self.settings.s3.endpoint.is_some() {
             // A lake on moto: the binary reads the same settings from a file.
+            // Written once, whole (runs started together read it).
             let path = self.dir.path().join("s3-lake.toml");
-            let s3 = fhirflow::settings::Settings {
-                lake: self.settings.lake.clone(),
-                s3: self.settings.s3.clone(),
-                ..Default::default()
-            };
-            std::fs::write(&path, toml::to_string(&s3).unwrap()).unwrap();
+            if !path.exists() {
+                let s3 = fhirflow::settings::Settings {
+                    lake: self.settings.lake.clone(),
+                    s3: self.settings.s3.clone(),
+                    ..Default::default()
+                };
+                let part = path.with_extension("toml.part");
+                std::fs::write(&part, toml::to_string(&s3).unwrap()).unwrap();
+                std::fs::rename(&part, &path).unwrap();
+            }
             cmd.env("FHIRFLOW_CONFIG", path);
         } else {
             cmd.env("FHIRFLOW_LAKE", self.root());

@@ -135,6 +135,18 @@ impl Root {
         Ok(all)
     }
 
+    /// The folders directly below `prefix` (one delimiter listing), sorted.
+    pub async fn list_dirs(&self, stage: &'static str, prefix: &Path) -> Result<Vec<Path>> {
+        let mut dirs = self
+            .store
+            .list_with_delimiter(Some(prefix))
+            .await
+            .map_err(|e| Error::store(stage, self.url_of(prefix), e))?
+            .common_prefixes;
+        dirs.sort();
+        Ok(dirs)
+    }
+
     pub async fn put(&self, stage: &'static str, path: &Path, bytes: Vec<u8>) -> Result<()> {
         self.store
             .put(path, PutPayload::from(bytes))

@@ -29,8 +29,8 @@ async fn partition_filters_skip_files_that_cannot_match() {
             .unwrap();
     }
     let ctx = fhirflow::sql::session(&t.lake, &t.settings).await.unwrap();
-    // Remove every raw file but those of (TENANT, a, DATE): a query that
-    // opened another one would now fail.
+    // Replace every raw file but those of (TENANT, a, DATE) by a corrupt
+    // gzip file: a query that opened another one would now fail.
     let raw = t.root().join("raw");
     for (tn, s, d) in [
         (TENANT, "b", DATE),
@@ -41,6 +41,7 @@ async fn partition_filters_skip_files_that_cannot_match() {
             "tenantGuid={tn}/source_system={s}/import_date={d}/Patient.ndjson"
         ));
         std::fs::remove_file(&f).unwrap();
+        std::fs::write(f.with_extension("ndjson.gz"), b"not gzip at all").unwrap();
     }
     let query = |q: String| {
         let ctx = ctx.clone();
@@ -54,6 +55,17 @@ async fn partition_filters_skip_files_that_cannot_match() {
     assert_eq!(filtered, vec![vec!["2".to_string()]]);
     let unfiltered = query("SELECT count(*) FROM raw.patient".into()).await;
     assert!(unfiltered.is_err(), "without filters every file is read");
+    // The tables find their files when a query runs, not when the session
+    // starts: a file landed since is seen.
+    fhirflow::ingest::ingest(&t.lake, std::slice::from_ref(&dir), &tenant(), &"c".parse().unwrap(), date())
+        .await
+        .unwrap();
+    let later = query(format!(
+        "SELECT count(*) FROM raw.patient WHERE tenant_guid = '{TENANT}' AND source_system = 'c'"
+    ))
+    .await
+    .expect("the new partition is read");
+    assert_eq!(later, vec![vec!["2".to_string()]]);
 }
 
 #[tokio::test(flavor = "multi_thread")]

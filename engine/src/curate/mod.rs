@@ -535,12 +535,19 @@ pub async fn raw_files(
     tenant: &TenantGuid,
     date: ImportDate,
 ) -> Result<Vec<LayerFile>> {
-    let all = raw::list_files(&lake.raw, STAGE, &lake.raw.paths.raw_tenant(tenant)).await?;
-    let day = date.days_since_epoch();
-    Ok(all
-        .into_iter()
-        .filter(|f| f.origin.import_date == day)
-        .collect())
+    // One folder listing for the tenant's source systems, then one listing
+    // per source system of this date only: the cost does not grow with the
+    // tenant's other dates.
+    let root = &lake.raw;
+    let mut files = Vec::new();
+    for dir in root.list_dirs(STAGE, &root.paths.raw_tenant(tenant)).await? {
+        if let Some(system) = crate::layout::source_system_folder(&dir) {
+            let partition = root.paths.raw_partition(tenant, &system, date);
+            files.extend(raw::list_files(root, STAGE, &partition).await?);
+        }
+    }
+    files.sort_by(|a, b| a.meta.location.cmp(&b.meta.location));
+    Ok(files)
 }
 
 /// Curates (tenant, date): every raw file of every source system.

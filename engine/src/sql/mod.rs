@@ -8,15 +8,17 @@
 //! | `lake`, `lake_history` | the local Iceberg lake (see [`lake_tables`])  |
 //!
 //! Raw and curated tables use the record model (partition columns included);
-//! metadata tables read the Parquet files of committed runs only. The same
+//! metadata tables read the Parquet files of committed runs only. Every
+//! layer's files are found when a query scans a table, for the partitions
+//! its filters allow ([`layer_tables`]). The same
 //! tables also answer to the Glue catalog's names (`external_fhir_raw`,
 //! `external_fhir_curated`, `fhir_import_metadata_<env>`), so a query written
 //! for Athena runs here as it is.
 
 pub mod lake_tables;
+pub mod layer_tables;
 pub mod ndjson_table;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arrow::array::RecordBatch;
@@ -28,15 +30,12 @@ use datafusion::datasource::listing::{
 use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
 
-use crate::commit;
 use crate::error::{Error, Result};
-use crate::layout::{Layer, MetadataTable};
+use crate::layout::MetadataTable;
 use crate::metadata;
-use crate::model::{FileOrigin, Shape};
-use crate::raw::LayerFile;
 use crate::settings::Settings;
 use crate::storage::{Lake, Root};
-use ndjson_table::NdjsonTable;
+use layer_tables::{Kind, LayerSchema};
 
 const STAGE: &str = "sql";
 
@@ -55,80 +54,25 @@ pub async fn session(lake: &Lake, settings: &Settings) -> Result<SessionContext>
         "curated" => crate::catalog::CURATED_DATABASE,
         _ => glue_metadata.as_str(),
     };
-    for schema in [
-        "raw",
-        "curated",
-        "metadata",
-        "lake",
-        "lake_history",
-        glue("raw"),
-        glue("curated"),
-        glue("metadata"),
+    // raw, curated and metadata resolve their files when a query scans
+    // them, and then only the partitions its filters can match; each answers
+    // to its Glue name too, so a query written for Athena runs here as it is.
+    for (kind, name) in [
+        (Kind::Raw, "raw"),
+        (Kind::Curated, "curated"),
+        (Kind::Metadata, "metadata"),
     ] {
+        let schema = Arc::new(LayerSchema::new(lake.clone(), settings.curate.clone(), kind));
+        for n in [name, glue(name)] {
+            catalog
+                .register_schema(n, schema.clone())
+                .map_err(|e| Error::query(STAGE, "register schema", e))?;
+        }
+    }
+    for schema in ["lake", "lake_history"] {
         catalog
             .register_schema(schema, Arc::new(MemorySchemaProvider::new()))
             .map_err(|e| Error::query(STAGE, "register schema", e))?;
-    }
-    // `schema.table`, and the same table under the schema's Glue name.
-    let register = |name: String, table: Arc<dyn TableProvider>| {
-        let (schema, t) = name.split_once('.').expect("schema.table");
-        for full in [name.clone(), format!("{}.{t}", glue(schema))] {
-            ctx.register_table(full.as_str(), table.clone())
-                .map_err(|e| Error::query(STAGE, format!("register {full}"), e))?;
-        }
-        Ok::<(), Error>(())
-    };
-
-    // raw: every raw file whose name gives a resource type.
-    let mut raw: BTreeMap<&'static str, Vec<LayerFile>> = BTreeMap::new();
-    for file in crate::raw::list_files(&lake.raw, STAGE, &lake.raw.paths.layer(Layer::Raw)).await? {
-        if let Some(ty) = file.file_type {
-            raw.entry(ty).or_default().push(file);
-        }
-    }
-    for (ty, files) in raw {
-        let t = NdjsonTable::new(lake.raw.clone(), Shape::Raw, files, &settings.curate)
-            .map_err(|e| Error::query(STAGE, "raw table", e))?;
-        register(format!("raw.{}", ty.to_ascii_lowercase()), Arc::new(t))?;
-    }
-
-    // curated and metadata: only what committed runs published, resolved
-    // through each partition's commit log (sizes from the records: no HEADs).
-    let visible = commit::visible(lake, &commit::PartitionFilter::default()).await?;
-    let mut curated: BTreeMap<&'static str, Vec<LayerFile>> = BTreeMap::new();
-    for part in &visible.curated {
-        curated.entry(part.resource_type).or_default().push(LayerFile {
-            file_type: Some(part.resource_type),
-            gzip: false,
-            origin: FileOrigin {
-                tenant: part.tenant.to_string(),
-                source_system: None,
-                import_date: part.date.days_since_epoch(),
-                source_file: lake.curated.url_of(&part.object.location()),
-            },
-            meta: part.object.meta(),
-        });
-    }
-    for (ty, files) in curated {
-        let t = NdjsonTable::new(
-            lake.curated.clone(),
-            Shape::Curated,
-            files,
-            &settings.curate,
-        )
-        .map_err(|e| Error::query(STAGE, "curated table", e))?;
-        register(format!("curated.{}", ty.to_ascii_lowercase()), Arc::new(t))?;
-    }
-    // `metadata.<table>`: each partition's latest run of each stage;
-    // `metadata.<table>_history`: every committed run.
-    for table in MetadataTable::ALL {
-        for (suffix, files) in [
-            ("", &visible.metadata[table.name()]),
-            ("_history", &visible.metadata_history[table.name()]),
-        ] {
-            let provider = metadata_table(&lake.metadata, table, files)?;
-            register(format!("metadata.{}{suffix}", table.name()), provider)?;
-        }
     }
     lake_tables::register(&ctx, lake).await?;
     Ok(ctx)

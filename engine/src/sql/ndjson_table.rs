@@ -69,7 +69,7 @@ impl NdjsonTable {
 const PARTITION_COLUMNS: [&str; 3] = ["tenant_guid", "source_system", "import_date"];
 
 /// Whether `e` is a filter on partition columns that [`may_match`] can use.
-fn is_partition_filter(e: &Expr) -> bool {
+pub(super) fn is_partition_filter(e: &Expr) -> bool {
     match e {
         Expr::BinaryExpr(b) if b.op == Operator::And => {
             is_partition_filter(&b.left) && is_partition_filter(&b.right)
