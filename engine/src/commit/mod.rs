@@ -367,7 +367,7 @@ pub async fn check_mirror(lake: &Lake, tenant: &TenantGuid, date: ImportDate, re
 }
 
 /// Removes the partition's objects that no current state needs: curated
-/// parts of every run but the latest committed curate run and `keep_run`
+/// parts of every run but the last two committed curate runs and `keep_run`
 /// (the caller's own, in progress), and metadata files of `dead_runs`
 /// (runs whose lease was taken over: they can never commit) that no commit
 /// lists. Called by the lease holder only, so no other writer is adding
@@ -380,12 +380,19 @@ pub async fn collect_garbage(
     dead_runs: &[String],
 ) -> Result<()> {
     let log = log(lake, tenant, date).await?;
+    // The latest curate commit's parts, and the one before's: a reader that
+    // resolved the previous state just before this run committed is still
+    // reading them (Delta Lake keeps superseded files for a retention period
+    // for the same reason). A query slower than a whole curate run can
+    // still lose a part: it fails naming the part, and running it again
+    // reads the new state.
     let current: BTreeSet<String> = log
         .iter()
         .rev()
-        .find(|r| r.stage == CURATE)
-        .map(|r| r.curated.iter().map(|o| o.path.clone()).collect())
-        .unwrap_or_default();
+        .filter(|r| r.stage == CURATE)
+        .take(2)
+        .flat_map(|r| r.curated.iter().map(|o| o.path.clone()))
+        .collect();
     let runs = lake.curated.paths.curated_runs(tenant, date);
     for o in lake.curated.list(STAGE, &runs).await? {
         let run = o.location.prefix_match(&runs).and_then(|mut p| p.next()).map(|p| p.as_ref().to_string());
