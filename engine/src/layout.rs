@@ -3,6 +3,8 @@
 //!
 //! ```text
 //! raw/tenantGuid=<guid>/source_system=<system>/import_date=<YYYY-MM-DD>/<Type>[.NNN].ndjson[.gz]
+//! raw/…/import_date=<YYYY-MM-DD>/_landed/<raw file name>.json   (the claim of a raw name)
+//! raw/…/import_date=<YYYY-MM-DD>/_export/<run_id>/...           (an export's manifest, error and deleted files)
 //! curated/tenantGuid=<guid>/import_date=<YYYY-MM-DD>/<Type>-processed[.NNN].ndjson
 //! metadata/<table>/tenantGuid=<guid>/import_date=<YYYY-MM-DD>/<run_id>.parquet
 //! metadata/_commits/tenantGuid=<guid>/import_date=<YYYY-MM-DD>/<sequence>.json
@@ -111,6 +113,12 @@ impl ImportDate {
     pub fn days_since_epoch(self) -> i32 {
         (self.0 - NaiveDate::from_ymd_opt(1970, 1, 1).unwrap()).num_days() as i32
     }
+    /// The date `days` after 1970-01-01 (None outside chrono's range).
+    pub fn from_days_since_epoch(days: i32) -> Option<Self> {
+        NaiveDate::from_ymd_opt(1970, 1, 1)?
+            .checked_add_signed(chrono::Duration::days(days.into()))
+            .map(ImportDate)
+    }
 }
 
 macro_rules! display_as_str {
@@ -163,6 +171,48 @@ impl RawFileName {
     pub fn as_str(&self) -> &str {
         &self.name
     }
+
+    /// The part number the name carries: 7 for `Patient.007.ndjson`, None for
+    /// `Patient.ndjson` (or digits too long for a number).
+    pub fn part(&self) -> Option<u64> {
+        let stem = self.name.strip_suffix(".gz").unwrap_or(&self.name);
+        let stem = stem.strip_suffix(".ndjson")?;
+        stem.split_once('.')?.1.parse().ok()
+    }
+
+    /// The same type and compression as part `n`: `<Type>.<NNN>.ndjson[.gz]`.
+    pub fn with_part(&self, n: u64) -> RawFileName {
+        let gz = if self.is_gzip() { ".gz" } else { "" };
+        RawFileName {
+            resource_type: self.resource_type,
+            name: format!("{}.{n:03}.ndjson{gz}", self.resource_type),
+        }
+    }
+
+    /// The name with `.gz` added (a download the server sent as gzip).
+    pub fn with_gzip(&self) -> RawFileName {
+        if self.is_gzip() {
+            return self.clone();
+        }
+        RawFileName {
+            resource_type: self.resource_type,
+            name: format!("{}.gz", self.name),
+        }
+    }
+}
+
+/// The folder of a raw partition that holds its name claims (see
+/// `raw::landing`). Not a `key=value` segment, so `parse_partition` never
+/// takes a claim for data.
+const LANDED_DIR: &str = "_landed";
+
+/// What an object directly in, or in the claims folder of, a raw partition is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RawEntry {
+    /// A data file.
+    File(RawFileName),
+    /// The claim of a data file's name.
+    Claim(RawFileName),
 }
 
 /// The resource type of a curated file name, `<Type>-processed[.NNN].ndjson`.
@@ -252,6 +302,11 @@ impl Paths {
         self.join(["raw", &tenant_seg(t)])
     }
 
+    /// A (tenant, source system) folder of the raw layer: every date of it.
+    pub fn raw_source(&self, t: &TenantGuid, s: &SourceSystem) -> Path {
+        self.join(["raw", &tenant_seg(t), &format!("source_system={s}")])
+    }
+
     pub fn raw_partition(&self, t: &TenantGuid, s: &SourceSystem, d: ImportDate) -> Path {
         self.join([
             "raw",
@@ -292,6 +347,39 @@ impl Paths {
         f: &RawFileName,
     ) -> Path {
         self.raw_partition(t, s, d).join(f.as_str())
+    }
+
+    /// The folder of a raw partition's name claims:
+    /// `raw/tenantGuid=…/source_system=…/import_date=…/_landed/`.
+    pub fn raw_claims(&self, t: &TenantGuid, s: &SourceSystem, d: ImportDate) -> Path {
+        self.raw_partition(t, s, d).join(LANDED_DIR)
+    }
+
+    /// The claim of raw file name `f`: `_landed/<name>.json`, created before
+    /// the data so that two landings never choose the same name.
+    pub fn raw_claim(
+        &self,
+        t: &TenantGuid,
+        s: &SourceSystem,
+        d: ImportDate,
+        f: &RawFileName,
+    ) -> Path {
+        self.raw_claims(t, s, d)
+            .join(format!("{}.json", f.as_str()))
+    }
+
+    /// An export's own file (manifest, `error/…`, `deleted/…`) under
+    /// `_export/<run_id>/`: one folder per extraction, so a second export of
+    /// the same day never replaces the first one's files.
+    pub fn export_run_file(
+        &self,
+        t: &TenantGuid,
+        s: &SourceSystem,
+        d: ImportDate,
+        run: &str,
+        rel: &str,
+    ) -> Path {
+        self.export_file(t, s, d, &format!("{run}/{rel}"))
     }
 
     pub fn curated_partition(&self, t: &TenantGuid, d: ImportDate) -> Path {
@@ -397,6 +485,28 @@ impl Paths {
     }
 }
 
+/// Reads back an object listed below raw partition folder `partition`: a
+/// data file directly in it or a claim in its `_landed/` folder. None for
+/// anything else (the export's own files, names that give no type).
+pub fn raw_entry(partition: &Path, path: &Path) -> Option<RawEntry> {
+    let parts: Vec<_> = path.prefix_match(partition)?.collect();
+    match parts.as_slice() {
+        [file] => RawFileName::parse(file.as_ref()).map(RawEntry::File),
+        [dir, claim] if dir.as_ref() == LANDED_DIR => claim
+            .as_ref()
+            .strip_suffix(".json")
+            .and_then(RawFileName::parse)
+            .map(RawEntry::Claim),
+        _ => None,
+    }
+}
+
+/// The source system a raw tenant folder's sub-folder names
+/// (`…/source_system=<system>`), if it is one.
+pub fn source_system_folder(dir: &Path) -> Option<SourceSystem> {
+    dir.filename()?.strip_prefix("source_system=")?.parse().ok()
+}
+
 /// Partition values read back from a path below a layer directory.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PathPartition {
@@ -475,6 +585,15 @@ mod tests {
                 .resource_type,
             "Patient"
         );
+        let p = RawFileName::parse("Patient.ndjson").unwrap();
+        assert_eq!(p.part(), None);
+        assert_eq!(p.with_part(2).as_str(), "Patient.002.ndjson");
+        assert_eq!(p.with_gzip().as_str(), "Patient.ndjson.gz");
+        let gz = RawFileName::parse("Patient.017.ndjson.gz").unwrap();
+        assert_eq!(gz.part(), Some(17));
+        assert_eq!(gz.with_part(1234).as_str(), "Patient.1234.ndjson.gz");
+        assert_eq!(gz.with_part(1234).part(), Some(1234));
+        assert_eq!(gz.with_gzip(), gz);
         for bad in [
             "log.ndjson",
             "Patient.json",
@@ -518,5 +637,38 @@ mod tests {
             &Path::from("lake/raw/tenantGuid=x/a.ndjson")
         )
         .is_none());
+    }
+
+    #[test]
+    fn claims_are_never_taken_for_data() {
+        let p = Paths::new(Path::from("lake"));
+        let t: TenantGuid = "0f8fad5b-d9cb-469f-a165-70867728950e".parse().unwrap();
+        let s: SourceSystem = "epic".parse().unwrap();
+        let d: ImportDate = "2024-05-01".parse().unwrap();
+        let f = RawFileName::parse("Patient.002.ndjson.gz").unwrap();
+        let claim = p.raw_claim(&t, &s, d, &f);
+        assert_eq!(
+            claim.as_ref(),
+            "lake/raw/tenantGuid=0f8fad5b-d9cb-469f-a165-70867728950e/source_system=epic/import_date=2024-05-01/_landed/Patient.002.ndjson.gz.json"
+        );
+        // `_landed` is no key=value segment: a claim is no partition file.
+        assert!(parse_partition(&p.layer(Layer::Raw), &claim).is_none());
+        let partition = p.raw_partition(&t, &s, d);
+        assert_eq!(
+            raw_entry(&partition, &claim),
+            Some(RawEntry::Claim(f.clone()))
+        );
+        assert_eq!(
+            raw_entry(&partition, &p.raw_file(&t, &s, d, &f)),
+            Some(RawEntry::File(f))
+        );
+        let manifest = p.export_run_file(&t, &s, d, "r1", "manifest.json");
+        assert!(manifest
+            .as_ref()
+            .ends_with("import_date=2024-05-01/_export/r1/manifest.json"));
+        assert_eq!(raw_entry(&partition, &manifest), None);
+        assert!(parse_partition(&p.layer(Layer::Raw), &manifest).is_none());
+        let stray = partition.clone().join(LANDED_DIR).join("notes.txt");
+        assert_eq!(raw_entry(&partition, &stray), None);
     }
 }

@@ -771,6 +771,21 @@ fn print_ingest(report: &fhirflow::ingest::IngestReport, quiet: bool) {
     for s in &report.skipped {
         println!("  skipped {} (not <Type>[.NNN].ndjson[.gz])", s.display());
     }
+    for f in &report.files {
+        let own_name = f.source.file_name().and_then(|n| n.to_str());
+        if f.completed_earlier {
+            println!(
+                "  {} completed the earlier landing {}",
+                f.source.display(),
+                f.target
+            );
+        } else if !own_name.is_some_and(|n| f.target.ends_with(&format!("/{n}"))) {
+            println!("  {} landed as {}", f.source.display(), f.target);
+        }
+    }
+    for (source, landed) in &report.already_landed {
+        println!("  skipped {}: already landed as {landed}", source.display());
+    }
 }
 
 fn print_summary(r: &CurateReport, verbose: bool) {

@@ -41,15 +41,9 @@ fn s3() -> Store {
 const SYSTEM: &str = "ehr";
 
 async fn ingest(t: &TestLake, paths: &[PathBuf]) -> IngestReport {
-    fhirflow::ingest::ingest(
-        &t.lake,
-        paths,
-        &tenant(),
-        &SYSTEM.parse().unwrap(),
-        date(),
-    )
-    .await
-    .expect("ingest")
+    fhirflow::ingest::ingest(&t.lake, paths, &tenant(), &SYSTEM.parse().unwrap(), date())
+        .await
+        .expect("ingest")
 }
 
 /// A file of `n` patients with ids `<prefix>-<i>`.
@@ -79,7 +73,14 @@ async fn raw_files(t: &TestLake) -> BTreeMap<String, Vec<u8>> {
         if o.location.prefix_match(&partition).unwrap().count() != 1 {
             continue;
         }
-        let bytes = root.store.get(&o.location).await.unwrap().bytes().await.unwrap();
+        let bytes = root
+            .store
+            .get(&o.location)
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
         out.insert(o.location.filename().unwrap().to_string(), bytes.to_vec());
     }
     out
@@ -165,7 +166,7 @@ async fn same_bytes_are_stored_once(store: Store) {
     let dir = t.input("once");
     let patient = patients(&dir, "Patient.ndjson", "p", 4);
     // Above the 8 MiB of one put: a multipart upload.
-    let big: String = (0..90_000)
+    let big: String = (0..120_000)
         .map(|i| format!("{{\"resourceType\":\"Condition\",\"id\":\"c-{i}\",\"subject\":{{\"reference\":\"Patient/p-0\"}}}}\n"))
         .collect();
     assert!(big.len() > 8 << 20);
@@ -173,7 +174,14 @@ async fn same_bytes_are_stored_once(store: Store) {
     std::fs::write(&condition, &big).unwrap();
     let d = dir.to_str().unwrap();
     let args = [
-        "ingest", d, "--tenant", TENANT, "--source-system", SYSTEM, "--date", DATE,
+        "ingest",
+        d,
+        "--tenant",
+        TENANT,
+        "--source-system",
+        SYSTEM,
+        "--date",
+        DATE,
     ];
     let out = stdout(&t.cli(&args, &[]));
     assert!(out.contains("ingested 2 files"), "{out}");
@@ -260,10 +268,13 @@ async fn concurrent_ingests_pick_different_names(store: Store) {
                 dir
             })
             .collect();
-        let children: Vec<_> = dirs
+        // Both commands first, then both spawns: building a command on an
+        // S3 lake rewrites the settings file the binary reads, which must
+        // not happen while a child reads it.
+        let mut commands: Vec<_> = dirs
             .iter()
             .map(|dir| {
-                t.command(
+                let mut cmd = t.command(
                     &[
                         "ingest",
                         dir.to_str().unwrap(),
@@ -275,12 +286,15 @@ async fn concurrent_ingests_pick_different_names(store: Store) {
                         DATE,
                     ],
                     &[],
-                )
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .expect("spawn fhirflow")
+                );
+                cmd.stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped());
+                cmd
             })
+            .collect();
+        let children: Vec<_> = commands
+            .iter_mut()
+            .map(|cmd| cmd.spawn().expect("spawn fhirflow"))
             .collect();
         for child in children {
             let out = stdout(&child.wait_with_output().unwrap());
@@ -289,7 +303,8 @@ async fn concurrent_ingests_pick_different_names(store: Store) {
     }
     let files = raw_files(t).await;
     let names: BTreeSet<&str> = files.keys().map(String::as_str).collect();
-    let mut expected: BTreeSet<String> = (2..=10).map(|n| format!("Patient.{n:03}.ndjson")).collect();
+    let mut expected: BTreeSet<String> =
+        (2..=10).map(|n| format!("Patient.{n:03}.ndjson")).collect();
     expected.insert("Patient.ndjson".into());
     assert_eq!(
         names,

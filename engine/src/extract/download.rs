@@ -3,12 +3,23 @@
 //! memory), gzip kept as sent, lines counted on the way and checked against
 //! the manifest. The object appears only when complete; a broken transfer
 //! is aborted and tried again from the start.
+//!
+//! An output file lands under a name it claims first
+//! ([`crate::raw::landing`]), once
+//! the first bytes tell whether it is gzip: its planned name when free, else
+//! the next part number, so a second export of the same day never replaces
+//! the first one's files. The claim carries the file's source key; a resumed
+//! extraction that finds a claim of its file with the data object in place
+//! counts that object's lines instead of downloading it again, and one whose
+//! data is missing downloads into the claimed name.
 
 use std::io::Write;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use object_store::buffered::BufWriter;
 use object_store::path::Path;
+use object_store::ObjectStoreExt;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use url::Url;
@@ -16,6 +27,8 @@ use url::Url;
 use super::auth::Auth;
 use super::http::{describe, error_text, shown, Http, Request};
 use crate::error::{Error, Result};
+use crate::layout::RawFileName;
+use crate::raw::landing::{Claim, Partition};
 use crate::report::Reporter;
 use crate::storage::Root;
 
@@ -32,15 +45,47 @@ pub enum Kind {
     Deleted,
 }
 
-/// A file to fetch: its URL and where it lands (without `.gz`, added when
-/// the server sends gzip).
+/// Where a file of the manifest lands (without `.gz`, added when the server
+/// sends gzip).
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// An output file: a free raw file name, this one when it is free.
+    Raw(RawFileName),
+    /// An export's own file (error, deleted): a path in this extraction's
+    /// own `_export/<run_id>/` folder, which nothing else writes.
+    Export(Path),
+}
+
+/// A file to fetch: its URL and where it lands.
 #[derive(Debug, Clone)]
 pub struct Planned {
     pub kind: Kind,
     pub resource_type: String,
     pub url: Url,
     pub count: Option<u64>,
-    pub target: Path,
+    pub target: Target,
+    /// What names this file of this export across runs (recorded in its
+    /// claim): the export's status URL and transactionTime, the file's place
+    /// in the manifest and its URL, all without query strings, which may
+    /// carry signatures.
+    pub source: String,
+}
+
+/// The raw partition an export lands in, shared by its parallel downloads.
+pub struct Landing<'a> {
+    partition: tokio::sync::Mutex<Partition<'a>>,
+    /// An earlier run of this extraction may have landed files: look for
+    /// them before downloading.
+    resumed: bool,
+}
+
+impl<'a> Landing<'a> {
+    pub fn new(partition: Partition<'a>, resumed: bool) -> Self {
+        Landing {
+            partition: tokio::sync::Mutex::new(partition),
+            resumed,
+        }
+    }
 }
 
 /// A file completely written.
@@ -59,6 +104,8 @@ pub struct Done {
     /// time spent writing them.
     pub wait_seconds: f64,
     pub write_seconds: f64,
+    /// Downloads it took; 0 when no run downloaded it since the last
+    /// record (an earlier run's object, found by its claim).
     pub attempts: u32,
 }
 
@@ -68,17 +115,28 @@ enum Failure {
     Fatal(Error),
 }
 
-/// Downloads `file`, retrying broken transfers.
+/// Downloads `file`, retrying broken transfers; or, in a resumed
+/// extraction, takes the object an earlier run landed for it (`attempts`
+/// 0: nothing was downloaded).
 pub async fn download(
     http: &Http,
     root: &Root,
+    landing: &Landing<'_>,
     file: &Planned,
     auth: Option<(&Auth, &Url)>,
     reporter: &dyn Reporter,
 ) -> Result<Done> {
+    // Names claimed for this file whose data is not there yet: a download
+    // goes to one of them rather than claim another.
+    let mut claimed: Vec<RawFileName> = Vec::new();
+    if landing.resumed {
+        if let Some(done) = landed_before(root, landing, file, &mut claimed).await? {
+            return Ok(done);
+        }
+    }
     let mut attempt = 0;
     loop {
-        match once(http, root, file, auth, reporter).await {
+        match once(http, root, landing, &mut claimed, file, auth, reporter).await {
             Ok(mut done) => {
                 done.attempts = attempt + 1;
                 return Ok(done);
@@ -99,9 +157,132 @@ pub async fn download(
     }
 }
 
+/// What an earlier run of this extraction landed for `file`: its object
+/// when that is there (a run that stopped after the upload, before it
+/// recorded the file), else the names it claimed, into `claimed`.
+async fn landed_before(
+    root: &Root,
+    landing: &Landing<'_>,
+    file: &Planned,
+    claimed: &mut Vec<RawFileName>,
+) -> Result<Option<Done>> {
+    let started = Instant::now();
+    let found: Option<(Path, bool)> = match &file.target {
+        Target::Raw(_) => {
+            let mut partition = landing.partition.lock().await;
+            let mut found = None;
+            for (name, stored) in partition.find_source(&file.source).await? {
+                match stored {
+                    Some(_) if found.is_none() => {
+                        found = Some((partition.path_of(&name), name.is_gzip()))
+                    }
+                    Some(_) => {}
+                    None => claimed.push(name),
+                }
+            }
+            found
+        }
+        Target::Export(path) => {
+            let mut found = None;
+            for (p, gzip) in [
+                (path.clone(), false),
+                (Path::from(format!("{path}.gz")), true),
+            ] {
+                match root.store.head(&p).await {
+                    Ok(_) => {
+                        found = Some((p, gzip));
+                        break;
+                    }
+                    Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(Error::store(STAGE, root.url_of(&p), e)),
+                }
+            }
+            found
+        }
+    };
+    let Some((path, gzip)) = found else {
+        return Ok(None);
+    };
+    let (lines, bytes) = count_object(root, &path, gzip).await?;
+    if let Some(expected) = file.count.filter(|&c| c != lines) {
+        return Err(Error::Http {
+            what: format!("{} file", file.resource_type),
+            url: shown(&file.url),
+            message: format!(
+                "an earlier run landed it as {} with {lines} lines, but the manifest's count is {expected}",
+                root.url_of(&path)
+            ),
+        });
+    }
+    Ok(Some(Done {
+        kind: file.kind,
+        resource_type: file.resource_type.clone(),
+        url: file.url.to_string(),
+        target: path.to_string(),
+        lines,
+        bytes,
+        seconds: started.elapsed().as_secs_f64(),
+        wait_seconds: 0.0,
+        write_seconds: 0.0,
+        attempts: 0,
+    }))
+}
+
+/// The lines and bytes of a landed object, read back.
+async fn count_object(root: &Root, path: &Path, gzip: bool) -> Result<(u64, u64)> {
+    let store_err = |e| Error::store(STAGE, root.url_of(path), e);
+    let mut stream = root.store.get(path).await.map_err(store_err)?.into_stream();
+    let mut lines = LineCount::new(gzip);
+    let mut bytes = 0u64;
+    let bad = |e: std::io::Error| Error::Io {
+        stage: STAGE,
+        location: root.url_of(path),
+        source: e,
+    };
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(store_err)?;
+        lines.feed(&chunk).map_err(bad)?;
+        bytes += chunk.len() as u64;
+    }
+    Ok((lines.finish().map_err(bad)?, bytes))
+}
+
+/// The path `file` is written to: an export file's fixed one, or for an
+/// output file a name claimed for it (reusing one an earlier attempt or run
+/// claimed with the same compression).
+async fn target_of(
+    landing: &Landing<'_>,
+    claimed: &mut Vec<RawFileName>,
+    file: &Planned,
+    gzip: bool,
+) -> Result<Path> {
+    match &file.target {
+        Target::Export(path) if gzip => Ok(Path::from(format!("{path}.gz"))),
+        Target::Export(path) => Ok(path.clone()),
+        Target::Raw(planned) => {
+            let mut partition = landing.partition.lock().await;
+            if let Some(name) = claimed.iter().find(|n| n.is_gzip() == gzip) {
+                return Ok(partition.path_of(name));
+            }
+            let wanted = if gzip {
+                planned.with_gzip()
+            } else {
+                planned.clone()
+            };
+            let name = partition
+                .claim(&wanted, Claim::new(file.source.clone(), None))
+                .await?;
+            claimed.push(name.clone());
+            Ok(partition.path_of(&name))
+        }
+    }
+}
+
 async fn once(
     http: &Http,
     root: &Root,
+    landing: &Landing<'_>,
+    claimed: &mut Vec<RawFileName>,
     file: &Planned,
     auth: Option<(&Auth, &Url)>,
     reporter: &dyn Reporter,
@@ -130,11 +311,9 @@ async fn once(
     let first = resp.chunk().await.map_err(broken)?;
     wait += t.elapsed();
     let gzip = encoded_gzip || first.as_ref().is_some_and(|c| c.starts_with(&[0x1f, 0x8b]));
-    let target = if gzip {
-        Path::from(format!("{}.gz", file.target))
-    } else {
-        file.target.clone()
-    };
+    let target = target_of(landing, claimed, file, gzip)
+        .await
+        .map_err(Failure::Fatal)?;
     let location = root.url_of(&target);
     let io = |e: std::io::Error| {
         Failure::Fatal(Error::Io {

@@ -1,8 +1,8 @@
 //! The extract stage: a FHIR Bulk Data Access v2 client that lands a
 //! tenant's export in the raw layer,
 //! `raw/tenantGuid=…/source_system=…/import_date=…/<Type>[.NNN].ndjson[.gz]`,
-//! with the export's own files beside it under `_export/` (the manifest, the
-//! `error` files, the `deleted` files).
+//! with the export's own files beside it under `_export/<run_id>/` (the
+//! manifest, the `error` files, the `deleted` files).
 //!
 //! An extraction is resumable. Its state lives in
 //! `raw/tenantGuid=…/source_system=…/_extract/pending.json`: written at
@@ -16,7 +16,14 @@
 //! the `_since` of the next `--incremental` run.
 //!
 //! Files land one by one, each appearing only when complete (an object
-//! store put, or a completed multipart upload).
+//! store put, or a completed multipart upload), and never in place of
+//! another: each output file claims a free name first (its planned
+//! `<Type>.ndjson`, else the next part number, see `raw::landing`), so a
+//! second export of the same day keeps the first one's files, and an
+//! export's own files go to a folder of its own, `_export/<run_id>/`. A file
+//! that an interrupted run uploaded but had not yet recorded in
+//! `pending.json` is found by its claim and not downloaded again.
+//! `last.json` is written only once every file of the export has landed.
 
 pub mod auth;
 pub mod download;
@@ -32,13 +39,14 @@ use serde::{Deserialize, Serialize};
 use url::Url;
 
 use self::auth::{Auth, Smart};
-use self::download::{Done, Kind, Planned};
+use self::download::{Done, Kind, Landing, Planned, Target};
 use self::export::{Level, Manifest, Parameters, Polled};
 use self::http::{shown, Http, Request};
 use crate::commit;
 use crate::error::{Error, Result};
 use crate::layout::{ImportDate, SourceSystem, TenantGuid};
 use crate::metadata::{self, JobRow, MetricRow};
+use crate::raw::landing::Partition;
 use crate::report::Reporter;
 use crate::settings::Settings;
 use crate::storage::Lake;
@@ -368,9 +376,9 @@ async fn extract_leased(
     };
     let export_wait_seconds = poll_started.elapsed().as_secs_f64();
 
-    // Plan every file's target, in manifest order (so a resumed run names
-    // them the same).
-    let plan = plan_files(lake, tenant, system, date, &manifest)?;
+    // Plan every file's target and source key, in manifest order (the key
+    // is how a resumed run finds what an earlier one landed).
+    let plan = plan_files(lake, tenant, system, date, &pending, &manifest)?;
     let file_auth = if manifest.requires_access_token {
         with_auth
     } else {
@@ -380,17 +388,24 @@ async fn extract_leased(
         .iter()
         .filter(|p| !pending.done.contains_key(p.url.as_str()))
         .collect();
-    let reused = plan.len() - todo.len();
     let earlier: std::collections::BTreeSet<String> = pending.done.keys().cloned().collect();
     reporter.start("extract", 0);
     reporter.status(&format!("downloading {} files", todo.len()));
     let download_started = Instant::now();
+    let landing = Landing::new(
+        Partition::read(root, STAGE, tenant, system, date).await?,
+        resumed,
+    );
     let state = Mutex::new(pending);
     let results: Vec<Result<()>> = futures::stream::iter(todo)
         .map(|file| {
-            let (http, state, pending_path) = (&http, &state, &pending_path);
+            let (http, state, pending_path, landing) = (&http, &state, &pending_path, &landing);
             async move {
-                let done = download::download(http, root, file, file_auth, reporter).await?;
+                let done =
+                    download::download(http, root, landing, file, file_auth, reporter).await?;
+                if done.attempts > 0 {
+                    commit::failpoint("extract-after-upload");
+                }
                 let snapshot = {
                     let mut s = state.lock().expect("state not poisoned");
                     s.done.insert(file.url.to_string(), done);
@@ -411,24 +426,44 @@ async fn extract_leased(
     // the next run. Report the first failure.
     results.into_iter().collect::<Result<Vec<()>>>()?;
 
+    // Every file of the export has landed before anything below (the
+    // manifest, the metadata, the next `_since`) is written.
     let files: Vec<Done> = plan
         .iter()
-        .map(|p| pending.done[p.url.as_str()].clone())
-        .collect();
+        .map(|p| {
+            pending
+                .done
+                .get(p.url.as_str())
+                .cloned()
+                .ok_or_else(|| Error::Http {
+                    what: format!("{} file", p.resource_type),
+                    url: shown(&p.url),
+                    message: "not landed; run the same command again to resume".into(),
+                })
+        })
+        .collect::<Result<_>>()?;
+    // Files this run did not download: recorded by an earlier run, or found
+    // landed by their claims.
+    let reused = files
+        .iter()
+        .filter(|f| earlier.contains(&f.url) || f.attempts == 0)
+        .count();
     let fresh = files.iter().filter(|f| !earlier.contains(&f.url));
     let (server_wait_seconds, write_seconds) = fresh.fold((0.0, 0.0), |(w, wr), f| {
         (w + f.wait_seconds, wr + f.write_seconds)
     });
 
     // The manifest beside the data, then the next `_since`.
-    let manifest_path = root
-        .paths
-        .export_file(tenant, system, date, "manifest.json");
+    let manifest_path =
+        root.paths
+            .export_run_file(tenant, system, date, &pending.run_id, "manifest.json");
     let manifest_json = pending
         .manifest
         .clone()
         .expect("manifest saved before downloads");
-    root.put(
+    // Create-only: a resumed run may find it written already (the same
+    // manifest, saved in `pending.json`), and raw objects are never replaced.
+    root.create(
         STAGE,
         &manifest_path,
         serde_json::to_vec_pretty(&manifest_json).expect("JSON serialises"),
@@ -492,17 +527,36 @@ async fn save(lake: &Lake, path: &object_store::path::Path, p: &Pending) -> Resu
         .await
 }
 
-/// Targets for every file of the manifest: data files as
-/// `<Type>.ndjson` (or `<Type>.NNN.ndjson` when a type has several), error
-/// and deleted files under `_export/error/` and `_export/deleted/`.
+/// A URL as a claim may record it: no query string or fragment (signed
+/// file URLs carry their signature there) and no user information.
+fn without_query(url: &Url) -> String {
+    let mut u = url.clone();
+    u.set_query(None);
+    u.set_fragment(None);
+    let _ = u.set_username("");
+    let _ = u.set_password(None);
+    u.to_string()
+}
+
+/// Targets for every file of the manifest: data files named
+/// `<Type>.ndjson` (or `<Type>.NNN.ndjson` when a type has several) when
+/// those names are free in the partition, error and deleted files under
+/// `_export/<run_id>/error/` and `_export/<run_id>/deleted/`.
 fn plan_files(
     lake: &Lake,
     tenant: &TenantGuid,
     system: &SourceSystem,
     date: ImportDate,
+    pending: &Pending,
     manifest: &Manifest,
 ) -> Result<Vec<Planned>> {
     let paths = &lake.raw.paths;
+    let run = pending.run_id.as_str();
+    let export = match Url::parse(&pending.status_url) {
+        Ok(u) => without_query(&u),
+        Err(_) => pending.run_id.clone(),
+    };
+    let export = format!("export {export} at {}", manifest.transaction_time);
     let mut plan = Vec::new();
     let groups = [
         (Kind::Output, &manifest.output),
@@ -515,7 +569,7 @@ fn plan_files(
             *per_type.entry(f.resource_type.as_str()).or_default() += 1;
         }
         let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
-        for f in files.iter() {
+        for (index, f) in files.iter().enumerate() {
             let ty = crate::fhir::resource_type(&f.resource_type).ok_or_else(|| Error::Http {
                 what: "export manifest".into(),
                 url: manifest.request.clone(),
@@ -532,25 +586,38 @@ fn plan_files(
                 format!("{ty}.{n:03}.ndjson")
             };
             let target = match kind {
-                Kind::Output => paths.raw_file(
+                Kind::Output => Target::Raw(
+                    crate::layout::RawFileName::parse(&name).expect("a valid raw file name"),
+                ),
+                Kind::Error => Target::Export(paths.export_run_file(
                     tenant,
                     system,
                     date,
-                    &crate::layout::RawFileName::parse(&name).expect("a valid raw file name"),
-                ),
-                Kind::Error => paths.export_file(tenant, system, date, &format!("error/{name}")),
-                Kind::Deleted => {
-                    paths.export_file(tenant, system, date, &format!("deleted/{name}"))
-                }
+                    run,
+                    &format!("error/{name}"),
+                )),
+                Kind::Deleted => Target::Export(paths.export_run_file(
+                    tenant,
+                    system,
+                    date,
+                    run,
+                    &format!("deleted/{name}"),
+                )),
             };
             let url = Url::parse(&f.url).map_err(|e| Error::Http {
                 what: "export manifest".into(),
                 url: manifest.request.clone(),
                 message: format!("file URL {:?}: {e}", f.url),
             })?;
+            let kind_name = match kind {
+                Kind::Output => "output",
+                Kind::Error => "error",
+                Kind::Deleted => "deleted",
+            };
             plan.push(Planned {
                 kind,
                 resource_type: ty.to_string(),
+                source: format!("{export}: {kind_name}[{index}] {}", without_query(&url)),
                 url,
                 count: f.count,
                 target,

@@ -1,5 +1,7 @@
-//! The raw layer: NDJSON as the source sent it, and how it is read back.
+//! The raw layer: NDJSON as the source sent it, how it lands without
+//! replacing anything ([`landing`]), and how it is read back.
 
+pub mod landing;
 pub mod lines;
 
 use std::io::Read;
@@ -22,9 +24,10 @@ pub struct LayerFile {
 }
 
 /// The raw files below `prefix` (a raw partition or a parent of some), sorted
-/// by path. Only paths that are valid raw partitions count; names starting
-/// with `_` or `.` are the extractor's own files (manifests, error and
-/// deleted files), not resources. A name that gives no resource type is
+/// by path. Only paths that are valid raw partitions count, so the claims in
+/// a partition's `_landed/` folder and the extractor's own files under
+/// `_export/` (a folder, not a `key=value` segment) are never data; names
+/// starting with `_` or `.` are not resources either. A name that gives no resource type is
 /// kept with `file_type: None`: curation rejects its lines rather than
 /// ignore them.
 pub async fn list_files(
