@@ -754,3 +754,55 @@ async fn smart_backend_services_with_es384_and_rs384_and_token_renewal() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_extractions_of_one_source_at_once_run_one_at_a_time() {
+    let (server, all) = loaded_server(ServerAuth::Bearer(TOKEN.into())).await;
+    let t = TestLake::new();
+    std::fs::write(
+        t.dir.path().join("fhirflow.toml"),
+        "[extract]\npoll_interval_seconds = 1\n",
+    )
+    .unwrap();
+    let base = server.base();
+    let args = [
+        "extract",
+        "--fhir-url",
+        &base,
+        "--tenant",
+        TENANT,
+        "--source-system",
+        "twice",
+        "--date",
+        DATE,
+        "--type",
+        "Patient,Condition",
+    ];
+    let env = [("FHIRFLOW_BEARER_TOKEN", TOKEN), ("FHIRFLOW_WAIT", "0")];
+    let spawn = || {
+        t.command(&args, &env)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn(), spawn());
+    let outs = [a.wait_with_output().unwrap(), b.wait_with_output().unwrap()];
+    let codes: Vec<Option<i32>> = outs.iter().map(|o| o.status.code()).collect();
+    let mut sorted = codes.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        vec![Some(0), Some(4)],
+        "{:?}",
+        outs.iter()
+            .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+            .collect::<Vec<_>>()
+    );
+    // One export, landed once.
+    assert_eq!(server.proxy.count("GET", "/$export"), 1);
+    assert_eq!(
+        raw_resources(&t, "twice", DATE),
+        of_types(&all, &["Patient", "Condition"])
+    );
+}
