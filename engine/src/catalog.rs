@@ -438,13 +438,17 @@ async fn table_specs(lake: &Lake, meta_db: &str) -> Result<Vec<TableSpec>> {
     // curated and metadata: what committed runs published.
     let visible = crate::commit::visible(lake, &crate::commit::PartitionFilter::default()).await?;
     let mut curated: BTreeMap<&'static str, BTreeMap<Vec<String>, Vec<String>>> = BTreeMap::new();
+    // Athena reads the visible folder's names (stable across re-curates,
+    // while a run's own parts are removed two commits later).
+    let folder = |p: &crate::commit::CuratedPart| lake.curated.paths.curated_partition(&p.tenant, p.date);
     for part in &visible.curated {
+        let name = part.object.name.as_deref().expect("visible parts have names");
         curated
             .entry(part.resource_type)
             .or_default()
             .entry(vec![part.tenant.to_string(), part.date.to_string()])
             .or_default()
-            .push(lake.curated.url_of(&part.object.location()));
+            .push(lake.curated.url_of(&folder(part).join(name)));
     }
     for (ty, partitions) in curated {
         specs.push(TableSpec {

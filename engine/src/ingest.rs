@@ -182,7 +182,7 @@ async fn hash_file(path: &FsPath) -> Result<(String, u64)> {
     tokio::task::spawn_blocking(move || {
         let io = io_error(path.display());
         let mut file = std::fs::File::open(&path).map_err(&io)?;
-        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        let mut hasher = crate::commit::Checksum::default();
         let mut buf = vec![0u8; 1 << 20];
         let mut size = 0u64;
         loop {
@@ -193,7 +193,7 @@ async fn hash_file(path: &FsPath) -> Result<(String, u64)> {
             hasher.update(&buf[..n]);
             size += n as u64;
         }
-        Ok((landing::hex(hasher.digest128()), size))
+        Ok((hasher.hex(), size))
     })
     .await?
 }
@@ -217,7 +217,7 @@ async fn upload(
         let bytes = tokio::fs::read(source)
             .await
             .map_err(io_error(source.display()))?;
-        if landing::hash_bytes(&bytes) != xxh3 {
+        if crate::commit::Checksum::of(&bytes) != xxh3 {
             return Err(changed());
         }
         // Create-only even though the name is claimed: a concurrent retry
@@ -245,7 +245,7 @@ async fn upload(
         .map_err(io_error(source.display()))?;
     let mut writer = BufWriter::with_capacity(root.store.clone(), target.clone(), UPLOAD_BUFFER);
     let to_store = io_error(root.url_of(target));
-    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    let mut hasher = crate::commit::Checksum::default();
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = match file.read(&mut buf).await {
@@ -264,7 +264,7 @@ async fn upload(
             return Err(to_store(e));
         }
     }
-    if landing::hex(hasher.digest128()) != xxh3 {
+    if hasher.hex() != xxh3 {
         let _ = writer.abort().await;
         return Err(changed());
     }

@@ -479,10 +479,6 @@ impl Paths {
         self.curated_runs(t, d).join(run).join(name)
     }
 
-    /// Scratch space of a run (objects no reader ever resolves).
-    pub fn staging(&self, layer: Layer, run: &str) -> Path {
-        self.join([layer.dir(), "_staging", run])
-    }
 }
 
 /// Reads back an object listed below raw partition folder `partition`: a
@@ -505,6 +501,11 @@ pub fn raw_entry(partition: &Path, path: &Path) -> Option<RawEntry> {
 /// (`…/source_system=<system>`), if it is one.
 pub fn source_system_folder(dir: &Path) -> Option<SourceSystem> {
     dir.filename()?.strip_prefix("source_system=")?.parse().ok()
+}
+
+/// The tenant a folder names (`…/tenantGuid=<guid>`), if it is one.
+pub fn tenant_folder(dir: &Path) -> Option<TenantGuid> {
+    dir.filename()?.strip_prefix("tenantGuid=")?.parse().ok()
 }
 
 /// Partition values read back from a path below a layer directory.

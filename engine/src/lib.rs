@@ -11,7 +11,7 @@
 //! * [`import`]: a curated partition into the local Iceberg [`lake`] or
 //!   AWS HealthLake;
 //! * [`catalog`]: the AWS Glue Data Catalog over every layer;
-//! * [`commit`]: staging and the commit protocol every write goes through;
+//! * [`commit`]: the commit log and the partition lease every write goes through;
 //! * [`metadata`]: `import_jobs`, `import_errors`, `import_metrics`;
 //! * [`sql`]: one DataFusion session over every layer.
 //!

@@ -196,16 +196,6 @@ impl Root {
         }
     }
 
-    pub async fn rename(&self, stage: &'static str, from: &Path, to: &Path) -> Result<()> {
-        self.store.rename(from, to).await.map_err(|e| {
-            Error::store(
-                stage,
-                format!("{} -> {}", self.url_of(from), self.url_of(to)),
-                e,
-            )
-        })
-    }
-
     /// A blocking reader over an object, checked against `expect` (size and
     /// e-tag) so that a file replaced between two reads is noticed. Call from
     /// a blocking thread.

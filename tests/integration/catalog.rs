@@ -110,17 +110,10 @@ async fn run_on_s3_imports_and_describes_every_layer_in_glue() {
         .await
         .unwrap();
     let listed: Vec<&str> = std::str::from_utf8(&text).unwrap().lines().collect();
-    // Athena reads the committed run's own objects, as `fhirflow sql` does.
-    let record = fhirflow::commit::latest_curate(&t.lake, &tenant(), date())
-        .await
-        .unwrap()
-        .unwrap();
-    let part = record
-        .curated
-        .iter()
-        .find(|o| o.name.as_deref() == Some("Patient-processed.ndjson"))
-        .unwrap();
-    assert_eq!(listed, vec![format!("s3://lake/{}", part.path)]);
+    assert_eq!(
+        listed,
+        vec![format!("s3://lake/fhir/curated/tenantGuid={TENANT}/import_date={DATE}/Patient-processed.ndjson")]
+    );
 
     let raw_parts = glue
         .get_partitions()

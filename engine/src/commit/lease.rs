@@ -123,6 +123,11 @@ pub struct Lease {
     /// The partition, for messages.
     partition: String,
     held: Arc<Mutex<Held>>,
+    /// Every write of a generation (renewals included) takes this first, so
+    /// that this run never races itself for a generation number.
+    writes: Arc<tokio::sync::Mutex<()>>,
+    /// Tells the renewer to write no more (checked under `writes`).
+    stopped: Arc<std::sync::atomic::AtomicBool>,
     renewer: Option<tokio::task::JoinHandle<()>>,
     ttl: Duration,
     /// The lease this run took over from a holder that never released it
@@ -132,6 +137,7 @@ pub struct Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
+        self.stopped.store(true, std::sync::atomic::Ordering::SeqCst);
         if let Some(r) = self.renewer.take() {
             r.abort();
         }
@@ -199,6 +205,16 @@ impl Lease {
             };
             if takeable {
                 let generation = current.as_ref().map_or(1, |r| r.generation + 1);
+                // A run settling a HealthLake job keeps the job's claim on the
+                // partition until it has seen the job end.
+                let job = match take {
+                    Take::SettlingJob(job)
+                        if current.as_ref().and_then(|r| r.healthlake_job_id.as_deref()) == Some(job) =>
+                    {
+                        Some(job.to_string())
+                    }
+                    _ => None,
+                };
                 let record = LeaseRecord {
                     generation,
                     stage: stage.to_string(),
@@ -206,16 +222,24 @@ impl Lease {
                     host: hostname(),
                     pid: std::process::id(),
                     written_at: now,
-                    expires_at: Some(now + timing.ttl.as_micros() as i64),
+                    expires_at: job
+                        .is_none()
+                        .then_some(now + timing.ttl.as_micros() as i64),
                     released: false,
-                    healthlake_job_id: None,
+                    healthlake_job_id: job,
                 };
-                if write(root, &dir, &record).await? {
+                // Created, and still the newest: a generation number that was
+                // pruned long ago can be created again by a run that read a
+                // stale state, so creation alone does not prove the take.
+                let newest = |r: Option<LeaseRecord>| r.is_some_and(|r| r.generation == generation);
+                if write(root, &dir, &record).await? && newest(self::current(root, &dir).await?) {
                     let mut lease = Lease {
                         root: root.clone(),
                         dir,
                         partition,
                         held: Arc::new(Mutex::new(Held { record, lost: None })),
+                        writes: Arc::default(),
+                        stopped: Arc::default(),
                         renewer: None,
                         ttl: timing.ttl,
                         displaced: current.filter(|r| !r.released),
@@ -237,11 +261,6 @@ impl Lease {
             let pause = Duration::from_millis(500).min(deadline - tokio::time::Instant::now());
             tokio::time::sleep(pause.max(Duration::from_millis(50))).await;
         }
-    }
-
-    /// The partition this lease is on, for messages.
-    pub fn partition(&self) -> &str {
-        &self.partition
     }
 
     /// The holder this run took the lease over from, when it never released it.
@@ -266,9 +285,15 @@ impl Lease {
             return Err(self.lost(detail));
         }
         match current(&self.root, &self.dir).await? {
-            Some(r) if r.generation == mine.generation && r.run_id == mine.run_id => {
-                if r.expires_at.is_some_and(|e| e <= now_micros()) {
-                    return Err(self.lost("it expired before the commit".into()));
+            // A renewal may have landed since `mine` was read: same run, a
+            // generation at least as new.
+            Some(r) if r.run_id == mine.run_id && r.generation >= mine.generation && !r.released => {
+                // Commit only with a third of the lease's time left (renewals
+                // keep two thirds): a run whose renewals failed stops here,
+                // well before another run can take the lease over.
+                let margin = (self.ttl / 3).as_micros() as i64;
+                if r.expires_at.is_some_and(|e| e - margin <= now_micros()) {
+                    return Err(self.lost("it is about to expire (renewals failed)".into()));
                 }
                 Ok(())
             }
@@ -288,41 +313,41 @@ impl Lease {
     /// Gives the lease to a HealthLake job: it holds the partition, without
     /// expiring, until a run that settles the job takes it over.
     pub async fn hand_to_job(mut self, job_id: &str) -> Result<()> {
-        self.stop_renewing();
-        self.ensure_held().await?;
-        let mut next = self.record();
-        next.generation += 1;
-        next.written_at = now_micros();
-        next.expires_at = None;
-        next.healthlake_job_id = Some(job_id.to_string());
-        if !write(&self.root, &self.dir, &next).await? {
-            return Err(self.lost("taken over while handing it to the job".into()));
-        }
-        Ok(())
+        self.stop_renewing().await;
+        self.advance(|r| {
+            r.expires_at = None;
+            r.healthlake_job_id = Some(job_id.to_string());
+        })
+        .await
     }
 
     /// Records the job that this run now waits for, so that a crash of this
     /// run leaves the partition held by the job (not free for a re-curate
     /// while HealthLake still reads it).
     pub async fn note_job(&self, job_id: &str) -> Result<()> {
-        let mut h = self.held.lock().expect("lease lock").record.clone();
-        h.healthlake_job_id = Some(job_id.to_string());
-        h.expires_at = None;
-        self.advance(h).await
+        self.advance(|r| {
+            r.expires_at = None;
+            r.healthlake_job_id = Some(job_id.to_string());
+        })
+        .await
     }
 
     /// Gives the lease up.
     pub async fn release(mut self) -> Result<()> {
-        self.stop_renewing();
-        let mut next = self.record();
-        next.released = true;
-        next.healthlake_job_id = None;
-        self.advance(next).await
+        self.stop_renewing().await;
+        self.advance(|r| {
+            r.released = true;
+            r.healthlake_job_id = None;
+        })
+        .await
     }
 
-    /// Writes the next generation with `next`'s content.
-    async fn advance(&self, mut next: LeaseRecord) -> Result<()> {
-        next.generation = self.record().generation + 1;
+    /// Writes the next generation: this run's record changed by `change`.
+    async fn advance(&self, change: impl FnOnce(&mut LeaseRecord)) -> Result<()> {
+        let _writing = self.writes.lock().await;
+        let mut next = self.record();
+        change(&mut next);
+        next.generation += 1;
         next.written_at = now_micros();
         if !write(&self.root, &self.dir, &next).await? {
             let detail = "another run wrote the lease".to_string();
@@ -334,22 +359,31 @@ impl Lease {
         Ok(())
     }
 
-    fn stop_renewing(&mut self) {
+    /// Stops the renewals, after a renewal in flight has finished.
+    async fn stop_renewing(&mut self) {
+        let _writing = self.writes.lock().await;
+        self.stopped.store(true, std::sync::atomic::Ordering::SeqCst);
         if let Some(r) = self.renewer.take() {
             r.abort();
         }
     }
 
     fn start_renewing(&mut self) {
-        let (root, dir, held, ttl) = (
+        let (root, dir, held, writes, stopped, ttl) = (
             self.root.clone(),
             self.dir.clone(),
             self.held.clone(),
+            self.writes.clone(),
+            self.stopped.clone(),
             self.ttl,
         );
         self.renewer = Some(tokio::spawn(async move {
             loop {
                 tokio::time::sleep(ttl / 3).await;
+                let _writing = writes.lock().await;
+                if stopped.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
                 let mut next = held.lock().expect("lease lock").record.clone();
                 if next.expires_at.is_none() {
                     continue; // a HealthLake job holds it: nothing to renew
@@ -371,7 +405,8 @@ impl Lease {
                         return;
                     }
                     // A passing store error: try again at the next tick; if
-                    // they go on, the lease lapses and ensure_held says so.
+                    // they go on, the lease runs short and `ensure_held`
+                    // stops the run before it commits.
                     Err(_) => {}
                 }
             }
@@ -479,7 +514,7 @@ mod tests {
     async fn an_expired_lease_is_taken_over_once_and_its_holder_cannot_commit() {
         for (root, _dir) in roots() {
             let mut a = take(&root, "a", timing(200, 0)).await.unwrap();
-            a.stop_renewing(); // as if the holder froze
+            a.stop_renewing().await; // as if the holder froze
             tokio::time::sleep(Duration::from_millis(300)).await;
             // Two runs race for the expired lease: exactly one wins.
             let (b, c) = tokio::join!(

@@ -107,6 +107,10 @@ pub struct CommitRecord {
     /// For an import: the sequence of the curate commit it imported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub imported: Option<u64>,
+    /// For an extraction: its source system (each source system's latest
+    /// extraction is current).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_system: Option<String>,
 }
 
 impl CommitRecord {
@@ -124,6 +128,7 @@ pub struct Draft {
     pub curated: Vec<Object>,
     pub metadata: Vec<Object>,
     pub imported: Option<u64>,
+    pub source_system: Option<String>,
 }
 
 /// Streams bytes into an xxh3-128 checksum.
@@ -148,6 +153,27 @@ pub fn partition_lease(lake: &Lake, tenant: &TenantGuid, date: ImportDate) -> (P
         lake.metadata.paths.partition_lease(tenant, date),
         format!("tenant {tenant} date {date}"),
     )
+}
+
+/// Takes the (tenant, source system) lease of an extraction.
+pub async fn lease_source(
+    lake: &Lake,
+    settings: &crate::settings::Settings,
+    tenant: &TenantGuid,
+    system: &crate::layout::SourceSystem,
+    stage: &'static str,
+    run_id: &str,
+) -> Result<Lease> {
+    Lease::acquire(
+        &lake.metadata,
+        lake.metadata.paths.source_lease(tenant, system),
+        format!("tenant {tenant} source system {system}"),
+        stage,
+        run_id,
+        lease::Timing::from_settings(&settings.lease),
+        lease::Take::Free,
+    )
+    .await
 }
 
 /// Takes the (tenant, date) lease for `stage`, with the settings' timing.
@@ -198,6 +224,7 @@ pub async fn commit(
             curated: draft.curated.clone(),
             metadata: draft.metadata.clone(),
             imported: draft.imported,
+            source_system: draft.source_system.clone(),
         };
         let bytes = serde_json::to_vec_pretty(&record).expect("commit record serialises");
         if lake
@@ -418,6 +445,22 @@ pub async fn collect_garbage(
     Ok(())
 }
 
+/// Removes what `run` wrote to the partition when it failed before its
+/// commit: its own parts and metadata files, nothing of any other run (a run
+/// that lost its lease must not touch the new holder's objects).
+pub async fn discard_run(lake: &Lake, tenant: &TenantGuid, date: ImportDate, run: &str) -> Result<()> {
+    let own = lake.curated.paths.curated_runs(tenant, date).join(run);
+    for o in lake.curated.list(STAGE, &own).await? {
+        lake.curated.delete(STAGE, &o.location).await?;
+    }
+    for table in MetadataTable::ALL {
+        lake.metadata
+            .delete(STAGE, &lake.metadata.paths.metadata_file(table, tenant, date, run))
+            .await?;
+    }
+    Ok(())
+}
+
 /// A curated part readers may see.
 #[derive(Debug, Clone)]
 pub struct CuratedPart {
@@ -450,7 +493,18 @@ pub struct PartitionFilter {
 pub async fn visible(lake: &Lake, filter: &PartitionFilter) -> Result<Visible> {
     let root = &lake.metadata;
     let mut dirs: Vec<Path> = Vec::new();
-    match (&filter.tenants, &filter.dates) {
+    // With dates but no tenant, the tenants come from one folder listing.
+    let tenants = match (&filter.tenants, &filter.dates) {
+        (None, Some(_)) => Some(
+            root.list_dirs(STAGE, &root.paths.commits_root())
+                .await?
+                .iter()
+                .filter_map(crate::layout::tenant_folder)
+                .collect::<Vec<_>>(),
+        ),
+        (ts, _) => ts.clone(),
+    };
+    match (&tenants, &filter.dates) {
         (Some(ts), Some(ds)) => {
             for t in ts {
                 for d in ds {
@@ -485,9 +539,11 @@ pub async fn visible(lake: &Lake, filter: &PartitionFilter) -> Result<Visible> {
         out.metadata_history.insert(table.name(), Vec::new());
     }
     for records in logs {
-        let mut latest_by_stage: BTreeMap<&str, &CommitRecord> = BTreeMap::new();
+        // Current: the latest run of each stage (of each source system, for
+        // extractions).
+        let mut latest_by_stage: BTreeMap<(&str, Option<&str>), &CommitRecord> = BTreeMap::new();
         for r in &records {
-            latest_by_stage.insert(r.stage.as_str(), r);
+            latest_by_stage.insert((r.stage.as_str(), r.source_system.as_deref()), r);
             for table in MetadataTable::ALL {
                 let v = out.metadata_history.get_mut(table.name()).expect("all tables");
                 v.extend(r.metadata_of(table).map(Object::location));
@@ -499,7 +555,7 @@ pub async fn visible(lake: &Lake, filter: &PartitionFilter) -> Result<Visible> {
                 v.extend(r.metadata_of(table).map(Object::location));
             }
         }
-        if let Some(r) = latest_by_stage.get(CURATE) {
+        if let Some(r) = latest_by_stage.get(&(CURATE, None)) {
             let (Ok(tenant), Ok(date)) = (r.tenant_guid.parse(), r.import_date.parse()) else {
                 return Err(Error::Corrupt {
                     stage: STAGE,
@@ -509,7 +565,11 @@ pub async fn visible(lake: &Lake, filter: &PartitionFilter) -> Result<Visible> {
             };
             for o in &r.curated {
                 let Some(ty) = o.name.as_deref().and_then(curated_file_type) else {
-                    continue;
+                    return Err(Error::Corrupt {
+                        stage: STAGE,
+                        location: format!("commit {} of run {}", r.sequence, r.run_id),
+                        detail: format!("part {} has no curated file name", o.path),
+                    });
                 };
                 out.curated.push(CuratedPart {
                     tenant: TenantGuid::clone(&tenant),

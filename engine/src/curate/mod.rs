@@ -535,19 +535,7 @@ pub async fn raw_files(
     tenant: &TenantGuid,
     date: ImportDate,
 ) -> Result<Vec<LayerFile>> {
-    // One folder listing for the tenant's source systems, then one listing
-    // per source system of this date only: the cost does not grow with the
-    // tenant's other dates.
-    let root = &lake.raw;
-    let mut files = Vec::new();
-    for dir in root.list_dirs(STAGE, &root.paths.raw_tenant(tenant)).await? {
-        if let Some(system) = crate::layout::source_system_folder(&dir) {
-            let partition = root.paths.raw_partition(tenant, &system, date);
-            files.extend(raw::list_files(root, STAGE, &partition).await?);
-        }
-    }
-    files.sort_by(|a, b| a.meta.location.cmp(&b.meta.location));
-    Ok(files)
+    raw::tenant_files(&lake.raw, STAGE, tenant, None, Some(&[date])).await
 }
 
 /// Curates (tenant, date): every raw file of every source system.
@@ -626,6 +614,7 @@ pub async fn curate_with_checks(
             curated: processed.parts,
             metadata,
             imported: None,
+            source_system: None,
         };
         let record = commit::commit(lake, &lease, tenant, date, &run_id, commit::CURATE, draft).await?;
         Ok((record, types, total, processed.phases, processed.rule_counts))
@@ -636,7 +625,7 @@ pub async fn curate_with_checks(
         Err(e) => {
             // Nothing of this run is visible; its objects go now (or with
             // the next run, if this clean-up fails too).
-            let _ = commit::collect_garbage(lake, tenant, date, "", std::slice::from_ref(&run_id)).await;
+            let _ = commit::discard_run(lake, tenant, date, &run_id).await;
             let _ = lease.release().await;
             return Err(e);
         }
@@ -646,8 +635,12 @@ pub async fn curate_with_checks(
     // lease redoes both.
     let publish_start = Instant::now();
     failpoint("after-commit");
+    // Each step checks the lease first: a run that stalled past it leaves
+    // the folder and the clean-up to the next holder.
+    lease.ensure_held().await?;
     commit::mirror(lake, tenant, date, &record).await?;
     failpoint("after-mirror");
+    lease.ensure_held().await?;
     commit::collect_garbage(lake, tenant, date, &run_id, &[]).await?;
     lease.release().await?;
     phases.push(Phase {

@@ -225,19 +225,13 @@ pub async fn extract(
     reporter: &dyn Reporter,
 ) -> Result<ExtractReport> {
     request.check()?;
-    let lease = crate::commit::lease::Lease::acquire(
-        &lake.metadata,
-        lake.metadata
-            .paths
-            .source_lease(&request.tenant, &request.source_system),
-        format!(
-            "tenant {} source system {}",
-            request.tenant, request.source_system
-        ),
+    let lease = crate::commit::lease_source(
+        lake,
+        settings,
+        &request.tenant,
+        &request.source_system,
         STAGE,
         &uuid::Uuid::now_v7().to_string(),
-        crate::commit::lease::Timing::from_settings(&settings.lease),
-        crate::commit::lease::Take::Free,
     )
     .await?;
     let result = extract_leased(lake, settings, request, reporter, &lease).await;
@@ -716,7 +710,9 @@ async fn write_metadata(
             }
         })
         .collect();
+    let system = request.source_system.to_string();
     let rows = metadata::StageRows {
+        source_system: Some(&system),
         jobs: &[job],
         errors: &[],
         metrics: &metrics,

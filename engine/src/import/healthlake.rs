@@ -86,7 +86,9 @@ pub(super) async fn import(
     // The partition stays leased while HealthLake reads it: from here until
     // the job ends, whichever run sees the end (this one, or `import status`).
     let previous = read_state(lake, &req.tenant, req.date).await?;
-    let settling = previous.as_ref().filter(|s| !s.recorded).map(|s| s.healthlake_job_id.clone());
+    // A lease that still names the last job (its outcome recorded, or not
+    // yet) is this import's to take over.
+    let settling = previous.as_ref().map(|s| s.healthlake_job_id.clone());
     let lease = commit::lease_partition(
         lake,
         settings,
@@ -191,10 +193,6 @@ pub async fn status(
         target: ImportTarget::Healthlake,
         wait: false,
     };
-    if state.recorded {
-        let props = describe(&client, &state).await?;
-        return Ok(report_of(&state, &props));
-    }
     let lease = commit::lease_partition(
         lake,
         settings,
@@ -205,6 +203,13 @@ pub async fn status(
         Take::SettlingJob(&state.healthlake_job_id),
     )
     .await?;
+    if state.recorded {
+        // Recorded already; a run that died before it released the lease
+        // left the job's claim on the partition: end it now.
+        let props = describe(&client, &state).await;
+        lease.release().await?;
+        return Ok(report_of(&state, &props?));
+    }
     follow(
         lake,
         settings,
@@ -324,8 +329,10 @@ async fn follow(
             Ok(p) => p,
             Err(e) => {
                 // The job goes on without us: it keeps the partition.
-                let _ = lease.hand_to_job(&state.healthlake_job_id).await;
-                return Err(e);
+                return Err(match lease.hand_to_job(&state.healthlake_job_id).await {
+                    Ok(()) => e,
+                    Err(lost) => Error::Import(format!("{e}; and the partition's lease: {lost}")),
+                });
             }
         };
         let status = props.job_status();
@@ -391,6 +398,7 @@ async fn follow(
         s => s.as_str().to_ascii_lowercase(),
     };
     let rows = metadata::StageRows {
+        source_system: None,
         jobs: &[job],
         errors: &errors,
         metrics: &metrics,
@@ -399,8 +407,10 @@ async fn follow(
         metadata::publish_stage_rows(lake, &lease, STAGE, &req.tenant, req.date, &state.job_id, rows, None)
             .await;
     if let Err(e) = published {
-        let _ = lease.hand_to_job(&state.healthlake_job_id).await;
-        return Err(e);
+        return Err(match lease.hand_to_job(&state.healthlake_job_id).await {
+            Ok(()) => e,
+            Err(lost) => Error::Import(format!("{e}; and the partition's lease: {lost}")),
+        });
     }
     if ended(props.job_status()) {
         state.recorded = true;

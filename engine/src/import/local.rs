@@ -141,6 +141,7 @@ async fn import_pinned(
     let job = job_row(req, &report, started_at, input, output);
     let metrics = metric_rows(req, &report, &bytes, &BTreeMap::new());
     let rows = metadata::StageRows {
+        source_system: None,
         jobs: &[job],
         errors: &[],
         metrics: &metrics,

@@ -347,6 +347,7 @@ pub async fn publish_stage_rows(
         curated: Vec::new(),
         metadata,
         imported,
+        source_system: rows.source_system.map(str::to_string),
     };
     crate::commit::commit(lake, lease, tenant, date, run, stage, draft).await
 }
@@ -354,6 +355,8 @@ pub async fn publish_stage_rows(
 /// The rows of one run of a stage.
 #[derive(Debug, Clone, Copy)]
 pub struct StageRows<'a> {
+    /// The source system of an extraction.
+    pub source_system: Option<&'a str>,
     pub jobs: &'a [JobRow],
     pub errors: &'a [ErrorRow],
     pub metrics: &'a [MetricRow],

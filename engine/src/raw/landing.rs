@@ -36,6 +36,7 @@ use object_store::path::Path;
 use object_store::ObjectStoreExt;
 use serde::{Deserialize, Serialize};
 
+use crate::commit::Checksum;
 use crate::error::{Error, Result};
 use crate::layout::{raw_entry, ImportDate, RawEntry, RawFileName, SourceSystem, TenantGuid};
 use crate::storage::Root;
@@ -316,28 +317,18 @@ async fn read_claim(root: &Root, stage: &'static str, path: &Path) -> Result<Cla
     serde_json::from_slice(&bytes).map_err(|e| unreadable(format!("not a raw name claim: {e}")))
 }
 
-/// xxh3-128 as fhirflow writes it: 32 lower-case hex digits.
-pub fn hex(digest: u128) -> String {
-    format!("{digest:032x}")
-}
-
-/// The xxh3-128 of bytes in memory, as a claim records it.
-pub fn hash_bytes(bytes: &[u8]) -> String {
-    hex(xxhash_rust::xxh3::xxh3_128(bytes))
-}
-
 /// The xxh3-128 and size of an object, streamed.
 pub async fn hash_object(root: &Root, stage: &'static str, path: &Path) -> Result<(String, u64)> {
     let store_err = |e| Error::store(stage, root.url_of(path), e);
     let mut stream = root.store.get(path).await.map_err(store_err)?.into_stream();
-    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    let mut hasher = Checksum::default();
     let mut size = 0u64;
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(store_err)?;
         hasher.update(&chunk);
         size += chunk.len() as u64;
     }
-    Ok((hex(hasher.digest128()), size))
+    Ok((hasher.hex(), size))
 }
 
 #[cfg(test)]
@@ -424,7 +415,7 @@ mod tests {
         let path = root.paths.raw_file(&t, &s, d, &legacy);
         root.put("test", &path, b"{}\n".to_vec()).await.unwrap();
         let mut p2 = Partition::read(&root, "test", &t, &s, d).await.unwrap();
-        let h = hash_bytes(b"{}\n");
+        let h = Checksum::of(b"{}\n");
         assert_eq!(
             p2.find_content(&legacy, &h, 3).await.unwrap(),
             Some(Found::Landed(legacy.clone()))

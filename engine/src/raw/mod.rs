@@ -63,6 +63,42 @@ pub async fn list_files(
     Ok(files)
 }
 
+/// The raw files of one tenant's partitions, sorted by path: of every source
+/// system (or those of `systems`) and every date (or those of `dates`).
+/// Lists only those folders, so the cost follows what is asked for, not the
+/// tenant's whole history.
+pub async fn tenant_files(
+    root: &Root,
+    stage: &'static str,
+    tenant: &crate::layout::TenantGuid,
+    systems: Option<&[crate::layout::SourceSystem]>,
+    dates: Option<&[crate::layout::ImportDate]>,
+) -> Result<Vec<LayerFile>> {
+    let systems = match systems {
+        Some(s) => s.to_vec(),
+        None => root
+            .list_dirs(stage, &root.paths.raw_tenant(tenant))
+            .await?
+            .iter()
+            .filter_map(crate::layout::source_system_folder)
+            .collect(),
+    };
+    let mut files = Vec::new();
+    for s in &systems {
+        match dates {
+            Some(ds) => {
+                for d in ds {
+                    let p = root.paths.raw_partition(tenant, s, *d);
+                    files.extend(list_files(root, stage, &p).await?);
+                }
+            }
+            None => files.extend(list_files(root, stage, &root.paths.raw_source(tenant, s)).await?),
+        }
+    }
+    files.sort_by(|a, b| a.meta.location.cmp(&b.meta.location));
+    Ok(files)
+}
+
 /// Reads `file` line by line on the current (blocking) thread.
 pub fn read_lines(
     root: &Root,

@@ -308,39 +308,25 @@ impl Wanted {
 /// The raw files of `ty` in the partitions `w` allows, listing only those.
 async fn raw_files(lake: &Lake, ty: &str, w: &Wanted) -> crate::error::Result<Vec<LayerFile>> {
     let root = &lake.raw;
-    let mut prefixes = Vec::new();
-    match &w.tenants {
-        None => prefixes.push(root.paths.layer(Layer::Raw)),
+    let files = match &w.tenants {
+        None => crate::raw::list_files(root, STAGE, &root.paths.layer(Layer::Raw)).await?,
         Some(tenants) => {
+            let mut files = Vec::new();
             for t in tenants {
-                let systems = match &w.systems {
-                    Some(s) => s.clone(),
-                    None => root
-                        .list_dirs(STAGE, &root.paths.raw_tenant(t))
-                        .await?
-                        .iter()
-                        .filter_map(crate::layout::source_system_folder)
-                        .collect(),
-                };
-                for s in systems {
-                    match &w.dates {
-                        Some(ds) => prefixes.extend(ds.iter().map(|d| root.paths.raw_partition(t, &s, *d))),
-                        None => prefixes.push(root.paths.raw_source(t, &s)),
-                    }
-                }
+                let found = crate::raw::tenant_files(
+                    root,
+                    STAGE,
+                    t,
+                    w.systems.as_deref(),
+                    w.dates.as_deref(),
+                )
+                .await?;
+                files.extend(found);
             }
+            files
         }
-    }
-    let mut files = Vec::new();
-    for p in prefixes {
-        files.extend(
-            crate::raw::list_files(root, STAGE, &p)
-                .await?
-                .into_iter()
-                .filter(|f| f.file_type == Some(ty)),
-        );
-    }
-    Ok(files)
+    };
+    Ok(files.into_iter().filter(|f| f.file_type == Some(ty)).collect())
 }
 
 /// The committed curated parts of `ty` in the partitions `w` allows, from
