@@ -148,13 +148,8 @@ impl TestLake {
             // Written once, whole (runs started together read it).
             let path = self.dir.path().join("s3-lake.toml");
             if !path.exists() {
-                let s3 = fhirflow::settings::Settings {
-                    lake: self.settings.lake.clone(),
-                    s3: self.settings.s3.clone(),
-                    ..Default::default()
-                };
                 let part = path.with_extension("toml.part");
-                std::fs::write(&part, toml::to_string(&s3).unwrap()).unwrap();
+                std::fs::write(&part, toml::to_string(&self.settings).unwrap()).unwrap();
                 std::fs::rename(&part, &path).unwrap();
             }
             cmd.env("FHIRFLOW_CONFIG", path);

@@ -12,7 +12,7 @@ use futures::TryStreamExt;
 use object_store::ObjectStoreExt;
 
 use fhirflow::ingest::IngestReport;
-use fhirflow::raw::landing::{self, Claim, Partition};
+use fhirflow::raw::landing::{Claim, Partition};
 use fhirflow_tests::*;
 
 /// A lake on a local disk or on moto.
@@ -216,7 +216,7 @@ async fn same_bytes_are_stored_once(store: Store) {
     // ingest of those bytes completes that landing under the claimed name.
     let late = patients(&t.input("late"), "Patient.ndjson", "late", 2);
     let bytes = read(&late);
-    let hash = landing::hash_bytes(&bytes);
+    let hash = fhirflow::commit::Checksum::of(&bytes);
     let mut partition = Partition::read(
         &t.lake.raw,
         "test",
