@@ -179,7 +179,14 @@ impl TestLake {
         let listed: Vec<_> = root.store.list(Some(&folder)).try_collect().await.unwrap();
         let mut out = std::collections::BTreeMap::new();
         for o in listed {
-            let bytes = root.store.get(&o.location).await.unwrap().bytes().await.unwrap();
+            let bytes = root
+                .store
+                .get(&o.location)
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
             out.insert(o.location.filename().unwrap().to_string(), bytes.to_vec());
         }
         out

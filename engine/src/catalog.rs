@@ -440,9 +440,14 @@ async fn table_specs(lake: &Lake, meta_db: &str) -> Result<Vec<TableSpec>> {
     let mut curated: BTreeMap<&'static str, BTreeMap<Vec<String>, Vec<String>>> = BTreeMap::new();
     // Athena reads the visible folder's names (stable across re-curates,
     // while a run's own parts are removed two commits later).
-    let folder = |p: &crate::commit::CuratedPart| lake.curated.paths.curated_partition(&p.tenant, p.date);
+    let folder =
+        |p: &crate::commit::CuratedPart| lake.curated.paths.curated_partition(&p.tenant, p.date);
     for part in &visible.curated {
-        let name = part.object.name.as_deref().expect("visible parts have names");
+        let name = part
+            .object
+            .name
+            .as_deref()
+            .expect("visible parts have names");
         curated
             .entry(part.resource_type)
             .or_default()

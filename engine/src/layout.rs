@@ -478,7 +478,6 @@ impl Paths {
     pub fn curated_run_part(&self, t: &TenantGuid, d: ImportDate, run: &str, name: &str) -> Path {
         self.curated_runs(t, d).join(run).join(name)
     }
-
 }
 
 /// Reads back an object listed below raw partition folder `partition`: a

@@ -164,7 +164,11 @@ impl Root {
             mode: object_store::PutMode::Create,
             ..Default::default()
         };
-        match self.store.put_opts(path, PutPayload::from(bytes), opts).await {
+        match self
+            .store
+            .put_opts(path, PutPayload::from(bytes), opts)
+            .await
+        {
             Ok(_) => Ok(true),
             Err(object_store::Error::AlreadyExists { .. })
             | Err(object_store::Error::Precondition { .. }) => Ok(false),

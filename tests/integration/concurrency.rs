@@ -73,7 +73,11 @@ const IMPORT: [&str; 5] = ["import", "--tenant", TENANT, "--date", DATE];
 
 /// Polls `curated.patient` until stopped; every answer must be one of
 /// `allowed` (never an error, never a partial count). Returns the reads.
-fn reader(t: Arc<TestLake>, allowed: Vec<u64>, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<usize> {
+fn reader(
+    t: Arc<TestLake>,
+    allowed: Vec<u64>,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<usize> {
     tokio::spawn(async move {
         let mut reads = 0;
         while !stop.load(Ordering::Relaxed) {
@@ -87,7 +91,10 @@ fn reader(t: Arc<TestLake>, allowed: Vec<u64>, stop: Arc<AtomicBool>) -> tokio::
                 Err(e) if allowed.contains(&0) && e.to_string().contains("not found") => 0,
                 Err(e) => panic!("a reader failed while runs published: {e}"),
             };
-            assert!(allowed.contains(&n), "a reader saw {n} patients, not one of {allowed:?}");
+            assert!(
+                allowed.contains(&n),
+                "a reader saw {n} patients, not one of {allowed:?}"
+            );
             reads += 1;
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -135,9 +142,15 @@ async fn concurrent_curates(store: Store) {
         stop.store(true, Ordering::Relaxed);
         let reads = reads.await.expect("the reader saw only whole states");
         let winners = codes.iter().filter(|c| c.0 == 0).count();
-        assert_eq!(winners, 1, "round {round}: exactly one run does the work: {codes:?}");
+        assert_eq!(
+            winners, 1,
+            "round {round}: exactly one run does the work: {codes:?}"
+        );
         for (code, err) in &codes {
-            assert!(*code == 0 || (*code == 4 && err.contains("busy")), "round {round}: {code} {err}");
+            assert!(
+                *code == 0 || (*code == 4 && err.contains("busy")),
+                "round {round}: {code} {err}"
+            );
         }
         assert!(reads > 0, "round {round}: the reader never read");
         let now = t.sql("SELECT count(*) FROM curated.patient").await;
@@ -147,7 +160,9 @@ async fn concurrent_curates(store: Store) {
 
     // The end state is one uninterrupted run's, byte for byte.
     let reference = TestLake::new();
-    reference.ingest(std::slice::from_ref(&sample), "synthea").await;
+    reference
+        .ingest(std::slice::from_ref(&sample), "synthea")
+        .await;
     for round in 0..4 {
         land_patients(&reference, round, 25).await;
     }
@@ -184,7 +199,10 @@ async fn concurrent_imports_import_once() {
             children.push(spawn(&t, &IMPORT, &[("FHIRFLOW_WAIT", "0")]));
         }
         for (code, err) in exit_codes(children).await {
-            assert!(code == 0 || (code == 4 && err.contains("busy")), "{code} {err}");
+            assert!(
+                code == 0 || (code == 4 && err.contains("busy")),
+                "{code} {err}"
+            );
         }
     }
     // However the runs interleaved, the curated partition went in once.
@@ -209,7 +227,11 @@ async fn killed_runs(t: &TestLake, args: &[&str], seed: u64, kills: usize, check
         check.after_kill(t, i).await;
     }
     let out = t.cli(args, &[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 trait AsyncCheck {
@@ -227,9 +249,18 @@ impl AsyncCheck for CurateState {
             .await
             .unwrap();
         let seen = v.curated.len();
-        assert!(seen == 0 || seen == self.full.len(), "kill {i}: {seen} parts visible");
-        let jobs = t.sql("SELECT count(*) FROM metadata.import_jobs WHERE stage = 'curate'").await;
-        assert_eq!(jobs, vec![vec![usize::from(seen > 0).to_string()]], "kill {i}");
+        assert!(
+            seen == 0 || seen == self.full.len(),
+            "kill {i}: {seen} parts visible"
+        );
+        let jobs = t
+            .sql("SELECT count(*) FROM metadata.import_jobs WHERE stage = 'curate'")
+            .await;
+        assert_eq!(
+            jobs,
+            vec![vec![usize::from(seen > 0).to_string()]],
+            "kill {i}"
+        );
     }
 }
 
@@ -237,7 +268,9 @@ async fn killed_curates(store: Store) {
     let t = store.t;
     let sample = shared().join("data/synthea-10");
     let reference = TestLake::new();
-    reference.ingest(std::slice::from_ref(&sample), "synthea").await;
+    reference
+        .ingest(std::slice::from_ref(&sample), "synthea")
+        .await;
     reference.curate().await.expect("reference");
     let full = reference.visible_files().await;
     t.ingest(std::slice::from_ref(&sample), "synthea").await;
@@ -284,7 +317,10 @@ async fn killed_imports_import_once() {
         .sql("SELECT (SELECT count(*) FROM lake_history.patient) AS p, (SELECT count(*) FROM lake_history.procedure) AS r, (SELECT count(*) FROM metadata.import_jobs WHERE stage = 'import') AS j")
         .await;
     let procedures = t.sql("SELECT count(*) FROM curated.procedure").await;
-    assert_eq!(rows, vec![vec!["13".to_string(), procedures[0][0].clone(), "1".into()]]);
+    assert_eq!(
+        rows,
+        vec![vec!["13".to_string(), procedures[0][0].clone(), "1".into()]]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -312,7 +348,11 @@ async fn three_curates_leave_one_run_current_and_three_in_history() {
         let current: u64 = got[0][1].parse().unwrap();
         let history: u64 = got[0][3].parse().unwrap();
         assert!(current > 0, "{table}: {got:?}");
-        assert_eq!((&got[0][0][..], &got[0][2][..]), ("1", "3"), "{table}: {got:?}");
+        assert_eq!(
+            (&got[0][0][..], &got[0][2][..]),
+            ("1", "3"),
+            "{table}: {got:?}"
+        );
         assert_eq!(history, 3 * current, "{table}: {got:?}");
     }
 }

@@ -60,7 +60,8 @@ async fn visible_curated(t: &TestLake) -> BTreeMap<String, Vec<u8>> {
         .iter()
         .map(|p| {
             let name = p.object.name.clone().unwrap();
-            let bytes = std::fs::read(format!("/{}", p.object.path)).expect("a visible part exists");
+            let bytes =
+                std::fs::read(format!("/{}", p.object.path)).expect("a visible part exists");
             (name, bytes)
         })
         .collect()
@@ -70,7 +71,9 @@ async fn visible_curated(t: &TestLake) -> BTreeMap<String, Vec<u8>> {
 async fn job_count(t: &TestLake) -> (usize, usize) {
     (
         t.sql("SELECT job_id FROM metadata.import_jobs").await.len(),
-        t.sql("SELECT job_id FROM metadata.import_jobs_history").await.len(),
+        t.sql("SELECT job_id FROM metadata.import_jobs_history")
+            .await
+            .len(),
     )
 }
 
@@ -134,8 +137,15 @@ async fn a_run_killed_at_each_point_of_the_protocol_leaves_nothing_partial() {
 
         // Readers see the old state or (once committed) the new one.
         let seen = visible_curated(&t).await;
-        let committed = matches!(point, "after-commit-record" | "after-commit" | "after-mirror");
-        let ok = if committed { seen == new_state } else { seen == old_state };
+        let committed = matches!(
+            point,
+            "after-commit-record" | "after-commit" | "after-mirror"
+        );
+        let ok = if committed {
+            seen == new_state
+        } else {
+            seen == old_state
+        };
         assert!(
             ok,
             "{point}: readers see a partial state: {:?}",
@@ -167,7 +177,9 @@ async fn a_run_killed_at_each_point_of_the_protocol_leaves_nothing_partial() {
         // Only the current run's parts are left (and the previous commit's,
         // which a slow reader may still read), and metadata files of
         // committed runs only.
-        let log = fhirflow::commit::log(&t.lake, &tenant(), date()).await.unwrap();
+        let log = fhirflow::commit::log(&t.lake, &tenant(), date())
+            .await
+            .unwrap();
         let kept: Vec<String> = log
             .iter()
             .rev()

@@ -147,7 +147,10 @@ async fn healthlake_rejections_come_back_with_their_line() {
     .unwrap();
     let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
     let same_size = |s: &str, len: usize| format!("{s}{}", " ".repeat(len - s.len()));
-    lines[1] = same_size(r#"{"resourceType":"Patient","id":"bad id!"}"#, lines[1].len());
+    lines[1] = same_size(
+        r#"{"resourceType":"Patient","id":"bad id!"}"#,
+        lines[1].len(),
+    );
     lines[3] = same_size(r#"{"resourceType":"Patient""#, lines[3].len());
     root.store
         .put(&path, (lines.join("\n") + "\n").into_bytes().into())
@@ -394,17 +397,26 @@ async fn killed_healthlake_imports_on_s3_import_once() {
     let s = setup(ROLE);
     s.hl.set_work_time(Duration::from_millis(400));
     land(&s.t, DATE, &patients(30)).await;
-    let args = ["import", "--tenant", TENANT, "--date", DATE, "--target", "healthlake"];
+    let args = [
+        "import",
+        "--tenant",
+        TENANT,
+        "--date",
+        DATE,
+        "--target",
+        "healthlake",
+    ];
     let mut seed: u64 = 17;
     for i in 0..20 {
-        let mut child = s
-            .t
-            .command(&args, &[("FHIRFLOW_LEASE_TTL_SECONDS", "1")])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut child =
+            s.t.command(&args, &[("FHIRFLOW_LEASE_TTL_SECONDS", "1")])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         tokio::time::sleep(Duration::from_millis((seed >> 33) % 1200)).await;
         let _ = child.kill(); // SIGKILL
         let _ = child.wait();
@@ -414,13 +426,16 @@ async fn killed_healthlake_imports_on_s3_import_once() {
         assert!(jobs.len() <= 1, "kill {i}: {} jobs", jobs.len());
     }
     let out = s.t.cli(&args, &[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(s.hl.jobs().len(), 1);
     assert_eq!(s.hl.stored(DATASTORE).len(), 30);
-    let rows = s
-        .t
-        .sql("SELECT status, records_out FROM metadata.import_jobs WHERE stage = 'import'")
-        .await;
+    let rows =
+        s.t.sql("SELECT status, records_out FROM metadata.import_jobs WHERE stage = 'import'")
+            .await;
     assert_eq!(rows, vec![vec!["succeeded".to_string(), "30".into()]]);
     // The partition is free again: a curate runs.
     fhirflow::curate::curate(&s.t.lake, &s.t.settings, &tenant(), date(), &Quiet)

@@ -57,9 +57,15 @@ async fn partition_filters_skip_files_that_cannot_match() {
     assert!(unfiltered.is_err(), "without filters every file is read");
     // The tables find their files when a query runs, not when the session
     // starts: a file landed since is seen.
-    fhirflow::ingest::ingest(&t.lake, std::slice::from_ref(&dir), &tenant(), &"c".parse().unwrap(), date())
-        .await
-        .unwrap();
+    fhirflow::ingest::ingest(
+        &t.lake,
+        std::slice::from_ref(&dir),
+        &tenant(),
+        &"c".parse().unwrap(),
+        date(),
+    )
+    .await
+    .unwrap();
     let later = query(format!(
         "SELECT count(*) FROM raw.patient WHERE tenant_guid = '{TENANT}' AND source_system = 'c'"
     ))

@@ -137,7 +137,8 @@ pub struct Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.stopped.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.stopped
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         if let Some(r) = self.renewer.take() {
             r.abort();
         }
@@ -168,12 +169,11 @@ pub async fn current(root: &Root, dir: &Path) -> Result<Option<LeaseRecord>> {
         let Some(bytes) = root.get_bytes(STAGE, &last.location).await? else {
             continue; // pruned after a newer generation appeared: look again
         };
-        let record: LeaseRecord =
-            serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt {
-                stage: STAGE,
-                location: root.url_of(&last.location),
-                detail: format!("not a lease record: {e}"),
-            })?;
+        let record: LeaseRecord = serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt {
+            stage: STAGE,
+            location: root.url_of(&last.location),
+            detail: format!("not a lease record: {e}"),
+        })?;
         return Ok(Some(record));
     }
 }
@@ -209,7 +209,10 @@ impl Lease {
                 // partition until it has seen the job end.
                 let job = match take {
                     Take::SettlingJob(job)
-                        if current.as_ref().and_then(|r| r.healthlake_job_id.as_deref()) == Some(job) =>
+                        if current
+                            .as_ref()
+                            .and_then(|r| r.healthlake_job_id.as_deref())
+                            == Some(job) =>
                     {
                         Some(job.to_string())
                     }
@@ -222,9 +225,7 @@ impl Lease {
                     host: hostname(),
                     pid: std::process::id(),
                     written_at: now,
-                    expires_at: job
-                        .is_none()
-                        .then_some(now + timing.ttl.as_micros() as i64),
+                    expires_at: job.is_none().then_some(now + timing.ttl.as_micros() as i64),
                     released: false,
                     healthlake_job_id: job,
                 };
@@ -287,7 +288,9 @@ impl Lease {
         match current(&self.root, &self.dir).await? {
             // A renewal may have landed since `mine` was read: same run, a
             // generation at least as new.
-            Some(r) if r.run_id == mine.run_id && r.generation >= mine.generation && !r.released => {
+            Some(r)
+                if r.run_id == mine.run_id && r.generation >= mine.generation && !r.released =>
+            {
                 // Commit only with a third of the lease's time left (renewals
                 // keep two thirds): a run whose renewals failed stops here,
                 // well before another run can take the lease over.
@@ -362,7 +365,8 @@ impl Lease {
     /// Stops the renewals, after a renewal in flight has finished.
     async fn stop_renewing(&mut self) {
         let _writing = self.writes.lock().await;
-        self.stopped.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.stopped
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         if let Some(r) = self.renewer.take() {
             r.abort();
         }
@@ -467,20 +471,16 @@ mod tests {
     }
 
     fn dir(root: &Root) -> Path {
-        root.paths.prefix.clone().join("metadata").join("_leases").join("p")
+        root.paths
+            .prefix
+            .clone()
+            .join("metadata")
+            .join("_leases")
+            .join("p")
     }
 
     async fn take(root: &Root, run: &str, t: Timing) -> Result<Lease> {
-        Lease::acquire(
-            root,
-            dir(root),
-            "p".into(),
-            "curate",
-            run,
-            t,
-            Take::Free,
-        )
-        .await
+        Lease::acquire(root, dir(root), "p".into(), "curate", run, t, Take::Free).await
     }
 
     #[tokio::test]

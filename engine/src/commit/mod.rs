@@ -116,9 +116,11 @@ pub struct CommitRecord {
 impl CommitRecord {
     /// The metadata files of `table`.
     pub fn metadata_of(&self, table: MetadataTable) -> impl Iterator<Item = &Object> {
-        self.metadata
-            .iter()
-            .filter(move |o| Path::from(o.path.as_str()).parts().any(|p| p.as_ref() == table.name()))
+        self.metadata.iter().filter(move |o| {
+            Path::from(o.path.as_str())
+                .parts()
+                .any(|p| p.as_ref() == table.name())
+        })
     }
 }
 
@@ -260,11 +262,14 @@ async fn last_sequence(root: &Root, dir: &Path) -> Result<u64> {
 }
 
 async fn read_record(root: &Root, path: &Path) -> Result<CommitRecord> {
-    let bytes = root.get_bytes(STAGE, path).await?.ok_or_else(|| Error::Corrupt {
-        stage: STAGE,
-        location: root.url_of(path),
-        detail: "listed but gone (commit records are never deleted)".into(),
-    })?;
+    let bytes = root
+        .get_bytes(STAGE, path)
+        .await?
+        .ok_or_else(|| Error::Corrupt {
+            stage: STAGE,
+            location: root.url_of(path),
+            detail: "listed but gone (commit records are never deleted)".into(),
+        })?;
     serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt {
         stage: STAGE,
         location: root.url_of(path),
@@ -328,7 +333,12 @@ pub async fn latest_curate(
 /// parts under their names (copies on the store: a hard link on a local
 /// disk, a server-side copy on S3), removes everything else in it, and checks
 /// the result by listing. Called by the lease holder only.
-pub async fn mirror(lake: &Lake, tenant: &TenantGuid, date: ImportDate, record: &CommitRecord) -> Result<()> {
+pub async fn mirror(
+    lake: &Lake,
+    tenant: &TenantGuid,
+    date: ImportDate,
+    record: &CommitRecord,
+) -> Result<()> {
     let root = &lake.curated;
     let folder = root.paths.curated_partition(tenant, date);
     let wanted: BTreeMap<Path, &Object> = record
@@ -343,10 +353,13 @@ pub async fn mirror(lake: &Lake, tenant: &TenantGuid, date: ImportDate, record: 
         .map(|o| (o.location, o.size))
         .collect();
     for (target, o) in &wanted {
-        root.store
-            .copy(&o.location(), target)
-            .await
-            .map_err(|e| Error::store(STAGE, format!("{} -> {}", root.url_of(&o.location()), root.url_of(target)), e))?;
+        root.store.copy(&o.location(), target).await.map_err(|e| {
+            Error::store(
+                STAGE,
+                format!("{} -> {}", root.url_of(&o.location()), root.url_of(target)),
+                e,
+            )
+        })?;
     }
     for p in present.keys() {
         if !wanted.contains_key(p) {
@@ -359,7 +372,12 @@ pub async fn mirror(lake: &Lake, tenant: &TenantGuid, date: ImportDate, record: 
 /// Fails unless the visible curated folder holds exactly `record`'s parts
 /// (by name and size), naming what is in the way: HealthLake imports the
 /// whole folder.
-pub async fn check_mirror(lake: &Lake, tenant: &TenantGuid, date: ImportDate, record: &CommitRecord) -> Result<()> {
+pub async fn check_mirror(
+    lake: &Lake,
+    tenant: &TenantGuid,
+    date: ImportDate,
+    record: &CommitRecord,
+) -> Result<()> {
     let root = &lake.curated;
     let folder = root.paths.curated_partition(tenant, date);
     let wanted: BTreeMap<String, u64> = record
@@ -375,8 +393,15 @@ pub async fn check_mirror(lake: &Lake, tenant: &TenantGuid, date: ImportDate, re
             Some(size) if *size == o.size => {
                 seen.insert(name);
             }
-            Some(size) => problems.push(format!("{name} has {} bytes, the commit says {size}", o.size)),
-            None => problems.push(format!("{} is not part of curate run {}", root.url_of(&o.location), record.run_id)),
+            Some(size) => problems.push(format!(
+                "{name} has {} bytes, the commit says {size}",
+                o.size
+            )),
+            None => problems.push(format!(
+                "{} is not part of curate run {}",
+                root.url_of(&o.location),
+                record.run_id
+            )),
         }
     }
     for name in wanted.keys().filter(|n| !seen.contains(*n)) {
@@ -422,7 +447,11 @@ pub async fn collect_garbage(
         .collect();
     let runs = lake.curated.paths.curated_runs(tenant, date);
     for o in lake.curated.list(STAGE, &runs).await? {
-        let run = o.location.prefix_match(&runs).and_then(|mut p| p.next()).map(|p| p.as_ref().to_string());
+        let run = o
+            .location
+            .prefix_match(&runs)
+            .and_then(|mut p| p.next())
+            .map(|p| p.as_ref().to_string());
         if run.as_deref() != Some(keep_run) && !current.contains(o.location.as_ref()) {
             lake.curated.delete(STAGE, &o.location).await?;
         }
@@ -430,7 +459,10 @@ pub async fn collect_garbage(
     if dead_runs.is_empty() {
         return Ok(());
     }
-    let committed: BTreeSet<&str> = log.iter().flat_map(|r| r.metadata.iter().map(|o| o.path.as_str())).collect();
+    let committed: BTreeSet<&str> = log
+        .iter()
+        .flat_map(|r| r.metadata.iter().map(|o| o.path.as_str()))
+        .collect();
     for table in MetadataTable::ALL {
         let folder = lake.metadata.paths.metadata_partition(table, tenant, date);
         for o in lake.metadata.list(STAGE, &folder).await? {
@@ -448,14 +480,22 @@ pub async fn collect_garbage(
 /// Removes what `run` wrote to the partition when it failed before its
 /// commit: its own parts and metadata files, nothing of any other run (a run
 /// that lost its lease must not touch the new holder's objects).
-pub async fn discard_run(lake: &Lake, tenant: &TenantGuid, date: ImportDate, run: &str) -> Result<()> {
+pub async fn discard_run(
+    lake: &Lake,
+    tenant: &TenantGuid,
+    date: ImportDate,
+    run: &str,
+) -> Result<()> {
     let own = lake.curated.paths.curated_runs(tenant, date).join(run);
     for o in lake.curated.list(STAGE, &own).await? {
         lake.curated.delete(STAGE, &o.location).await?;
     }
     for table in MetadataTable::ALL {
         lake.metadata
-            .delete(STAGE, &lake.metadata.paths.metadata_file(table, tenant, date, run))
+            .delete(
+                STAGE,
+                &lake.metadata.paths.metadata_file(table, tenant, date, run),
+            )
             .await?;
     }
     Ok(())
@@ -527,8 +567,10 @@ pub async fn visible(lake: &Lake, filter: &PartitionFilter) -> Result<Visible> {
             }
             let base = root.paths.commits_root();
             dirs.extend(found.into_iter().filter(|dir| {
-                let date = crate::layout::parse_partition(&base, &dir.clone().join("x")).and_then(|p| p.date);
-                ds.as_ref().is_none_or(|ds| date.is_some_and(|d| ds.contains(&d)))
+                let date = crate::layout::parse_partition(&base, &dir.clone().join("x"))
+                    .and_then(|p| p.date);
+                ds.as_ref()
+                    .is_none_or(|ds| date.is_some_and(|d| ds.contains(&d)))
             }));
         }
     }
@@ -545,7 +587,10 @@ pub async fn visible(lake: &Lake, filter: &PartitionFilter) -> Result<Visible> {
         for r in &records {
             latest_by_stage.insert((r.stage.as_str(), r.source_system.as_deref()), r);
             for table in MetadataTable::ALL {
-                let v = out.metadata_history.get_mut(table.name()).expect("all tables");
+                let v = out
+                    .metadata_history
+                    .get_mut(table.name())
+                    .expect("all tables");
                 v.extend(r.metadata_of(table).map(Object::location));
             }
         }
@@ -593,11 +638,14 @@ fn parent_of(p: &Path) -> Option<Path> {
 /// and checksum: a mismatch names the object.
 pub async fn read_verified(root: &Root, stage: &'static str, o: &Object) -> Result<bytes::Bytes> {
     let path = o.location();
-    let bytes = root.get_bytes(stage, &path).await?.ok_or_else(|| Error::Corrupt {
-        stage,
-        location: root.url_of(&path),
-        detail: "the object is missing".into(),
-    })?;
+    let bytes = root
+        .get_bytes(stage, &path)
+        .await?
+        .ok_or_else(|| Error::Corrupt {
+            stage,
+            location: root.url_of(&path),
+            detail: "the object is missing".into(),
+        })?;
     verify(root, stage, o, &bytes)?;
     Ok(bytes)
 }
@@ -637,13 +685,24 @@ mod tests {
 
     async fn take(lake: &Lake, run: &str) -> Lease {
         let s = Settings::default();
-        lease_partition(lake, &s, &T.parse().unwrap(), "2024-05-01".parse().unwrap(), CURATE, run, lease::Take::Free)
-            .await
-            .unwrap()
+        lease_partition(
+            lake,
+            &s,
+            &T.parse().unwrap(),
+            "2024-05-01".parse().unwrap(),
+            CURATE,
+            run,
+            lease::Take::Free,
+        )
+        .await
+        .unwrap()
     }
 
     async fn put(lake: &Lake, path: &str, bytes: &[u8], name: &str) -> Object {
-        lake.curated.put("t", &Path::from(path), bytes.to_vec()).await.unwrap();
+        lake.curated
+            .put("t", &Path::from(path), bytes.to_vec())
+            .await
+            .unwrap();
         Object {
             path: path.into(),
             size: bytes.len() as u64,
@@ -658,20 +717,66 @@ mod tests {
         let (t, d) = (T.parse().unwrap(), "2024-05-01".parse().unwrap());
         // Run b started after run a but commits first: commit order decides.
         let l = take(&lake, "b").await;
-        let ob = put(&lake, "curated/_runs/x/b/Patient-processed.f000000.001.ndjson", b"{}\n", "Patient-processed.ndjson").await;
-        commit(&lake, &l, &t, d, "b", CURATE, Draft { curated: vec![ob], ..Default::default() }).await.unwrap();
-        commit(&lake, &l, &t, d, "e", "extract", Draft::default()).await.unwrap();
+        let ob = put(
+            &lake,
+            "curated/_runs/x/b/Patient-processed.f000000.001.ndjson",
+            b"{}\n",
+            "Patient-processed.ndjson",
+        )
+        .await;
+        commit(
+            &lake,
+            &l,
+            &t,
+            d,
+            "b",
+            CURATE,
+            Draft {
+                curated: vec![ob],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        commit(&lake, &l, &t, d, "e", "extract", Draft::default())
+            .await
+            .unwrap();
         let rec = latest_curate(&lake, &t, d).await.unwrap().unwrap();
         assert_eq!(rec.run_id, "b");
         l.release().await.unwrap();
         let l = take(&lake, "a").await;
-        let oa = put(&lake, "curated/_runs/x/a/Patient-processed.f000000.001.ndjson", b"{\"a\":1}\n", "Patient-processed.ndjson").await;
-        let r = commit(&lake, &l, &t, d, "a", CURATE, Draft { curated: vec![oa], ..Default::default() }).await.unwrap();
+        let oa = put(
+            &lake,
+            "curated/_runs/x/a/Patient-processed.f000000.001.ndjson",
+            b"{\"a\":1}\n",
+            "Patient-processed.ndjson",
+        )
+        .await;
+        let r = commit(
+            &lake,
+            &l,
+            &t,
+            d,
+            "a",
+            CURATE,
+            Draft {
+                curated: vec![oa],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
         assert_eq!(r.sequence, 3);
-        assert_eq!(latest_curate(&lake, &t, d).await.unwrap().unwrap().run_id, "a");
+        assert_eq!(
+            latest_curate(&lake, &t, d).await.unwrap().unwrap().run_id,
+            "a"
+        );
         let v = visible(&lake, &PartitionFilter::default()).await.unwrap();
         assert_eq!(v.curated.len(), 1);
-        assert_eq!(v.curated[0].object.path, "curated/_runs/x/a/Patient-processed.f000000.001.ndjson");
+        assert_eq!(
+            v.curated[0].object.path,
+            "curated/_runs/x/a/Patient-processed.f000000.001.ndjson"
+        );
         assert_eq!(log(&lake, &t, d).await.unwrap().len(), 3);
     }
 
@@ -686,10 +791,16 @@ mod tests {
         other.generation += 1;
         other.run_id = "z".into();
         lake.metadata
-            .create("t", &dir.clone().join(format!("{:020}.json", other.generation)), serde_json::to_vec(&other).unwrap())
+            .create(
+                "t",
+                &dir.clone().join(format!("{:020}.json", other.generation)),
+                serde_json::to_vec(&other).unwrap(),
+            )
             .await
             .unwrap();
-        let err = commit(&lake, &l, &t, d, "a", CURATE, Draft::default()).await.unwrap_err();
+        let err = commit(&lake, &l, &t, d, "a", CURATE, Draft::default())
+            .await
+            .unwrap_err();
         assert!(matches!(err, Error::LeaseLost { .. }), "{err}");
         assert!(latest_curate(&lake, &t, d).await.unwrap().is_none());
     }
@@ -699,16 +810,42 @@ mod tests {
         let lake = lake();
         let (t, d): (TenantGuid, ImportDate) = (T.parse().unwrap(), "2024-05-01".parse().unwrap());
         let l = take(&lake, "a").await;
-        let o = put(&lake, "curated/_runs/x/a/P.ndjson", b"{}\n", "Patient-processed.ndjson").await;
-        let stray = lake.curated.paths.curated_partition(&t, d).join("Old-processed.ndjson");
+        let o = put(
+            &lake,
+            "curated/_runs/x/a/P.ndjson",
+            b"{}\n",
+            "Patient-processed.ndjson",
+        )
+        .await;
+        let stray = lake
+            .curated
+            .paths
+            .curated_partition(&t, d)
+            .join("Old-processed.ndjson");
         lake.curated.put("t", &stray, b"x".to_vec()).await.unwrap();
-        let r = commit(&lake, &l, &t, d, "a", CURATE, Draft { curated: vec![o.clone()], ..Default::default() }).await.unwrap();
+        let r = commit(
+            &lake,
+            &l,
+            &t,
+            d,
+            "a",
+            CURATE,
+            Draft {
+                curated: vec![o.clone()],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
         let err = check_mirror(&lake, &t, d, &r).await.unwrap_err();
         assert!(err.to_string().contains("Old-processed.ndjson"), "{err}");
         mirror(&lake, &t, d, &r).await.unwrap();
         check_mirror(&lake, &t, d, &r).await.unwrap();
         read_verified(&lake.curated, "t", &o).await.unwrap();
-        lake.curated.put("t", &o.location(), b"{ }\n".to_vec()).await.unwrap();
+        lake.curated
+            .put("t", &o.location(), b"{ }\n".to_vec())
+            .await
+            .unwrap();
         let err = read_verified(&lake.curated, "t", &o).await.unwrap_err();
         assert!(err.to_string().contains("P.ndjson"), "{err}");
     }

@@ -585,7 +585,14 @@ pub async fn curate_with_checks(
     )
     .await
     .map_err(|e| match (e, settled) {
-        (Error::Busy { stage, partition, holder }, Err(why)) => Error::Busy {
+        (
+            Error::Busy {
+                stage,
+                partition,
+                holder,
+            },
+            Err(why),
+        ) => Error::Busy {
             stage,
             partition,
             holder: format!("{holder} (looking at the job failed: {why})"),
@@ -593,7 +600,11 @@ pub async fn curate_with_checks(
         (e, _) => e,
     })?;
     failpoint("curate-after-lease");
-    let dead: Vec<String> = lease.displaced().map(|r| r.run_id.clone()).into_iter().collect();
+    let dead: Vec<String> = lease
+        .displaced()
+        .map(|r| r.run_id.clone())
+        .into_iter()
+        .collect();
     let result = async {
         commit::collect_garbage(lake, tenant, date, &run_id, &dead).await?;
         let files = Arc::new(raw_files(lake, tenant, date).await?);
@@ -607,7 +618,14 @@ pub async fn curate_with_checks(
         let processed = process(&run, &files, reporter).await?;
         let (types, total) = account(tenant, date, processed.summaries)?;
         let metadata = run
-            .write_metadata(&files, &types, &total, &processed.rule_counts, &processed.rules_used, started_at)
+            .write_metadata(
+                &files,
+                &types,
+                &total,
+                &processed.rule_counts,
+                &processed.rules_used,
+                started_at,
+            )
             .await?;
         failpoint("after-metadata-staged");
         let draft = commit::Draft {
@@ -616,8 +634,15 @@ pub async fn curate_with_checks(
             imported: None,
             source_system: None,
         };
-        let record = commit::commit(lake, &lease, tenant, date, &run_id, commit::CURATE, draft).await?;
-        Ok((record, types, total, processed.phases, processed.rule_counts))
+        let record =
+            commit::commit(lake, &lease, tenant, date, &run_id, commit::CURATE, draft).await?;
+        Ok((
+            record,
+            types,
+            total,
+            processed.phases,
+            processed.rule_counts,
+        ))
     }
     .await;
     let (record, types, total, mut phases, rule_counts) = match result {
@@ -718,9 +743,16 @@ async fn process(
     });
 
     // Step 3: the rules, over the files that have any.
-    let step =
-        rules_pass::rules_step(run, files, &rules.chains, &mut scans, &labeller, reporter, 0)
-            .await?;
+    let step = rules_pass::rules_step(
+        run,
+        files,
+        &rules.chains,
+        &mut scans,
+        &labeller,
+        reporter,
+        0,
+    )
+    .await?;
     if has_rules && !rules.inline {
         phase("rules");
     }
@@ -933,7 +965,8 @@ impl Run {
             });
         }
         let paths = &lake.metadata.paths;
-        let mut written = vec![paths.metadata_file(MetadataTable::ImportErrors, tenant, date, &self.run_id)];
+        let mut written =
+            vec![paths.metadata_file(MetadataTable::ImportErrors, tenant, date, &self.run_id)];
         for (table, batch) in [
             (MetadataTable::ImportJobs, metadata::jobs_batch(&[job])),
             (

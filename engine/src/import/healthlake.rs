@@ -29,7 +29,10 @@ use aws_sdk_healthlake::Client;
 use serde::{Deserialize, Serialize};
 
 use super::{curated, job_row, metric_rows, ImportReport, ImportRequest, STAGE};
-use crate::commit::{self, lease::{Lease, Take}};
+use crate::commit::{
+    self,
+    lease::{Lease, Take},
+};
 use crate::error::{Error, Result};
 use crate::layout::{ImportDate, TenantGuid};
 use crate::metadata::{self, ErrorRow};
@@ -121,7 +124,10 @@ pub(super) async fn import(
             // HealthLake reads the whole prefix: it must hold exactly the
             // pinned commit's parts. A run that died between its commit and
             // its mirror left it stale: this holder of the lease finishes it.
-            if commit::check_mirror(lake, &req.tenant, req.date, &curated.record).await.is_err() {
+            if commit::check_mirror(lake, &req.tenant, req.date, &curated.record)
+                .await
+                .is_err()
+            {
                 commit::mirror(lake, &req.tenant, req.date, &curated.record).await?;
             }
             let job_id = uuid::Uuid::now_v7().to_string();
@@ -170,7 +176,10 @@ pub(super) async fn import(
         report.status = "already imported".into();
         return Ok(report);
     }
-    follow(lake, settings, &client, req, state, req.wait, reporter, lease).await
+    follow(
+        lake, settings, &client, req, state, req.wait, reporter, lease,
+    )
+    .await
 }
 
 /// `fhirflow import status`: the partition's HealthLake job now; records the
@@ -403,9 +412,17 @@ async fn follow(
         errors: &errors,
         metrics: &metrics,
     };
-    let published =
-        metadata::publish_stage_rows(lake, &lease, STAGE, &req.tenant, req.date, &state.job_id, rows, None)
-            .await;
+    let published = metadata::publish_stage_rows(
+        lake,
+        &lease,
+        STAGE,
+        &req.tenant,
+        req.date,
+        &state.job_id,
+        rows,
+        None,
+    )
+    .await;
     if let Err(e) = published {
         return Err(match lease.hand_to_job(&state.healthlake_job_id).await {
             Ok(()) => e,

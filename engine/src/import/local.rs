@@ -40,7 +40,10 @@ pub(super) async fn import(
         commit::lease::Take::Free,
     )
     .await?;
-    let result = import_pinned(lake, settings, req, reporter, &lease, &job_id, started, started_at).await;
+    let result = import_pinned(
+        lake, settings, req, reporter, &lease, &job_id, started, started_at,
+    )
+    .await;
     let _ = lease.release().await;
     result
 }

@@ -88,11 +88,15 @@ pub(crate) async fn curated(lake: &Lake, tenant: &TenantGuid, date: ImportDate) 
         })?;
     let mut files: BTreeMap<&'static str, Vec<commit::Object>> = BTreeMap::new();
     for o in &record.curated {
-        let ty = o.name.as_deref().and_then(curated_file_type).ok_or_else(|| Error::Corrupt {
-            stage: STAGE,
-            location: format!("commit {} of curate run {}", record.sequence, record.run_id),
-            detail: format!("part {} has no curated file name", o.path),
-        })?;
+        let ty = o
+            .name
+            .as_deref()
+            .and_then(curated_file_type)
+            .ok_or_else(|| Error::Corrupt {
+                stage: STAGE,
+                location: format!("commit {} of curate run {}", record.sequence, record.run_id),
+                detail: format!("part {} has no curated file name", o.path),
+            })?;
         files.entry(ty).or_default().push(o.clone());
     }
     Ok(Curated { record, files })

@@ -323,7 +323,11 @@ pub async fn publish_stage_rows(
     let file_id = format!("{run}-{}", uuid::Uuid::now_v7().simple());
     let mut written = Vec::new();
     for (table, n, batch) in [
-        (MetadataTable::ImportJobs, rows.jobs.len(), jobs_batch(rows.jobs)),
+        (
+            MetadataTable::ImportJobs,
+            rows.jobs.len(),
+            jobs_batch(rows.jobs),
+        ),
         (
             MetadataTable::ImportErrors,
             rows.errors.len(),
@@ -370,11 +374,14 @@ pub async fn describe_all(
 ) -> Result<Vec<crate::commit::Object>> {
     let mut out = Vec::with_capacity(paths.len());
     for p in paths {
-        let bytes = root.get_bytes(stage, p).await?.ok_or_else(|| Error::Corrupt {
-            stage,
-            location: root.url_of(p),
-            detail: "written but not found".into(),
-        })?;
+        let bytes = root
+            .get_bytes(stage, p)
+            .await?
+            .ok_or_else(|| Error::Corrupt {
+                stage,
+                location: root.url_of(p),
+                detail: "written but not found".into(),
+            })?;
         out.push(crate::commit::Object {
             path: p.to_string(),
             size: bytes.len() as u64,

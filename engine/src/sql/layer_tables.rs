@@ -273,13 +273,19 @@ impl Wanted {
                 let Some(ts) = values.iter().map(|v| text(v)).collect::<Option<Vec<_>>>() else {
                     return;
                 };
-                narrow(&mut self.tenants, ts.iter().filter_map(|t| t.parse().ok()).collect());
+                narrow(
+                    &mut self.tenants,
+                    ts.iter().filter_map(|t| t.parse().ok()).collect(),
+                );
             }
             "source_system" => {
                 let Some(ss) = values.iter().map(|v| text(v)).collect::<Option<Vec<_>>>() else {
                     return;
                 };
-                narrow(&mut self.systems, ss.iter().filter_map(|s| s.parse().ok()).collect());
+                narrow(
+                    &mut self.systems,
+                    ss.iter().filter_map(|s| s.parse().ok()).collect(),
+                );
             }
             "import_date" => {
                 let ds: Option<Vec<ImportDate>> = values
@@ -326,7 +332,10 @@ async fn raw_files(lake: &Lake, ty: &str, w: &Wanted) -> crate::error::Result<Ve
             files
         }
     };
-    Ok(files.into_iter().filter(|f| f.file_type == Some(ty)).collect())
+    Ok(files
+        .into_iter()
+        .filter(|f| f.file_type == Some(ty))
+        .collect())
 }
 
 /// The committed curated parts of `ty` in the partitions `w` allows, from

@@ -62,7 +62,11 @@ pub async fn session(lake: &Lake, settings: &Settings) -> Result<SessionContext>
         (Kind::Curated, "curated"),
         (Kind::Metadata, "metadata"),
     ] {
-        let schema = Arc::new(LayerSchema::new(lake.clone(), settings.curate.clone(), kind));
+        let schema = Arc::new(LayerSchema::new(
+            lake.clone(),
+            settings.curate.clone(),
+            kind,
+        ));
         for n in [name, glue(name)] {
             catalog
                 .register_schema(n, schema.clone())
