@@ -297,6 +297,32 @@ fn memchr_find(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
 
+/// A lake on a local disk or on moto (kept running as long as the lake).
+pub struct Store {
+    pub _moto: Option<Moto>,
+    pub t: TestLake,
+}
+
+impl Store {
+    pub fn local() -> Store {
+        Store {
+            _moto: None,
+            t: TestLake::new(),
+        }
+    }
+
+    /// A lake at `s3://lake/<prefix>` on a moto of its own.
+    pub fn s3(prefix: &str) -> Store {
+        let moto = Moto::start();
+        moto.create_bucket("lake");
+        let t = TestLake::with(|s| moto.configure(s, "lake", prefix));
+        Store {
+            _moto: Some(moto),
+            t,
+        }
+    }
+}
+
 /// moto in server mode (S3 and Glue), started on a free loopback port from
 /// the virtual environment `tests/run.sh` creates, and stopped on drop.
 pub struct Moto {

@@ -13,29 +13,6 @@ use std::time::Duration;
 
 use fhirflow_tests::*;
 
-/// A lake on a local disk or on moto.
-struct Store {
-    _moto: Option<Moto>,
-    t: TestLake,
-}
-
-fn local() -> Store {
-    Store {
-        _moto: None,
-        t: TestLake::new(),
-    }
-}
-
-fn s3() -> Store {
-    let moto = Moto::start();
-    moto.create_bucket("lake");
-    let t = TestLake::with(|s| moto.configure(s, "lake", "many-runs"));
-    Store {
-        _moto: Some(moto),
-        t,
-    }
-}
-
 /// Deterministic offsets and delays (an LCG: the same run every time).
 struct Dice(u64);
 
@@ -177,12 +154,12 @@ async fn concurrent_curates(store: Store) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_curates_on_a_local_lake_do_the_work_once() {
-    concurrent_curates(local()).await;
+    concurrent_curates(Store::local()).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_curates_on_s3_do_the_work_once() {
-    concurrent_curates(s3()).await;
+    concurrent_curates(Store::s3("many-runs")).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -283,12 +260,12 @@ async fn killed_curates(store: Store) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn killed_curates_on_a_local_lake_end_in_one_runs_state() {
-    killed_curates(local()).await;
+    killed_curates(Store::local()).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn killed_curates_on_s3_end_in_one_runs_state() {
-    killed_curates(s3()).await;
+    killed_curates(Store::s3("many-runs")).await;
 }
 
 /// Import: a table holds the partition's rows or none of them.

@@ -15,29 +15,6 @@ use fhirflow::ingest::IngestReport;
 use fhirflow::raw::landing::{Claim, Partition};
 use fhirflow_tests::*;
 
-/// A lake on a local disk or on moto.
-struct Store {
-    _moto: Option<Moto>,
-    t: TestLake,
-}
-
-fn local() -> Store {
-    Store {
-        _moto: None,
-        t: TestLake::new(),
-    }
-}
-
-fn s3() -> Store {
-    let moto = Moto::start();
-    moto.create_bucket("lake");
-    let t = TestLake::with(|s| moto.configure(s, "lake", "relanding"));
-    Store {
-        _moto: Some(moto),
-        t,
-    }
-}
-
 const SYSTEM: &str = "ehr";
 
 async fn ingest(t: &TestLake, paths: &[PathBuf]) -> IngestReport {
@@ -153,12 +130,12 @@ async fn second_landing_takes_the_next_part(store: Store) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_landing_of_a_type_takes_the_next_part_on_a_local_lake() {
-    second_landing_takes_the_next_part(local()).await;
+    second_landing_takes_the_next_part(Store::local()).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_landing_of_a_type_takes_the_next_part_on_s3() {
-    second_landing_takes_the_next_part(s3()).await;
+    second_landing_takes_the_next_part(Store::s3("relanding")).await;
 }
 
 async fn same_bytes_are_stored_once(store: Store) {
@@ -245,12 +222,12 @@ async fn same_bytes_are_stored_once(store: Store) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_same_file_ingested_twice_is_stored_once_on_a_local_lake() {
-    same_bytes_are_stored_once(local()).await;
+    same_bytes_are_stored_once(Store::local()).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_same_file_ingested_twice_is_stored_once_on_s3() {
-    same_bytes_are_stored_once(s3()).await;
+    same_bytes_are_stored_once(Store::s3("relanding")).await;
 }
 
 async fn concurrent_ingests_pick_different_names(store: Store) {
@@ -319,10 +296,10 @@ async fn concurrent_ingests_pick_different_names(store: Store) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn two_ingests_at_once_never_pick_the_same_name_on_a_local_lake() {
-    concurrent_ingests_pick_different_names(local()).await;
+    concurrent_ingests_pick_different_names(Store::local()).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn two_ingests_at_once_never_pick_the_same_name_on_s3() {
-    concurrent_ingests_pick_different_names(s3()).await;
+    concurrent_ingests_pick_different_names(Store::s3("relanding")).await;
 }

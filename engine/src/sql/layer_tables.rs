@@ -27,7 +27,7 @@ use crate::raw::LayerFile;
 use crate::settings::CurateSettings;
 use crate::storage::Lake;
 
-use super::ndjson_table::{is_partition_filter, NdjsonTable};
+use super::ndjson_table::{partition_pushdown, NdjsonTable};
 
 const STAGE: &str = "sql";
 
@@ -152,16 +152,7 @@ impl TableProvider for LazyTable {
         &self,
         filters: &[&Expr],
     ) -> DfResult<Vec<TableProviderFilterPushDown>> {
-        Ok(filters
-            .iter()
-            .map(|f| {
-                if is_partition_filter(f) {
-                    TableProviderFilterPushDown::Inexact
-                } else {
-                    TableProviderFilterPushDown::Unsupported
-                }
-            })
-            .collect())
+        Ok(partition_pushdown(filters))
     }
 
     async fn scan(

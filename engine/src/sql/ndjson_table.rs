@@ -69,7 +69,7 @@ impl NdjsonTable {
 const PARTITION_COLUMNS: [&str; 3] = ["tenant_guid", "source_system", "import_date"];
 
 /// Whether `e` is a filter on partition columns that [`may_match`] can use.
-pub(super) fn is_partition_filter(e: &Expr) -> bool {
+fn is_partition_filter(e: &Expr) -> bool {
     match e {
         Expr::BinaryExpr(b) if b.op == Operator::And => {
             is_partition_filter(&b.left) && is_partition_filter(&b.right)
@@ -84,6 +84,22 @@ pub(super) fn is_partition_filter(e: &Expr) -> bool {
         }
         _ => false,
     }
+}
+
+/// Filters on partition columns prune files (Inexact: DataFusion still
+/// applies them to the rows, so pruning only has to be safe); others are not
+/// pushed down.
+pub(super) fn partition_pushdown(filters: &[&Expr]) -> Vec<TableProviderFilterPushDown> {
+    filters
+        .iter()
+        .map(|f| {
+            if is_partition_filter(f) {
+                TableProviderFilterPushDown::Inexact
+            } else {
+                TableProviderFilterPushDown::Unsupported
+            }
+        })
+        .collect()
 }
 
 /// False only when no row of a file from `origin` can pass `e`.
@@ -146,16 +162,7 @@ impl TableProvider for NdjsonTable {
         &self,
         filters: &[&Expr],
     ) -> DfResult<Vec<TableProviderFilterPushDown>> {
-        Ok(filters
-            .iter()
-            .map(|f| {
-                if is_partition_filter(f) {
-                    TableProviderFilterPushDown::Inexact
-                } else {
-                    TableProviderFilterPushDown::Unsupported
-                }
-            })
-            .collect())
+        Ok(partition_pushdown(filters))
     }
     async fn scan(
         &self,
