@@ -30,10 +30,28 @@ const UPLOADS_IN_FLIGHT: usize = 2;
 const LINE_BUFFER: usize = 1 << 16;
 
 struct Part {
-    writer: std::io::BufWriter<SyncIoBridge<BufWriter>>,
+    writer: std::io::BufWriter<Summed<SyncIoBridge<BufWriter>>>,
     staged: Path,
     bytes: u64,
+}
+
+/// Takes the part's checksum as the line buffer hands its blocks on: one
+/// update per 64 KiB block, not one per piece of a line (three pieces a line
+/// made the checksum cost as much as the rest of pass 2's copying).
+struct Summed<W> {
+    inner: W,
     sum: Checksum,
+}
+
+impl<W: Write> Write for Summed<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.sum.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 /// Writes the curated lines of one raw file.
@@ -113,21 +131,24 @@ impl<'a> PartWriter<'a> {
                     .with_max_concurrency(UPLOADS_IN_FLIGHT);
             let bridge = SyncIoBridge::new_with_handle(upload, tokio::runtime::Handle::current());
             self.current = Some(Part {
-                writer: std::io::BufWriter::with_capacity(LINE_BUFFER, bridge),
+                writer: std::io::BufWriter::with_capacity(
+                    LINE_BUFFER,
+                    Summed {
+                        inner: bridge,
+                        sum: Checksum::default(),
+                    },
+                ),
                 staged,
                 bytes: 0,
-                sum: Checksum::default(),
             });
         }
         let part = self.current.as_mut().expect("part open");
         let mut res = Ok(());
         labeller.for_each_piece(src, edit, |piece| {
             if res.is_ok() {
-                part.sum.update(piece.as_bytes());
                 res = part.writer.write_all(piece.as_bytes());
             }
         });
-        part.sum.update(b"\n");
         if let Err(e) = res.and_then(|_| part.writer.write_all(b"\n")) {
             let staged = part.staged.clone();
             return Err(self.io_err(&staged)(e));
@@ -141,12 +162,13 @@ impl<'a> PartWriter<'a> {
     fn close_part(&mut self) -> Result<()> {
         if let Some(part) = self.current.take() {
             let err = self.io_err(&part.staged);
-            let mut bridge = part.writer.into_inner().map_err(|e| err(e.into_error()))?;
+            let Summed { inner: mut bridge, sum } =
+                part.writer.into_inner().map_err(|e| err(e.into_error()))?;
             bridge.shutdown().map_err(err)?;
             self.done.push(Object {
                 path: part.staged.to_string(),
                 size: part.bytes,
-                xxh3: part.sum.hex(),
+                xxh3: sum.hex(),
                 name: None,
             });
         }
