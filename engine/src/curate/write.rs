@@ -162,8 +162,10 @@ impl<'a> PartWriter<'a> {
     fn close_part(&mut self) -> Result<()> {
         if let Some(part) = self.current.take() {
             let err = self.io_err(&part.staged);
-            let Summed { inner: mut bridge, sum } =
-                part.writer.into_inner().map_err(|e| err(e.into_error()))?;
+            let Summed {
+                inner: mut bridge,
+                sum,
+            } = part.writer.into_inner().map_err(|e| err(e.into_error()))?;
             bridge.shutdown().map_err(err)?;
             self.done.push(Object {
                 path: part.staged.to_string(),

@@ -91,7 +91,7 @@ pub(super) async fn import(
     let previous = read_state(lake, &req.tenant, req.date).await?;
     // A lease that still names the last job (its outcome recorded, or not
     // yet) is this import's to take over.
-    let settling = previous.as_ref().map(|s| s.healthlake_job_id.clone());
+    let settling = previous.as_ref().map(job_marker);
     let lease = commit::lease_partition(
         lake,
         settings,
@@ -119,26 +119,56 @@ pub(super) async fn import(
 
     // The same curated files already went to HealthLake: look at that job.
     let state = match previous {
-        Some(s) if s.curate_run == curated.record.run_id && s.datastore_id == *datastore_id => s,
-        _ => {
+        Some(s)
+            if s.curate_run == curated.record.run_id
+                && s.datastore_id == *datastore_id
+                && !s.healthlake_job_id.is_empty() =>
+        {
+            s
+        }
+        previous => {
             // HealthLake reads the whole prefix: it must hold exactly the
             // pinned commit's parts. A run that died between its commit and
             // its mirror left it stale: this holder of the lease finishes it.
-            if commit::check_mirror(lake, &req.tenant, req.date, &curated.record)
-                .await
-                .is_err()
-            {
-                commit::mirror(lake, &req.tenant, req.date, &curated.record).await?;
+            let ready =
+                match commit::check_mirror(lake, &req.tenant, req.date, &curated.record).await {
+                    Ok(()) => Ok(()),
+                    Err(_) => commit::mirror(lake, &req.tenant, req.date, &curated.record).await,
+                };
+            if let Err(e) = ready {
+                let _ = lease.release().await;
+                return Err(e);
             }
-            let job_id = uuid::Uuid::now_v7().to_string();
             let client_token =
                 client_token(&req.tenant, req.date, datastore_id, &curated.record.run_id);
+            // A retry of an import that never heard HealthLake's answer
+            // keeps its job id and client token: HealthLake answers the same
+            // token with the same job.
+            let job_id = previous
+                .filter(|p| p.client_token == client_token)
+                .map(|p| p.job_id)
+                .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+            let mut s = State {
+                job_id,
+                curate_run: curated.record.run_id.clone(),
+                datastore_id: datastore_id.clone(),
+                healthlake_job_id: String::new(),
+                client_token,
+                input_uri: input_uri.clone(),
+                started_at,
+                recorded: false,
+            };
+            // Saved, and the lease handed to the job-to-be, before the
+            // request: a run killed once HealthLake has it leaves the
+            // partition held until a retry learns the job.
+            write_state(lake, &state_path, &s).await?;
+            lease.note_job(&job_marker(&s)).await?;
             reporter.status(&format!(
                 "starting a HealthLake import into datastore {datastore_id}"
             ));
             let started = client
                 .start_fhir_import_job()
-                .job_name(format!("fhirflow-{}-{}", req.date, &job_id[..18]))
+                .job_name(format!("fhirflow-{}-{}", req.date, &s.job_id[..18]))
                 .input_data_config(InputDataConfig::S3Uri(input_uri.clone()))
                 .job_output_data_config(OutputDataConfig::S3Configuration(
                     S3Configuration::builder()
@@ -150,20 +180,11 @@ pub(super) async fn import(
                 .datastore_id(datastore_id)
                 .data_access_role_arn(&hl.data_access_role_arn)
                 .validation_level(ValidationLevel::from(hl.validation_level.as_str()))
-                .client_token(&client_token)
+                .client_token(&s.client_token)
                 .send()
                 .await
                 .map_err(|e| Error::aws(STAGE, "StartFHIRImportJob", e))?;
-            let s = State {
-                job_id,
-                curate_run: curated.record.run_id.clone(),
-                datastore_id: datastore_id.clone(),
-                healthlake_job_id: started.job_id().to_string(),
-                client_token,
-                input_uri: input_uri.clone(),
-                started_at,
-                recorded: false,
-            };
+            s.healthlake_job_id = started.job_id().to_string();
             write_state(lake, &state_path, &s).await?;
             lease.note_job(&s.healthlake_job_id).await?;
             s
@@ -195,6 +216,12 @@ pub async fn status(
             "no HealthLake import of tenant {tenant} date {date} to look at"
         ))
     })?;
+    if state.healthlake_job_id.is_empty() {
+        return Err(Error::Import(format!(
+            "the HealthLake import of tenant {tenant} date {date} stopped before HealthLake \
+             answered: run `fhirflow import` again (the same client token finds the same job)"
+        )));
+    }
     let client = client(settings).await;
     let req = ImportRequest {
         tenant: tenant.clone(),
@@ -250,6 +277,16 @@ pub async fn settle(
         status(lake, settings, tenant, date).await?;
     }
     Ok(())
+}
+
+/// What the partition's lease names while this import's job holds it: the
+/// job id, or before HealthLake has answered, the client token.
+fn job_marker(s: &State) -> String {
+    if s.healthlake_job_id.is_empty() {
+        format!("pending:{}", s.client_token)
+    } else {
+        s.healthlake_job_id.clone()
+    }
 }
 
 async fn client(settings: &Settings) -> Client {
