@@ -662,12 +662,17 @@ pub async fn curate_with_checks(
     failpoint("after-commit");
     // Each step checks the lease first: a run that stalled past it leaves
     // the folder and the clean-up to the next holder.
-    lease.ensure_held().await?;
-    commit::mirror(lake, tenant, date, &record).await?;
-    failpoint("after-mirror");
-    lease.ensure_held().await?;
-    commit::collect_garbage(lake, tenant, date, &run_id, &[]).await?;
-    lease.release().await?;
+    let published = async {
+        lease.ensure_held().await?;
+        commit::mirror(lake, tenant, date, &record).await?;
+        failpoint("after-mirror");
+        lease.ensure_held().await?;
+        commit::collect_garbage(lake, tenant, date, &run_id, &[]).await
+    }
+    .await;
+    let released = lease.release().await;
+    published?;
+    released?;
     phases.push(Phase {
         name: "publish",
         seconds: publish_start.elapsed().as_secs_f64(),

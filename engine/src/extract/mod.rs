@@ -235,8 +235,12 @@ pub async fn extract(
     )
     .await?;
     let result = extract_leased(lake, settings, request, reporter, &lease).await;
-    let _ = lease.release().await;
-    result
+    // The run's own error first; a failed release (the lease then lapses
+    // after its time to live) is an error of a run that otherwise worked.
+    let released = lease.release().await;
+    let report = result?;
+    released?;
+    Ok(report)
 }
 
 async fn extract_leased(

@@ -44,8 +44,12 @@ pub(super) async fn import(
         lake, settings, req, reporter, &lease, &job_id, started, started_at,
     )
     .await;
-    let _ = lease.release().await;
-    result
+    // The run's own error first; a failed release (the lease then lapses
+    // after its time to live) is an error of a run that otherwise worked.
+    let released = lease.release().await;
+    let report = result?;
+    released?;
+    Ok(report)
 }
 
 #[allow(clippy::too_many_arguments)]
