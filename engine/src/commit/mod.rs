@@ -237,8 +237,15 @@ pub async fn commit(
             failpoint("after-commit-record");
             return Ok(record);
         }
-        // Another stage's run of this partition (an extraction's metadata)
-        // took the number: take the next one.
+        // The number is taken. By this very record, when a retried request
+        // (after an answer that got lost) found the first attempt's object:
+        // that is the commit. Otherwise by another stage's run of this
+        // partition (an extraction's metadata): take the next one.
+        let existing = read_record(&lake.metadata, &record_path(&dir, sequence)).await?;
+        if existing.run_id == run_id {
+            failpoint("after-commit-record");
+            return Ok(existing);
+        }
         sequence += 1;
     }
 }
@@ -283,12 +290,22 @@ pub async fn log(lake: &Lake, tenant: &TenantGuid, date: ImportDate) -> Result<V
 }
 
 async fn log_at(root: &Root, dir: &Path) -> Result<Vec<CommitRecord>> {
-    let mut paths: Vec<(u64, Path)> = root
-        .list(STAGE, dir)
-        .await?
-        .into_iter()
-        .filter_map(|o| Some((sequence_of(&o.location)?, o.location)))
-        .collect();
+    let mut paths: Vec<(u64, Path)> = Vec::new();
+    for o in root.list(STAGE, dir).await? {
+        match sequence_of(&o.location) {
+            Some(n) => paths.push((n, o.location)),
+            // Not silently passed over: a record this log cannot order.
+            None => {
+                return Err(Error::Corrupt {
+                    stage: STAGE,
+                    location: root.url_of(&o.location),
+                    detail: "not a numbered commit record (a lake written by an earlier \
+                             fhirflow: move its metadata/_commits away and curate again)"
+                        .into(),
+                })
+            }
+        }
+    }
     paths.sort();
     let reads = paths.iter().map(|(_, p)| read_record(root, p));
     futures::future::try_join_all(reads).await
@@ -778,6 +795,24 @@ mod tests {
             "curated/_runs/x/a/Patient-processed.f000000.001.ndjson"
         );
         assert_eq!(log(&lake, &t, d).await.unwrap().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_record_the_log_cannot_order_is_an_error() {
+        let lake = lake();
+        let (t, d) = (T.parse().unwrap(), "2024-05-01".parse().unwrap());
+        let l = take(&lake, "a").await;
+        commit(&lake, &l, &t, d, "a", CURATE, Draft::default())
+            .await
+            .unwrap();
+        let dir = lake.metadata.paths.commits(&t, d);
+        // A record this log cannot order is an error, not passed over.
+        lake.metadata
+            .put("t", &dir.clone().join("01a2-old-run.json"), b"{}".to_vec())
+            .await
+            .unwrap();
+        let err = log(&lake, &t, d).await.unwrap_err();
+        assert!(err.to_string().contains("earlier fhirflow"), "{err}");
     }
 
     #[tokio::test]
