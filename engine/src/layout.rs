@@ -270,6 +270,9 @@ impl MetadataTable {
 fn tenant_seg(t: &TenantGuid) -> String {
     format!("tenantGuid={t}")
 }
+fn system_seg(s: &SourceSystem) -> String {
+    format!("source_system={s}")
+}
 fn date_seg(d: ImportDate) -> String {
     format!("import_date={d}")
 }
@@ -304,29 +307,18 @@ impl Paths {
 
     /// A (tenant, source system) folder of the raw layer: every date of it.
     pub fn raw_source(&self, t: &TenantGuid, s: &SourceSystem) -> Path {
-        self.join(["raw", &tenant_seg(t), &format!("source_system={s}")])
+        self.join(["raw", &tenant_seg(t), &system_seg(s)])
     }
 
     pub fn raw_partition(&self, t: &TenantGuid, s: &SourceSystem, d: ImportDate) -> Path {
-        self.join([
-            "raw",
-            &tenant_seg(t),
-            &format!("source_system={s}"),
-            &date_seg(d),
-        ])
+        self.join(["raw", &tenant_seg(t), &system_seg(s), &date_seg(d)])
     }
 
     /// Where the extractor keeps its state for a (tenant, source system):
     /// `raw/tenantGuid=…/source_system=…/_extract/<name>` (not a partition,
     /// so no reader takes it for data).
     pub fn extract_state(&self, t: &TenantGuid, s: &SourceSystem, name: &str) -> Path {
-        self.join([
-            "raw",
-            &tenant_seg(t),
-            &format!("source_system={s}"),
-            "_extract",
-            name,
-        ])
+        self.join(["raw", &tenant_seg(t), &system_seg(s), "_extract", name])
     }
 
     /// An export's own files kept beside the raw data: the manifest, the
@@ -460,12 +452,7 @@ impl Paths {
 
     /// The lease of a (tenant, source system): its extraction.
     pub fn source_lease(&self, t: &TenantGuid, s: &SourceSystem) -> Path {
-        self.join([
-            "metadata",
-            "_leases",
-            &tenant_seg(t),
-            &format!("source_system={s}"),
-        ])
+        self.join(["metadata", "_leases", &tenant_seg(t), &system_seg(s)])
     }
 
     /// Where curate runs of a partition write their immutable parts:

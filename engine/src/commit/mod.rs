@@ -149,6 +149,48 @@ impl Checksum {
     }
 }
 
+/// A writer that takes the checksum and size of what passes through it, so
+/// that a streamed object's commit entry needs no second read. Put it below a
+/// buffer: one update per block, not one per small write.
+pub struct Summing<W> {
+    inner: W,
+    sum: Checksum,
+    bytes: u64,
+}
+
+impl<W> Summing<W> {
+    pub fn new(inner: W) -> Self {
+        Summing {
+            inner,
+            sum: Checksum::default(),
+            bytes: 0,
+        }
+    }
+
+    /// The writer, and the commit entry of what went through it to `path`.
+    pub fn into_parts(self, path: &Path) -> (W, Object) {
+        let object = Object {
+            path: path.to_string(),
+            size: self.bytes,
+            xxh3: self.sum.hex(),
+            name: None,
+        };
+        (self.inner, object)
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for Summing<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.sum.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// The lease folder of a (tenant, date) partition: curate and import of it.
 pub fn partition_lease(lake: &Lake, tenant: &TenantGuid, date: ImportDate) -> (Path, String) {
     (
@@ -358,17 +400,11 @@ pub async fn mirror(
 ) -> Result<()> {
     let root = &lake.curated;
     let folder = root.paths.curated_partition(tenant, date);
-    let wanted: BTreeMap<Path, &Object> = record
-        .curated
-        .iter()
-        .filter_map(|o| Some((folder.clone().join(o.name.as_deref()?), o)))
-        .collect();
-    let present: BTreeMap<Path, u64> = root
-        .list(STAGE, &folder)
-        .await?
+    let wanted: BTreeMap<Path, &Object> = named_parts(record)?
         .into_iter()
-        .map(|o| (o.location, o.size))
+        .map(|(name, _, o)| (folder.clone().join(name), o))
         .collect();
+    let present = root.list(STAGE, &folder).await?;
     for (target, o) in &wanted {
         root.store.copy(&o.location(), target).await.map_err(|e| {
             Error::store(
@@ -378,12 +414,33 @@ pub async fn mirror(
             )
         })?;
     }
-    for p in present.keys() {
-        if !wanted.contains_key(p) {
-            root.delete(STAGE, p).await?;
+    for p in present {
+        if !wanted.contains_key(&p.location) {
+            root.delete(STAGE, &p.location).await?;
         }
     }
     check_mirror(lake, tenant, date, record).await
+}
+
+/// Each curated part of `record` with its visible name and the resource
+/// type that name gives; a part without them is a broken record, not a part
+/// to pass over.
+pub fn named_parts(record: &CommitRecord) -> Result<Vec<(&str, &'static str, &Object)>> {
+    record
+        .curated
+        .iter()
+        .map(|o| {
+            let name = o.name.as_deref();
+            match name.zip(name.and_then(curated_file_type)) {
+                Some((name, ty)) => Ok((name, ty, o)),
+                None => Err(Error::Corrupt {
+                    stage: STAGE,
+                    location: format!("commit {} of run {}", record.sequence, record.run_id),
+                    detail: format!("part {} has no curated file name", o.path),
+                }),
+            }
+        })
+        .collect()
 }
 
 /// Fails unless the visible curated folder holds exactly `record`'s parts
@@ -397,16 +454,15 @@ pub async fn check_mirror(
 ) -> Result<()> {
     let root = &lake.curated;
     let folder = root.paths.curated_partition(tenant, date);
-    let wanted: BTreeMap<String, u64> = record
-        .curated
-        .iter()
-        .filter_map(|o| Some((o.name.clone()?, o.size)))
+    let wanted: BTreeMap<&str, u64> = named_parts(record)?
+        .into_iter()
+        .map(|(name, _, o)| (name, o.size))
         .collect();
     let mut problems = Vec::new();
     let mut seen = BTreeSet::new();
     for o in root.list(STAGE, &folder).await? {
         let name = o.location.filename().unwrap_or_default().to_string();
-        match wanted.get(&name) {
+        match wanted.get(name.as_str()) {
             Some(size) if *size == o.size => {
                 seen.insert(name);
             }
@@ -421,7 +477,7 @@ pub async fn check_mirror(
             )),
         }
     }
-    for name in wanted.keys().filter(|n| !seen.contains(*n)) {
+    for name in wanted.keys().filter(|n| !seen.contains(**n)) {
         problems.push(format!("{name} is missing"));
     }
     if problems.is_empty() {
@@ -625,14 +681,7 @@ pub async fn visible(lake: &Lake, filter: &PartitionFilter) -> Result<Visible> {
                     detail: "its partition values do not parse".into(),
                 });
             };
-            for o in &r.curated {
-                let Some(ty) = o.name.as_deref().and_then(curated_file_type) else {
-                    return Err(Error::Corrupt {
-                        stage: STAGE,
-                        location: format!("commit {} of run {}", r.sequence, r.run_id),
-                        detail: format!("part {} has no curated file name", o.path),
-                    });
-                };
+            for (_, ty, o) in named_parts(r)? {
                 out.curated.push(CuratedPart {
                     tenant: TenantGuid::clone(&tenant),
                     date,

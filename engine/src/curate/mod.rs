@@ -955,7 +955,7 @@ impl Run {
                 .iter()
                 .map(|((ty, rule), c)| self.rule_metric_row(ty, rule, c)),
         );
-        let errors_written = {
+        let (errors_written, errors_file) = {
             let run = self.clone();
             tokio::task::spawn_blocking(move || run.errors.finish()).await??
         };
@@ -970,8 +970,7 @@ impl Run {
             });
         }
         let paths = &lake.metadata.paths;
-        let mut written =
-            vec![paths.metadata_file(MetadataTable::ImportErrors, tenant, date, &self.run_id)];
+        let mut written = vec![errors_file];
         for (table, batch) in [
             (MetadataTable::ImportJobs, metadata::jobs_batch(&[job])),
             (
@@ -980,10 +979,9 @@ impl Run {
             ),
         ] {
             let path = paths.metadata_file(table, tenant, date, &self.run_id);
-            metadata::write_parquet(&lake.metadata, STAGE, &path, &batch).await?;
-            written.push(path);
+            written.push(metadata::write_parquet(&lake.metadata, STAGE, &path, &batch).await?);
         }
-        metadata::describe_all(&lake.metadata, STAGE, &written).await
+        Ok(written)
     }
 }
 

@@ -14,7 +14,7 @@ use object_store::buffered::BufWriter;
 use object_store::path::Path;
 use tokio_util::io::SyncIoBridge;
 
-use crate::commit::{Checksum, Object};
+use crate::commit::{Object, Summing};
 use crate::error::{Error, Result};
 use crate::layout::{ImportDate, TenantGuid};
 use crate::storage::Root;
@@ -30,28 +30,12 @@ const UPLOADS_IN_FLIGHT: usize = 2;
 const LINE_BUFFER: usize = 1 << 16;
 
 struct Part {
-    writer: std::io::BufWriter<Summed<SyncIoBridge<BufWriter>>>,
+    /// The checksum is taken below the line buffer, as it hands on 64 KiB
+    /// blocks: per piece of a line it cost as much as the rest of pass 2's
+    /// copying.
+    writer: std::io::BufWriter<Summing<SyncIoBridge<BufWriter>>>,
     staged: Path,
     bytes: u64,
-}
-
-/// Takes the part's checksum as the line buffer hands its blocks on: one
-/// update per 64 KiB block, not one per piece of a line (three pieces a line
-/// made the checksum cost as much as the rest of pass 2's copying).
-struct Summed<W> {
-    inner: W,
-    sum: Checksum,
-}
-
-impl<W: Write> Write for Summed<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.sum.update(&buf[..n]);
-        Ok(n)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
 }
 
 /// Writes the curated lines of one raw file.
@@ -131,13 +115,7 @@ impl<'a> PartWriter<'a> {
                     .with_max_concurrency(UPLOADS_IN_FLIGHT);
             let bridge = SyncIoBridge::new_with_handle(upload, tokio::runtime::Handle::current());
             self.current = Some(Part {
-                writer: std::io::BufWriter::with_capacity(
-                    LINE_BUFFER,
-                    Summed {
-                        inner: bridge,
-                        sum: Checksum::default(),
-                    },
-                ),
+                writer: std::io::BufWriter::with_capacity(LINE_BUFFER, Summing::new(bridge)),
                 staged,
                 bytes: 0,
             });
@@ -162,17 +140,10 @@ impl<'a> PartWriter<'a> {
     fn close_part(&mut self) -> Result<()> {
         if let Some(part) = self.current.take() {
             let err = self.io_err(&part.staged);
-            let Summed {
-                inner: mut bridge,
-                sum,
-            } = part.writer.into_inner().map_err(|e| err(e.into_error()))?;
+            let summing = part.writer.into_inner().map_err(|e| err(e.into_error()))?;
+            let (mut bridge, object) = summing.into_parts(&part.staged);
             bridge.shutdown().map_err(err)?;
-            self.done.push(Object {
-                path: part.staged.to_string(),
-                size: part.bytes,
-                xxh3: sum.hex(),
-                name: None,
-            });
+            self.done.push(object);
         }
         Ok(())
     }

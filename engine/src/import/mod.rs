@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 
 use crate::commit::{self, CommitRecord};
 use crate::error::{Error, Result};
-use crate::layout::{curated_file_type, ImportDate, TenantGuid};
+use crate::layout::{ImportDate, TenantGuid};
 use crate::metadata::{JobRow, MetricRow};
 use crate::settings::ImportTarget;
 use crate::storage::Lake;
@@ -87,16 +87,7 @@ pub(crate) async fn curated(lake: &Lake, tenant: &TenantGuid, date: ImportDate) 
             ))
         })?;
     let mut files: BTreeMap<&'static str, Vec<commit::Object>> = BTreeMap::new();
-    for o in &record.curated {
-        let ty = o
-            .name
-            .as_deref()
-            .and_then(curated_file_type)
-            .ok_or_else(|| Error::Corrupt {
-                stage: STAGE,
-                location: format!("commit {} of curate run {}", record.sequence, record.run_id),
-                detail: format!("part {} has no curated file name", o.path),
-            })?;
+    for (_, ty, o) in commit::named_parts(&record)? {
         files.entry(ty).or_default().push(o.clone());
     }
     Ok(Curated { record, files })

@@ -14,7 +14,7 @@ use arrow::array::{
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use object_store::path::Path;
-use parquet::arrow::async_writer::{AsyncArrowWriter, ParquetObjectWriter};
+use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 
@@ -278,28 +278,35 @@ pub fn metrics_batch(rows: &[MetricRow]) -> RecordBatch {
     .expect("import_metrics columns match")
 }
 
-/// Writes `batch` as one Snappy Parquet object at `path`.
+/// Writes `batch` as one Snappy Parquet object at `path`; its commit entry.
+/// The file is encoded in memory (these are a run's few job and metrics
+/// rows), so its checksum needs no second read.
 pub async fn write_parquet(
     root: &Root,
     stage: &'static str,
     path: &Path,
     batch: &RecordBatch,
-) -> Result<()> {
+) -> Result<crate::commit::Object> {
     let props = WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
         .set_created_by(format!("fhirflow {}", env!("CARGO_PKG_VERSION")))
         .build();
-    let location = root.url_of(path);
     let perr = |source| Error::Parquet {
         stage,
-        location: location.clone(),
+        location: root.url_of(path),
         source,
     };
-    let writer = ParquetObjectWriter::new(root.store.clone(), path.clone());
-    let mut w = AsyncArrowWriter::try_new(writer, batch.schema(), Some(props)).map_err(perr)?;
-    w.write(batch).await.map_err(perr)?;
-    w.close().await.map_err(perr)?;
-    Ok(())
+    let mut w = ArrowWriter::try_new(Vec::new(), batch.schema(), Some(props)).map_err(perr)?;
+    w.write(batch).map_err(perr)?;
+    let bytes = w.into_inner().map_err(perr)?;
+    let object = crate::commit::Object {
+        path: path.to_string(),
+        size: bytes.len() as u64,
+        xxh3: crate::commit::Checksum::of(&bytes),
+        name: None,
+    };
+    root.put(stage, path, bytes).await?;
+    Ok(object)
 }
 
 /// Writes a run's rows (one immutable file per non-empty table, named by run
@@ -321,7 +328,7 @@ pub async fn publish_stage_rows(
     // A run may publish more than once (a HealthLake import records the
     // submitted job, then its outcome): each publish gets its own files.
     let file_id = format!("{run}-{}", uuid::Uuid::now_v7().simple());
-    let mut written = Vec::new();
+    let mut metadata = Vec::new();
     for (table, n, batch) in [
         (
             MetadataTable::ImportJobs,
@@ -343,10 +350,8 @@ pub async fn publish_stage_rows(
             continue;
         }
         let path = m.paths.metadata_file(table, tenant, date, &file_id);
-        write_parquet(m, stage, &path, &batch).await?;
-        written.push(path);
+        metadata.push(write_parquet(m, stage, &path, &batch).await?);
     }
-    let metadata = describe_all(m, stage, &written).await?;
     let draft = crate::commit::Draft {
         curated: Vec::new(),
         metadata,
@@ -366,47 +371,22 @@ pub struct StageRows<'a> {
     pub metrics: &'a [MetricRow],
 }
 
-/// Size and checksum of each file just written, for its commit record.
-pub async fn describe_all(
-    root: &Root,
-    stage: &'static str,
-    paths: &[Path],
-) -> Result<Vec<crate::commit::Object>> {
-    let mut out = Vec::with_capacity(paths.len());
-    for p in paths {
-        let bytes = root
-            .get_bytes(stage, p)
-            .await?
-            .ok_or_else(|| Error::Corrupt {
-                stage,
-                location: root.url_of(p),
-                detail: "written but not found".into(),
-            })?;
-        out.push(crate::commit::Object {
-            path: p.to_string(),
-            size: bytes.len() as u64,
-            xxh3: crate::commit::Checksum::of(&bytes),
-            name: None,
-        });
-    }
-    Ok(out)
-}
-
 /// `import_errors` rows streamed to one Parquet object as a run finds them,
 /// so that a run over millions of bad lines holds one small batch in memory,
 /// not every row. Shared by the threads of a run; call from blocking threads.
 pub struct ErrorSink {
     state: std::sync::Mutex<SinkState>,
+    path: Path,
     location: String,
 }
 
+type SinkWriter = ArrowWriter<
+    crate::commit::Summing<tokio_util::io::SyncIoBridge<object_store::buffered::BufWriter>>,
+>;
+
 struct SinkState {
     rows: Vec<ErrorRow>,
-    writer: Option<
-        parquet::arrow::ArrowWriter<
-            tokio_util::io::SyncIoBridge<object_store::buffered::BufWriter>,
-        >,
-    >,
+    writer: Option<SinkWriter>,
     written: u64,
 }
 
@@ -427,8 +407,8 @@ impl ErrorSink {
             .set_max_row_group_row_count(Some(ERROR_BATCH))
             .set_created_by(format!("fhirflow {}", env!("CARGO_PKG_VERSION")))
             .build();
-        let writer = parquet::arrow::ArrowWriter::try_new(
-            bridge,
+        let writer = ArrowWriter::try_new(
+            crate::commit::Summing::new(bridge),
             schema(MetadataTable::ImportErrors),
             Some(props),
         )
@@ -443,6 +423,7 @@ impl ErrorSink {
                 writer: Some(writer),
                 written: 0,
             }),
+            path: path.clone(),
             location,
         })
     }
@@ -477,18 +458,20 @@ impl ErrorSink {
         writer.flush().map_err(|e| self.perr(e))
     }
 
-    /// Writes what is left and completes the object; the number of rows.
-    pub fn finish(&self) -> Result<u64> {
+    /// Writes what is left and completes the object; the number of rows,
+    /// and the object's commit entry.
+    pub fn finish(&self) -> Result<(u64, crate::commit::Object)> {
         let mut s = self.state.lock().expect("error sink not poisoned");
         self.flush(&mut s)?;
         let writer = s.writer.take().expect("finished once");
-        let mut bridge = writer.into_inner().map_err(|e| self.perr(e))?;
+        let summing = writer.into_inner().map_err(|e| self.perr(e))?;
+        let (mut bridge, object) = summing.into_parts(&self.path);
         bridge.shutdown().map_err(|source| Error::Io {
             stage: "curate",
             location: self.location.clone(),
             source,
         })?;
-        Ok(s.written)
+        Ok((s.written, object))
     }
 }
 
