@@ -32,8 +32,8 @@ pub fn shared() -> PathBuf {
     p
 }
 
-/// The repository's default rule set (`queries/`): every test runs with it,
-/// as a user's run does.
+/// The repository's rule folder (`queries/`), which the binary has built in:
+/// every test runs with the built-in set, as a user's run does.
 pub fn rules_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../queries")
 }
@@ -60,7 +60,6 @@ impl TestLake {
             },
         )
         .expect("settings");
-        settings.curate.rules = rules_dir().display().to_string();
         adjust(&mut settings);
         let lake = Lake::open(&settings).expect("lake");
         TestLake {
@@ -157,7 +156,7 @@ impl TestLake {
             cmd.env("FHIRFLOW_LAKE", self.root());
         }
         cmd.args(args)
-            .env("FHIRFLOW_RULES", rules_dir())
+            .env_remove("FHIRFLOW_RULES")
             // A killed run's lease lapses in seconds, not a minute...
             .env("FHIRFLOW_LEASE_TTL_SECONDS", "3")
             // ... and the next run waits for that (tests of busy runs set 0).

@@ -7,7 +7,7 @@
 //!    (exact duplicates).
 //! 2. Runs `fhirflow curate` on it as a child process: validation off and
 //!    no rules; strict validation and no rules; strict validation and the
-//!    default rule set (`queries/`); the same with the missing-Patient lookup
+//!    default rule set (built in, `queries/`); the same with the missing-Patient lookup
 //!    switched on. Wall time, MB/s, records/s and peak resident memory (from
 //!    the kernel's rusage), and what validation and the rules cost.
 //! 3. Runs `benches/peer_duckdb.py` on the same raw files the same way.
@@ -67,10 +67,10 @@ fn main() {
         for _ in 0..args.common.runs.max(1) {
             off.push(curate("off", "none", &[]));
             strict.push(curate("strict", "none", &[]));
-            rules.push(curate("strict", "queries", &[]));
+            rules.push(curate("strict", "builtin", &[]));
             lookup.push(curate(
                 "strict",
-                "queries",
+                "builtin",
                 &["--rule-param", "missing_patient=reject"],
             ));
         }

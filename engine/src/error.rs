@@ -81,6 +81,12 @@ pub enum Error {
     #[error("{0}")]
     Usage(String),
 
+    /// The partition has no input for the command (no raw files to curate,
+    /// nothing curated to import): exit code 5, nothing was written, so a
+    /// nightly job can tell "nothing to do" from a mistake.
+    #[error("{0}")]
+    NothingToDo(String),
+
     /// A request of the extract stage that failed for good (after retries).
     #[error("extract: {what} {url}: {message}")]
     Http {
@@ -239,6 +245,7 @@ impl Error {
             | Error::ConfigFile { .. } => 2,
             Error::Conservation { .. } => 3,
             Error::Busy { .. } => 4,
+            Error::NothingToDo(_) => 5,
             _ => 1,
         }
     }

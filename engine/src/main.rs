@@ -1,8 +1,8 @@
 //! The `fhirflow` command.
 //!
-//! Exit codes: 0 success; 1 a run failed (storage, I/O, query); 2 bad usage,
-//! configuration or partition value (nothing was written); 3 a curate run
-//! whose records did not add up (nothing was published).
+//! Exit codes (the README lists them): 0 success; 1 a run failed; 2 bad
+//! usage, configuration or partition value; 3 a curate run whose records did
+//! not add up; 4 busy; 5 nothing to do.
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -62,8 +62,8 @@ struct Global {
     /// FHIR validation in curate: strict, structure-only (no value-set bindings) or off.
     #[arg(long, global = true, env = "FHIRFLOW_VALIDATION")]
     validation: Option<fhirflow_fhir::Level>,
-    /// The rules folder of curation step 3 for every file (default: [curate] rules,
-    /// `queries`), or `none`.
+    /// The rules of curation step 3 for every file: a folder, `builtin` (the set inside
+    /// the binary, the default) or `none`.
     #[arg(long, global = true, env = "FHIRFLOW_RULES")]
     rules: Option<String>,
     /// A value for rule_param(name, …) in the rules, as name=value (repeatable).
@@ -235,7 +235,8 @@ enum Command {
         #[arg(long, value_enum, default_value_t = ValidateFormat::Text)]
         format: ValidateFormat,
     },
-    /// Curation rules (SQL files in queries/): check, test, dry-run.
+    /// Curation rules (SQL files; built into the binary unless --rules names a folder):
+    /// check, test, dry-run, export.
     Rules {
         #[command(subcommand)]
         command: RulesCommand,
@@ -284,15 +285,21 @@ enum RulesCommand {
     ///
     /// Exit code 0 when every rule plans, 1 when one does not.
     Check {
-        /// The rules folder (default: --rules, else [curate] rules).
+        /// The rules folder (default: --rules, else [curate] rules, else the built-in set).
         dir: Option<String>,
     },
     /// Run each rule's sqllogictest file (NAME.slt beside NAME.sql).
     ///
     /// Exit code 0 when every rule has a test and every test passes, 1 otherwise.
     Test {
-        /// The rules folder (default: --rules, else [curate] rules).
+        /// The rules folder (default: --rules, else [curate] rules, else the built-in set).
         dir: Option<String>,
+    },
+    /// Write the built-in rule set (rules, their tests, the analysts' guide) into a folder
+    /// for editing; then run with --rules DIR or [curate] rules = "DIR".
+    Export {
+        /// The folder; created if missing. No file in it is overwritten.
+        dir: PathBuf,
     },
     /// Dry run over one tenant and date: per rule, rows kept, rejected and changed, with samples. Writes nothing.
     Diff {
@@ -399,6 +406,22 @@ async fn run(cli: Cli) -> Result<()> {
         let dir = dir.as_deref().unwrap_or(&settings.curate.rules);
         let set = fhirflow::rules::RuleSet::from_setting(dir)?;
         return rules_check_or_test(&cli.command, &set, &settings).await;
+    }
+    if let Command::Rules {
+        command: RulesCommand::Export { dir },
+    } = &cli.command
+    {
+        let written = fhirflow::rules::export_builtin(dir)?;
+        if !g.quiet {
+            println!(
+                "wrote the rule set {} ({} files) to {}; use it with --rules {}",
+                fhirflow::rules::builtin_name(),
+                written.len(),
+                dir.display(),
+                dir.display()
+            );
+        }
+        return Ok(());
     }
     let lake = Lake::open(&settings)?;
     let bar = Bar::new(g.quiet);
@@ -799,8 +822,8 @@ fn print_summary(r: &CurateReport, verbose: bool) {
         }
     }
     println!(
-        "curated tenant {} date {} (run {}) in {:.2} s",
-        r.tenant, r.date, r.run_id, r.seconds
+        "curated tenant {} date {} (run {}, rules {}) in {:.2} s",
+        r.tenant, r.date, r.run_id, r.rule_set, r.seconds
     );
     println!(
         "{:<28} {:>10} {:>10} {:>9} {:>11} {:>9}",

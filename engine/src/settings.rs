@@ -202,8 +202,8 @@ pub struct CurateSettings {
     /// Step 2, FHIR R4 validation: `strict` (any error rejects),
     /// `structure-only` (value-set bindings are not checked) or `off`.
     pub validation: fhirflow_fhir::Level,
-    /// Step 3: the rules folder (relative to the working directory), or
-    /// `none`.
+    /// Step 3: `builtin` (the rule set inside the binary, the default), a
+    /// rules folder (relative to the working directory), or `none`.
     pub rules: String,
     /// Other rules folders for some tenants or source systems; the most
     /// specific matching entry wins over `rules`.
@@ -326,7 +326,7 @@ impl Default for CurateSettings {
             concurrency: std::thread::available_parallelism().map_or(2, |n| n.get()),
             memory_limit_mb: 512,
             validation: fhirflow_fhir::Level::Strict,
-            rules: "queries".into(),
+            rules: crate::rules::BUILTIN.into(),
             rules_for: Vec::new(),
             rule_params: Default::default(),
         }

@@ -152,3 +152,99 @@ fn run_sql_and_config_from_the_command_line() {
         "{shown}"
     );
 }
+
+/// The binary alone, as installed or in a container: run from an empty
+/// folder with no rules folder anywhere, it curates with the rule set built
+/// into it, and says so in `import_jobs`.
+#[test]
+fn the_installed_binary_alone_curates_with_its_built_in_rules() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = tmp.path().join("bin").join("fhirflow");
+    std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+    std::fs::copy(binary(), &bin).unwrap();
+    let work = tmp.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    write_lines(
+        &data,
+        "Patient.ndjson",
+        &[r#"{"resourceType":"Patient","id":"p1"}"#],
+    );
+    write_lines(
+        &data,
+        "Basic.ndjson",
+        &[r#"{"resourceType":"Basic","id":"b1","code":{"text":"note"}}"#],
+    );
+    let lake = tmp.path().join("lake");
+    let fhirflow = |args: &[&str]| {
+        let out = std::process::Command::new(&bin)
+            .args(args)
+            .arg("--lake")
+            .arg(&lake)
+            .current_dir(&work)
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{args:?}: {text}");
+        text
+    };
+    fhirflow(&[
+        "ingest",
+        data.to_str().unwrap(),
+        "--tenant",
+        TENANT,
+        "--source-system",
+        "s",
+        "--date",
+        DATE,
+    ]);
+    fhirflow(&["curate", "--tenant", TENANT, "--date", DATE]);
+    let rows = fhirflow(&[
+        "sql",
+        "SELECT e.rule, j.rule_set FROM metadata.import_errors e JOIN metadata.import_jobs j USING (job_id)",
+        "--format",
+        "csv",
+    ]);
+    let builtin = format!("builtin:{}", env!("CARGO_PKG_VERSION"));
+    assert_eq!(
+        rows,
+        format!("rule,rule_set\n010_healthlake_resource_types.sql,{builtin}\n")
+    );
+    assert_eq!(
+        std::fs::read_dir(&work).unwrap().count(),
+        0,
+        "nothing written to the working directory"
+    );
+
+    // `rules test` works on the built-in set; `rules export` writes it out
+    // as the repository has it, and refuses to overwrite.
+    let tested = fhirflow(&["rules", "test"]);
+    assert!(tested.contains("3 passed, 0 failed"), "{tested}");
+    let exported = tmp.path().join("my-rules");
+    fhirflow(&["rules", "export", exported.to_str().unwrap()]);
+    for entry in std::fs::read_dir(rules_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        let copy = exported.join(path.file_name().unwrap());
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            std::fs::read(&copy).unwrap(),
+            "{}",
+            copy.display()
+        );
+    }
+    let out = std::process::Command::new(&bin)
+        .args(["rules", "export", exported.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("exists"));
+    let checked = fhirflow(&["rules", "check", exported.to_str().unwrap()]);
+    assert!(checked.contains("3 rules in"), "{checked}");
+}

@@ -104,6 +104,8 @@ pub struct CurateReport {
     pub phases: Vec<Phase>,
     /// What each rule did, per resource type.
     pub rules: Vec<RuleSummary>,
+    /// The rule set(s) used, as `import_jobs.rule_set` has it.
+    pub rule_set: String,
 }
 
 /// What one rule did to the records of one resource type in a run.
@@ -609,7 +611,7 @@ pub async fn curate_with_checks(
         commit::collect_garbage(lake, tenant, date, &run_id, &dead).await?;
         let files = Arc::new(raw_files(lake, tenant, date).await?);
         if files.is_empty() {
-            return Err(Error::Usage(format!(
+            return Err(Error::NothingToDo(format!(
                 "no raw files for tenant {tenant} and date {date} under {}",
                 lake.raw.url_of(&lake.raw.paths.raw_tenant(tenant))
             )));
@@ -642,10 +644,11 @@ pub async fn curate_with_checks(
             total,
             processed.phases,
             processed.rule_counts,
+            processed.rules_used.join(","),
         ))
     }
     .await;
-    let (record, types, total, mut phases, rule_counts) = match result {
+    let (record, types, total, mut phases, rule_counts, rule_set) = match result {
         Ok(done) => done,
         Err(e) => {
             // Nothing of this run is visible; its objects go now (or with
@@ -697,6 +700,7 @@ pub async fn curate_with_checks(
             .collect(),
         phases,
         rules: rule_summaries(rule_counts),
+        rule_set,
     })
 }
 
@@ -706,7 +710,7 @@ struct Processed {
     /// The run's curated parts with their visible names.
     parts: Vec<commit::Object>,
     rule_counts: BTreeMap<(String, String), RuleCounts>,
-    /// The rule folders the run used.
+    /// The rule sets the run used, by name.
     rules_used: Vec<String>,
     phases: Vec<Phase>,
 }
@@ -836,7 +840,7 @@ async fn process(
         summaries,
         parts,
         rule_counts,
-        rules_used: rules.folders,
+        rules_used: rules.sets,
         phases,
     })
 }
@@ -948,6 +952,7 @@ impl Run {
                 rules_used.join(", ")
             )),
             engine_version: env!("CARGO_PKG_VERSION").into(),
+            rule_set: Some(rules_used.join(",")),
         };
         let mut metrics: Vec<MetricRow> = types.iter().map(|s| self.metric_row(s)).collect();
         metrics.extend(

@@ -487,8 +487,8 @@ pub(super) struct RunRules {
     /// No rule reads `keys` (once constant conditions are folded): the rules
     /// then run in pass 1 and nothing is read twice.
     pub inline: bool,
-    /// The folders, for reports.
-    pub folders: Vec<String>,
+    /// The sets' names (`RuleSet::name`), for reports and `import_jobs`.
+    pub sets: Vec<String>,
 }
 
 /// Loads every folder and plans its rules once, so that a broken rule stops
@@ -520,6 +520,6 @@ pub(super) async fn chains_for(
     Ok(RunRules {
         chains,
         inline,
-        folders: sets.values().map(|s| s.describe()).collect(),
+        sets: sets.values().map(|s| s.name()).collect(),
     })
 }

@@ -679,6 +679,7 @@ async fn write_metadata(
             if report.resumed { "; resumed" } else { "" }
         )),
         engine_version: env!("CARGO_PKG_VERSION").into(),
+        rule_set: None,
     };
     let metrics: Vec<MetricRow> = by_type
         .iter()

@@ -82,8 +82,8 @@ pub(crate) async fn curated(lake: &Lake, tenant: &TenantGuid, date: ImportDate) 
     let record = commit::latest_curate(lake, tenant, date)
         .await?
         .ok_or_else(|| {
-            Error::Import(format!(
-                "nothing curated for tenant {tenant} date {date}: run `fhirflow curate` first"
+            Error::NothingToDo(format!(
+                "import: nothing curated for tenant {tenant} date {date}: run `fhirflow curate` first"
             ))
         })?;
     let mut files: BTreeMap<&'static str, Vec<commit::Object>> = BTreeMap::new();
@@ -133,6 +133,7 @@ pub(crate) fn job_row(
         healthlake_status: None,
         message: report.message.clone(),
         engine_version: env!("CARGO_PKG_VERSION").into(),
+        rule_set: None,
     }
 }
 

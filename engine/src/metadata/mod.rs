@@ -43,6 +43,10 @@ pub struct JobRow {
     pub healthlake_status: Option<String>,
     pub message: Option<String>,
     pub engine_version: String,
+    /// The curation rule set(s) a curate run used: a folder's path,
+    /// `builtin:<version>` or `none` (comma-separated when `rules_for`
+    /// gave files different sets); NULL for other stages.
+    pub rule_set: Option<String>,
 }
 
 /// `import_errors`: one row per rejected record.
@@ -118,6 +122,7 @@ static JOBS: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("healthlake_status", DataType::Utf8, true),
         Field::new("message", DataType::Utf8, true),
         Field::new("engine_version", DataType::Utf8, false),
+        Field::new("rule_set", DataType::Utf8, true),
     ]))
 });
 
@@ -217,6 +222,7 @@ pub fn jobs_batch(rows: &[JobRow]) -> RecordBatch {
             utf8_opt(r.iter().map(|x| x.healthlake_status.as_deref())),
             utf8_opt(r.iter().map(|x| x.message.as_deref())),
             utf8(r.iter().map(|x| x.engine_version.as_str())),
+            utf8_opt(r.iter().map(|x| x.rule_set.as_deref())),
         ],
     )
     .expect("import_jobs columns match")

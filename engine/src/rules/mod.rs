@@ -42,10 +42,14 @@ pub struct Rule {
     /// Its path inside the rules folder, `/`-separated: the name reported in
     /// `import_errors` and `import_metrics` (`Observation/020_units.sql`).
     pub name: String,
+    /// Where it is, for messages: a path on disk, or
+    /// `builtin:<version>/<name>` for a rule of the built-in set.
     pub path: PathBuf,
     /// The resource type of its folder; None for a shared rule.
     pub resource_type: Option<&'static str>,
     pub sql: String,
+    /// Its sqllogictest file (`NAME.slt` beside `NAME.sql`), if it has one.
+    pub test: Option<String>,
 }
 
 impl Rule {
@@ -68,81 +72,154 @@ impl Rule {
     }
 }
 
-/// The rules of one folder.
-#[derive(Debug, Clone, Default)]
+/// Where a rule set came from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Origin {
+    /// No rules (`none`).
+    None,
+    /// The set compiled into the binary (the repository's `queries/`).
+    Builtin,
+    /// A folder on disk.
+    Folder(PathBuf),
+}
+
+/// The rules of one set.
+#[derive(Debug, Clone)]
 pub struct RuleSet {
-    /// The folder; None for "no rules".
-    pub dir: Option<PathBuf>,
+    pub origin: Origin,
     /// Every rule, sorted by file name (shared first on ties), then folder.
     pub rules: Vec<Arc<Rule>>,
 }
 
+impl Default for RuleSet {
+    fn default() -> Self {
+        RuleSet {
+            origin: Origin::None,
+            rules: Vec::new(),
+        }
+    }
+}
+
 /// What `--rules` and the `rules` settings accept to mean "no rules".
 pub const NO_RULES: &str = "none";
+/// What they accept to mean the built-in set (the default).
+pub const BUILTIN: &str = "builtin";
+
+/// The built-in set's files, `(path inside the folder, contents)`, sorted:
+/// the rules, their tests and the analysts' guide (see `build.rs`).
+pub const BUILTIN_FILES: &[(&str, &str)] = include!(concat!(env!("OUT_DIR"), "/builtin_rules.rs"));
+
+/// How reports and `import_jobs.rule_set` name the built-in set.
+pub fn builtin_name() -> String {
+    format!("{BUILTIN}:{}", env!("CARGO_PKG_VERSION"))
+}
+
+/// A file of a rule set, read from disk or from the binary.
+struct SourceFile {
+    /// `/`-separated, inside the set: `010_a.sql`, `Observation/020_b.sql`.
+    name: String,
+    /// For messages.
+    path: PathBuf,
+    text: String,
+}
 
 impl RuleSet {
-    /// Loads `dir`. A file that cannot be read, a folder that is not a
-    /// resource type or an empty rule is an error naming it.
+    /// Loads the folder `dir`. A file that cannot be read, a folder that is
+    /// not a resource type or an empty rule is an error naming it.
     pub fn load(dir: &Path) -> Result<RuleSet> {
-        let err = |path: &Path, message: String| Error::Rule {
-            file: path.display().to_string(),
-            message,
-        };
-        let entries = std::fs::read_dir(dir).map_err(|e| {
-            err(
-                dir,
-                format!("cannot read the rules folder ({e}); set [curate] rules or pass --rules DIR (or --rules none)"),
-            )
-        })?;
-        let mut rules = Vec::new();
-        let mut add = |path: PathBuf, name: String, ty: Option<&'static str>| -> Result<()> {
-            let sql = std::fs::read_to_string(&path).map_err(|e| err(&path, e.to_string()))?;
-            if sql.lines().all(|l| {
-                let l = l.trim();
-                l.is_empty() || l.starts_with("--")
-            }) {
-                return Err(err(&path, "the file has no SQL".into()));
+        let read_dir = |dir: &Path| -> Result<Vec<PathBuf>> {
+            let entries = std::fs::read_dir(dir).map_err(|e| {
+                rule_error(
+                    dir,
+                    format!("cannot read the rules folder ({e}); pass --rules DIR, --rules builtin or --rules none (or set [curate] rules)"),
+                )
+            })?;
+            let mut paths = Vec::new();
+            for entry in entries {
+                paths.push(entry.map_err(|e| rule_error(dir, e.to_string()))?.path());
             }
-            rules.push(Arc::new(Rule {
-                name,
-                path,
-                resource_type: ty,
-                sql,
-            }));
-            Ok(())
+            Ok(paths)
         };
-        let mut sorted: Vec<_> = entries.filter_map(|e| e.ok()).map(|e| e.path()).collect();
-        sorted.sort();
-        for path in sorted {
+        let read = |path: PathBuf, name: String| -> Result<SourceFile> {
+            let text =
+                std::fs::read_to_string(&path).map_err(|e| rule_error(&path, e.to_string()))?;
+            Ok(SourceFile { name, path, text })
+        };
+        let is_rule_or_test = |p: &Path| p.extension().is_some_and(|x| x == "sql" || x == "slt");
+        let mut files = Vec::new();
+        for path in read_dir(dir)? {
             let file_name = path
                 .file_name()
                 .unwrap_or_default()
                 .to_string_lossy()
                 .to_string();
             if path.is_dir() {
-                let Some(ty) = fhirflow_fhir::RESOURCE_TYPES
-                    .iter()
-                    .find(|t| **t == file_name)
-                else {
-                    return Err(err(
-                        &path,
-                        "a folder of rules must be named after a FHIR R4 resource type (e.g. Observation)".into(),
-                    ));
-                };
-                let mut inner: Vec<PathBuf> = std::fs::read_dir(&path)
-                    .map_err(|e| err(&path, e.to_string()))?
-                    .filter_map(|e| e.ok())
-                    .map(|e| e.path())
-                    .filter(|p| p.extension().is_some_and(|x| x == "sql"))
-                    .collect();
-                inner.sort();
-                for p in inner {
-                    let n = format!("{file_name}/{}", p.file_name().unwrap().to_string_lossy());
-                    add(p, n, Some(ty))?;
+                if !fhirflow_fhir::RESOURCE_TYPES.contains(&file_name.as_str()) {
+                    return Err(not_a_type_folder(&path));
                 }
-            } else if path.extension().is_some_and(|x| x == "sql") {
-                add(path.clone(), file_name, None)?;
+                for inner in read_dir(&path)? {
+                    if is_rule_or_test(&inner) {
+                        let name = format!(
+                            "{file_name}/{}",
+                            inner.file_name().unwrap().to_string_lossy()
+                        );
+                        files.push(read(inner, name)?);
+                    }
+                }
+            } else if is_rule_or_test(&path) {
+                files.push(read(path, file_name)?);
             }
+        }
+        Self::from_files(Origin::Folder(dir.to_path_buf()), files)
+    }
+
+    /// The set compiled into the binary.
+    pub fn builtin() -> Result<RuleSet> {
+        let files = BUILTIN_FILES
+            .iter()
+            .map(|(name, text)| SourceFile {
+                name: name.to_string(),
+                path: PathBuf::from(format!("{}/{name}", builtin_name())),
+                text: text.to_string(),
+            })
+            .collect();
+        Self::from_files(Origin::Builtin, files)
+    }
+
+    /// The rules among `files` (`.sql` at the top or one type folder deep),
+    /// each with its `.slt` test when there is one.
+    fn from_files(origin: Origin, files: Vec<SourceFile>) -> Result<RuleSet> {
+        let tests: std::collections::HashMap<&str, &str> = files
+            .iter()
+            .filter_map(|f| Some((f.name.strip_suffix(".slt")?, f.text.as_str())))
+            .collect();
+        let mut rules = Vec::new();
+        for f in &files {
+            let resource_type = match f.name.split_once('/') {
+                None => None,
+                Some((folder, _)) => {
+                    match fhirflow_fhir::RESOURCE_TYPES.iter().find(|t| **t == folder) {
+                        Some(ty) => Some(*ty),
+                        None => return Err(not_a_type_folder(f.path.parent().unwrap_or(&f.path))),
+                    }
+                }
+            };
+            let Some(stem) = f.name.strip_suffix(".sql") else {
+                continue;
+            };
+            if f.text.lines().all(|l| {
+                let l = l.trim();
+                l.is_empty() || l.starts_with("--")
+            }) {
+                return Err(rule_error(&f.path, "the file has no SQL".into()));
+            }
+            rules.push(Arc::new(Rule {
+                name: f.name.clone(),
+                path: f.path.clone(),
+                resource_type,
+                sql: f.text.clone(),
+                test: tests.get(stem).map(|t| t.to_string()),
+            }));
         }
         rules.sort_by(|a, b| {
             (a.file_name(), a.resource_type.is_some(), &a.name).cmp(&(
@@ -151,18 +228,15 @@ impl RuleSet {
                 &b.name,
             ))
         });
-        Ok(RuleSet {
-            dir: Some(dir.to_path_buf()),
-            rules,
-        })
+        Ok(RuleSet { origin, rules })
     }
 
-    /// `dir`, or no rules for `none`.
-    pub fn from_setting(dir: &str) -> Result<RuleSet> {
-        if dir == NO_RULES || dir.is_empty() {
-            Ok(RuleSet::default())
-        } else {
-            RuleSet::load(Path::new(dir))
+    /// The set a `rules` setting names: `builtin`, `none` or a folder.
+    pub fn from_setting(setting: &str) -> Result<RuleSet> {
+        match setting {
+            NO_RULES | "" => Ok(RuleSet::default()),
+            BUILTIN => RuleSet::builtin(),
+            dir => RuleSet::load(Path::new(dir)),
         }
     }
 
@@ -179,12 +253,63 @@ impl RuleSet {
         self.rules.is_empty()
     }
 
-    /// A short description for reports: the folder and rule count.
-    pub fn describe(&self) -> String {
-        match &self.dir {
-            Some(d) => format!("{} ({} rules)", d.display(), self.rules.len()),
-            None => "none".into(),
+    /// The set's name, as `import_jobs.rule_set` records it: the folder's
+    /// path, `builtin:<version>` or `none`.
+    pub fn name(&self) -> String {
+        match &self.origin {
+            Origin::None => NO_RULES.into(),
+            Origin::Builtin => builtin_name(),
+            Origin::Folder(d) => d.display().to_string(),
         }
+    }
+
+    /// A short description for reports: the name and rule count.
+    pub fn describe(&self) -> String {
+        match self.origin {
+            Origin::None => self.name(),
+            _ => format!("{} ({} rules)", self.name(), self.rules.len()),
+        }
+    }
+}
+
+/// Writes the built-in set's files into `dir` (created if missing) for
+/// editing; refuses to overwrite a file that is there. Returns the paths
+/// written.
+pub fn export_builtin(dir: &Path) -> Result<Vec<PathBuf>> {
+    let io = |path: &Path, e: std::io::Error| rule_error(path, e.to_string());
+    let mut written = Vec::new();
+    for (name, text) in BUILTIN_FILES {
+        let path = dir.join(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::AlreadyExists => {
+                    rule_error(&path, "the file exists; export into an empty folder".into())
+                }
+                _ => io(&path, e),
+            })?;
+        std::io::Write::write_all(&mut file, text.as_bytes()).map_err(|e| io(&path, e))?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
+fn not_a_type_folder(path: &Path) -> Error {
+    rule_error(
+        path,
+        "a folder of rules must be named after a FHIR R4 resource type (e.g. Observation)".into(),
+    )
+}
+
+fn rule_error(path: &Path, message: String) -> Error {
+    Error::Rule {
+        file: path.display().to_string(),
+        message,
     }
 }
 
@@ -258,5 +383,23 @@ mod tests {
             .to_string();
         assert!(e.contains("nope") && e.contains("--rules"), "{e}");
         assert!(RuleSet::from_setting("none").unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_builtin_set_is_the_repository_folder_with_its_tests() {
+        let builtin = RuleSet::from_setting(BUILTIN).unwrap();
+        let folder =
+            RuleSet::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../queries")).unwrap();
+        assert!(!builtin.is_empty());
+        assert_eq!(builtin.rules.len(), folder.rules.len());
+        for (b, f) in builtin.rules.iter().zip(&folder.rules) {
+            assert_eq!((&b.name, &b.sql, &b.test), (&f.name, &f.sql, &f.test));
+            assert!(b.test.is_some(), "{} has a test", b.name);
+        }
+        assert_eq!(
+            builtin.name(),
+            format!("builtin:{}", env!("CARGO_PKG_VERSION"))
+        );
+        assert!(builtin.rules[0].path.starts_with(builtin.name()));
     }
 }
