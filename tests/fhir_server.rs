@@ -3,7 +3,9 @@
 //! loopback port, behind [`Proxy`], a small HTTP proxy that records every
 //! request and injects the faults a server cannot produce on demand (429
 //! with Retry-After, 500s, a connection cut in the middle of a file, a
-//! refused token, a wrong manifest count, a redirect to another origin).
+//! refused token, a wrong manifest count, a redirect to another origin, a
+//! manifest file URL or a `Content-Location` on another host, blank lines
+//! in a file).
 //!
 //! sekmet's `base_url` is the proxy's, so the status URLs and file URLs it
 //! hands out lead through the proxy too.
@@ -35,6 +37,22 @@ pub enum Fault {
     WrongCount,
     /// Redirect (302) to the same path on another origin.
     RedirectTo(String),
+    /// Forward a manifest with the first output file's URL moved to this
+    /// origin (`scheme://host[:port]`), its path kept.
+    OutputOrigin(String),
+    /// Forward a kick-off answer with its `Content-Location` moved to this
+    /// origin.
+    ContentLocationOrigin(String),
+    /// Forward a file with blank lines added: an empty one and one of
+    /// spaces, a tab and `\r` after its first line, an empty one at its end.
+    BlankLines,
+}
+
+/// `url` with its scheme, host and port replaced by `origin`.
+pub fn with_origin(url: &str, origin: &str) -> String {
+    let u = url::Url::parse(url).expect("an absolute URL");
+    let rest = &u[url::Position::BeforePath..];
+    format!("{}{rest}", origin.trim_end_matches('/'))
 }
 
 /// One request the proxy saw.
@@ -250,16 +268,43 @@ async fn handle(
     let status = resp.status().as_u16();
     let mut builder = Response::builder().status(status);
     for (k, v) in resp.headers() {
+        if k == "content-location" {
+            if let (Some(Fault::ContentLocationOrigin(origin)), Ok(v)) = (&fault, v.to_str()) {
+                builder = builder.header(k, with_origin(v, origin));
+                continue;
+            }
+        }
         if k != "content-length" && k != "transfer-encoding" {
             builder = builder.header(k, v);
         }
     }
     let mut bytes = resp.bytes().await.unwrap_or_default();
-    if let (Some(Fault::WrongCount), 200) = (&fault, status) {
-        let mut manifest: Value = serde_json::from_slice(&bytes).unwrap();
-        let c = manifest["output"][0]["count"].as_u64().unwrap();
-        manifest["output"][0]["count"] = json!(c + 1);
-        bytes = Bytes::from(manifest.to_string());
+    match (&fault, status) {
+        (Some(Fault::WrongCount), 200) => {
+            let mut manifest: Value = serde_json::from_slice(&bytes).unwrap();
+            let c = manifest["output"][0]["count"].as_u64().unwrap();
+            manifest["output"][0]["count"] = json!(c + 1);
+            bytes = Bytes::from(manifest.to_string());
+        }
+        (Some(Fault::OutputOrigin(origin)), 200) => {
+            let mut manifest: Value = serde_json::from_slice(&bytes).unwrap();
+            let url = manifest["output"][0]["url"].as_str().unwrap();
+            manifest["output"][0]["url"] = json!(with_origin(url, origin));
+            bytes = Bytes::from(manifest.to_string());
+        }
+        (Some(Fault::BlankLines), 200) => {
+            assert!(
+                !bytes.starts_with(&[0x1f, 0x8b]),
+                "BlankLines needs a plain file"
+            );
+            let first = bytes.iter().position(|&b| b == b'\n').unwrap() + 1;
+            let mut v = bytes[..first].to_vec();
+            v.extend_from_slice(b"\n \t\r\n");
+            v.extend_from_slice(&bytes[first..]);
+            v.extend_from_slice(b"\n");
+            bytes = Bytes::from(v);
+        }
+        _ => {}
     }
     record(status);
     if let Some(Fault::Cut) = fault {

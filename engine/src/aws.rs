@@ -50,6 +50,61 @@ pub async fn sdk_config(
     loader.load().await
 }
 
+/// Logs every attempt of an AWS call that the SDK's retry strategy will
+/// answer with a backoff: throttling (HTTP 429, or an error type naming
+/// throttling, as HealthLake and Glue answer it) and 5xx. Only the service,
+/// operation, status and error type: never a body.
+#[derive(Debug)]
+pub(crate) struct LogRetries;
+
+impl aws_smithy_runtime_api::client::interceptors::Intercept for LogRetries {
+    fn name(&self) -> &'static str {
+        "fhirflow-log-retries"
+    }
+
+    fn read_after_attempt(
+        &self,
+        context: &aws_smithy_runtime_api::client::interceptors::context::FinalizerInterceptorContextRef<'_>,
+        _components: &aws_smithy_runtime_api::client::runtime_components::RuntimeComponents,
+        cfg: &mut aws_smithy_types::config_bag::ConfigBag,
+    ) -> Result<(), aws_smithy_runtime_api::box_error::BoxError> {
+        use aws_smithy_runtime_api::client::orchestrator::Metadata;
+        use aws_smithy_runtime_api::client::retries::RequestAttempts;
+        let Some(response) = context.response() else {
+            return Ok(());
+        };
+        let status = response.status().as_u16();
+        let error_type = response
+            .headers()
+            .get("x-amzn-errortype")
+            .map(|t| t.split(':').next().unwrap_or(t).to_string());
+        let throttled = status == 429
+            || error_type
+                .as_deref()
+                .is_some_and(|t| t.contains("Throttl") || t.contains("TooManyRequests"));
+        if throttled || status >= 500 {
+            let (service, operation) = cfg
+                .load::<Metadata>()
+                .map_or(("aws", "call"), |m| (m.service(), m.name()));
+            let attempt = cfg.load::<RequestAttempts>().map_or(1, |a| a.attempts());
+            tracing::warn!(
+                service,
+                operation,
+                status,
+                error_type = error_type.as_deref().unwrap_or(""),
+                attempt,
+                "{} AWS {service} {operation}: HTTP {status}; the SDK retries with backoff",
+                if throttled {
+                    "throttled by"
+                } else {
+                    "server error from"
+                },
+            );
+        }
+        Ok(())
+    }
+}
+
 /// Splits `s3://bucket/key/prefix` into the bucket and the key prefix.
 pub fn split_s3_uri(uri: &str) -> Option<(&str, &str)> {
     let rest = uri.strip_prefix("s3://")?;

@@ -92,7 +92,11 @@ pub async fn sync(lake: &Lake, settings: &crate::settings::Settings) -> Result<S
     let g = &settings.glue;
     let config =
         crate::aws::sdk_config(settings, g.endpoint.as_deref(), g.region.as_deref(), 8).await;
-    let client = Client::new(&config);
+    let client = Client::from_conf(
+        aws_sdk_glue::config::Builder::from(&config)
+            .interceptor(crate::aws::LogRetries)
+            .build(),
+    );
     let mut report = SyncReport::default();
     let meta_db = metadata_database(env);
     for db in [RAW_DATABASE, CURATED_DATABASE, meta_db.as_str()] {
@@ -108,7 +112,13 @@ pub async fn sync(lake: &Lake, settings: &crate::settings::Settings) -> Result<S
         .join("_catalog")
         .join(format!("{env}.json"));
     let mut state: SyncState = match lake.metadata.get_bytes(STAGE, &state_path).await? {
-        Some(b) => serde_json::from_slice(&b).unwrap_or_default(),
+        Some(b) => serde_json::from_slice(&b).map_err(|e| Error::Corrupt {
+            stage: STAGE,
+            location: lake.metadata.url_of(&state_path),
+            detail: format!(
+                "not a catalog sync state ({e}); delete it to register every partition again"
+            ),
+        })?,
         None => SyncState::default(),
     };
     for spec in &specs {

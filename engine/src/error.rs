@@ -78,6 +78,19 @@ pub enum Error {
         duplicates: u64,
     },
 
+    /// Rejected records without their `import_errors` rows (exit code 3,
+    /// like a run whose counts do not add up).
+    #[error(
+        "curate tenant {tenant} date {date}: {rejected} records were rejected but import_errors \
+         holds rows for only {rows}; nothing was published"
+    )]
+    UnreportedRejections {
+        tenant: String,
+        date: String,
+        rejected: u64,
+        rows: u64,
+    },
+
     #[error("{0}")]
     Usage(String),
 
@@ -243,7 +256,7 @@ impl Error {
             | Error::Usage(_)
             | Error::Config(_)
             | Error::ConfigFile { .. } => 2,
-            Error::Conservation { .. } => 3,
+            Error::Conservation { .. } | Error::UnreportedRejections { .. } => 3,
             Error::Busy { .. } => 4,
             Error::NothingToDo(_) => 5,
             _ => 1,

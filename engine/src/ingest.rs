@@ -268,5 +268,9 @@ async fn upload(
         let _ = writer.abort().await;
         return Err(changed());
     }
-    writer.shutdown().await.map_err(to_store)
+    if let Err(e) = writer.shutdown().await {
+        let _ = writer.abort().await;
+        return Err(to_store(e));
+    }
+    Ok(())
 }

@@ -16,6 +16,9 @@ use fhirflow::settings::{Overrides, Settings};
 use fhirflow::storage::Lake;
 use fhirflow::validate::Format as ValidateFormat;
 use fhirflow::{Error, Result};
+use serde_json::json;
+
+mod cli_output;
 
 /// Carries FHIR R4 NDJSON through a multi-tenant lake: raw → curated → metadata.
 #[derive(Parser)]
@@ -30,58 +33,133 @@ struct Cli {
 #[derive(Args)]
 struct Global {
     /// Config file (default: ./fhirflow.toml when it exists).
-    #[arg(long, global = true, env = "FHIRFLOW_CONFIG")]
+    #[arg(help_heading = "Lake", long, global = true, env = "FHIRFLOW_CONFIG")]
     config: Option<PathBuf>,
     /// Root of every layer: a folder, or a URL (file:///…, s3://bucket/prefix, memory://).
-    #[arg(long, global = true, env = "FHIRFLOW_LAKE")]
+    #[arg(help_heading = "Lake", long, global = true, env = "FHIRFLOW_LAKE")]
     lake: Option<String>,
     /// Root of the raw layer, when not the lake's.
-    #[arg(long, global = true, env = "FHIRFLOW_RAW_ROOT")]
+    #[arg(help_heading = "Lake", long, global = true, env = "FHIRFLOW_RAW_ROOT")]
     raw_root: Option<String>,
     /// Root of the curated layer, when not the lake's.
-    #[arg(long, global = true, env = "FHIRFLOW_CURATED_ROOT")]
+    #[arg(
+        help_heading = "Lake",
+        long,
+        global = true,
+        env = "FHIRFLOW_CURATED_ROOT"
+    )]
     curated_root: Option<String>,
     /// Root of the metadata layer, when not the lake's.
-    #[arg(long, global = true, env = "FHIRFLOW_METADATA_ROOT")]
+    #[arg(
+        help_heading = "Lake",
+        long,
+        global = true,
+        env = "FHIRFLOW_METADATA_ROOT"
+    )]
     metadata_root: Option<String>,
     /// The system of the tenant label in meta.security.
-    #[arg(long, global = true, env = "FHIRFLOW_TENANT_LABEL_SYSTEM")]
+    #[arg(
+        help_heading = "Curation",
+        long,
+        global = true,
+        env = "FHIRFLOW_TENANT_LABEL_SYSTEM"
+    )]
     tenant_label_system: Option<String>,
     /// Reject lines longer than this many bytes.
-    #[arg(long, global = true, env = "FHIRFLOW_MAX_LINE_BYTES")]
+    #[arg(
+        help_heading = "Curation",
+        long,
+        global = true,
+        env = "FHIRFLOW_MAX_LINE_BYTES"
+    )]
     max_line_bytes: Option<usize>,
     /// Reject JSON nested deeper than this.
-    #[arg(long, global = true, env = "FHIRFLOW_MAX_DEPTH")]
+    #[arg(
+        help_heading = "Curation",
+        long,
+        global = true,
+        env = "FHIRFLOW_MAX_DEPTH"
+    )]
     max_depth: Option<usize>,
     /// Split curated files into numbered parts above this many bytes.
-    #[arg(long, global = true, env = "FHIRFLOW_PART_MAX_BYTES")]
+    #[arg(
+        help_heading = "Curation",
+        long,
+        global = true,
+        env = "FHIRFLOW_PART_MAX_BYTES"
+    )]
     part_max_bytes: Option<u64>,
     /// Files processed at once (default: the number of cores).
-    #[arg(long, global = true, env = "FHIRFLOW_CONCURRENCY")]
+    #[arg(
+        help_heading = "Curation",
+        long,
+        global = true,
+        env = "FHIRFLOW_CONCURRENCY"
+    )]
     concurrency: Option<usize>,
     /// FHIR validation in curate: strict, structure-only (no value-set bindings) or off.
-    #[arg(long, global = true, env = "FHIRFLOW_VALIDATION")]
+    #[arg(
+        help_heading = "Curation",
+        long,
+        global = true,
+        env = "FHIRFLOW_VALIDATION"
+    )]
     validation: Option<fhirflow_fhir::Level>,
     /// The rules of curation step 3 for every file: a folder, `builtin` (the set inside
     /// the binary, the default) or `none`.
-    #[arg(long, global = true, env = "FHIRFLOW_RULES")]
+    #[arg(help_heading = "Curation", long, global = true, env = "FHIRFLOW_RULES")]
     rules: Option<String>,
     /// A value for rule_param(name, …) in the rules, as name=value (repeatable).
-    #[arg(long = "rule-param", global = true, value_parser = parse_param)]
+    #[arg(help_heading = "Curation", long = "rule-param", global = true, value_parser = parse_param)]
     rule_params: Vec<(String, String)>,
     /// Wait up to this many seconds for a partition another run is writing,
     /// instead of exiting at once with code 4 (busy).
-    #[arg(long, global = true, env = "FHIRFLOW_WAIT", value_name = "SECONDS")]
+    #[arg(
+        help_heading = "Runs and logs",
+        long,
+        global = true,
+        env = "FHIRFLOW_WAIT",
+        value_name = "SECONDS"
+    )]
     wait: Option<u64>,
     /// How long a partition lease lasts without renewal (default 60 s).
     #[arg(long, global = true, env = "FHIRFLOW_LEASE_TTL_SECONDS", hide = true)]
     lease_ttl_seconds: Option<u64>,
-    /// Print only results and errors.
-    #[arg(short, long, global = true)]
+    /// Print only results and errors (and log only warnings).
+    #[arg(help_heading = "Runs and logs", short, long, global = true)]
     quiet: bool,
-    /// Also print the time of each phase of a curate run.
-    #[arg(short, long, global = true)]
+    /// Also log debug lines (every phase, every retry, the SDKs' own).
+    #[arg(
+        help_heading = "Runs and logs",
+        short,
+        long,
+        global = true,
+        conflicts_with = "quiet"
+    )]
     verbose: bool,
+    /// Log lines on stderr as text, or as JSON lines (for CloudWatch Logs and other log pipelines).
+    #[arg(help_heading = "Runs and logs", long, global = true, env = "FHIRFLOW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// `--output`: what a command that does work prints on stdout.
+#[derive(Args, Clone, Copy)]
+struct Output {
+    /// Print the summary as text, or as one JSON document (see the README).
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    output: OutputFormat,
+}
+
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
+enum OutputFormat {
+    Text,
+    Json,
 }
 
 #[derive(Args)]
@@ -122,9 +200,15 @@ struct ExtractArgs {
     /// Abandon a pending (interrupted) extraction of this tenant and source system and start anew.
     #[arg(long)]
     restart: bool,
-    /// A static bearer token for the FHIR server (better from the environment).
-    #[arg(long, env = "FHIRFLOW_BEARER_TOKEN", hide_env_values = true)]
+    /// The static bearer token, from the environment only
+    /// (FHIRFLOW_BEARER_TOKEN): never a flag value, which any user could read
+    /// in the process list.
+    #[arg(skip = std::env::var("FHIRFLOW_BEARER_TOKEN").ok().filter(|t| !t.is_empty()))]
     bearer_token: Option<String>,
+    /// A file holding the FHIR server's static bearer token (its content,
+    /// trimmed); or set FHIRFLOW_BEARER_TOKEN.
+    #[arg(long, env = "FHIRFLOW_BEARER_TOKEN_FILE")]
+    bearer_token_file: Option<PathBuf>,
     /// SMART Backend Services: the registered client id.
     #[arg(long, env = "FHIRFLOW_SMART_CLIENT_ID")]
     smart_client_id: Option<String>,
@@ -154,6 +238,8 @@ enum Command {
         /// The import date, YYYY-MM-DD (default: today, UTC).
         #[arg(long)]
         date: Option<ImportDate>,
+        #[command(flatten)]
+        out: Output,
     },
     /// Land NDJSON files or folders in the raw layer.
     Ingest {
@@ -169,16 +255,21 @@ enum Command {
         /// The import date, YYYY-MM-DD (default: today, UTC).
         #[arg(long)]
         date: Option<ImportDate>,
+        #[command(flatten)]
+        out: Output,
     },
     /// Curate every raw file of one tenant and date into the curated layer.
     Curate {
         #[command(flatten)]
         partition: Partition,
+        #[command(flatten)]
+        out: Output,
     },
     /// Import one curated tenant and date into the local Iceberg lake (default) or HealthLake.
     ///
     /// A retried import never imports twice. `fhirflow import status` looks at a
     /// HealthLake job started with --no-wait.
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
     Import {
         #[command(subcommand)]
         command: Option<ImportCommand>,
@@ -210,19 +301,22 @@ enum Command {
         /// HealthLake: return once the import job is submitted.
         #[arg(long)]
         no_wait: bool,
-        /// Files or folders to ingest first.
+        /// Files or folders to ingest first (instead of extracting).
+        #[arg(conflicts_with = "ExtractArgs", requires = "source_system")]
         paths: Vec<PathBuf>,
         #[command(flatten)]
         from: ExtractArgs,
         /// The tenant GUID.
         #[arg(long)]
         tenant: TenantGuid,
-        /// The source system (required with paths).
+        /// The source system (required with paths or a FHIR server).
         #[arg(long)]
         source_system: Option<SourceSystem>,
         /// The import date, YYYY-MM-DD (default: today, UTC).
         #[arg(long)]
         date: Option<ImportDate>,
+        #[command(flatten)]
+        out: Output,
     },
     /// Validate FHIR R4 files: NDJSON line by line, .json as one resource or Bundle.
     ///
@@ -248,10 +342,10 @@ enum Command {
 #[derive(Args)]
 struct ImportArgs {
     /// The tenant GUID.
-    #[arg(long, global = true)]
+    #[arg(long, required = true)]
     tenant: Option<TenantGuid>,
     /// The import date, YYYY-MM-DD.
-    #[arg(long, global = true)]
+    #[arg(long, required = true)]
     date: Option<ImportDate>,
     /// Where to import (default: [import] target, `local`).
     #[arg(long, value_enum)]
@@ -259,12 +353,19 @@ struct ImportArgs {
     /// HealthLake: return once the job is submitted (see `fhirflow import status`).
     #[arg(long)]
     no_wait: bool,
+    #[command(flatten)]
+    out: Output,
 }
 
 #[derive(Subcommand)]
 enum ImportCommand {
     /// The HealthLake job of a tenant and date now; records its outcome once it has ended.
-    Status,
+    Status {
+        #[command(flatten)]
+        partition: Partition,
+        #[command(flatten)]
+        out: Output,
+    },
 }
 
 #[derive(Subcommand)]
@@ -276,6 +377,8 @@ enum CatalogCommand {
         /// (default: [glue] env).
         #[arg(long, env = "FHIRFLOW_ENV")]
         env: Option<String>,
+        #[command(flatten)]
+        out: Output,
     },
 }
 
@@ -327,30 +430,111 @@ fn parse_param(text: &str) -> std::result::Result<(String, String), String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logs(&cli.global);
+    #[cfg(not(feature = "failpoints"))]
+    if std::env::var_os("FHIRFLOW_FAILPOINT").is_some() {
+        tracing::warn!(
+            "FHIRFLOW_FAILPOINT is set, but this build has no failpoints (the tests build \
+             with `cargo build --workspace --bins`, which turns the feature on)"
+        );
+    }
+    let log_format = cli.global.log_format;
+    let (command, output) = cli.command.name_and_output();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
-    match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            let mut msg = format!("fhirflow: error: {e}");
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                // Variants already show their source inline; print only news.
-                let text = s.to_string();
-                if !msg.contains(&text) {
-                    msg.push_str(&format!("\n  caused by: {text}"));
-                }
-                source = s.source();
-            }
-            eprintln!("{msg}");
-            ExitCode::from(e.exit_code())
+    let result = runtime.block_on(run(cli, output == OutputFormat::Json));
+    let code = match &result {
+        Ok(_) => 0,
+        Err(e) => e.exit_code(),
+    };
+    if let Err(e) = &result {
+        match log_format {
+            LogFormat::Text => eprintln!("fhirflow: error: {}", error_text(e)),
+            LogFormat::Json => tracing::error!(exit_code = code, "{}", error_text(e)),
+        }
+    }
+    if output == OutputFormat::Json {
+        let body = result.map_err(|e| error_text(&e));
+        let doc = cli_output::document(command, code, body);
+        println!("{doc}");
+    }
+    ExitCode::from(code)
+}
+
+/// An error with the sources its own text does not already show.
+fn error_text(e: &Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !msg.contains(&text) {
+            msg.push_str(&format!("\n  caused by: {text}"));
+        }
+        source = s.source();
+    }
+    msg
+}
+
+/// Log lines go to stderr: fhirflow's own at info (warn with --quiet, debug
+/// with --verbose), the object store's retries at info, everything else's
+/// warnings (debug with --verbose). Never a record's contents or a secret:
+/// the events name files, partitions, statuses and timings only.
+fn init_logs(g: &Global) {
+    use tracing::level_filters::LevelFilter;
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let (ours, others) = match (g.quiet, g.verbose) {
+        (true, _) => (LevelFilter::WARN, LevelFilter::WARN),
+        (_, true) => (LevelFilter::DEBUG, LevelFilter::DEBUG),
+        _ => (LevelFilter::INFO, LevelFilter::WARN),
+    };
+    let filter = Targets::new()
+        .with_default(others)
+        .with_target("fhirflow", ours)
+        .with_target("object_store::client::retry", ours);
+    let layer = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(false);
+    let registry = tracing_subscriber::registry().with(filter);
+    match g.log_format {
+        LogFormat::Text => registry.with(layer).init(),
+        LogFormat::Json => registry
+            .with(layer.json().flatten_event(true).with_current_span(false))
+            .init(),
+    }
+}
+
+impl Command {
+    /// The command's name in `--output json`, and its `--output`.
+    fn name_and_output(&self) -> (&'static str, OutputFormat) {
+        let text = OutputFormat::Text;
+        match self {
+            Command::Extract { out, .. } => ("extract", out.output),
+            Command::Ingest { out, .. } => ("ingest", out.output),
+            Command::Curate { out, .. } => ("curate", out.output),
+            Command::Import {
+                command: Some(ImportCommand::Status { out, .. }),
+                ..
+            } => ("import status", out.output),
+            Command::Import { args, .. } => ("import", args.out.output),
+            Command::Catalog {
+                command: CatalogCommand::Sync { out, .. },
+            } => ("catalog sync", out.output),
+            Command::Run { out, .. } => ("run", out.output),
+            Command::Sql { .. } => ("sql", text),
+            Command::Validate { .. } => ("validate", text),
+            Command::Rules { .. } => ("rules", text),
+            Command::Config => ("config", text),
         }
     }
 }
 
-async fn run(cli: Cli) -> Result<()> {
+/// Runs the command; with `json`, prints nothing itself and returns its
+/// summary for the `--output json` document.
+async fn run(cli: Cli, json: bool) -> Result<serde_json::Value> {
     let g = &cli.global;
     let from = match &cli.command {
         Command::Extract { from, .. } | Command::Run { from, .. } => Some(from.clone()),
@@ -364,7 +548,7 @@ async fn run(cli: Cli) -> Result<()> {
     };
     let glue_env = match &cli.command {
         Command::Catalog {
-            command: CatalogCommand::Sync { env },
+            command: CatalogCommand::Sync { env, .. },
         } => env.clone(),
         _ => None,
     };
@@ -383,6 +567,7 @@ async fn run(cli: Cli) -> Result<()> {
         rule_params: g.rule_params.clone(),
         fhir_url: f.fhir_url.clone(),
         bearer_token: f.bearer_token.clone(),
+        bearer_token_file: f.bearer_token_file.clone(),
         smart_client_id: f.smart_client_id.clone(),
         smart_private_key: f.smart_private_key.clone(),
         smart_token_url: f.smart_token_url.clone(),
@@ -394,10 +579,10 @@ async fn run(cli: Cli) -> Result<()> {
     let settings = Settings::resolve(g.config.as_deref(), &overrides)?;
     if let Command::Config = cli.command {
         print!("{}", settings.to_masked_toml());
-        return Ok(());
+        return Ok(serde_json::Value::Null);
     }
     if let Command::Validate { paths, format } = &cli.command {
-        return validate(&settings, paths, *format);
+        return validate(&settings, paths, *format).map(|()| serde_json::Value::Null);
     }
     if let Command::Rules {
         command: RulesCommand::Check { dir } | RulesCommand::Test { dir },
@@ -405,7 +590,9 @@ async fn run(cli: Cli) -> Result<()> {
     {
         let dir = dir.as_deref().unwrap_or(&settings.curate.rules);
         let set = fhirflow::rules::RuleSet::from_setting(dir)?;
-        return rules_check_or_test(&cli.command, &set, &settings).await;
+        return rules_check_or_test(&cli.command, &set, &settings)
+            .await
+            .map(|()| serde_json::Value::Null);
     }
     if let Command::Rules {
         command: RulesCommand::Export { dir },
@@ -421,11 +608,13 @@ async fn run(cli: Cli) -> Result<()> {
                 dir.display()
             );
         }
-        return Ok(());
+        return Ok(serde_json::Value::Null);
     }
     let lake = Lake::open(&settings)?;
-    let bar = Bar::new(g.quiet);
-    match cli.command {
+    let bar = Bar::new(g.quiet || json);
+    // With --output json, nothing but the document goes to stdout.
+    let quiet = g.quiet || json;
+    let summary = match cli.command {
         Command::Config | Command::Validate { .. } => unreachable!("handled above"),
         Command::Rules {
             command: RulesCommand::Diff { partition, samples },
@@ -439,6 +628,7 @@ async fn run(cli: Cli) -> Result<()> {
             )
             .await?;
             print!("{}", fhirflow::rules::diff::render(&dry));
+            serde_json::Value::Null
         }
         Command::Rules { .. } => unreachable!("handled above"),
         Command::Ingest {
@@ -446,56 +636,73 @@ async fn run(cli: Cli) -> Result<()> {
             tenant,
             source_system,
             date,
+            ..
         } => {
             let date = date.unwrap_or_else(ImportDate::today);
             let report =
                 fhirflow::ingest::ingest(&lake, &paths, &tenant, &source_system, date).await?;
-            print_ingest(&report, g.quiet);
+            print_ingest(&report, quiet);
+            json!({ "ingest": cli_output::ingest(&report) })
         }
         Command::Extract {
             from,
             tenant,
             source_system,
             date,
+            ..
         } => {
             let request = extract_request(&settings, &from, tenant, source_system, date)?
                 .ok_or_else(|| {
                     Error::Usage("extract: give --fhir-url (or [extract] fhir_url)".into())
                 })?;
             let report = fhirflow::extract::extract(&lake, &settings, &request, &bar).await?;
-            print_extract(&report, g.quiet);
+            print_extract(&report, quiet);
+            json!({ "extract": cli_output::extract(&report) })
         }
-        Command::Curate { partition } => {
+        Command::Curate { partition, .. } => {
             let report =
                 fhirflow::curate::curate(&lake, &settings, &partition.tenant, partition.date, &bar)
                     .await?;
-            print_summary(&report, g.verbose);
+            print_summary(&report, json);
+            json!({ "curate": cli_output::curate(&report) })
         }
-        Command::Import { command, args } => {
+        Command::Import {
+            command: Some(ImportCommand::Status { partition, .. }),
+            ..
+        } => {
+            let report = fhirflow::import::healthlake::status(
+                &lake,
+                &settings,
+                &partition.tenant,
+                partition.date,
+            )
+            .await?;
+            print_import(&report, quiet);
+            json!({ "import": cli_output::import(&report) })
+        }
+        Command::Import {
+            command: None,
+            args,
+        } => {
             let (Some(tenant), Some(date)) = (args.tenant, args.date) else {
-                return Err(Error::Usage("import: give --tenant and --date".into()));
+                unreachable!("the parser requires --tenant and --date");
             };
-            let report = match command {
-                Some(ImportCommand::Status) => {
-                    fhirflow::import::healthlake::status(&lake, &settings, &tenant, date).await?
-                }
-                None => {
-                    let req = fhirflow::import::ImportRequest {
-                        tenant,
-                        date,
-                        target: settings.import.target,
-                        wait: !args.no_wait,
-                    };
-                    fhirflow::import::import(&lake, &settings, &req, &bar).await?
-                }
+            let req = fhirflow::import::ImportRequest {
+                tenant,
+                date,
+                target: settings.import.target,
+                wait: !args.no_wait,
             };
-            print_import(&report, g.quiet);
+            let report = fhirflow::import::import(&lake, &settings, &req, &bar).await?;
+            print_import(&report, quiet);
+            json!({ "import": cli_output::import(&report) })
         }
         Command::Catalog {
             command: CatalogCommand::Sync { .. },
         } => {
             let report = fhirflow::catalog::sync(&lake, &settings).await?;
-            print_catalog(&report, g.quiet);
+            print_catalog(&report, quiet);
+            json!({ "catalog": cli_output::catalog(&report) })
         }
         Command::Run {
             paths,
@@ -506,10 +713,16 @@ async fn run(cli: Cli) -> Result<()> {
             target: _,
             no_import,
             no_wait,
+            ..
         } => {
             let extract = match (&source_system, paths.is_empty()) {
                 (Some(system), true) => {
                     extract_request(&settings, &from, tenant.clone(), system.clone(), date)?
+                }
+                (None, true) if settings.extract.fhir_url.is_some() => {
+                    return Err(Error::Usage(
+                        "run: extracting from the FHIR server needs --source-system".into(),
+                    ));
                 }
                 _ => None,
             };
@@ -524,22 +737,23 @@ async fn run(cli: Cli) -> Result<()> {
             };
             let report = fhirflow::run::run(&lake, &settings, &plan, &bar).await?;
             if let Some(x) = &report.extract {
-                print_extract(x, g.quiet);
+                print_extract(x, quiet);
             }
             if let Some(i) = &report.ingest {
-                print_ingest(i, g.quiet);
+                print_ingest(i, quiet);
             }
-            print_summary(&report.curate, g.verbose);
+            print_summary(&report.curate, json);
             if let Some(i) = &report.import {
-                print_import(i, g.quiet);
+                print_import(i, quiet);
             }
             match &report.catalog {
-                Some(c) => print_catalog(c, g.quiet),
-                None if !g.quiet => println!(
+                Some(c) => print_catalog(c, quiet),
+                None if !quiet => println!(
                     "catalog: the lake is local; `fhirflow sql` shows the Glue names over it"
                 ),
                 None => {}
             }
+            cli_output::run(&report)
         }
         Command::Sql { query, format } => {
             let ctx = fhirflow::sql::session(&lake, &settings).await?;
@@ -566,9 +780,10 @@ async fn run(cli: Cli) -> Result<()> {
                     writer.finish().map_err(w)?;
                 }
             }
+            serde_json::Value::Null
         }
-    }
-    Ok(())
+    };
+    Ok(summary)
 }
 
 async fn rules_check_or_test(
@@ -811,15 +1026,11 @@ fn print_ingest(report: &fhirflow::ingest::IngestReport, quiet: bool) {
     }
 }
 
-fn print_summary(r: &CurateReport, verbose: bool) {
-    if verbose {
-        for p in &r.phases {
-            let peak = p
-                .peak_rss_mb
-                .map(|m| format!(", peak memory so far {m:.0} MB"))
-                .unwrap_or_default();
-            eprintln!("phase {:<20} {:>8.3} s{peak}", p.name, p.seconds);
-        }
+/// The curate table: the run's result, printed even with --quiet (not
+/// with --output json).
+fn print_summary(r: &CurateReport, json: bool) {
+    if json {
+        return;
     }
     println!(
         "curated tenant {} date {} (run {}, rules {}) in {:.2} s",

@@ -150,8 +150,19 @@ pub struct ExtractSettings {
     /// DELETE the status URL once every file is downloaded.
     pub delete_when_done: bool,
     /// A static bearer token (the simple alternative to `smart`); better
-    /// given as FHIRFLOW_BEARER_TOKEN than in a file.
+    /// given as FHIRFLOW_BEARER_TOKEN or in `bearer_token_file`.
     pub bearer_token: Option<String>,
+    /// A file holding the static bearer token (its content, trimmed);
+    /// `--bearer-token-file` overrides it.
+    pub bearer_token_file: Option<PathBuf>,
+    /// Hosts besides the FHIR server's own origin that the client may follow
+    /// a manifest's file URL, a `Content-Location` or a redirect to:
+    /// `host` (any port) or `host:port` (`[::1]:8443` for IPv6).
+    /// Link-local and instance-metadata addresses are refused regardless.
+    pub allowed_hosts: Vec<String>,
+    /// Plain `http` to hosts that are not loopback (default: https only,
+    /// except on 127.0.0.0/8, ::1 and localhost).
+    pub allow_http: bool,
     /// SMART Backend Services authorization.
     pub smart: Option<SmartSettings>,
 }
@@ -310,6 +321,9 @@ impl Default for ExtractSettings {
             timeout_seconds: 120,
             delete_when_done: true,
             bearer_token: None,
+            bearer_token_file: None,
+            allowed_hosts: Vec::new(),
+            allow_http: false,
             smart: None,
         }
     }
@@ -353,7 +367,9 @@ pub struct Overrides {
     /// `name=value` pairs for `rule_param`, over the config file's.
     pub rule_params: Vec<(String, String)>,
     pub fhir_url: Option<String>,
+    /// The static bearer token, from FHIRFLOW_BEARER_TOKEN (never a flag).
     pub bearer_token: Option<String>,
+    pub bearer_token_file: Option<PathBuf>,
     pub smart_client_id: Option<String>,
     pub smart_private_key: Option<PathBuf>,
     pub smart_token_url: Option<String>,
@@ -401,7 +417,14 @@ impl Settings {
         }
         s.curate.rule_params.extend(o.rule_params);
         set!(extract.fhir_url <- o.fhir_url.map(Some));
-        set!(extract.bearer_token <- o.bearer_token.map(Some));
+        // A token given here replaces the config file's, in either form.
+        match (o.bearer_token, o.bearer_token_file) {
+            (None, None) => {}
+            (token, file) => {
+                s.extract.bearer_token = token;
+                s.extract.bearer_token_file = file;
+            }
+        }
         if o.smart_client_id.is_some() || o.smart_private_key.is_some() {
             let smart = s.extract.smart.get_or_insert_with(SmartSettings::default);
             if let Some(id) = o.smart_client_id {
@@ -465,6 +488,17 @@ impl Settings {
             if v == 0 {
                 return Err(Error::Config(format!("{name} must be greater than 0")));
             }
+        }
+        if x.bearer_token.is_some() && x.bearer_token_file.is_some() {
+            return Err(Error::Config(
+                "extract: give the bearer token (FHIRFLOW_BEARER_TOKEN, bearer_token) or a \
+                 file holding it (--bearer-token-file, bearer_token_file), not both"
+                    .into(),
+            ));
+        }
+        for h in &x.allowed_hosts {
+            crate::extract::http::AllowedHost::parse(h)
+                .map_err(|why| Error::Config(format!("extract.allowed_hosts: {h:?}: {why}")))?;
         }
         if let Some(smart) = &x.smart {
             if smart.client_id.is_empty() || smart.private_key.as_os_str().is_empty() {
@@ -546,6 +580,42 @@ mod tests {
         let shown = s.to_masked_toml();
         assert!(!shown.contains("hunter2"));
         assert!(shown.contains("****"));
+    }
+
+    #[test]
+    fn extract_token_sources_and_allowed_hosts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.toml");
+        std::fs::write(
+            &path,
+            "[extract]\nbearer_token = \"from-file\"\nallowed_hosts = [\"files.example:8443\"]\n",
+        )
+        .unwrap();
+        // A token file on the command line replaces the config file's token.
+        let o = Overrides {
+            bearer_token_file: Some("t.txt".into()),
+            ..Default::default()
+        };
+        let s = Settings::resolve(Some(&path), &o).unwrap();
+        assert_eq!(s.extract.bearer_token, None);
+        assert_eq!(s.extract.bearer_token_file, Some("t.txt".into()));
+        // Both at once is ambiguous.
+        let o = Overrides {
+            bearer_token: Some("env".into()),
+            bearer_token_file: Some("t.txt".into()),
+            ..Default::default()
+        };
+        let err = Settings::resolve(Some(&path), &o).unwrap_err().to_string();
+        assert!(err.contains("not both"), "{err}");
+        std::fs::write(
+            &path,
+            "[extract]\nallowed_hosts = [\"https://files.example\"]\n",
+        )
+        .unwrap();
+        let err = Settings::resolve(Some(&path), &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("extract.allowed_hosts"), "{err}");
     }
 
     #[test]

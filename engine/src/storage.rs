@@ -236,3 +236,16 @@ impl Root {
         })
     }
 }
+/// An upload written by a blocking writer (through `SyncIoBridge`).
+pub type BridgedUpload = tokio_util::io::SyncIoBridge<object_store::buffered::BufWriter>;
+
+/// Aborts an upload that will not be completed, so that no multipart upload
+/// is left behind on S3 (its parts are kept, and billed, until aborted).
+/// Call from a blocking thread. A failed abort is logged, not returned: the
+/// caller is already failing with the error that matters.
+pub fn abort_upload(bridge: BridgedUpload, location: &str) {
+    let mut upload = bridge.into_inner();
+    if let Err(e) = tokio::runtime::Handle::current().block_on(upload.abort()) {
+        tracing::warn!(location, "aborting an unfinished upload failed: {e}");
+    }
+}

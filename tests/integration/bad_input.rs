@@ -107,11 +107,16 @@ async fn gzip_input_and_a_corrupt_gzip_file() {
     let gz = enc.finish().unwrap();
     std::fs::write(dir.join("Condition.000.ndjson.gz"), &gz).unwrap();
     // The same stream cut in half: the lines before the cut are curated, the
-    // rest is one FILE_UNREADABLE row, and the run goes on.
+    // rest is one FILE_UNREADABLE row counted as one rejected record, and
+    // the run goes on.
     std::fs::write(dir.join("Condition.001.ndjson.gz"), &gz[..gz.len() / 2]).unwrap();
     t.ingest(&[dir], "src").await;
     let report = t.curate().await.unwrap();
     assert!(report.total.curated >= 100);
+    assert_eq!(report.total.rejected, 1);
+    assert!(report.total.conserved());
+    let readable = report.total.records_in - 1 - 100;
+    assert!(readable < 100, "{readable} lines of the cut copy were read");
     let errors = t
         .sql("SELECT error_code, source_file FROM metadata.import_errors")
         .await;

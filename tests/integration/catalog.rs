@@ -162,4 +162,21 @@ async fn run_on_s3_imports_and_describes_every_layer_in_glue() {
         .sql("SELECT healthlake_status FROM fhir_import_metadata_test.import_jobs WHERE stage = 'import'")
         .await;
     assert_eq!(rows, vec![vec!["COMPLETED".to_string()]]);
+
+    // A damaged sync state is an error naming it, not a fresh start.
+    let state = object_store::path::Path::from("fhir/metadata/_catalog/test.json");
+    t.lake
+        .metadata
+        .store
+        .put(&state, "{\"registered\": ".into())
+        .await
+        .unwrap();
+    let err = fhirflow::catalog::sync(&t.lake, &t.settings)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("_catalog/test.json") && err.contains("not a catalog sync state"),
+        "{err}"
+    );
 }

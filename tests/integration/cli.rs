@@ -195,6 +195,15 @@ fn the_installed_binary_alone_curates_with_its_built_in_rules() {
         assert!(out.status.success(), "{args:?}: {text}");
         text
     };
+    // Nothing landed yet: "nothing to do" has its own exit code.
+    let out = std::process::Command::new(&bin)
+        .args(["curate", "--tenant", TENANT, "--date", DATE, "--lake"])
+        .arg(&lake)
+        .current_dir(&work)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no raw files"));
     fhirflow(&[
         "ingest",
         data.to_str().unwrap(),
@@ -247,4 +256,144 @@ fn the_installed_binary_alone_curates_with_its_built_in_rules() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("exists"));
     let checked = fhirflow(&["rules", "check", exported.to_str().unwrap()]);
     assert!(checked.contains("3 rules in"), "{checked}");
+}
+
+/// `--output json` is one document on stdout, on success and failure;
+/// `--log-format json` lines on stderr are JSON objects that carry timings
+/// but never a record's text.
+#[test]
+fn output_json_and_json_logs() {
+    let t = TestLake::new();
+    let dir = t.input("p");
+    let marker = "Zyxwvut-record-text";
+    write_lines(
+        &dir,
+        "Patient.ndjson",
+        &[
+            &format!(r#"{{"resourceType":"Patient","id":"p1","name":[{{"family":"{marker}"}}]}}"#),
+            r#"{"resourceType":"Patient","id":"p1","name":[{"family":"older"}],"meta":{"versionId":"0"}}"#,
+            &format!(
+                r#"{{"resourceType":"Patient","id":"bad!","name":[{{"family":"{marker}"}}]}}"#
+            ),
+        ],
+    );
+    let out = t.cli(
+        &[
+            "run",
+            dir.to_str().unwrap(),
+            "--tenant",
+            TENANT,
+            "--source-system",
+            "s",
+            "--date",
+            DATE,
+            "--output",
+            "json",
+            "--log-format",
+            "json",
+            "-v",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON document");
+    assert_eq!(doc["command"], "run");
+    assert_eq!(
+        (doc["ok"].as_bool(), doc["exit_code"].as_u64()),
+        (Some(true), Some(0))
+    );
+    let curate = &doc["curate"];
+    assert_eq!(curate["total"]["records_in"], 3);
+    assert_eq!(curate["total"]["curated"], 1);
+    assert_eq!(curate["total"]["rejected"], 1);
+    assert_eq!(curate["total"]["duplicates"], 1);
+    assert_eq!(curate["types"]["Patient"]["curated"], 1);
+    assert!(curate["run_id"].as_str().is_some_and(|r| !r.is_empty()));
+    assert!(curate["phases"].as_array().is_some_and(|p| !p.is_empty()));
+    assert_eq!(doc["ingest"]["files"].as_array().map(Vec::len), Some(1));
+    assert_eq!(doc["import"]["records_in"], 1);
+    assert!(doc["extract"].is_null());
+
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["message"] == "curate phase ended" && l["seconds"].is_f64()),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains(marker),
+        "record text in the logs: {stderr}"
+    );
+
+    // A failure is a document too, with its exit reason.
+    let out = t.cli(
+        &[
+            "curate",
+            "--tenant",
+            TENANT,
+            "--date",
+            "2024-05-02",
+            "--output",
+            "json",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(5));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON document");
+    assert_eq!(
+        (doc["ok"].as_bool(), doc["exit_reason"].as_str()),
+        (Some(false), Some("nothing_to_do"))
+    );
+    assert!(doc["error"].as_str().unwrap().contains("no raw files"));
+}
+
+/// The parser refuses what makes no sense before anything runs, and a
+/// command's help shows its own options first, the shared ones once, grouped.
+#[test]
+fn the_parser_refuses_flags_that_do_not_go_together() {
+    let t = TestLake::new();
+    let dir = t.input("p");
+    let d = dir.to_str().unwrap();
+    for (args, needle) in [
+        (
+            vec![
+                "run",
+                d,
+                "--tenant",
+                TENANT,
+                "--source-system",
+                "s",
+                "--fhir-url",
+                "http://127.0.0.1:1/fhir",
+            ],
+            "cannot be used with",
+        ),
+        (vec!["run", d, "--tenant", TENANT], "--source-system"),
+        (vec!["import", "--tenant", TENANT], "--date"),
+        (vec!["import", "status", "--date", DATE], "--tenant"),
+        (
+            vec!["curate", "--tenant", TENANT, "--date", DATE, "-q", "-v"],
+            "cannot be used with",
+        ),
+    ] {
+        let out = t.cli(&args, &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+
+    let out = t.cli(&["curate", "--help"], &[]);
+    let help = String::from_utf8_lossy(&out.stdout);
+    let at = |needle: &str| {
+        help.find(needle)
+            .unwrap_or_else(|| panic!("{needle}: {help}"))
+    };
+    assert!(at("--tenant") < at("Lake:") && at("Lake:") < at("--lake"));
+    assert!(at("Curation:") < at("--rules") && at("Runs and logs:") < at("--log-format"));
+    assert_eq!(help.matches("--lake").count(), 1, "{help}");
 }

@@ -1,7 +1,10 @@
 //! The extract stage against a real FHIR server (sekmet-fhir) behind the
 //! fault-injecting proxy: system, Patient and Group exports with `_type`,
 //! `_since` and POST kick-off give back exactly what was loaded; retries,
-//! resume after a kill, count checks, SMART Backend Services and redirects.
+//! resume after a kill, count checks (blank lines are not records), SMART
+//! Backend Services, redirects, hostile URLs (another host, plain http, the
+//! instance-metadata address) and the bearer token kept out of the process
+//! list.
 
 use std::collections::BTreeMap;
 
@@ -83,8 +86,11 @@ fn raw_resources(t: &TestLake, system: &str, date: &str) -> Resources {
     for e in std::fs::read_dir(&dir).unwrap() {
         let p = e.unwrap().path();
         if p.extension().is_some_and(|x| x == "ndjson") {
+            // Blank lines are no records (curate skips them too).
             for line in std::fs::read_to_string(&p).unwrap().lines() {
-                all.push(serde_json::from_str::<Value>(line).unwrap());
+                if !line.trim().is_empty() {
+                    all.push(serde_json::from_str::<Value>(line).unwrap());
+                }
             }
         }
     }
@@ -394,7 +400,8 @@ async fn a_count_that_does_not_match_the_manifest_fails_and_keeps_nothing() {
     .unwrap_err()
     .to_string();
     assert!(
-        err.contains("Patient file") && err.contains("13 lines, but the manifest's count is 14"),
+        err.contains("Patient file")
+            && err.contains("13 records (non-blank lines), but the manifest's count is 14"),
         "{err}"
     );
     let file = t.root().join(format!(
@@ -595,7 +602,10 @@ async fn authorization_is_not_sent_to_another_host_after_a_redirect() {
     server
         .proxy
         .inject("GET", "/Patient.ndjson", Fault::RedirectTo(files.url()), 1);
-    let t = TestLake::with(|s| configure(s, &server));
+    let t = TestLake::with(|s| {
+        configure(s, &server);
+        s.extract.allowed_hosts = vec![files.addr.to_string()];
+    });
     run(
         &t,
         &request(
@@ -621,6 +631,352 @@ async fn authorization_is_not_sent_to_another_host_after_a_redirect() {
         .iter()
         .filter(|s| s.path.contains("/bulk-files/"))
         .all(|s| s.authorization));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redirect_to_another_host_is_refused_and_not_retried() {
+    let (server, _) = loaded_server(ServerAuth::Bearer(TOKEN.into())).await;
+    let port = server.port;
+    let files = Proxy::start(
+        move || format!("http://127.0.0.1:{port}"),
+        Some(format!("Bearer {TOKEN}")),
+    );
+    server.proxy.inject(
+        "GET",
+        "/Patient.ndjson",
+        Fault::RedirectTo(files.url()),
+        100,
+    );
+    let t = TestLake::with(|s| configure(s, &server));
+    let err = run(
+        &t,
+        &request(
+            &server,
+            "redirect-refused",
+            Level::System,
+            &["Patient"],
+            Since::All,
+        ),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains(&format!("redirected to {}/fhir/bulk-files/", files.url()))
+            && err.contains("refused")
+            && err.contains("not the FHIR server's origin")
+            && err.contains("allowed_hosts"),
+        "{err}"
+    );
+    assert!(!err.contains("retries"), "{err}");
+    assert!(files.seen().is_empty(), "nothing sent to the other host");
+    assert_eq!(
+        server.proxy.count("GET", "/Patient.ndjson"),
+        1,
+        "a refusal is not retried"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_manifest_file_url_on_the_metadata_address_is_refused_before_any_request() {
+    let (server, _) = loaded_server(ServerAuth::Bearer(TOKEN.into())).await;
+    server.proxy.inject(
+        "GET",
+        "/bulk-status/",
+        Fault::OutputOrigin("http://169.254.169.254".into()),
+        100,
+    );
+    let t = TestLake::with(|s| {
+        configure(s, &server);
+        // Not even an allowed host lifts the rule.
+        s.extract.allowed_hosts = vec!["169.254.169.254".into()];
+        s.extract.allow_http = true;
+    });
+    let started = std::time::Instant::now();
+    let err = run(
+        &t,
+        &request(
+            &server,
+            "metadata",
+            Level::System,
+            &["Patient", "Device"],
+            Since::All,
+        ),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("http://169.254.169.254/fhir/bulk-files/")
+            && err.contains("refused")
+            && err.contains("link-local or instance-metadata address"),
+        "{err}"
+    );
+    // Refused by the policy: no connection tried (that would time out or
+    // fail and be retried), and no file of the manifest fetched.
+    assert!(
+        !err.contains("retries") && !err.contains("connect"),
+        "{err}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    assert_eq!(server.proxy.file_downloads(), BTreeMap::new());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plain_http_to_another_host_and_a_content_location_elsewhere_are_refused() {
+    let (server, _) = loaded_server(ServerAuth::Bearer(TOKEN.into())).await;
+    // A file URL on plain http to a host that is not loopback, even when
+    // allowed: refused before any name lookup or connection.
+    server.proxy.inject(
+        "GET",
+        "/bulk-status/",
+        Fault::OutputOrigin("http://example.invalid".into()),
+        100,
+    );
+    let t = TestLake::with(|s| {
+        configure(s, &server);
+        s.extract.allowed_hosts = vec!["example.invalid".into()];
+    });
+    let err = run(
+        &t,
+        &request(&server, "plain", Level::System, &["Patient"], Since::All),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("http://example.invalid/fhir/bulk-files/")
+            && err.contains("refused: plain http to example.invalid"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("retries") && !err.contains("connect"),
+        "{err}"
+    );
+
+    // A kick-off whose status URL is on another host (the same proxy as
+    // `localhost`, which is another host than 127.0.0.1): refused, nothing
+    // polled, no pending extraction left.
+    server.proxy.clear();
+    let elsewhere = format!("http://localhost:{}", server.proxy.addr.port());
+    server.proxy.inject(
+        "GET",
+        "/$export",
+        Fault::ContentLocationOrigin(elsewhere.clone()),
+        1,
+    );
+    let t = TestLake::with(|s| configure(s, &server));
+    let err = run(
+        &t,
+        &request(
+            &server,
+            "elsewhere",
+            Level::System,
+            &["Patient"],
+            Since::All,
+        ),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("Content-Location")
+            && err.contains(&format!("{elsewhere}/fhir/bulk-status/"))
+            && err.contains("not the FHIR server's origin"),
+        "{err}"
+    );
+    assert_eq!(server.proxy.count("GET", "/bulk-status/"), 0);
+    assert!(!t
+        .root()
+        .join(format!(
+            "raw/tenantGuid={TENANT}/source_system=elsewhere/_extract/pending.json"
+        ))
+        .exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn allowed_hosts_lets_file_urls_lead_to_another_host() {
+    let (server, all) = loaded_server(ServerAuth::Bearer(TOKEN.into())).await;
+    // A file host that trusts its own URLs, reached as `localhost`: another
+    // host than the FHIR server's 127.0.0.1.
+    let port = server.port;
+    let files = Proxy::start(
+        move || format!("http://127.0.0.1:{port}"),
+        Some(format!("Bearer {TOKEN}")),
+    );
+    let elsewhere = format!("http://localhost:{}", files.addr.port());
+    server.proxy.inject(
+        "GET",
+        "/bulk-status/",
+        Fault::OutputOrigin(elsewhere.clone()),
+        100,
+    );
+    let types = ["Patient", "Device"];
+    let req = request(&server, "allowed", Level::System, &types, Since::All);
+    let mut t = TestLake::with(|s| configure(s, &server));
+    let err = run(&t, &req).await.unwrap_err().to_string();
+    assert!(
+        err.contains(&format!("{elsewhere}/fhir/bulk-files/"))
+            && err.contains("not in [extract] allowed_hosts")
+            && err.contains("--restart"),
+        "{err}"
+    );
+    assert!(files.seen().is_empty());
+
+    // Allowed: the same extraction, run again, resumes and fetches the file
+    // there (without the FHIR server's token).
+    t.settings.extract.allowed_hosts = vec!["localhost".into()];
+    let report = run(&t, &req).await.expect("extract with the host allowed");
+    assert!(report.resumed);
+    assert_eq!(raw_resources(&t, "allowed", DATE), of_types(&all, &types));
+    let at_files = files.seen();
+    assert_eq!(at_files.len(), 1, "{at_files:?}");
+    assert!(!at_files[0].authorization, "no token to another origin");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_with_blank_lines_is_accepted_with_its_record_count() {
+    let (server, all) = loaded_server(ServerAuth::Bearer(TOKEN.into())).await;
+    server
+        .proxy
+        .inject("GET", "/Patient.ndjson", Fault::BlankLines, 1);
+    let t = TestLake::with(|s| configure(s, &server));
+    let report = run(
+        &t,
+        &request(&server, "blank", Level::System, &["Patient"], Since::All),
+    )
+    .await
+    .expect("a file with blank lines is not refused");
+    let patients = of_types(&all, &["Patient"]);
+    assert_eq!(report.resources(), patients.len() as u64);
+    // Kept byte for byte, blank lines included.
+    let bytes = &raw_file_bytes(&t, "blank")["Patient.ndjson"];
+    let text = String::from_utf8_lossy(bytes);
+    assert!(
+        text.contains("}\n\n \t\r\n{") && text.ends_with("}\n\n"),
+        "{text}"
+    );
+    assert_eq!(raw_resources(&t, "blank", DATE), patients);
+    let curated = t.curate().await.expect("curate");
+    assert_eq!(curated.total.records_in, patients.len() as u64);
+    assert_eq!(curated.total.curated, patients.len() as u64);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_bearer_token_comes_from_a_file_or_the_environment_never_a_flag() {
+    let (server, all) = loaded_server(ServerAuth::Bearer(TOKEN.into())).await;
+    let t = TestLake::new();
+    std::fs::write(
+        t.dir.path().join("fhirflow.toml"),
+        "[extract]\npoll_interval_seconds = 1\n",
+    )
+    .unwrap();
+    let base = server.base();
+    let args = |system: &'static str| {
+        vec![
+            "extract".to_string(),
+            "--fhir-url".into(),
+            base.clone(),
+            "--tenant".into(),
+            TENANT.into(),
+            "--source-system".into(),
+            system.into(),
+            "--date".into(),
+            DATE.into(),
+            "--type".into(),
+            "Patient".into(),
+        ]
+    };
+    let cli = |args: &[String], env: &[(&str, &str)]| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        t.cli(&args, env)
+    };
+    let text = |o: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+
+    // A token is never a flag value (any user can read those in `ps`).
+    let mut flagged = args("flag");
+    flagged.extend(["--bearer-token".into(), TOKEN.into()]);
+    let out = cli(&flagged, &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("unexpected argument '--bearer-token'"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(server.proxy.count("GET", "/$export"), 0);
+
+    // A file: its content, trimmed.
+    let token_file = t.dir.path().join("token");
+    std::fs::write(&token_file, format!("  {TOKEN}\n")).unwrap();
+    let path = token_file.to_str().unwrap().to_string();
+    let mut from_file = args("file");
+    from_file.extend(["--bearer-token-file".into(), path.clone()]);
+    let out = cli(&from_file, &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!text(&out).contains(TOKEN));
+    assert!(!from_file.iter().any(|a| a.contains(TOKEN)));
+    assert_eq!(
+        raw_resources(&t, "file", DATE),
+        of_types(&all, &["Patient"])
+    );
+
+    // ... or named in the config file.
+    std::fs::write(
+        t.dir.path().join("fhirflow.toml"),
+        format!("[extract]\npoll_interval_seconds = 1\nbearer_token_file = {path:?}\n"),
+    )
+    .unwrap();
+    let out = cli(&args("config-file"), &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    std::fs::write(
+        t.dir.path().join("fhirflow.toml"),
+        "[extract]\npoll_interval_seconds = 1\n",
+    )
+    .unwrap();
+
+    // The environment still works.
+    let out = cli(&args("env"), &[("FHIRFLOW_BEARER_TOKEN", TOKEN)]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    // A missing, empty or many-line file: an error naming the file, never
+    // what it holds; nothing sent.
+    server.proxy.clear();
+    let missing = t.dir.path().join("no-such-token");
+    let empty = t.dir.path().join("empty-token");
+    std::fs::write(&empty, " \n").unwrap();
+    let two = t.dir.path().join("two-lines");
+    std::fs::write(&two, "secret-part-one\nsecret-part-two\n").unwrap();
+    for (file, why) in [
+        (&missing, "cannot read it"),
+        (&empty, "it is empty"),
+        (&two, "more than one line"),
+    ] {
+        let mut a = args("bad-file");
+        a.extend([
+            "--bearer-token-file".into(),
+            file.to_str().unwrap().to_string(),
+        ]);
+        let out = cli(&a, &[]);
+        let shown = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{shown}");
+        assert!(
+            shown.contains(file.to_str().unwrap()) && shown.contains(why),
+            "{shown}"
+        );
+        assert!(!shown.contains("secret-part"), "{shown}");
+    }
+    assert_eq!(server.proxy.count("GET", "/$export"), 0);
+
+    // Both a token and a file: which one is meant is not guessed.
+    let out = cli(&from_file, &[("FHIRFLOW_BEARER_TOKEN", TOKEN)]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("not both"), "{}", text(&out));
 }
 
 /// An ES384 key made with ring: (PKCS#8 PEM, public JWK).

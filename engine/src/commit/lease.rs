@@ -192,6 +192,7 @@ impl Lease {
         take: Take<'_>,
     ) -> Result<Lease> {
         let deadline = tokio::time::Instant::now() + timing.wait;
+        let mut waiting_for: Option<String> = None;
         loop {
             let now = now_micros();
             let current = current(root, &dir).await?;
@@ -258,6 +259,17 @@ impl Lease {
                     partition,
                     holder,
                 });
+            }
+            if waiting_for.as_ref() != Some(&holder) {
+                let left = deadline - tokio::time::Instant::now();
+                tracing::info!(
+                    stage,
+                    partition = %partition,
+                    holder = %holder,
+                    wait_seconds = left.as_secs_f64(),
+                    "partition busy; waiting"
+                );
+                waiting_for = Some(holder);
             }
             let pause = Duration::from_millis(500).min(deadline - tokio::time::Instant::now());
             tokio::time::sleep(pause.max(Duration::from_millis(50))).await;
@@ -404,6 +416,7 @@ impl Lease {
                         }
                     }
                     Ok(false) => {
+                        tracing::warn!(lease = %dir, "lost the lease: another run took it over (a renewal came too late)");
                         held.lock().expect("lease lock").lost =
                             Some("another run took it over (a renewal came too late)".into());
                         return;
@@ -411,7 +424,9 @@ impl Lease {
                     // A passing store error: try again at the next tick; if
                     // they go on, the lease runs short and `ensure_held`
                     // stops the run before it commits.
-                    Err(_) => {}
+                    Err(e) => {
+                        tracing::warn!(lease = %dir, "renewing the lease failed, trying again in {:.0} s: {e}", (ttl / 3).as_secs_f64());
+                    }
                 }
             }
         }));

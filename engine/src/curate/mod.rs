@@ -126,6 +126,24 @@ pub struct Phase {
     pub peak_rss_mb: Option<f64>,
 }
 
+impl Phase {
+    /// The phase that began at `start` and ends now, logged as it ends.
+    fn ended(name: &'static str, start: Instant) -> Phase {
+        let phase = Phase {
+            name,
+            seconds: start.elapsed().as_secs_f64(),
+            peak_rss_mb: peak_rss_mb(),
+        };
+        tracing::info!(
+            phase = name,
+            seconds = phase.seconds,
+            peak_rss_mb = phase.peak_rss_mb,
+            "curate phase ended"
+        );
+        phase
+    }
+}
+
 /// VmHWM from /proc/self/status, in MB.
 fn peak_rss_mb() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -336,14 +354,23 @@ impl Run {
         match result {
             Ok(totals) => out.bytes = totals.bytes,
             Err(e) if is_bad_input(&e) => {
-                // A corrupt compressed file: what was read counts, the rest is
-                // reported against the next line and the run goes on.
+                // A corrupt compressed file: what was read counts, and the
+                // rest, whose lines no reader can count (a deflate stream
+                // does not resume after a corrupt spot), counts as one
+                // rejected record reported against the next line, so the
+                // sums stay honest. The run goes on.
+                out.records += 1;
+                out.rejected += 1;
                 self.errors.push(self.error_row(
                     file,
                     Some(last_line + 1),
                     Reject::new(
                         "FILE_UNREADABLE",
-                        format!("the rest of the file cannot be read: {e}"),
+                        format!(
+                            "the rest of the file after line {last_line} cannot be read ({e}); \
+                             how many lines it held cannot be known, so it counts as one \
+                             rejected record"
+                        ),
                     ),
                     None,
                 ))?;
@@ -676,11 +703,7 @@ pub async fn curate_with_checks(
     let released = lease.release().await;
     published?;
     released?;
-    phases.push(Phase {
-        name: "publish",
-        seconds: publish_start.elapsed().as_secs_f64(),
-        peak_rss_mb: peak_rss_mb(),
-    });
+    phases.push(Phase::ended("publish", publish_start));
     reporter.finish();
     Ok(CurateReport {
         run_id,
@@ -729,11 +752,7 @@ async fn process(
     let mut phases: Vec<Phase> = Vec::new();
     let mut phase_start = Instant::now();
     let mut phase = |name: &'static str| {
-        phases.push(Phase {
-            name,
-            seconds: phase_start.elapsed().as_secs_f64(),
-            peak_rss_mb: peak_rss_mb(),
-        });
+        phases.push(Phase::ended(name, phase_start));
         phase_start = Instant::now();
     };
     let passes = if has_rules && !rules.inline { 3 } else { 2 };
@@ -964,14 +983,14 @@ impl Run {
             let run = self.clone();
             tokio::task::spawn_blocking(move || run.errors.finish()).await??
         };
+        // In every build: a rejection without its row would be a record
+        // lost from the accounting.
         if errors_written < total.rejected {
-            return Err(Error::Conservation {
+            return Err(Error::UnreportedRejections {
                 tenant: tenant.to_string(),
                 date: date.to_string(),
-                read: total.records_in,
-                curated: total.curated,
                 rejected: total.rejected,
-                duplicates: total.duplicates,
+                rows: errors_written,
             });
         }
         let paths = &lake.metadata.paths;
@@ -1145,6 +1164,7 @@ impl Run {
         // Test fault: drop one line on the floor, to prove that the
         // conservation check catches a record lost by a bug.
         let mut lose_one = commit::failpoint_active("lose-a-line");
+        let fail_writing = commit::failpoint_active("pass-2-write-fails");
         let dups = &work.duplicates;
         let mut next_dup = 0;
         self.reread(file, &work.plans, |plan, bytes| {
@@ -1193,6 +1213,15 @@ impl Run {
             };
             if std::mem::take(&mut lose_one) {
                 return Ok(());
+            }
+            // Test fault: a write that fails once a part is a multipart
+            // upload, to prove the failed run leaves no upload behind.
+            if fail_writing && writer.bytes > 9 << 20 {
+                return Err(Error::Io {
+                    stage: STAGE,
+                    location: file.meta.location.to_string(),
+                    source: std::io::Error::other("failpoint pass-2-write-fails"),
+                });
             }
             writer.write(labeller, text, &edit)
         })?;

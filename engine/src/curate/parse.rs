@@ -218,7 +218,9 @@ fn truncate(s: &str, max: usize) -> &str {
     }
 }
 
-/// The rejection for a label problem found in step 5.
+/// The rejection for a label problem found in step 5. Its location starts
+/// at the resource type, also for a label in a nested resource
+/// (`Bundle.entry[3].resource.meta.security[0]`).
 pub fn label_reject(e: &LabelError, resource_type: &str, id: Option<&str>) -> Reject {
     Reject {
         code: e.code(),
@@ -313,5 +315,21 @@ mod tests {
         .unwrap_err();
         assert_eq!(r.location.as_deref(), Some("Patient.meta.security[0]"));
         assert_eq!(r.resource_id.as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn a_label_rejection_names_the_label_from_the_resource_type() {
+        let e = LabelError::ForeignTenant {
+            location: "entry[3].resource.meta.security[0]".into(),
+            code: "7c9e6679-7425-40de-944b-e07fc1f90ae7".into(),
+        };
+        let r = label_reject(&e, "Bundle", Some("b"));
+        assert_eq!(r.code, "FOREIGN_TENANT_LABEL");
+        assert_eq!(
+            r.location.as_deref(),
+            Some("Bundle.entry[3].resource.meta.security[0]")
+        );
+        assert!(r.message.contains("at entry[3].resource.meta.security[0]"));
+        assert_eq!(r.resource_id.as_deref(), Some("b"));
     }
 }

@@ -17,7 +17,7 @@ use tokio_util::io::SyncIoBridge;
 use crate::commit::{Object, Summing};
 use crate::error::{Error, Result};
 use crate::layout::{ImportDate, TenantGuid};
-use crate::storage::Root;
+use crate::storage::{abort_upload, BridgedUpload, Root};
 
 const STAGE: &str = "curate";
 /// Upload buffer: large enough for few multipart requests on S3.
@@ -33,7 +33,7 @@ struct Part {
     /// The checksum is taken below the line buffer, as it hands on 64 KiB
     /// blocks: per piece of a line it cost as much as the rest of pass 2's
     /// copying.
-    writer: std::io::BufWriter<Summing<SyncIoBridge<BufWriter>>>,
+    writer: std::io::BufWriter<Summing<BridgedUpload>>,
     staged: Path,
     bytes: u64,
 }
@@ -152,6 +152,19 @@ impl<'a> PartWriter<'a> {
     pub fn finish(mut self) -> Result<Vec<Object>> {
         self.close_part()?;
         Ok(std::mem::take(&mut self.done))
+    }
+}
+
+impl Drop for PartWriter<'_> {
+    /// A pass that failed leaves its open part unfinished: abort its upload
+    /// (the writer lives on a blocking thread, where that may block). The
+    /// parts it closed are the run's objects, which the failed run discards.
+    fn drop(&mut self) {
+        if let Some(part) = self.current.take() {
+            let (summing, _) = part.writer.into_parts();
+            let (bridge, _) = summing.into_parts(&part.staged);
+            abort_upload(bridge, &self.root.url_of(&part.staged));
+        }
     }
 }
 

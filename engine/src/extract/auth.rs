@@ -67,6 +67,29 @@ impl Auth {
     }
 }
 
+/// The static bearer token in `path`: its content, trimmed. Errors name the
+/// file, never its content.
+pub fn token_from_file(path: &FsPath) -> Result<String> {
+    let bad = |why: String| {
+        Error::Config(format!(
+            "extract.bearer_token_file {}: {why}",
+            path.display()
+        ))
+    };
+    let bytes = std::fs::read(path).map_err(|e| bad(format!("cannot read it: {e}")))?;
+    let text = String::from_utf8(bytes).map_err(|_| bad("it is not UTF-8 text".into()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(bad("it is empty".into()));
+    }
+    if token.bytes().any(|b| b.is_ascii_control()) {
+        return Err(bad(
+            "it holds more than one line (or control characters); a token is one line".into(),
+        ));
+    }
+    Ok(token.to_string())
+}
+
 /// A SMART backend client.
 pub struct Smart {
     client_id: String,
@@ -424,6 +447,31 @@ mod tests {
         public
             .verify(format!("{}.{}", parts[0], parts[1]).as_bytes(), &sig)
             .expect("signature verifies");
+    }
+
+    #[test]
+    fn a_token_file_is_read_trimmed_and_its_errors_never_show_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "\n  abc.def-123 \r\n").unwrap();
+        assert_eq!(token_from_file(&path).unwrap(), "abc.def-123");
+        for (content, why) in [
+            (&b" \n"[..], "empty"),
+            (b"secret-1\nsecret-2", "more than one line"),
+            (b"secret\xff", "not UTF-8"),
+        ] {
+            std::fs::write(&path, content).unwrap();
+            let err = token_from_file(&path).unwrap_err().to_string();
+            assert!(err.contains(why) && err.contains("token"), "{err}");
+            assert!(!err.contains("secret"), "{err}");
+        }
+        let err = token_from_file(&dir.path().join("missing"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("missing") && err.contains("cannot read"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Downloading one output file of an export: streamed from the server into
 //! the raw layer (a multipart upload above 8 MiB, never the whole file in
-//! memory), gzip kept as sent, lines counted on the way and checked against
-//! the manifest. The object appears only when complete; a broken transfer
+//! memory), gzip kept as sent, records (non-blank lines, as curate counts
+//! them) counted on the way and checked against the manifest. The object appears only when complete; a broken transfer
 //! is aborted and tried again from the start.
 //!
 //! An output file lands under a name it claims first
@@ -96,6 +96,7 @@ pub struct Done {
     pub url: String,
     /// Where it landed (a path in the raw root).
     pub target: String,
+    /// Its records: non-blank lines.
     pub lines: u64,
     /// Bytes as stored (compressed, when the server sent gzip).
     pub bytes: u64,
@@ -141,8 +142,16 @@ pub async fn download(
                 done.attempts = attempt + 1;
                 return Ok(done);
             }
-            Err(Failure::Retry(_)) if attempt < http.policy.retries => {
-                tokio::time::sleep(http.policy.backoff(attempt)).await;
+            Err(Failure::Retry(why)) if attempt < http.policy.retries => {
+                let wait = http.policy.backoff(attempt);
+                tracing::info!(
+                    resource_type = %file.resource_type,
+                    url = %super::http::shown(&file.url),
+                    wait_seconds = wait.as_secs_f64(),
+                    attempt = attempt + 1,
+                    "downloading an output file failed ({why}); retrying after a backoff"
+                );
+                tokio::time::sleep(wait).await;
                 attempt += 1;
             }
             Err(Failure::Retry(why)) => {
@@ -209,7 +218,7 @@ async fn landed_before(
             what: format!("{} file", file.resource_type),
             url: shown(&file.url),
             message: format!(
-                "an earlier run landed it as {} with {lines} lines, but the manifest's count is {expected}",
+                "an earlier run landed it as {} with {lines} records, but the manifest's count is {expected}",
                 root.url_of(&path)
             ),
         });
@@ -365,7 +374,7 @@ async fn once(
             what,
             url: shown(&file.url),
             message: format!(
-                "{n} lines, but the manifest's count is {expected}; the file was not kept"
+                "{n} records (non-blank lines), but the manifest's count is {expected}; the file was not kept"
             ),
         }));
     }
@@ -386,26 +395,68 @@ async fn once(
     })
 }
 
-/// Counts NDJSON lines (a last line without a newline counts too) of plain
-/// or gzip bytes fed in chunks.
+/// Counts the NDJSON records of plain or gzip bytes fed in chunks, as
+/// curate reads them (`raw::lines`): a line is a record unless it is blank
+/// (empty, or only spaces, tabs and `\r`), a UTF-8 byte order mark at the
+/// start of the stream is not part of the first line, and a last line
+/// without a newline counts too.
 enum LineCount {
     Plain(Lines),
     Gzip(Box<flate2::write::MultiGzDecoder<Lines>>),
 }
 
+const BOM: &[u8; 3] = b"\xEF\xBB\xBF";
+
 #[derive(Default)]
 struct Lines {
-    newlines: u64,
-    last: Option<u8>,
+    records: u64,
+    /// The current line has a byte that is not blank.
+    in_record: bool,
+    /// Bytes of a byte order mark matched at the start of the stream; past
+    /// the start once this is 3, or `bom_done`.
+    bom: usize,
+    bom_done: bool,
+}
+
+fn blank(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\r')
 }
 
 impl Write for Lines {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.newlines += memchr::memchr_iter(b'\n', buf).count() as u64;
-        if let Some(&b) = buf.last() {
-            self.last = Some(b);
+        let n = buf.len();
+        let mut rest = buf;
+        while !self.bom_done {
+            let Some((&b, tail)) = rest.split_first() else {
+                return Ok(n);
+            };
+            if b == BOM[self.bom] {
+                self.bom += 1;
+                self.bom_done = self.bom == BOM.len();
+                rest = tail;
+            } else {
+                // Not a byte order mark: what matched of it is text.
+                self.in_record |= self.bom > 0;
+                self.bom_done = true;
+            }
         }
-        Ok(buf.len())
+        // Only the start of each line is looked at, up to its first byte
+        // that is not blank (in NDJSON, its first byte).
+        while !rest.is_empty() {
+            let end = memchr::memchr(b'\n', rest);
+            let line = &rest[..end.unwrap_or(rest.len())];
+            if !self.in_record {
+                self.in_record = line.iter().any(|&b| !blank(b));
+            }
+            match end {
+                Some(i) => {
+                    self.records += u64::from(std::mem::take(&mut self.in_record));
+                    rest = &rest[i + 1..];
+                }
+                None => break,
+            }
+        }
+        Ok(n)
     }
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
@@ -414,7 +465,9 @@ impl Write for Lines {
 
 impl Lines {
     fn total(&self) -> u64 {
-        self.newlines + u64::from(self.last.is_some_and(|b| b != b'\n'))
+        // A stream that ended inside what could have been a byte order mark
+        // has those bytes as its text.
+        self.records + u64::from(self.in_record || (!self.bom_done && self.bom > 0))
     }
 }
 
@@ -468,5 +521,43 @@ mod tests {
         c.feed(&bytes[..bytes.len() - 4]).unwrap();
         assert!(c.finish().is_err(), "a truncated gzip stream is noticed");
         assert_eq!(LineCount::new(false).finish().unwrap(), 0);
+    }
+
+    fn records(text: &[u8], chunk: usize) -> u64 {
+        let mut c = LineCount::new(false);
+        for part in text.chunks(chunk) {
+            c.feed(part).unwrap();
+        }
+        c.finish().unwrap()
+    }
+
+    #[test]
+    fn blank_lines_are_not_records_as_in_curate() {
+        let cases: [(&[u8], u64); 11] = [
+            (b"{\"a\":1}\n\n{\"a\":2}\n", 2),
+            (b"{\"a\":1}\n \t\r\n{\"a\":2}", 2),
+            (b"\n\n\n", 0),
+            (b"  ", 0),
+            (b"{}\r\n{}\r\n\r\n", 2),
+            (b"\xEF\xBB\xBF{}\n{}\n", 2),
+            (b"\xEF\xBB\xBF\n{}\n", 1),
+            (b"\xEF\xBB\xBF", 0),
+            (b"\xEF\xBB", 1),
+            (b"\xEF{}\n", 1),
+            (b"{}\n\xEF\xBB\xBF\n", 2),
+        ];
+        for (text, want) in cases {
+            for chunk in [1, 2, 3, 64] {
+                assert_eq!(records(text, chunk), want, "{text:?} in chunks of {chunk}");
+            }
+            // The same count as curate's reader.
+            let mut curate = 0u64;
+            crate::raw::lines::for_each_line(text, 1 << 20, |_, _| {
+                curate += 1;
+                Ok::<(), std::io::Error>(())
+            })
+            .unwrap();
+            assert_eq!(curate, want, "curate counts {text:?} the same");
+        }
     }
 }

@@ -102,7 +102,10 @@ pub async fn kickoff(http: &Http, req: &Request, auth: Option<(&Auth, &Url)>) ->
         .and_then(|v| v.to_str().ok())
         .and_then(|v| req.url.join(v).ok());
     match (status, location) {
-        (StatusCode::ACCEPTED, Some(url)) => Ok(url),
+        (StatusCode::ACCEPTED, Some(url)) => {
+            http.check("export status URL (Content-Location)", &url)?;
+            Ok(url)
+        }
         (StatusCode::ACCEPTED, None) => Err(Error::Http {
             what: "export kick-off".into(),
             url: shown(&req.url),

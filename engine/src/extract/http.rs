@@ -1,13 +1,18 @@
 //! HTTP for the extract stage: one client, retries with backoff on 429, 5xx
 //! and broken connections (honouring `Retry-After`, capped), a renewed token
-//! after a 401, and redirects followed by hand so that `Authorization` never
-//! goes to another origin than the one it was meant for.
+//! after a 401, and [`Destinations`]: the one check of where a URL the
+//! server hands out (a manifest's file URL, a kick-off's `Content-Location`,
+//! a redirect's `Location`) may lead. `Authorization` goes only to the origin
+//! it was meant for: it is added when a request's URL has that origin, and
+//! removed by the client when a redirect leaves its host and port.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
-use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, LOCATION, RETRY_AFTER};
+use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, RETRY_AFTER};
 use reqwest::{Method, Response, StatusCode};
-use url::Url;
+use url::{Host, Url};
 
 use super::auth::Auth;
 use crate::error::{Error, Result};
@@ -105,6 +110,236 @@ impl Policy {
     }
 }
 
+/// Where the client may go: the FHIR server's own origin (scheme, host and
+/// port of its base URL) and the hosts of `[extract] allowed_hosts`; over
+/// https unless the host is loopback or `allow_http` is set; never to a
+/// link-local or instance-metadata address, whatever is allowed.
+#[derive(Debug, Clone)]
+pub struct Destinations {
+    origin: Url,
+    allowed: Vec<AllowedHost>,
+    allow_http: bool,
+}
+
+/// An `allowed_hosts` entry: a host, and a port or any port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowedHost {
+    host: Host<String>,
+    port: Option<u16>,
+}
+
+impl AllowedHost {
+    /// `host`, `host:port`, `[v6]` or `[v6]:port`; host names are compared
+    /// as the URL parser writes them (lower case, punycode).
+    pub fn parse(entry: &str) -> std::result::Result<AllowedHost, String> {
+        let entry = entry.trim();
+        let (host, port) = match entry.rsplit_once(':') {
+            Some((h, p))
+                if !p.is_empty()
+                    && p.bytes().all(|b| b.is_ascii_digit())
+                    && (!h.contains(':') || (h.starts_with('[') && h.ends_with(']'))) =>
+            {
+                let port = p
+                    .parse::<u16>()
+                    .map_err(|_| format!("port {p} is out of range"))?;
+                (h, Some(port))
+            }
+            _ => (entry, None),
+        };
+        if host.is_empty() || host.contains(['/', '@', '?', '#']) {
+            return Err("not a host name, host:port or [IPv6]:port".into());
+        }
+        let host = Host::parse(host).map_err(|e| format!("not a host name: {e}"))?;
+        Ok(AllowedHost {
+            host: without_trailing_dot(host),
+            port,
+        })
+    }
+
+    fn matches(&self, url: &Url) -> bool {
+        url.host()
+            .map(|h| without_trailing_dot(h.to_owned()))
+            .as_ref()
+            == Some(&self.host)
+            && self
+                .port
+                .is_none_or(|p| url.port_or_known_default() == Some(p))
+    }
+}
+
+fn without_trailing_dot(host: Host<String>) -> Host<String> {
+    match host {
+        Host::Domain(d) => Host::Domain(d.strip_suffix('.').unwrap_or(&d).to_string()),
+        other => other,
+    }
+}
+
+/// Why a URL is not followed.
+#[derive(Debug, Clone)]
+pub struct Refused {
+    /// The URL as messages show it (a host name, when the resolver refused).
+    pub url: String,
+    pub reason: String,
+    /// A redirect led there.
+    pub redirect: bool,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.redirect {
+            write!(f, "redirected to {}, refused: {}", self.url, self.reason)
+        } else {
+            write!(f, "{} refused: {}", self.url, self.reason)
+        }
+    }
+}
+
+impl std::error::Error for Refused {}
+
+impl Destinations {
+    /// The destinations of an extraction from the server at `fhir_url`.
+    /// `allowed_hosts` entries are checked by the settings; one that does not
+    /// parse allows nothing.
+    pub fn new(fhir_url: &Url, settings: &ExtractSettings) -> Destinations {
+        Destinations {
+            origin: fhir_url.clone(),
+            allowed: settings
+                .allowed_hosts
+                .iter()
+                .filter_map(|h| AllowedHost::parse(h).ok())
+                .collect(),
+            allow_http: settings.allow_http,
+        }
+    }
+
+    /// Whether the client may send a request to `url`: the one check of
+    /// manifest file URLs, `Content-Location` and redirects (and of every
+    /// request [`Http::send`] makes).
+    pub fn check(&self, url: &Url) -> std::result::Result<(), Refused> {
+        let refuse = |reason: String| {
+            Err(Refused {
+                url: shown(url),
+                reason,
+                redirect: false,
+            })
+        };
+        if let Err(reason) = check_address(url) {
+            return refuse(reason);
+        }
+        let host = url.host().expect("checked by check_address");
+        if url.scheme() == "http" && !self.allow_http && !is_loopback(&host) {
+            return refuse(format!(
+                "plain http to {host}, which is not a loopback host (https only, unless \
+                 [extract] allow_http = true)"
+            ));
+        }
+        if same_origin(&self.origin, url) || self.allowed.iter().any(|a| a.matches(url)) {
+            return Ok(());
+        }
+        refuse(format!(
+            "{} is not the FHIR server's origin ({}) and not in [extract] allowed_hosts",
+            origin_of(url),
+            origin_of(&self.origin)
+        ))
+    }
+}
+
+/// `scheme://host:port` of a URL.
+fn origin_of(url: &Url) -> String {
+    url.origin().ascii_serialization()
+}
+
+/// The part of the check no setting lifts: an http(s) URL with a host that
+/// is not a link-local or instance-metadata address. Also the only check of
+/// the SMART token endpoint, which is configured (or discovered) separately.
+pub fn check_address(url: &Url) -> std::result::Result<(), String> {
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!("{:?} is not an http or https URL", url.scheme()));
+    }
+    let ip = match url.host() {
+        None => return Err("the URL has no host".into()),
+        Some(Host::Domain(_)) => return Ok(()),
+        Some(Host::Ipv4(ip)) => IpAddr::V4(ip),
+        Some(Host::Ipv6(ip)) => IpAddr::V6(ip),
+    };
+    if forbidden_ip(ip) {
+        return Err(format!(
+            "{ip} is a link-local or instance-metadata address, never followed"
+        ));
+    }
+    Ok(())
+}
+
+/// 169.254.0.0/16 (link-local, the instance metadata service of EC2, Azure,
+/// GCP and others), fe80::/10, EC2's IPv6 metadata address fd00:ec2::254,
+/// and those written as IPv4-mapped IPv6.
+pub fn forbidden_ip(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => {
+            (v6.segments()[0] & 0xffc0) == 0xfe80
+                || v6 == Ipv6Addr::new(0xfd00, 0x0ec2, 0, 0, 0, 0, 0, 0x254)
+                || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_link_local())
+        }
+    }
+}
+
+fn is_loopback(host: &Host<&str>) -> bool {
+    match host {
+        Host::Domain(d) => {
+            d.eq_ignore_ascii_case("localhost") || d.eq_ignore_ascii_case("localhost.")
+        }
+        Host::Ipv4(ip) => ip.is_loopback(),
+        Host::Ipv6(ip) => {
+            ip.is_loopback()
+                || ip
+                    .to_ipv4_mapped()
+                    .is_some_and(|v4: Ipv4Addr| v4.is_loopback())
+        }
+    }
+}
+
+/// The system resolver, refusing a name that resolves to a forbidden
+/// address (a host name is checked by its addresses, as an IP literal is by
+/// [`check_address`]).
+struct Resolver;
+
+impl reqwest::dns::Resolve for Resolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        Box::pin(async move {
+            let host = name.as_str().to_string();
+            let addrs: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            if let Some(bad) = addrs.iter().find(|a| forbidden_ip(a.ip())) {
+                return Err(Box::new(Refused {
+                    url: host.clone(),
+                    redirect: false,
+                    reason: format!(
+                        "the name resolves to {}, a link-local or instance-metadata address, \
+                         never followed",
+                        bad.ip()
+                    ),
+                })
+                    as Box<dyn std::error::Error + Send + Sync>);
+            }
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+/// The refusal in a transport error's chain, if the redirect policy or the
+/// resolver refused.
+fn refusal(e: &reqwest::Error) -> Option<&Refused> {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(r) = s.downcast_ref::<Refused>() {
+            return Some(r);
+        }
+        source = s.source();
+    }
+    None
+}
+
 /// Whether a failed request may succeed when sent again.
 pub fn transient_status(status: StatusCode) -> bool {
     status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error()
@@ -119,12 +354,35 @@ pub fn transient_error(e: &reqwest::Error) -> bool {
 pub struct Http {
     client: reqwest::Client,
     pub policy: Policy,
+    pub destinations: Arc<Destinations>,
 }
 
 impl Http {
-    pub fn new(settings: &ExtractSettings) -> Result<Http> {
+    /// The client of an extraction from the server at `fhir_url`.
+    pub fn new(fhir_url: &Url, settings: &ExtractSettings) -> Result<Http> {
+        let destinations = Arc::new(Destinations::new(fhir_url, settings));
+        let check = destinations.clone();
+        // Redirects are followed by the client, each hop only where
+        // `Destinations` allows; the client drops `Authorization` when a
+        // hop leaves the host and port.
+        let redirects = reqwest::redirect::Policy::custom(move |attempt| {
+            if attempt.previous().len() > MAX_REDIRECTS {
+                let url = shown(attempt.url());
+                return attempt.error(format!(
+                    "more than {MAX_REDIRECTS} redirects, the last to {url}"
+                ));
+            }
+            match check.check(attempt.url()) {
+                Ok(()) => attempt.follow(),
+                Err(refused) => attempt.error(Refused {
+                    redirect: true,
+                    ..refused
+                }),
+            }
+        });
         let client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
+            .redirect(redirects)
+            .dns_resolver(Arc::new(Resolver))
             .connect_timeout(Duration::from_secs(settings.timeout_seconds.min(30)))
             .read_timeout(Duration::from_secs(settings.timeout_seconds))
             .user_agent(concat!("fhirflow/", env!("CARGO_PKG_VERSION")))
@@ -133,6 +391,16 @@ impl Http {
         Ok(Http {
             client,
             policy: Policy::from_settings(settings),
+            destinations,
+        })
+    }
+
+    /// [`Destinations::check`] as the error of a request for `what`.
+    pub fn check(&self, what: &str, url: &Url) -> Result<()> {
+        self.destinations.check(url).map_err(|r| Error::Http {
+            what: what.to_string(),
+            url: r.url,
+            message: format!("refused: {}", r.reason),
         })
     }
 
@@ -147,8 +415,9 @@ impl Http {
         req: &Request,
         auth: Option<(&Auth, &Url)>,
     ) -> Result<Response> {
+        self.check(what, &req.url)?;
         let Some((a, origin)) = auth else {
-            return self.send_plain(what, req).await;
+            return self.retrying(what, req, || self.fetch(req, None)).await;
         };
         let mut renewed = false;
         loop {
@@ -176,8 +445,15 @@ impl Http {
         }
     }
 
-    /// [`Http::send`] without authorization.
+    /// A request without authorization outside the FHIR server's
+    /// destinations (the SMART token endpoint): only [`check_address`]
+    /// applies, and the redirect policy.
     pub async fn send_plain(&self, what: &str, req: &Request) -> Result<Response> {
+        check_address(&req.url).map_err(|reason| Error::Http {
+            what: what.to_string(),
+            url: shown(&req.url),
+            message: format!("refused: {reason}"),
+        })?;
         self.retrying(what, req, || self.fetch(req, None)).await
     }
 
@@ -189,7 +465,7 @@ impl Http {
     ) -> Result<Response>
     where
         F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<Response, SendError>>,
+        Fut: std::future::Future<Output = reqwest::Result<Response>>,
     {
         let mut attempt = 0;
         loop {
@@ -199,87 +475,76 @@ impl Http {
                         .policy
                         .retry_after(resp.headers())
                         .unwrap_or_else(|| self.policy.backoff(attempt));
+                    tracing::info!(
+                        what,
+                        url = %shown(&req.url),
+                        status = resp.status().as_u16(),
+                        wait_seconds = wait.as_secs_f64(),
+                        attempt = attempt + 1,
+                        "FHIR server answered a transient status; retrying after a backoff"
+                    );
                     drop(resp);
                     tokio::time::sleep(wait).await;
                     attempt += 1;
                 }
                 Ok(resp) => return Ok(resp),
-                Err(SendError::Http(e)) if transient_error(&e) && attempt < self.policy.retries => {
-                    tokio::time::sleep(self.policy.backoff(attempt)).await;
+                // A refusal is final: the same URL would be refused again.
+                Err(e) if refusal(&e).is_some() => {
+                    return Err(Error::Http {
+                        what: what.to_string(),
+                        url: shown(&req.url),
+                        message: refusal(&e).expect("just matched").to_string(),
+                    });
+                }
+                Err(e) if transient_error(&e) && attempt < self.policy.retries => {
+                    let wait = self.policy.backoff(attempt);
+                    tracing::info!(
+                        what,
+                        url = %shown(&req.url),
+                        wait_seconds = wait.as_secs_f64(),
+                        attempt = attempt + 1,
+                        "request to the FHIR server failed ({}); retrying after a backoff",
+                        describe(&e)
+                    );
+                    tokio::time::sleep(wait).await;
                     attempt += 1;
                 }
-                Err(SendError::Http(e)) => {
+                Err(e) => {
                     return Err(Error::Http {
                         what: what.to_string(),
                         url: shown(&req.url),
                         message: format!("{} (after {attempt} retries)", describe(&e)),
                     })
                 }
-                Err(SendError::Other(e)) => return Err(e),
             }
         }
     }
 
-    /// One try, following redirects; `auth` (a header value and the origin
-    /// it is for) goes only to that origin.
+    /// One try, redirects followed by the client; `auth` (a header value
+    /// and the origin it is for) goes only to that origin.
     async fn fetch(
         &self,
         req: &Request,
         auth: Option<(&HeaderValue, &Url)>,
-    ) -> Result<Response, SendError> {
-        let mut url = req.url.clone();
-        let mut method = req.method.clone();
-        let mut body = req.body.clone();
-        for _ in 0..=MAX_REDIRECTS {
-            let mut headers = HeaderMap::new();
-            for (k, v) in &req.headers {
-                if let Ok(v) = HeaderValue::from_str(v) {
-                    headers.insert(*k, v);
-                }
+    ) -> reqwest::Result<Response> {
+        let mut headers = HeaderMap::new();
+        for (k, v) in &req.headers {
+            if let Ok(v) = HeaderValue::from_str(v) {
+                headers.insert(*k, v);
             }
-            if let Some((h, _)) = auth.filter(|(_, o)| same_origin(o, &url)) {
-                headers.insert(AUTHORIZATION, h.clone());
-            }
-            let mut builder = self
-                .client
-                .request(method.clone(), url.clone())
-                .headers(headers);
-            if let Some(b) = &body {
-                builder = builder.body(b.clone());
-            }
-            let resp = builder.send().await.map_err(SendError::Http)?;
-            let status = resp.status();
-            if !status.is_redirection() || status == StatusCode::NOT_MODIFIED {
-                return Ok(resp);
-            }
-            let Some(next) = resp
-                .headers()
-                .get(LOCATION)
-                .and_then(|l| l.to_str().ok())
-                .and_then(|l| url.join(l).ok())
-            else {
-                return Ok(resp);
-            };
-            if status == StatusCode::SEE_OTHER
-                || (matches!(status, StatusCode::MOVED_PERMANENTLY | StatusCode::FOUND)
-                    && method == Method::POST)
-            {
-                method = Method::GET;
-                body = None;
-            }
-            url = next;
         }
-        Err(SendError::Other(Error::Http {
-            what: "request".into(),
-            url: shown(&req.url),
-            message: format!("more than {MAX_REDIRECTS} redirects"),
-        }))
+        if let Some((h, _)) = auth.filter(|(_, o)| same_origin(o, &req.url)) {
+            headers.insert(AUTHORIZATION, h.clone());
+        }
+        let mut builder = self
+            .client
+            .request(req.method.clone(), req.url.clone())
+            .headers(headers);
+        if let Some(b) = &req.body {
+            builder = builder.body(b.clone());
+        }
+        builder.send().await
     }
-}
-
-enum SendError {
-    Http(reqwest::Error),
-    Other(Error),
 }
 
 pub fn same_origin(a: &Url, b: &Url) -> bool {
@@ -415,5 +680,120 @@ mod tests {
         ));
         let u = Url::parse("https://u:p@files.example/a.ndjson?X-Amz-Signature=abc").unwrap();
         assert_eq!(shown(&u), "https://files.example/a.ndjson");
+    }
+
+    fn destinations(fhir: &str, allowed: &[&str], allow_http: bool) -> Destinations {
+        Destinations::new(
+            &Url::parse(fhir).unwrap(),
+            &ExtractSettings {
+                allowed_hosts: allowed.iter().map(|h| h.to_string()).collect(),
+                allow_http,
+                ..Default::default()
+            },
+        )
+    }
+
+    fn refused(d: &Destinations, url: &str) -> Option<String> {
+        d.check(&Url::parse(url).unwrap()).err().map(|r| r.reason)
+    }
+
+    #[test]
+    fn destinations_are_the_origin_and_the_allowed_hosts() {
+        let d = destinations(
+            "https://ehr.example/fhir",
+            &[
+                "files.example",
+                "Store.Example:8443",
+                "[::1]:9000",
+                "10.0.0.7",
+            ],
+            false,
+        );
+        for ok in [
+            "https://ehr.example/fhir/bulk/1",
+            "https://ehr.example:443/x",
+            "https://files.example/a.ndjson",
+            "https://files.example:9999/a.ndjson",
+            "https://store.example:8443/a",
+            "https://10.0.0.7/a",
+            "http://[::1]:9000/a",
+        ] {
+            assert_eq!(refused(&d, ok), None, "{ok}");
+        }
+        for (no, why) in [
+            ("https://ehr.example:8443/x", "not the FHIR server's origin"),
+            ("https://other.example/x", "not in [extract] allowed_hosts"),
+            ("https://store.example/a", "allowed_hosts"),
+            ("https://ehr.example.evil/x", "allowed_hosts"),
+            ("http://ehr.example/fhir/x", "plain http"),
+            ("http://files.example/a", "plain http"),
+            ("http://[::1]:9001/a", "allowed_hosts"),
+            ("ftp://ehr.example/x", "not an http or https URL"),
+            ("http://169.254.169.254/latest/meta-data/", "link-local"),
+            ("http://2852039166/latest/meta-data/", "link-local"),
+            ("http://0xa9.0xfe.0xa9.0xfe/", "link-local"),
+            ("http://[fe80::1]/", "link-local"),
+            ("http://[fd00:ec2::254]/", "instance-metadata"),
+            ("http://[::ffff:169.254.169.254]/", "link-local"),
+        ] {
+            let r = refused(&d, no).unwrap_or_else(|| panic!("{no} allowed"));
+            assert!(r.contains(why), "{no}: {r}");
+        }
+        // An allowed_hosts entry does not lift the address rule.
+        let d = destinations("http://127.0.0.1:8080/fhir", &["169.254.169.254"], true);
+        assert!(refused(&d, "http://169.254.169.254/x").is_some());
+        // Plain http: loopback, or with allow_http.
+        assert_eq!(refused(&d, "http://127.0.0.1:8080/x"), None);
+        let d = destinations(
+            "http://127.0.0.1:8080/fhir",
+            &["localhost", "ehr.lan"],
+            false,
+        );
+        assert_eq!(refused(&d, "http://localhost:8080/x"), None);
+        assert!(refused(&d, "http://ehr.lan/x")
+            .unwrap()
+            .contains("plain http"));
+        let d = destinations("http://ehr.lan/fhir", &[], true);
+        assert_eq!(refused(&d, "http://ehr.lan/fhir/x"), None);
+    }
+
+    #[test]
+    fn allowed_host_entries() {
+        assert!(AllowedHost::parse("files.example").is_ok());
+        assert!(AllowedHost::parse("files.example:443").unwrap().port == Some(443));
+        assert!(AllowedHost::parse("[::1]").is_ok());
+        for bad in [
+            "",
+            "https://files.example",
+            "a/b",
+            "host:99999",
+            "::1",
+            "u@h",
+        ] {
+            assert!(AllowedHost::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn forbidden_addresses() {
+        for ip in [
+            "169.254.169.254",
+            "169.254.0.1",
+            "fe80::1",
+            "febf::1",
+            "fd00:ec2::254",
+        ] {
+            assert!(forbidden_ip(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in [
+            "127.0.0.1",
+            "10.0.0.1",
+            "::1",
+            "fd00:ec2::253",
+            "fec0::1",
+            "8.8.8.8",
+        ] {
+            assert!(!forbidden_ip(ip.parse().unwrap()), "{ip}");
+        }
     }
 }

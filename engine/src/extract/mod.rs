@@ -200,10 +200,11 @@ impl ExtractReport {
 
 fn auth_for(settings: &Settings) -> Result<Auth> {
     let x = &settings.extract;
-    Ok(match (&x.smart, &x.bearer_token) {
-        (Some(smart), _) => Auth::Smart(Box::new(Smart::new(smart)?)),
-        (None, Some(token)) => Auth::Bearer(token.clone()),
-        (None, None) => Auth::None,
+    Ok(match (&x.smart, &x.bearer_token, &x.bearer_token_file) {
+        (Some(smart), _, _) => Auth::Smart(Box::new(Smart::new(smart)?)),
+        (None, Some(token), _) => Auth::Bearer(token.clone()),
+        (None, None, Some(path)) => Auth::Bearer(auth::token_from_file(path)?),
+        (None, None, None) => Auth::None,
     })
 }
 
@@ -225,6 +226,9 @@ pub async fn extract(
     reporter: &dyn Reporter,
 ) -> Result<ExtractReport> {
     request.check()?;
+    // Before the lease: a token file that cannot be read is a configuration
+    // error that writes nothing.
+    let auth = auth_for(settings)?;
     let lease = crate::commit::lease_source(
         lake,
         settings,
@@ -234,7 +238,7 @@ pub async fn extract(
         &uuid::Uuid::now_v7().to_string(),
     )
     .await?;
-    let result = extract_leased(lake, settings, request, reporter, &lease).await;
+    let result = extract_leased(lake, settings, request, &auth, reporter, &lease).await;
     // The run's own error first; a failed release (the lease then lapses
     // after its time to live) is an error of a run that otherwise worked.
     let released = lease.release().await;
@@ -247,15 +251,15 @@ async fn extract_leased(
     lake: &Lake,
     settings: &Settings,
     request: &ExtractRequest,
+    auth: &Auth,
     reporter: &dyn Reporter,
     lease: &crate::commit::lease::Lease,
 ) -> Result<ExtractReport> {
     let started = Instant::now();
     let x = &settings.extract;
-    let http = Http::new(x)?;
-    let auth = auth_for(settings)?;
     let base = &request.fhir_url;
-    let with_auth = Some((&auth, base));
+    let http = Http::new(base, x)?;
+    let with_auth = Some((auth, base));
     let root = &lake.raw;
     let (tenant, system) = (&request.tenant, &request.source_system);
     let pending_path = root.paths.extract_state(tenant, system, PENDING);
@@ -377,6 +381,22 @@ async fn extract_leased(
     // Plan every file's target and source key, in manifest order (the key
     // is how a resumed run finds what an earlier one landed).
     let plan = plan_files(lake, tenant, system, date, &pending, &manifest)?;
+    // A manifest that points anywhere it may not is refused as a whole,
+    // before any file is fetched.
+    for p in &plan {
+        http.check(&format!("{} file", p.resource_type), &p.url)
+            .map_err(|e| match e {
+                Error::Http { what, url, message } => Error::Http {
+                    what,
+                    url,
+                    message: format!(
+                        "{message} (a file URL of the export manifest; the export stays \
+                         pending: run again once the host is allowed, or add --restart)"
+                    ),
+                },
+                other => other,
+            })?;
+    }
     let file_auth = if manifest.requires_access_token {
         with_auth
     } else {

@@ -298,7 +298,11 @@ async fn client(settings: &Settings) -> Client {
         hl.max_attempts,
     )
     .await;
-    Client::new(&config)
+    Client::from_conf(
+        aws_sdk_healthlake::config::Builder::from(&config)
+            .interceptor(crate::aws::LogRetries)
+            .build(),
+    )
 }
 
 /// A token HealthLake accepts (`[a-zA-Z0-9-]{1,64}`) that only this partition,
@@ -393,6 +397,12 @@ async fn follow(
             state.healthlake_job_id,
             status.as_str()
         ));
+        tracing::info!(
+            job = %state.healthlake_job_id,
+            status = status.as_str(),
+            wait_seconds = pause.as_secs_f64(),
+            "HealthLake job running; looking again"
+        );
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs_f64(hl.poll_max_seconds.max(0.01)));
     };

@@ -386,9 +386,7 @@ pub struct ErrorSink {
     location: String,
 }
 
-type SinkWriter = ArrowWriter<
-    crate::commit::Summing<tokio_util::io::SyncIoBridge<object_store::buffered::BufWriter>>,
->;
+type SinkWriter = ArrowWriter<crate::commit::Summing<crate::storage::BridgedUpload>>;
 
 struct SinkState {
     rows: Vec<ErrorRow>,
@@ -482,13 +480,19 @@ impl ErrorSink {
 }
 
 impl Drop for ErrorSink {
-    /// A sink abandoned by a failed run still holds a writer whose buffers
-    /// flush into the blocking bridge when dropped: drop it where blocking is
-    /// allowed. Its staged object is removed by the partition's next run.
+    /// A sink abandoned by a failed run still has its upload open: abort it
+    /// where blocking is allowed, so no multipart upload is left on S3. The
+    /// staged object, if any, is removed with the failed run's others.
     fn drop(&mut self) {
         let state = self.state.get_mut().map(|s| s.writer.take());
         if let (Ok(Some(writer)), Ok(handle)) = (state, tokio::runtime::Handle::try_current()) {
-            handle.spawn_blocking(move || drop(writer));
+            let (path, location) = (self.path.clone(), self.location.clone());
+            handle.spawn_blocking(move || match writer.into_inner() {
+                Ok(summing) => crate::storage::abort_upload(summing.into_parts(&path).0, &location),
+                Err(e) => {
+                    tracing::warn!(location, "abandoning the import_errors upload failed: {e}")
+                }
+            });
         }
     }
 }

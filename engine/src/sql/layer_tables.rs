@@ -27,7 +27,7 @@ use crate::raw::LayerFile;
 use crate::settings::CurateSettings;
 use crate::storage::Lake;
 
-use super::ndjson_table::{partition_pushdown, NdjsonTable};
+use super::ndjson_table::{partition_pushdown, NdjsonTable, TableFile};
 
 const STAGE: &str = "sql";
 
@@ -164,7 +164,7 @@ impl TableProvider for LazyTable {
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
         let wanted = Wanted::from_filters(filters);
         let external = |e: crate::error::Error| DataFusionError::External(Box::new(e));
-        let provider: Arc<dyn TableProvider> = match self.target {
+        match self.target {
             Target::Metadata(table, history) => {
                 let v = commit::visible(&self.lake, &wanted.partitions())
                     .await
@@ -174,23 +174,27 @@ impl TableProvider for LazyTable {
                 } else {
                     &v.metadata[table.name()]
                 };
-                super::metadata_table(&self.lake.metadata, table, files).map_err(external)?
+                super::metadata_scan(state, &self.lake.metadata, table, files, projection, limit)
+                    .await
+                    .map_err(external)
             }
             Target::Resources(ty) => {
-                let files = match self.kind {
-                    Kind::Raw => raw_files(&self.lake, ty, &wanted).await,
-                    _ => curated_files(&self.lake, ty, &wanted).await,
-                }
-                .map_err(external)?;
-                let root = if self.kind == Kind::Raw {
-                    self.lake.raw.clone()
-                } else {
-                    self.lake.curated.clone()
+                let (root, files) = match self.kind {
+                    Kind::Raw => (
+                        self.lake.raw.clone(),
+                        raw_files(&self.lake, ty, &wanted).await,
+                    ),
+                    _ => (
+                        self.lake.curated.clone(),
+                        curated_files(&self.lake, ty, &wanted).await,
+                    ),
                 };
-                Arc::new(NdjsonTable::new(root, self.shape(), files, &self.limits)?)
+                let files = files.map_err(external)?;
+                NdjsonTable::new(root, self.shape(), files, &self.limits)?
+                    .scan(state, projection, filters, limit)
+                    .await
             }
-        };
-        provider.scan(state, projection, filters, limit).await
+        }
     }
 }
 
@@ -303,7 +307,7 @@ impl Wanted {
 }
 
 /// The raw files of `ty` in the partitions `w` allows, listing only those.
-async fn raw_files(lake: &Lake, ty: &str, w: &Wanted) -> crate::error::Result<Vec<LayerFile>> {
+async fn raw_files(lake: &Lake, ty: &str, w: &Wanted) -> crate::error::Result<Vec<TableFile>> {
     let root = &lake.raw;
     let files = match &w.tenants {
         None => crate::raw::list_files(root, STAGE, &root.paths.layer(Layer::Raw)).await?,
@@ -326,26 +330,31 @@ async fn raw_files(lake: &Lake, ty: &str, w: &Wanted) -> crate::error::Result<Ve
     Ok(files
         .into_iter()
         .filter(|f| f.file_type == Some(ty))
+        .map(|file| TableFile { file, xxh3: None })
         .collect())
 }
 
 /// The committed curated parts of `ty` in the partitions `w` allows, from
-/// their commit logs only (sizes from the records: no HEADs).
-async fn curated_files(lake: &Lake, ty: &str, w: &Wanted) -> crate::error::Result<Vec<LayerFile>> {
+/// their commit logs only (sizes and checksums from the records: no HEADs;
+/// a part that is missing or changed fails the scan that reads it).
+async fn curated_files(lake: &Lake, ty: &str, w: &Wanted) -> crate::error::Result<Vec<TableFile>> {
     let v = commit::visible(lake, &w.partitions()).await?;
     Ok(v.curated
         .into_iter()
         .filter(|p| p.resource_type == ty)
-        .map(|part| LayerFile {
-            file_type: Some(part.resource_type),
-            gzip: false,
-            origin: FileOrigin {
-                tenant: part.tenant.to_string(),
-                source_system: None,
-                import_date: part.date.days_since_epoch(),
-                source_file: lake.curated.url_of(&part.object.location()),
+        .map(|part| TableFile {
+            file: LayerFile {
+                file_type: Some(part.resource_type),
+                gzip: false,
+                origin: FileOrigin {
+                    tenant: part.tenant.to_string(),
+                    source_system: None,
+                    import_date: part.date.days_since_epoch(),
+                    source_file: lake.curated.url_of(&part.object.location()),
+                },
+                meta: part.object.meta(),
             },
-            meta: part.object.meta(),
+            xxh3: Some(part.object.xxh3),
         })
         .collect())
 }

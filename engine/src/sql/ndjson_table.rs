@@ -7,8 +7,15 @@
 //!
 //! Raw tables show every non-blank line, including those curation rejects:
 //! their `error` column says why, so analysts can look at bad input with SQL.
+//!
+//! Curated tables read the parts a commit lists, and nothing is left out
+//! quietly: a part that is missing, a line that no longer parses (or is over
+//! the line limit), and a part whose bytes are not those of its commit (size
+//! and xxh3-128, checked once the part has been read to its end) each fail
+//! the query naming the object (and the line).
 
 use std::any::Any;
+use std::io::Read;
 use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
@@ -24,13 +31,26 @@ use datafusion::physical_plan::stream::RecordBatchReceiverStreamBuilder;
 use datafusion::physical_plan::streaming::PartitionStream;
 use datafusion::physical_plan::{ExecutionPlan, SendableRecordBatchStream};
 
+use crate::commit::Checksum;
 use crate::curate::parse::key_line;
+use crate::error::{Error, Result};
 use crate::layout::ImportDate;
 use crate::model::{schema, FileOrigin, RowsBuilder, Shape};
-use crate::raw::lines::Line;
+use crate::raw::lines::{for_each_line, Line, LineTotals};
 use crate::raw::{read_lines, LayerFile};
 use crate::settings::CurateSettings;
 use crate::storage::Root;
+
+const STAGE: &str = "sql";
+
+/// One file of a table: a raw file as listed, or a committed curated part
+/// with the checksum its commit gives.
+#[derive(Debug, Clone)]
+pub struct TableFile {
+    pub file: LayerFile,
+    /// xxh3-128 (hex) of the whole object, from its commit.
+    pub xxh3: Option<String>,
+}
 
 /// The files of one resource type in one layer.
 #[derive(Debug)]
@@ -43,7 +63,7 @@ impl NdjsonTable {
     pub fn new(
         root: Root,
         shape: Shape,
-        files: Vec<LayerFile>,
+        files: Vec<TableFile>,
         limits: &CurateSettings,
     ) -> DfResult<Self> {
         let schema = schema(shape);
@@ -174,7 +194,7 @@ impl TableProvider for NdjsonTable {
         let files: Vec<Arc<dyn PartitionStream>> = self
             .partitions
             .iter()
-            .filter(|p| filters.iter().all(|f| may_match(f, &p.file.origin)))
+            .filter(|p| filters.iter().all(|f| may_match(f, &p.file.file.origin)))
             .map(|p| p.clone() as Arc<dyn PartitionStream>)
             .collect();
         StreamingTable::try_new(self.schema.clone(), files)?
@@ -188,7 +208,7 @@ struct FilePartition {
     schema: SchemaRef,
     shape: Shape,
     root: Root,
-    file: LayerFile,
+    file: TableFile,
     max_line: usize,
     max_depth: usize,
     batch_rows: usize,
@@ -205,44 +225,63 @@ impl PartitionStream for FilePartition {
         let (root, file, shape) = (self.root.clone(), self.file.clone(), self.shape);
         let (max_line, max_depth, batch_rows) = (self.max_line, self.max_depth, self.batch_rows);
         builder.spawn_blocking(move || {
-            let mut rows = RowsBuilder::new(shape, file.origin.clone());
+            let mut rows = RowsBuilder::new(shape, file.file.origin.clone());
             let send = |rows: &mut RowsBuilder| -> crate::error::Result<()> {
                 if tx.blocking_send(Ok(rows.finish())).is_err() {
                     // The consumer has gone (a LIMIT was reached): stop reading.
-                    return Err(crate::error::Error::Cancelled);
+                    return Err(Error::Cancelled);
                 }
                 Ok(())
             };
-            let result = read_lines(&root, "sql", &file, max_line, |line_no, line| {
+            let file_type = file.file.file_type;
+            let location = &file.file.origin.source_file;
+            // A committed curated part holds only lines that curation
+            // accepted: one that is not is a damaged part, not a record.
+            let damaged = |line_no: u64, detail: String| Error::Corrupt {
+                stage: STAGE,
+                location: location.clone(),
+                detail: format!("line {line_no} {detail}"),
+            };
+            let result = read_file(&root, &file, max_line, |line_no, line| {
                 match line {
                     Line::Text {
                         bytes,
                         last_unterminated,
-                    } => {
-                        match key_line(bytes, file.file_type, max_depth, last_unterminated) {
-                            Ok(keys) => rows.push_keys(line_no, &keys),
-                            Err(r) if shape == Shape::Raw => {
-                                let text = String::from_utf8_lossy(bytes);
-                                let ty = r.resource_type.as_deref().or(file.file_type);
-                                let error = format!("{}: {}", r.code, r.message);
-                                rows.push_rejected(
-                                    line_no,
-                                    ty,
-                                    r.resource_id.as_deref(),
-                                    &text,
-                                    &error,
-                                );
-                            }
-                            // A committed curated file holds only accepted lines.
-                            Err(_) => {}
+                    } => match key_line(bytes, file_type, max_depth, last_unterminated) {
+                        Ok(keys) => rows.push_keys(line_no, &keys),
+                        Err(r) if shape == Shape::Raw => {
+                            let text = String::from_utf8_lossy(bytes);
+                            let ty = r.resource_type.as_deref().or(file_type);
+                            let error = format!("{}: {}", r.code, r.message);
+                            rows.push_rejected(
+                                line_no,
+                                ty,
+                                r.resource_id.as_deref(),
+                                &text,
+                                &error,
+                            );
                         }
-                    }
+                        Err(r) => {
+                            return Err(damaged(
+                                line_no,
+                                format!("is not a curated resource ({}: {})", r.code, r.message),
+                            ))
+                        }
+                    },
                     Line::TooLong { len } if shape == Shape::Raw => {
                         let error =
                             format!("LINE_TOO_LONG: the line has {len} bytes (limit {max_line})");
-                        rows.push_rejected(line_no, file.file_type, None, "", &error);
+                        rows.push_rejected(line_no, file_type, None, "", &error);
                     }
-                    Line::TooLong { .. } => {}
+                    Line::TooLong { len } => {
+                        return Err(damaged(
+                            line_no,
+                            format!(
+                                "has {len} bytes, over the line limit of {max_line} \
+                                 (raise it with --max-line-bytes to read it)"
+                            ),
+                        ))
+                    }
                 }
                 if rows.len() >= batch_rows {
                     send(&mut rows)?;
@@ -256,10 +295,74 @@ impl PartitionStream for FilePartition {
                     }
                     Ok(())
                 }
-                Err(crate::error::Error::Cancelled) => Ok(()),
+                Err(Error::Cancelled) => Ok(()),
                 Err(e) => Err(DataFusionError::External(Box::new(e))),
             }
         });
         builder.build()
+    }
+}
+
+/// Reads `file` line by line on the current (blocking) thread. A curated
+/// part (one with a checksum) is checked against its commit: a missing
+/// object, another size or, once it has been read to its end, another
+/// checksum is [`Error::Corrupt`] naming it.
+fn read_file(
+    root: &Root,
+    file: &TableFile,
+    max_line: usize,
+    f: impl FnMut(u64, Line<'_>) -> Result<()>,
+) -> Result<LineTotals> {
+    let Some(expected) = &file.xxh3 else {
+        return read_lines(root, STAGE, &file.file, max_line, f);
+    };
+    let meta = &file.file.meta;
+    let location = root.url_of(&meta.location);
+    let corrupt = |detail: String| Error::Corrupt {
+        stage: STAGE,
+        location: location.clone(),
+        detail,
+    };
+    let reader = root.open_sync(STAGE, meta).map_err(|e| match e {
+        Error::Store {
+            source: object_store::Error::NotFound { .. },
+            ..
+        } => corrupt("the object is missing".into()),
+        Error::InputChanged { detail, .. } => corrupt(detail),
+        e => e,
+    })?;
+    let mut reader = Hashing {
+        inner: reader,
+        sum: Checksum::default(),
+    };
+    let totals = for_each_line(&mut reader, max_line, f).map_err(|e| match e {
+        Error::Io { source, .. } => Error::Io {
+            stage: STAGE,
+            location: location.clone(),
+            source,
+        },
+        other => other,
+    })?;
+    let sum = reader.sum.hex();
+    if totals.bytes != meta.size || sum != *expected {
+        return Err(corrupt(format!(
+            "{} bytes with checksum {sum}, the commit says {} bytes with {expected}",
+            totals.bytes, meta.size
+        )));
+    }
+    Ok(totals)
+}
+
+/// A reader that takes the checksum of what passes through it.
+struct Hashing<R> {
+    inner: R,
+    sum: Checksum,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.sum.update(&buf[..n]);
+        Ok(n)
     }
 }
