@@ -86,6 +86,12 @@ pub fn run(cmd: &mut Command) -> Measured {
 /// Writes copies of the sample into `dir` until it holds `target` bytes;
 /// returns (bytes, lines). Reuses a complete earlier generation.
 pub fn generate(sample: &Path, dir: &Path, target: u64) -> (u64, u64) {
+    generate_types(sample, dir, target, None)
+}
+
+/// [`generate`], of one resource type only when `only` is given, then in
+/// a single file.
+pub fn generate_types(sample: &Path, dir: &Path, target: u64, only: Option<&str>) -> (u64, u64) {
     let done = dir.join("_complete");
     if let Ok(s) = fs::read_to_string(&done) {
         let mut it = s.split_whitespace().map(|v| v.parse::<u64>().unwrap());
@@ -104,6 +110,9 @@ pub fn generate(sample: &Path, dir: &Path, target: u64) -> (u64, u64) {
         let Some(ty) = name.strip_suffix(".000.ndjson") else {
             continue;
         };
+        if only.is_some_and(|o| o != ty) {
+            continue;
+        }
         let lines = BufReader::new(File::open(&p).unwrap())
             .lines()
             .map(Result::unwrap)
@@ -117,7 +126,7 @@ pub fn generate(sample: &Path, dir: &Path, target: u64) -> (u64, u64) {
         .sum();
     let copies = target.div_ceil(sample_bytes).max(1);
     // About 16 copies of a type per file keeps files in the tens of MB.
-    let per_file = 16;
+    let per_file = if only.is_some() { u64::MAX } else { 16 };
     let (mut bytes, mut lines) = (0u64, 0u64);
     for (ty, src) in &sources {
         for chunk in 0..copies.div_ceil(per_file) {

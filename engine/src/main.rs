@@ -89,7 +89,8 @@ struct Global {
         env = "FHIRFLOW_PART_MAX_BYTES"
     )]
     part_max_bytes: Option<u64>,
-    /// Files processed at once (default: the number of cores).
+    /// Files, or pieces of large files, processed at once (default: the
+    /// number of cores).
     #[arg(
         help_heading = "Curation",
         long,

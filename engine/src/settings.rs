@@ -206,9 +206,16 @@ pub struct CurateSettings {
     pub error_record_max_bytes: usize,
     /// Rows per Arrow batch.
     pub batch_rows: usize,
-    /// Files processed at once (default: the number of cores).
+    /// Files (or pieces of files) processed at once (default: the number of
+    /// cores).
     pub concurrency: usize,
-    /// Memory DataFusion may use for the dedup query before it spills, in MiB.
+    /// A plain (not gzip) raw file larger than this is read as pieces of
+    /// about this size, at line boundaries, in parallel: one large file then
+    /// uses every core. Each piece being read is held in memory. 0: never.
+    pub range_bytes: u64,
+    /// Memory for dedup, in MiB: half holds key rows (past it they spill to
+    /// a temporary folder), half is the dedup query's pool (its aggregation
+    /// and sort spill past it).
     pub memory_limit_mb: usize,
     /// Step 2, FHIR R4 validation: `strict` (any error rejects),
     /// `structure-only` (value-set bindings are not checked) or `off`.
@@ -338,6 +345,7 @@ impl Default for CurateSettings {
             error_record_max_bytes: 4096,
             batch_rows: 8192,
             concurrency: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            range_bytes: 64 << 20,
             memory_limit_mb: 512,
             validation: fhirflow_fhir::Level::Strict,
             rules: crate::rules::BUILTIN.into(),

@@ -209,20 +209,7 @@ impl Root {
         meta: &ObjectMeta,
     ) -> Result<Box<dyn Read + Send>> {
         let handle = tokio::runtime::Handle::current();
-        let path = meta.location.clone();
-        let result = handle
-            .block_on(self.store.get(&path))
-            .map_err(|e| Error::store(stage, self.url_of(&path), e))?;
-        // The e-tag is compared when the caller had one (a listing); a commit
-        // record gives the size (its checksum is checked by importers).
-        let etag_differs = meta.e_tag.is_some() && result.meta.e_tag != meta.e_tag;
-        if result.meta.size != meta.size || etag_differs {
-            return Err(Error::InputChanged {
-                stage,
-                location: self.url_of(&path),
-                detail: format!("size {} became {}", meta.size, result.meta.size),
-            });
-        }
+        let result = self.get_checked(stage, meta, None)?;
         Ok(match result.payload {
             // Local files: read the file directly, no async round trips.
             GetResultPayload::File(file, _) => Box::new(file),
@@ -236,6 +223,69 @@ impl Root {
         })
     }
 }
+impl Root {
+    /// GET of `meta`'s object (or of `range` of it), checked against `meta`:
+    /// the e-tag when the caller had one (a listing), and the size (a
+    /// commit record gives the size; its checksum is checked by importers).
+    /// Blocking: call from a blocking thread.
+    fn get_checked(
+        &self,
+        stage: &'static str,
+        meta: &ObjectMeta,
+        range: Option<object_store::GetRange>,
+    ) -> Result<object_store::GetResult> {
+        let handle = tokio::runtime::Handle::current();
+        let path = &meta.location;
+        let options = object_store::GetOptions {
+            range,
+            ..Default::default()
+        };
+        let result = handle
+            .block_on(self.store.get_opts(path, options))
+            .map_err(|e| Error::store(stage, self.url_of(path), e))?;
+        let etag_differs = meta.e_tag.is_some() && result.meta.e_tag != meta.e_tag;
+        if result.meta.size != meta.size || etag_differs {
+            return Err(Error::InputChanged {
+                stage,
+                location: self.url_of(path),
+                detail: format!("size {} became {}", meta.size, result.meta.size),
+            });
+        }
+        Ok(result)
+    }
+
+    /// The bytes `range` of `meta`'s object, checked as [`Root::open_sync`]
+    /// checks a whole object. Blocking.
+    pub fn read_range_sync(
+        &self,
+        stage: &'static str,
+        meta: &ObjectMeta,
+        range: std::ops::Range<u64>,
+    ) -> Result<bytes::Bytes> {
+        let handle = tokio::runtime::Handle::current();
+        let result = self.get_checked(stage, meta, Some(range.into()))?;
+        handle
+            .block_on(result.bytes())
+            .map_err(|e| Error::store(stage, self.url_of(&meta.location), e))
+    }
+
+    /// A blocking `Read` of `meta`'s object from byte `offset` to its end.
+    pub fn open_sync_from(
+        &self,
+        stage: &'static str,
+        meta: &ObjectMeta,
+        offset: u64,
+    ) -> Result<Box<dyn Read + Send>> {
+        let handle = tokio::runtime::Handle::current();
+        let result = self.get_checked(stage, meta, Some(object_store::GetRange::Offset(offset)))?;
+        let stream = result.into_stream().map_err(std::io::Error::other);
+        let reader = tokio_util::io::StreamReader::new(stream);
+        Ok(Box::new(tokio_util::io::SyncIoBridge::new_with_handle(
+            reader, handle,
+        )))
+    }
+}
+
 /// An upload written by a blocking writer (through `SyncIoBridge`).
 pub type BridgedUpload = tokio_util::io::SyncIoBridge<object_store::buffered::BufWriter>;
 

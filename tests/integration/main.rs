@@ -12,6 +12,7 @@ mod healthlake;
 mod labels;
 mod lake;
 mod lossless;
+mod ranges;
 mod relanding;
 mod rules;
 mod s3;

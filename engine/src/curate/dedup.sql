@@ -18,6 +18,10 @@
 -- key_hash, which costs a fraction of grouping by the strings themselves; a
 -- hash collision only adds rows to rank (the ranking partitions by the real
 -- key), so it can never merge two ids.
+--
+-- `repeated` is the join's first input on purpose: the hash join holds its
+-- first input in memory (it cannot spill) and streams the second, so what
+-- it holds is one hash per repeated id, never the key rows themselves.
 WITH repeated AS (
     SELECT key_hash
     FROM keyed
@@ -31,8 +35,8 @@ ranked AS (
            k.id,
            ROW_NUMBER() OVER survivor_first AS survivor_rank,
            k.content_hash = FIRST_VALUE(k.content_hash) OVER survivor_first AS exact_duplicate
-    FROM keyed k
-    WHERE k.key_hash IN (SELECT key_hash FROM repeated)
+    FROM repeated r
+    JOIN keyed k ON k.key_hash = r.key_hash
     WINDOW survivor_first AS (
         PARTITION BY k.tenant_guid, k.resource_type, k.id
         ORDER BY TRY_CAST(k.version_id AS DECIMAL(38, 0)) DESC NULLS LAST,

@@ -8,7 +8,9 @@
 //!   step 2, the validation checks ([`check`]); the rules (step 3) seam. Accepted lines
 //!   become key rows plus a few bytes saying where the tenant label will go;
 //!   rejected lines become `import_errors` rows.
-//! * **dedup** (step 4, [`dedup`]): `engine/src/curate/dedup.sql` over the key rows.
+//! * **dedup** (step 4, [`dedup`]): `engine/src/curate/dedup.sql` over the
+//!   key rows, which wait in a [`dedup::KeyStore`] (in memory up to half of
+//!   `curate.memory_limit_mb`, then on disk).
 //! * **pass 2** (files in parallel): every line that is neither rejected nor
 //!   a duplicate gets the tenant label (step 5) as planned in pass 1, without
 //!   a second parse, and is written to the run's staging area ([`write`]).
@@ -17,6 +19,13 @@
 //! * **commit** (step 6): the conservation check, metadata Parquet, then the
 //!   run's record in the partition's commit log ([`crate::commit`]), under
 //!   the partition's lease.
+//!
+//! The unit of work of each pass is a raw file, or a piece of one: a plain
+//! file larger than `curate.range_bytes` is read as byte ranges at line
+//! boundaries ([`raw::split`]), so that one large file keeps every core busy.
+//! Pieces number their lines as the whole file would, and their curated
+//! parts follow each other in order, so the output is the same bytes as a
+//! run that reads the file whole (the parts are cut at pieces too).
 //!
 //! Raw objects are checked when pass 2 reopens them (size and e-tag, and each
 //! line's length): a file replaced between the passes fails the run instead
@@ -106,6 +115,8 @@ pub struct CurateReport {
     pub rules: Vec<RuleSummary>,
     /// The rule set(s) used, as `import_jobs.rule_set` has it.
     pub rule_set: String,
+    /// Key rows that did not fit dedup's memory budget and went to disk.
+    pub keys_spilled: u64,
 }
 
 /// What one rule did to the records of one resource type in a run.
@@ -191,6 +202,10 @@ struct Run {
     errors: ErrorSink,
     /// Step 2's checks.
     checks: Vec<Arc<dyn LineCheck>>,
+    /// Dedup's input, as pass 1 makes it.
+    keys: Arc<dedup::KeyStore>,
+    /// The texts the rules changed, until pass 2.
+    staged: rules_pass::Staging,
 }
 
 impl Run {
@@ -244,12 +259,16 @@ impl Run {
 
     /// Pass 1 over one file, on a blocking thread.
     /// `rules`: the file's chain, when the rules run in pass 1.
+    /// `keys_final`: no later step changes the key rows (no rules, or they
+    /// run here), so they go to the run's [`dedup::KeyStore`] as they are
+    /// made instead of staying with the scan.
     fn scan(
         &self,
         file: &LayerFile,
         labeller: &TenantLabeller,
         rules: &[Arc<crate::rules::Rule>],
         samples: usize,
+        keys_final: bool,
     ) -> Result<Scanned> {
         let started = Instant::now();
         let c = &self.settings.curate;
@@ -265,6 +284,7 @@ impl Run {
                 samples,
             )?),
         };
+        let direct = keys_final && applier.is_none();
         let mut records = RowsBuilder::new(Shape::Rules, file.origin.clone());
         let mut out = Scanned {
             keyed: Vec::new(),
@@ -301,7 +321,12 @@ impl Run {
                                     records.push_keys(line_no, &keys);
                                 }
                                 if rows.len() >= c.batch_rows {
-                                    out.keyed.push(rows.finish());
+                                    let batch = rows.finish();
+                                    if direct {
+                                        self.keys.push(vec![batch])?;
+                                    } else {
+                                        out.keyed.push(batch);
+                                    }
                                 }
                                 // Step 5 is planned now and applied to survivors in pass 2.
                                 let (insert, rescan) = match labeller.plan(keys.text, &scanned) {
@@ -393,6 +418,9 @@ impl Run {
             out.rejected += done.rejected;
             out.ruled = Some(done);
         }
+        if keys_final {
+            self.keys.push(std::mem::take(&mut out.keyed))?;
+        }
         out.seconds = started.elapsed().as_secs_f64();
         Ok(out)
     }
@@ -446,8 +474,8 @@ struct FileWork {
     plans: Vec<LinePlan>,
     /// Line numbers of duplicates, ascending.
     duplicates: Vec<u64>,
-    /// The new text of lines the rules changed.
-    changed: HashMap<u64, String>,
+    /// Where the new text of each line the rules changed is staged.
+    changed: HashMap<u64, rules_pass::StagedText>,
 }
 
 /// Pass 2's output for one raw file.
@@ -540,6 +568,7 @@ async fn pass_one(
     rules: &rules_pass::RunRules,
     samples: usize,
 ) -> Result<Vec<Scanned>> {
+    let keys_final = rules.inline || rules.chains.iter().all(Vec::is_empty);
     run_blocking(
         run.settings.curate.concurrency,
         (0..files.len()).map(|i| {
@@ -549,11 +578,11 @@ async fn pass_one(
             } else {
                 Vec::new()
             };
-            (files[i].meta.size, move || {
-                run.scan(&files[i], &labeller, &chain, samples)
+            (files[i].work_bytes(), move || {
+                run.scan(&files[i], &labeller, &chain, samples, keys_final)
             })
         }),
-        |i| reporter.advance(files[i].meta.size),
+        |i| reporter.advance(files[i].work_bytes()),
     )
     .await
 }
@@ -636,7 +665,8 @@ pub async fn curate_with_checks(
         .collect();
     let result = async {
         commit::collect_garbage(lake, tenant, date, &run_id, &dead).await?;
-        let files = Arc::new(raw_files(lake, tenant, date).await?);
+        let files = raw_files(lake, tenant, date).await?;
+        let files = Arc::new(raw::split(files, settings.curate.range_bytes));
         if files.is_empty() {
             return Err(Error::NothingToDo(format!(
                 "no raw files for tenant {tenant} and date {date} under {}",
@@ -672,10 +702,11 @@ pub async fn curate_with_checks(
             processed.phases,
             processed.rule_counts,
             processed.rules_used.join(","),
+            run.keys.rows_on_disk() as u64,
         ))
     }
     .await;
-    let (record, types, total, mut phases, rule_counts, rule_set) = match result {
+    let (record, types, total, mut phases, rule_counts, rule_set, keys_spilled) = match result {
         Ok(done) => done,
         Err(e) => {
             // Nothing of this run is visible; its objects go now (or with
@@ -724,6 +755,7 @@ pub async fn curate_with_checks(
         phases,
         rules: rule_summaries(rule_counts),
         rule_set,
+        keys_spilled,
     })
 }
 
@@ -748,7 +780,7 @@ async fn process(
     let (tenant, date) = (&run.tenant, run.date);
     let rules = rules_pass::chains_for(settings, tenant.as_str(), files).await?;
     let has_rules = rules.chains.iter().any(|c| !c.is_empty());
-    let total_bytes: u64 = files.iter().map(|f| f.meta.size).sum();
+    let total_bytes: u64 = files.iter().map(LayerFile::work_bytes).sum();
     let mut phases: Vec<Phase> = Vec::new();
     let mut phase_start = Instant::now();
     let mut phase = |name: &'static str| {
@@ -786,12 +818,18 @@ async fn process(
     }
     let (rule_counts, mut changed) = (step.counts, step.changed);
 
-    // Dedup over the keys of every accepted record.
-    let keyed: Vec<RecordBatch> = scans
+    // Dedup over the keys of every accepted record (those the rules step
+    // kept back, if it ran apart, join the store now).
+    let kept: Vec<RecordBatch> = scans
         .iter_mut()
         .flat_map(|s| std::mem::take(&mut s.keyed))
         .collect();
-    let duplicates = dedup::find_duplicates(keyed, settings.curate.memory_limit_mb).await?;
+    {
+        let run = run.clone();
+        tokio::task::spawn_blocking(move || run.keys.push(kept)).await??;
+    }
+    let duplicates =
+        dedup::find_duplicates(run.keys.clone(), dedup::query_memory_mb(settings)).await?;
     phase("dedup");
 
     // Per file: what pass 2 writes. Counts per type.
@@ -805,10 +843,17 @@ async fn process(
                 resource_type: ty.to_string(),
                 ..Default::default()
             });
-        let dups = duplicates
+        let mut dups = duplicates
             .get(&file.origin.source_file)
             .map(Vec::as_slice)
             .unwrap_or(&[]);
+        if let Some(p) = &file.piece {
+            // The file's duplicates among this piece's lines.
+            let lines = p.counts.lines_of(p.index);
+            let from = dups.partition_point(|d| d.0 < *lines.start());
+            let to = dups.partition_point(|d| d.0 <= *lines.end());
+            dups = &dups[from..to];
+        }
         s.records_in += scan.records;
         s.rejected += scan.rejected;
         s.duplicates += dups.len() as u64;
@@ -828,11 +873,11 @@ async fn process(
         settings.curate.concurrency,
         work.into_iter().enumerate().map(|(i, w)| {
             let (run, files, labeller) = (run.clone(), files.clone(), labeller.clone());
-            (files[i].meta.size, move || {
+            (files[i].work_bytes(), move || {
                 run.label_and_write(i, &files[i], w, &labeller)
             })
         }),
-        |i| reporter.advance(files[i].meta.size),
+        |i| reporter.advance(files[i].work_bytes()),
     )
     .await?;
     // Parts of each type in raw file order (files are sorted by path).
@@ -921,6 +966,8 @@ impl Run {
             run_id: run_id.to_string(),
             errors,
             checks,
+            keys: Arc::new(dedup::KeyStore::for_settings(settings)),
+            staged: rules_pass::Staging::new()?,
         }))
     }
 
@@ -966,7 +1013,10 @@ impl Run {
             healthlake_status: None,
             message: Some(format!(
                 "{} raw files, {} resource types; rules: {}",
-                files.len(),
+                files
+                    .iter()
+                    .filter(|f| f.piece.as_ref().is_none_or(|p| p.index == 0))
+                    .count(),
                 types.len(),
                 rules_used.join(", ")
             )),
@@ -1037,7 +1087,8 @@ pub async fn dry_run_rules(
     date: ImportDate,
     samples: usize,
 ) -> Result<RulesDryRun> {
-    let files = Arc::new(raw_files(lake, tenant, date).await?);
+    let files = raw_files(lake, tenant, date).await?;
+    let files = Arc::new(raw::split(files, settings.curate.range_bytes));
     let rules = rules_pass::chains_for(settings, tenant.as_str(), &files).await?;
     // Rejections go to a sink in memory that is dropped: nothing is written.
     let scratch = crate::storage::Root::open("memory://", &settings.s3)?;
@@ -1054,6 +1105,8 @@ pub async fn dry_run_rules(
         run_id: "dry-run".into(),
         errors,
         checks,
+        keys: Arc::new(dedup::KeyStore::for_settings(settings)),
+        staged: rules_pass::Staging::new()?,
     });
     let labeller = Arc::new(TenantLabeller::new(
         &settings.tenant_label_system,
@@ -1175,8 +1228,12 @@ impl Run {
             if dups.get(next_dup) == Some(&line_no) {
                 return Ok(());
             }
+            let new;
             let text = match work.changed.get(&line_no) {
-                Some(new) => new.as_str(),
+                Some(&at) => {
+                    new = self.staged.get(at)?;
+                    new.as_str()
+                }
                 None => std::str::from_utf8(bytes).map_err(|_| {
                     input_changed(file, format!("line {line_no} is no longer UTF-8"))
                 })?,

@@ -43,8 +43,8 @@ type LabelPlan = (Option<(u32, fhirflow_udfs::tenant_label::Piece)>, bool);
 /// What the rules did to one file.
 pub(super) struct RulesDone {
     pub rows: FileRows,
-    /// New text of changed lines, for pass 2.
-    pub changed: HashMap<u64, String>,
+    /// Where the new text of each changed line is staged, for pass 2.
+    pub changed: HashMap<u64, StagedText>,
     pub rejected: u64,
     /// Per rule of the file's chain.
     pub counts: Vec<(Arc<Rule>, RuleCounts)>,
@@ -69,8 +69,8 @@ pub struct RuleSample {
 pub struct RulesStep {
     /// Per (resource type, rule).
     pub counts: std::collections::BTreeMap<(String, String), RuleCounts>,
-    /// Per file: the new text of changed lines.
-    pub changed: Vec<HashMap<u64, String>>,
+    /// Per file: where the new text of each changed line is staged.
+    pub changed: Vec<HashMap<u64, StagedText>>,
     pub samples: Vec<RuleSample>,
 }
 
@@ -110,7 +110,7 @@ pub(super) async fn rules_step(
     let mut with_rules = Vec::new();
     for (i, scan) in scans.iter_mut().enumerate() {
         if chains[i].is_empty() {
-            reporter.advance(files[i].meta.size);
+            reporter.advance(files[i].work_bytes());
             continue;
         }
         let rows = FileRows {
@@ -120,12 +120,12 @@ pub(super) async fn rules_step(
         let (run, files, labeller) = (run.clone(), files.clone(), labeller.clone());
         let (rules, keys) = (chains[i].clone(), keys.clone());
         with_rules.push(i);
-        jobs.push((files[i].meta.size, move || {
+        jobs.push((files[i].work_bytes(), move || {
             run.apply_rules(&files[i], &rules, keys, rows, &labeller, samples)
         }));
     }
     let done = run_blocking(run.settings.curate.concurrency, jobs, |j| {
-        reporter.advance(files[with_rules[j]].meta.size)
+        reporter.advance(files[with_rules[j]].work_bytes())
     })
     .await?;
     for (i, mut d) in with_rules.into_iter().zip(done) {
@@ -247,7 +247,8 @@ impl<'a> Applier<'a> {
             match run.recheck(file, ids.value(row), &new, self.labeller) {
                 Ok(plan) => {
                     self.relabel.insert(line, plan);
-                    self.done.changed.insert(line, new);
+                    let staged = run.staged.put(&new)?;
+                    self.done.changed.insert(line, staged);
                 }
                 Err(findings) => {
                     self.rejected_lines.insert(line);
@@ -362,6 +363,56 @@ impl Run {
             Ok(LabelEdit::Insert { at, piece }) => (Some((at as u32, piece)), false),
             Ok(LabelEdit::Remove(_)) | Err(_) => (None, true),
         })
+    }
+}
+
+/// Where a changed record's text is in [`Staging`].
+pub(super) type StagedText = (u64, u32);
+
+/// The new texts of the records the rules changed, kept in a temporary file
+/// (removed when dropped) until pass 2 writes them: memory holds where each
+/// one is, not the text.
+pub(super) struct Staging {
+    file: std::fs::File,
+    len: std::sync::Mutex<u64>,
+}
+
+impl Staging {
+    pub(super) fn new() -> Result<Self> {
+        Ok(Staging {
+            file: tempfile::tempfile().map_err(staging_error)?,
+            len: std::sync::Mutex::new(0),
+        })
+    }
+
+    /// Appends `text`. Blocking.
+    fn put(&self, text: &str) -> Result<StagedText> {
+        use std::os::unix::fs::FileExt;
+        let mut len = self.len.lock().expect("not poisoned");
+        self.file
+            .write_all_at(text.as_bytes(), *len)
+            .map_err(staging_error)?;
+        let at = (*len, text.len() as u32);
+        *len += text.len() as u64;
+        Ok(at)
+    }
+
+    /// The text put at `at`. Blocking.
+    pub(super) fn get(&self, (offset, len): StagedText) -> Result<String> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0; len as usize];
+        self.file
+            .read_exact_at(&mut buf, offset)
+            .map_err(staging_error)?;
+        String::from_utf8(buf).map_err(|e| staging_error(std::io::Error::other(e)))
+    }
+}
+
+fn staging_error(source: std::io::Error) -> crate::error::Error {
+    crate::error::Error::Io {
+        stage: super::STAGE,
+        location: "the temporary file of changed records".into(),
+        source,
     }
 }
 

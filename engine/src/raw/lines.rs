@@ -35,15 +35,28 @@ const READ_CHUNK: usize = 1 << 20;
 
 /// Calls `f(line_no, line)` for every non-blank line of `reader`.
 pub fn for_each_line<R: Read, E: From<io::Error>>(
+    reader: R,
+    max_line: usize,
+    f: impl FnMut(u64, Line<'_>) -> Result<(), E>,
+) -> Result<LineTotals, E> {
+    for_each_line_after(reader, max_line, 0, f)
+}
+
+/// [`for_each_line`] for a stream that starts at a line boundary after
+/// `lines_before` lines of its file (a byte range of it): lines are numbered
+/// from `lines_before + 1`, and a byte order mark is only dropped at the
+/// start of the file. `physical_lines` counts this stream's lines only.
+pub fn for_each_line_after<R: Read, E: From<io::Error>>(
     mut reader: R,
     max_line: usize,
+    lines_before: u64,
     mut f: impl FnMut(u64, Line<'_>) -> Result<(), E>,
 ) -> Result<LineTotals, E> {
     let mut buf: Vec<u8> = vec![0; READ_CHUNK];
     let (mut start, mut end) = (0usize, 0usize);
     let mut totals = LineTotals::default();
-    let mut line_no = 0u64;
-    let mut first = true;
+    let mut line_no = lines_before;
+    let mut first = lines_before == 0;
     // Bytes of an over-long line skipped so far (None when not skipping).
     let mut skipping: Option<u64> = None;
     let mut eof = false;
@@ -144,7 +157,7 @@ pub fn for_each_line<R: Read, E: From<io::Error>>(
             }
         }
     }
-    totals.physical_lines = line_no;
+    totals.physical_lines = line_no - lines_before;
     Ok(totals)
 }
 

@@ -5,12 +5,13 @@ pub mod landing;
 pub mod lines;
 
 use std::io::Read;
+use std::sync::{Arc, Condvar, Mutex};
 
 use object_store::ObjectMeta;
 
 use crate::error::{Error, Result};
 use crate::layout::{parse_partition, Layer, RawFileName};
-use crate::raw::lines::{for_each_line, Line, LineTotals};
+use crate::raw::lines::{for_each_line, for_each_line_after, Line, LineTotals};
 use crate::storage::Root;
 
 /// One NDJSON object of a layer, with what its path says about it.
@@ -21,6 +22,148 @@ pub struct LayerFile {
     pub file_type: Option<&'static str>,
     pub gzip: bool,
     pub origin: crate::model::FileOrigin,
+    /// The byte range of the file this one reads, when the file is split
+    /// ([`split`]); None: the whole file.
+    pub piece: Option<Piece>,
+}
+
+impl LayerFile {
+    /// The bytes this file (or piece) covers: for sizing work and progress.
+    pub fn work_bytes(&self) -> u64 {
+        match &self.piece {
+            Some(p) => p.end - p.start,
+            None => self.meta.size,
+        }
+    }
+}
+
+/// A byte range `[start, end)` of a raw file: its lines are those that
+/// start inside it, so a line that straddles `end` is read to its end, and
+/// the part of a line before `start` belongs to the piece before. The
+/// pieces of one file share `counts`: each piece says how many lines it
+/// owns as soon as it has read its bytes, so that every piece numbers its
+/// lines exactly as one reader of the whole file would.
+#[derive(Debug, Clone)]
+pub struct Piece {
+    pub index: usize,
+    pub start: u64,
+    pub end: u64,
+    pub counts: Arc<LineCounts>,
+}
+
+/// How many lines each piece of a file owns, as the pieces find out.
+#[derive(Debug)]
+pub struct LineCounts {
+    counts: Mutex<Vec<Count>>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Count {
+    Pending,
+    Lines(u64),
+    /// The piece failed before it could count: the pieces after it stop.
+    Failed,
+}
+
+impl LineCounts {
+    fn new(pieces: usize) -> Self {
+        LineCounts {
+            counts: Mutex::new(vec![Count::Pending; pieces]),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn set(&self, piece: usize, count: Count) -> std::result::Result<(), String> {
+        let mut counts = self.counts.lock().expect("not poisoned");
+        match counts[piece] {
+            Count::Pending | Count::Failed => counts[piece] = count,
+            // Pass 2 counts again: the same bytes give the same count.
+            Count::Lines(n) if count == Count::Lines(n) => {}
+            Count::Lines(n) => return Err(format!("piece {piece} held {n} lines, now {count:?}")),
+        }
+        self.changed.notify_all();
+        Ok(())
+    }
+
+    /// Lines before piece `piece`, once every earlier piece has counted
+    /// (which each does before it waits for its own). None: one failed.
+    fn lines_before(&self, piece: usize) -> Option<u64> {
+        let mut counts = self.counts.lock().expect("not poisoned");
+        loop {
+            let mut sum = 0;
+            let mut pending = false;
+            for c in &counts[..piece] {
+                match c {
+                    Count::Lines(n) => sum += n,
+                    Count::Pending => pending = true,
+                    Count::Failed => return None,
+                }
+            }
+            if !pending {
+                return Some(sum);
+            }
+            counts = self.changed.wait(counts).expect("not poisoned");
+        }
+    }
+
+    /// The line numbers piece `piece` owns, once every piece up to it has
+    /// counted (after pass 1).
+    pub fn lines_of(&self, piece: usize) -> std::ops::RangeInclusive<u64> {
+        let counts = self.counts.lock().expect("not poisoned");
+        let n = |c: &Count| match c {
+            Count::Lines(n) => *n,
+            _ => 0,
+        };
+        let before: u64 = counts[..piece].iter().map(n).sum();
+        before + 1..=before + n(&counts[piece])
+    }
+}
+
+/// Marks a piece failed unless it counted: pieces waiting on it then stop
+/// instead of waiting forever (an error or a panic before the count).
+struct CountGuard<'a> {
+    piece: &'a Piece,
+    counted: bool,
+}
+
+impl Drop for CountGuard<'_> {
+    fn drop(&mut self) {
+        if !self.counted {
+            let _ = self.piece.counts.set(self.piece.index, Count::Failed);
+        }
+    }
+}
+
+/// Splits every plain (not gzip) file larger than `range_bytes` into pieces
+/// of about that size, in order, so that one large file keeps every core
+/// busy. 0: no file is split. A gzip stream cannot be entered in the
+/// middle, so compressed files stay whole.
+pub fn split(files: Vec<LayerFile>, range_bytes: u64) -> Vec<LayerFile> {
+    let mut out = Vec::with_capacity(files.len());
+    for f in files {
+        if range_bytes == 0 || f.gzip || f.meta.size <= range_bytes {
+            out.push(f);
+            continue;
+        }
+        let n = f.meta.size.div_ceil(range_bytes);
+        // Equal pieces (the last one smaller), so that the largest-first
+        // scheduling of a run starts a file's pieces in order: a piece
+        // waits only for pieces that started before it.
+        let each = f.meta.size.div_ceil(n);
+        let counts = Arc::new(LineCounts::new(n as usize));
+        for i in 0..n {
+            let mut piece = f.clone();
+            piece.piece = Some(Piece {
+                index: i as usize,
+                start: i * each,
+                end: ((i + 1) * each).min(f.meta.size),
+                counts: counts.clone(),
+            });
+            out.push(piece);
+        }
+    }
+    out
 }
 
 /// The raw files below `prefix` (a raw partition or a parent of some), sorted
@@ -58,6 +201,7 @@ pub async fn list_files(
                 source_file: root.url_of(&obj.location),
             },
             meta: obj,
+            piece: None,
         });
     }
     Ok(files)
@@ -99,7 +243,8 @@ pub async fn tenant_files(
     Ok(files)
 }
 
-/// Reads `file` line by line on the current (blocking) thread.
+/// Reads `file` (or its piece) line by line on the current (blocking)
+/// thread.
 pub fn read_lines(
     root: &Root,
     stage: &'static str,
@@ -107,15 +252,21 @@ pub fn read_lines(
     max_line: usize,
     f: impl FnMut(u64, Line<'_>) -> Result<()>,
 ) -> Result<LineTotals> {
-    let reader = root.open_sync(stage, &file.meta)?;
-    let reader: Box<dyn Read> = if file.gzip {
-        Box::new(flate2::read::MultiGzDecoder::new(
-            std::io::BufReader::with_capacity(1 << 16, reader),
-        ))
-    } else {
-        reader
+    let result = match &file.piece {
+        Some(piece) => read_piece(root, stage, file, piece, max_line, f),
+        None => {
+            let reader = root.open_sync(stage, &file.meta)?;
+            let reader: Box<dyn Read> = if file.gzip {
+                Box::new(flate2::read::MultiGzDecoder::new(
+                    std::io::BufReader::with_capacity(1 << 16, reader),
+                ))
+            } else {
+                reader
+            };
+            for_each_line(reader, max_line, f)
+        }
     };
-    for_each_line(reader, max_line, f).map_err(|e| match e {
+    result.map_err(|e| match e {
         Error::Io { source, .. } => Error::Io {
             stage,
             location: root.url_of(&file.meta.location),
@@ -123,6 +274,92 @@ pub fn read_lines(
         },
         other => other,
     })
+}
+
+/// The lines of one piece: its bytes are read whole (one ranged GET of at
+/// most the piece's size), counted, and the count published; then, once the
+/// pieces before it have counted, its lines are handed on with their
+/// numbers in the file. The line that straddles the piece's end is read on
+/// from the bytes after it, up to its newline.
+fn read_piece(
+    root: &Root,
+    stage: &'static str,
+    file: &LayerFile,
+    piece: &Piece,
+    max_line: usize,
+    f: impl FnMut(u64, Line<'_>) -> Result<()>,
+) -> Result<LineTotals> {
+    let mut guard = CountGuard {
+        piece,
+        counted: false,
+    };
+    // One byte before the piece says whether a line starts at its start.
+    let from = piece.start.saturating_sub(1);
+    let bytes = root.read_range_sync(stage, &file.meta, from..piece.end)?;
+    let body = &bytes[(piece.start - from) as usize..];
+    let starts_line = piece.start == 0 || bytes[0] == b'\n';
+    let first = if starts_line {
+        Some(0)
+    } else {
+        memchr::memchr(b'\n', body).map(|i| i + 1)
+    }
+    .filter(|&i| i < body.len());
+    // Lines that start in the piece: the first, then one after every
+    // newline but the piece's last byte (a line starting at `end` is the
+    // next piece's).
+    let owned = match first {
+        Some(i) => 1 + memchr::memchr_iter(b'\n', &body[i..body.len() - 1]).count() as u64,
+        None => 0,
+    };
+    let changed = |detail: String| Error::InputChanged {
+        stage,
+        location: root.url_of(&file.meta.location),
+        detail,
+    };
+    piece
+        .counts
+        .set(piece.index, Count::Lines(owned))
+        .map_err(changed)?;
+    guard.counted = true;
+    let before = piece
+        .counts
+        .lines_before(piece.index)
+        .ok_or_else(|| changed("an earlier piece of the file could not be read".into()))?;
+    let Some(first) = first else {
+        return Ok(LineTotals::default());
+    };
+    let body = &body[first..];
+    let straddles = piece.end < file.meta.size && body.last() != Some(&b'\n');
+    let reader: Box<dyn Read> = if straddles {
+        let rest = root.open_sync_from(stage, &file.meta, piece.end)?;
+        Box::new(body.chain(ToNewline {
+            inner: rest,
+            done: false,
+        }))
+    } else {
+        Box::new(body)
+    };
+    for_each_line_after(reader, max_line, before, f)
+}
+
+/// Reads up to and including the first newline of `inner`.
+struct ToNewline<R> {
+    inner: R,
+    done: bool,
+}
+
+impl<R: Read> Read for ToNewline<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.done || buf.is_empty() {
+            return Ok(0);
+        }
+        let n = self.inner.read(buf)?;
+        if let Some(i) = memchr::memchr(b'\n', &buf[..n]) {
+            self.done = true;
+            return Ok(i + 1);
+        }
+        Ok(n)
+    }
 }
 
 impl From<std::io::Error> for Error {

@@ -1,9 +1,15 @@
 //! Running a chain of rules over a batch of records.
 //!
-//! Each rule is planned once per session (parse and bind) and executed once
-//! per batch against `records`, a table whose rows are swapped before each
-//! step. Between steps the engine reads the rule's output: which rows came
-//! back (by `line_no`), which carry a `reject_reason`, which have new text.
+//! Each rule is planned once per session, down to its physical plan (parse,
+//! bind, optimize, plan), and that plan is executed once per batch against
+//! `records`, a table whose rows are swapped before each step: its scan reads
+//! the rows of the moment when it runs, not when it was planned. Between
+//! steps the engine reads the rule's output: which rows came back (by
+//! `line_no`), which carry a `reject_reason`, which have new text.
+//!
+//! Re-running a physical plan is what DataFusion's recursive queries do: each
+//! run starts from [`reset_plan_states`] (a join forgets the build side it
+//! loaded), and dynamic filters, which that reset cannot clear, are off.
 
 use std::any::Any;
 use std::collections::BTreeMap;
@@ -16,8 +22,15 @@ use datafusion::catalog::{Session as CatalogSession, TableProvider};
 use datafusion::common::Result as DfResult;
 use datafusion::datasource::{MemTable, TableType};
 use datafusion::error::DataFusionError;
+use datafusion::execution::TaskContext;
 use datafusion::logical_expr::{Expr, LogicalPlan};
-use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_expr::EquivalenceProperties;
+use datafusion::physical_plan::execution_plan::{reset_plan_states, Boundedness, EmissionType};
+use datafusion::physical_plan::memory::MemoryStream;
+use datafusion::physical_plan::{
+    DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
+    SendableRecordBatchStream,
+};
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::sql::parser::Statement;
 use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
@@ -60,7 +73,7 @@ pub fn keys_from_keyed(keyed: &[RecordBatch]) -> Vec<RecordBatch> {
 /// `records`: whatever rows the current step reads.
 #[derive(Debug)]
 struct StepTable {
-    rows: Mutex<Vec<RecordBatch>>,
+    rows: Arc<Mutex<Vec<RecordBatch>>>,
 }
 
 #[async_trait]
@@ -76,15 +89,82 @@ impl TableProvider for StepTable {
     }
     async fn scan(
         &self,
-        state: &dyn CatalogSession,
+        _state: &dyn CatalogSession,
         projection: Option<&Vec<usize>>,
-        filters: &[Expr],
-        limit: Option<usize>,
+        _filters: &[Expr],
+        _limit: Option<usize>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        // Filters and limits are not pushed down (the defaults say so), so
+        // the plan above this scan applies them.
+        Ok(Arc::new(StepScan::new(
+            self.rows.clone(),
+            projection.cloned(),
+        )?))
+    }
+}
+
+/// The scan of `records`: whatever rows the table holds when it executes.
+#[derive(Debug)]
+struct StepScan {
+    rows: Arc<Mutex<Vec<RecordBatch>>>,
+    projection: Option<Vec<usize>>,
+    properties: Arc<PlanProperties>,
+}
+
+impl StepScan {
+    fn new(rows: Arc<Mutex<Vec<RecordBatch>>>, projection: Option<Vec<usize>>) -> DfResult<Self> {
+        let full = records_schema();
+        let schema = match &projection {
+            Some(p) => Arc::new(full.project(p)?),
+            None => full,
+        };
+        let properties = PlanProperties::new(
+            EquivalenceProperties::new(schema),
+            Partitioning::UnknownPartitioning(1),
+            EmissionType::Incremental,
+            Boundedness::Bounded,
+        );
+        Ok(StepScan {
+            rows,
+            projection,
+            properties: Arc::new(properties),
+        })
+    }
+}
+
+impl DisplayAs for StepScan {
+    fn fmt_as(&self, _: DisplayFormatType, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "StepScan: projection={:?}", self.projection)
+    }
+}
+
+impl ExecutionPlan for StepScan {
+    fn name(&self) -> &'static str {
+        "StepScan"
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        Vec::new()
+    }
+    fn with_new_children(
+        self: Arc<Self>,
+        _: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        Ok(self)
+    }
+    fn execute(
+        &self,
+        _partition: usize,
+        _context: Arc<TaskContext>,
+    ) -> DfResult<SendableRecordBatchStream> {
         let rows = self.rows.lock().expect("not poisoned").clone();
-        MemTable::try_new(records_schema(), vec![rows])?
-            .scan(state, projection, filters, limit)
-            .await
+        let stream = MemoryStream::try_new(rows, records_schema(), self.projection.clone())?;
+        Ok(Box::pin(stream))
     }
 }
 
@@ -102,11 +182,12 @@ impl RuleSession {
         // parallel. Spans let errors point at a line and column.
         let config = SessionConfig::new()
             .with_target_partitions(1)
-            .set_bool("datafusion.sql_parser.collect_spans", true);
+            .set_bool("datafusion.sql_parser.collect_spans", true)
+            .set_bool("datafusion.optimizer.enable_dynamic_filter_pushdown", false);
         let mut ctx = SessionContext::new_with_config(config);
         fhirflow_udfs::register_with_params(&mut ctx, params.clone()).map_err(q)?;
         let records = Arc::new(StepTable {
-            rows: Mutex::new(Vec::new()),
+            rows: Arc::new(Mutex::new(Vec::new())),
         });
         ctx.register_table("records", records.clone()).map_err(q)?;
         let schema = keys.first().map_or_else(keys_schema, |b| b.schema());
@@ -189,20 +270,27 @@ impl RuleSession {
         Ok(reads)
     }
 
+    /// `rule`'s physical plan, made once and run per batch by [`Self::run`].
+    pub async fn physical(&self, rule: &Rule) -> Result<Arc<dyn ExecutionPlan>> {
+        let logical = self.plan(rule).await?;
+        self.ctx
+            .state()
+            .create_physical_plan(&logical)
+            .await
+            .map_err(|e| rule_error(rule, e))
+    }
+
     /// Runs `plan` over `rows`.
     async fn run(
         &self,
         rule: &Rule,
-        plan: &LogicalPlan,
+        plan: &Arc<dyn ExecutionPlan>,
         rows: RecordBatch,
     ) -> Result<Vec<RecordBatch>> {
         *self.records.rows.lock().expect("not poisoned") = vec![rows];
         let out = async {
-            self.ctx
-                .execute_logical_plan(plan.clone())
-                .await?
-                .collect()
-                .await
+            let plan = reset_plan_states(plan.clone())?;
+            datafusion::physical_plan::collect(plan, self.ctx.task_ctx()).await
         }
         .await
         .map_err(|e| rule_error(rule, e));
@@ -279,14 +367,14 @@ pub struct Applied {
 
 /// The planned rules for one resource type.
 pub struct Chain {
-    pub rules: Vec<(Arc<Rule>, LogicalPlan)>,
+    pub rules: Vec<(Arc<Rule>, Arc<dyn ExecutionPlan>)>,
 }
 
 impl Chain {
     pub async fn plan(session: &RuleSession, rules: &[Arc<Rule>]) -> Result<Chain> {
         let mut planned = Vec::with_capacity(rules.len());
         for r in rules {
-            planned.push((r.clone(), session.plan(r).await?));
+            planned.push((r.clone(), session.physical(r).await?));
         }
         Ok(Chain { rules: planned })
     }
@@ -473,4 +561,87 @@ fn next_rows(current: &RecordBatch, resource_col: usize, fate: &[Fate]) -> Recor
         columns[resource_col] = Arc::new(texts);
     }
     RecordBatch::try_new(current.schema(), columns).expect("same schema")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::curate::parse::key_line;
+    use crate::model::{FileOrigin, RowsBuilder};
+
+    /// Record-model and keyed rows of Patient lines `(line_no, id)`.
+    fn rows(lines: &[(u64, &str)]) -> (RecordBatch, RecordBatch) {
+        let origin = FileOrigin {
+            tenant: "t".into(),
+            source_system: Some("s".into()),
+            import_date: 0,
+            source_file: "Patient.ndjson".into(),
+        };
+        let mut records = RowsBuilder::new(Shape::Rules, origin.clone());
+        let mut keyed = RowsBuilder::new(Shape::Keyed, origin);
+        let texts: Vec<String> = lines
+            .iter()
+            .map(|(_, id)| format!(r#"{{"resourceType":"Patient","id":"{id}"}}"#))
+            .collect();
+        for ((n, _), text) in lines.iter().zip(&texts) {
+            let k = key_line(text.as_bytes(), Some("Patient"), 64, false).unwrap();
+            records.push_keys(*n, &k);
+            keyed.push_keys(*n, &k);
+        }
+        (records.finish(), keyed.finish())
+    }
+
+    fn rule(name: &str, sql: &str) -> Arc<Rule> {
+        Arc::new(Rule {
+            name: name.into(),
+            path: name.into(),
+            resource_type: None,
+            sql: sql.into(),
+            test: None,
+        })
+    }
+
+    /// A plan made once runs over each batch as if planned for it: joins
+    /// forget the rows of the batch before (records on either side), and
+    /// `keys` is read whole every time.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_chain_planned_once_sees_each_batch_afresh() {
+        let (first, k1) = rows(&[(1, "a"), (2, "b"), (3, "c")]);
+        let (second, k2) = rows(&[(4, "c"), (5, "d")]);
+        let keys = keys_from_keyed(&[k1, k2]);
+        let session = RuleSession::new(&BTreeMap::new(), keys).unwrap();
+        let rules = [
+            // records joined with themselves: a build side of this batch.
+            rule(
+                "self.sql",
+                "SELECT a.* FROM records a JOIN records b ON a.line_no = b.line_no",
+            ),
+            // records joined with keys: ids seen more than once are rejected.
+            rule(
+                "keys.sql",
+                "SELECT r.*, CASE WHEN k.n > 1 THEN 'seen ' || k.n || ' times' END AS reject_reason \
+                 FROM records r JOIN (SELECT id, count(*) AS n FROM keys GROUP BY id) k ON r.id = k.id",
+            ),
+        ];
+        let chain = Chain::plan(&session, &rules).await.unwrap();
+        let run = |batch: RecordBatch| chain.apply(&session, batch, 0);
+        for round in 0..3 {
+            let a = run(first.clone()).await.unwrap();
+            let rejected: Vec<usize> = a.rejected.iter().map(|r| r.row).collect();
+            assert_eq!(
+                rejected,
+                [2],
+                "round {round}: c, the third row of the first batch"
+            );
+            assert_eq!(a.counts[0].kept, 3);
+            let b = run(second.clone()).await.unwrap();
+            let rejected: Vec<(usize, &str)> = b
+                .rejected
+                .iter()
+                .map(|r| (r.row, r.reason.as_str()))
+                .collect();
+            assert_eq!(rejected, [(0, "seen 2 times")], "round {round}");
+            assert_eq!((b.counts[0].rows_in, b.counts[0].kept), (2, 2));
+        }
+    }
 }

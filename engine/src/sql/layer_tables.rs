@@ -353,6 +353,7 @@ async fn curated_files(lake: &Lake, ty: &str, w: &Wanted) -> crate::error::Resul
                     source_file: lake.curated.url_of(&part.object.location()),
                 },
                 meta: part.object.meta(),
+                piece: None,
             },
             xxh3: Some(part.object.xxh3),
         })
