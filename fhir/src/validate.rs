@@ -214,6 +214,11 @@ impl Validator {
         self.level
     }
 
+    /// The nesting limit: deeper JSON is a TOO_DEEP finding.
+    pub fn max_depth(&self) -> usize {
+        self.max_depth
+    }
+
     /// The findings of one resource (`text` is one JSON value). With
     /// `expected`, a `resourceType` other than it is a finding. Empty when the
     /// resource is valid, and always empty at [`Level::Off`].
