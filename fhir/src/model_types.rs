@@ -72,7 +72,7 @@ pub struct TypeDef {
 /// The element `key` of type `ty`, through one open-addressing hash table
 /// over every (type, key) of the model, built on first use. Property lookup is
 /// the validator's most frequent operation.
-#[inline]
+#[inline(always)]
 pub fn lookup(ty: TypeId, key: &[u8]) -> Option<&'static Elem> {
     static TABLE: std::sync::OnceLock<Vec<(u64, u32)>> = std::sync::OnceLock::new();
     let table = TABLE.get_or_init(build_table);

@@ -61,8 +61,8 @@ use crate::report::Reporter;
 use crate::rules::exec::RuleCounts;
 use crate::settings::Settings;
 use crate::storage::Lake;
-use check::{CheckedLine, LineCheck};
-use parse::{key_and_scan, key_line, label_reject, Reject};
+use check::LineCheck;
+use parse::{key_line, label_reject, Reject};
 
 const STAGE: &str = "curate";
 
@@ -237,26 +237,6 @@ impl Run {
         }
     }
 
-    /// Step 2: the findings of every check, with the record's type and id.
-    fn check(&self, keys: &parse::Keys<'_>, scanned: &fhirflow_udfs::json::Scanned) -> Vec<Reject> {
-        if self.checks.is_empty() {
-            return Vec::new();
-        }
-        let line = CheckedLine {
-            resource_type: keys.resource_type,
-            id: &keys.id,
-            text: keys.text,
-            scanned,
-        };
-        let mut findings: Vec<Reject> = self.checks.iter().flat_map(|c| c.check(&line)).collect();
-        for f in &mut findings {
-            f.resource_type
-                .get_or_insert_with(|| keys.resource_type.to_string());
-            f.resource_id.get_or_insert_with(|| keys.id.to_string());
-        }
-        findings
-    }
-
     /// Pass 1 over one file, on a blocking thread.
     /// `rules`: the file's chain, when the rules run in pass 1.
     /// `keys_final`: no later step changes the key rows (no rules, or they
@@ -309,10 +289,9 @@ impl Run {
                         bytes,
                         last_unterminated,
                     } => {
-                        match key_and_scan(bytes, file.file_type, c.max_depth, last_unterminated) {
-                            Ok((keys, scanned)) => 'accepted: {
-                                // Step 2: validation.
-                                let findings = self.check(&keys, &scanned);
+                        match self.key_and_check(bytes, file.file_type, last_unterminated) {
+                            Ok((keys, scanned, findings)) => 'accepted: {
+                                // Step 2: validation (made in step 1's walk).
                                 if !findings.is_empty() {
                                     break 'accepted Some((findings, Some(bytes)));
                                 }

@@ -71,13 +71,28 @@ pub fn key_and_scan<'a>(
     max_depth: usize,
     last_unterminated: bool,
 ) -> Result<(Keys<'a>, Scanned), Reject> {
+    key_with(bytes, file_type, last_unterminated, |text| {
+        scan_resource(text, max_depth)
+    })
+}
+
+/// [`key_and_scan`] with the scan made by `scan`: [`scan_resource`] or a
+/// walk that gives the same result and does more on the way (the
+/// validator's, [`fhirflow_fhir::Validator::validate_scan`]), so that step
+/// 1 and step 2 read the line once. `scan` runs on text that is UTF-8.
+pub fn key_with<'a>(
+    bytes: &'a [u8],
+    file_type: Option<&'static str>,
+    last_unterminated: bool,
+    scan: impl FnOnce(&'a str) -> Result<Scanned, JsonError>,
+) -> Result<(Keys<'a>, Scanned), Reject> {
     let text = std::str::from_utf8(bytes).map_err(|e| {
         Reject::new(
             "INVALID_UTF8",
             format!("invalid UTF-8 at byte {}", e.valid_up_to()),
         )
     })?;
-    let scanned = scan_resource(text, max_depth).map_err(|e| json_reject(&e, last_unterminated))?;
+    let scanned = scan(text).map_err(|e| json_reject(&e, last_unterminated))?;
     let keys = key_scanned(text, &scanned, file_type)?;
     Ok((keys, scanned))
 }

@@ -17,7 +17,7 @@ use arrow::array::{ArrayBuilder, ArrayRef, AsArray, RecordBatch, StringBuilder};
 use arrow::datatypes::UInt64Type;
 use fhirflow_udfs::tenant_label::{LabelEdit, TenantLabeller};
 
-use super::parse::{key_and_scan, Reject};
+use super::parse::Reject;
 use super::{input_changed, run_blocking, type_key, LinePlan, Run, Scanned};
 use crate::error::Result;
 use crate::raw::LayerFile;
@@ -341,12 +341,12 @@ impl Run {
         text: &str,
         labeller: &TenantLabeller,
     ) -> std::result::Result<LabelPlan, Vec<Reject>> {
-        let c = &self.settings.curate;
         let after = |mut r: Reject| {
             r.message = format!("after the rules changed the resource: {}", r.message);
             r
         };
-        let (keys, scanned) = key_and_scan(text.as_bytes(), file.file_type, c.max_depth, false)
+        let (keys, scanned, findings) = self
+            .key_and_check(text.as_bytes(), file.file_type, false)
             .map_err(|r| vec![after(r)])?;
         if keys.id != id {
             return Err(vec![Reject::new(
@@ -354,7 +354,6 @@ impl Run {
                 format!("the rules changed the resource's id from {id:?} to {:?}; a rule may not change a record's identity", keys.id),
             )]);
         }
-        let findings = self.check(&keys, &scanned);
         if !findings.is_empty() {
             return Err(findings.into_iter().map(after).collect());
         }
