@@ -124,6 +124,12 @@ pub fn generate_types(sample: &Path, dir: &Path, target: u64, only: Option<&str>
         .flat_map(|(_, l)| l)
         .map(|l| l.len() as u64 + 1)
         .sum();
+    assert!(
+        sample_bytes > 0,
+        "no resources{} in {}",
+        only.map(|o| format!(" of type {o}")).unwrap_or_default(),
+        sample.display()
+    );
     let copies = target.div_ceil(sample_bytes).max(1);
     // About 16 copies of a type per file keeps files in the tens of MB.
     let per_file = if only.is_some() { u64::MAX } else { 16 };
