@@ -43,7 +43,6 @@ pub struct KeyStore {
 struct Stored {
     memory: Vec<RecordBatch>,
     bytes: usize,
-    rows: usize,
     /// The spill file, once the budget was passed.
     disk: Option<Spill>,
 }
@@ -56,8 +55,11 @@ struct Spill {
 }
 
 impl Spill {
+    fn path_in(dir: &std::path::Path) -> std::path::PathBuf {
+        dir.join("keys.arrow")
+    }
     fn path(&self) -> std::path::PathBuf {
-        self.dir.path().join("keys.arrow")
+        Self::path_in(self.dir.path())
     }
 }
 
@@ -89,7 +91,6 @@ impl KeyStore {
         let mut s = self.inner.lock().expect("not poisoned");
         for b in batches.into_iter().filter(|b| b.num_rows() > 0) {
             s.bytes += b.get_array_memory_size();
-            s.rows += b.num_rows();
             s.memory.push(b);
         }
         if s.bytes <= self.budget {
@@ -100,7 +101,7 @@ impl KeyStore {
                 .prefix("fhirflow-dedup-")
                 .tempdir()
                 .map_err(spill_error)?;
-            let path = dir.path().join("keys.arrow");
+            let path = Spill::path_in(dir.path());
             let file = BufWriter::with_capacity(1 << 20, File::create(path).map_err(spill_error)?);
             let writer = StreamWriter::try_new(file, &schema(Shape::Keyed)).map_err(spill_error)?;
             s.disk = Some(Spill {
@@ -118,11 +119,6 @@ impl KeyStore {
             spill.rows += b.num_rows();
         }
         Ok(())
-    }
-
-    /// Rows held, in memory and on disk.
-    pub fn rows(&self) -> usize {
-        self.inner.lock().expect("not poisoned").rows
     }
 
     /// Rows that went to disk.
@@ -149,7 +145,7 @@ struct KeyStream(Arc<KeyStore>);
 
 impl std::fmt::Debug for KeyStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "KeyStore({} rows)", self.rows())
+        write!(f, "KeyStore({} rows on disk)", self.rows_on_disk())
     }
 }
 
