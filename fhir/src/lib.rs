@@ -10,6 +10,7 @@
 //!   the same lexer; in curation it also yields the scanner's spans.
 //! * [`primitive`]: the formats of the primitive types.
 
+pub mod fhirpath;
 pub mod json;
 // Generated: kept byte for byte as `fhir/gen/gen_model.py` writes it.
 #[rustfmt::skip]
