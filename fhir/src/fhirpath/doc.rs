@@ -118,6 +118,11 @@ impl<'a> Doc<'a> {
         self.nodes[id as usize].value.text(self.src)
     }
 
+    /// The byte offset where the node's value starts.
+    pub fn offset(&self, id: NodeId) -> usize {
+        self.nodes[id as usize].value.start
+    }
+
     /// A string node's decoded value.
     pub fn str(&self, id: NodeId) -> Option<Cow<'a, str>> {
         self.nodes[id as usize].value.decoded(self.src)

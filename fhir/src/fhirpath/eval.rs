@@ -371,7 +371,11 @@ impl<'d, 'a> Evaluator<'d, 'a> {
     }
 
     /// The only item of `c`, or None when empty; an error when there are more.
-    fn singleton<'c>(&self, e: &Expr, c: &'c [Value<'a>]) -> Result<Option<&'c Value<'a>>, EvalError> {
+    fn singleton<'c>(
+        &self,
+        e: &Expr,
+        c: &'c [Value<'a>],
+    ) -> Result<Option<&'c Value<'a>>, EvalError> {
         match c {
             [] => Ok(None),
             [v] => Ok(Some(v)),
@@ -391,8 +395,16 @@ impl<'d, 'a> Evaluator<'d, 'a> {
         })
     }
 
-    fn string_arg(&self, call: &Expr, args: &[Expr], i: usize, focus: &[Value<'a>]) -> Result<Option<String>, EvalError> {
-        let Some(a) = args.get(i) else { return Ok(None) };
+    fn string_arg(
+        &self,
+        call: &Expr,
+        args: &[Expr],
+        i: usize,
+        focus: &[Value<'a>],
+    ) -> Result<Option<String>, EvalError> {
+        let Some(a) = args.get(i) else {
+            return Ok(None);
+        };
         let v = self.eval(a, focus)?;
         match self.singleton(call, &v)?.map(|v| self.prim(v)) {
             None => Ok(None),
@@ -401,8 +413,16 @@ impl<'d, 'a> Evaluator<'d, 'a> {
         }
     }
 
-    fn int_arg(&self, call: &Expr, args: &[Expr], i: usize, focus: &[Value<'a>]) -> Result<Option<i64>, EvalError> {
-        let Some(a) = args.get(i) else { return Ok(None) };
+    fn int_arg(
+        &self,
+        call: &Expr,
+        args: &[Expr],
+        i: usize,
+        focus: &[Value<'a>],
+    ) -> Result<Option<i64>, EvalError> {
+        let Some(a) = args.get(i) else {
+            return Ok(None);
+        };
         let v = self.eval(a, focus)?;
         match self.singleton(call, &v)?.map(|v| self.prim(v)) {
             None => Ok(None),
@@ -411,7 +431,15 @@ impl<'d, 'a> Evaluator<'d, 'a> {
         }
     }
 
-    fn binary(&self, e: &Expr, op: BinOp, l: &Expr, r: &Expr, focus: &[Value<'a>], index: Option<usize>) -> R<'a> {
+    fn binary(
+        &self,
+        e: &Expr,
+        op: BinOp,
+        l: &Expr,
+        r: &Expr,
+        focus: &[Value<'a>],
+        index: Option<usize>,
+    ) -> R<'a> {
         use BinOp::*;
         // Boolean operators decide on the left side first where they can.
         if matches!(op, And | Or | Xor | Implies) {
@@ -476,7 +504,11 @@ impl<'d, 'a> Evaluator<'d, 'a> {
                 } else {
                     let mut all = Some(true);
                     for (x, y) in a.iter().zip(&b) {
-                        let r = if equiv { Some(self.equivalent(x, y)) } else { self.equal(x, y) };
+                        let r = if equiv {
+                            Some(self.equivalent(x, y))
+                        } else {
+                            self.equal(x, y)
+                        };
                         match r {
                             Some(true) => {}
                             Some(false) => {
@@ -488,7 +520,11 @@ impl<'d, 'a> Evaluator<'d, 'a> {
                     }
                     all
                 };
-                let r = if matches!(op, Ne | NotEquiv) { r.map(|b| !b) } else { r };
+                let r = if matches!(op, Ne | NotEquiv) {
+                    r.map(|b| !b)
+                } else {
+                    r
+                };
                 Ok(r.map(Value::Bool).into_iter().collect())
             }
             Lt | Gt | Le | Ge => {
@@ -497,7 +533,16 @@ impl<'d, 'a> Evaluator<'d, 'a> {
                 };
                 let ord = match self.compare(&self.prim(x), &self.prim(y)) {
                     Ok(o) => o,
-                    Err(()) => return fail(e, format!("cannot compare {} with {}", self.type_name(x), self.type_name(y))),
+                    Err(()) => {
+                        return fail(
+                            e,
+                            format!(
+                                "cannot compare {} with {}",
+                                self.type_name(x),
+                                self.type_name(y)
+                            ),
+                        )
+                    }
                 };
                 Ok(ord
                     .map(|o| {
@@ -516,7 +561,9 @@ impl<'d, 'a> Evaluator<'d, 'a> {
                 let Some(x) = self.singleton(e, item)? else {
                     return Ok(Vec::new());
                 };
-                Ok(vec![Value::Bool(coll.iter().any(|y| self.equal(x, y) == Some(true)))])
+                Ok(vec![Value::Bool(
+                    coll.iter().any(|y| self.equal(x, y) == Some(true)),
+                )])
             }
             Concat => {
                 let text = |c: &Collection<'a>| -> Result<String, EvalError> {
@@ -525,7 +572,9 @@ impl<'d, 'a> Evaluator<'d, 'a> {
                         Some(v) => self.to_text(v).unwrap_or_default(),
                     })
                 };
-                Ok(vec![Value::Str(format!("{}{}", text(&a)?, text(&b)?).into())])
+                Ok(vec![Value::Str(
+                    format!("{}{}", text(&a)?, text(&b)?).into(),
+                )])
             }
             Add | Sub | Mul | Div | IntDiv | Mod => {
                 let (Some(x), Some(y)) = (self.singleton(e, &a)?, self.singleton(e, &b)?) else {
@@ -565,7 +614,15 @@ impl<'d, 'a> Evaluator<'d, 'a> {
             _ => None,
         };
         let (Some((a, sa)), Some((b, sb))) = (num(x), num(y)) else {
-            return fail(e, format!("'{}' needs numbers, not {} and {}", op.symbol(), self.type_name(x), self.type_name(y)));
+            return fail(
+                e,
+                format!(
+                    "'{}' needs numbers, not {} and {}",
+                    op.symbol(),
+                    self.type_name(x),
+                    self.type_name(y)
+                ),
+            );
         };
         let scale = sa.max(sb);
         let r = match op {
@@ -589,9 +646,9 @@ impl<'d, 'a> Evaluator<'d, 'a> {
     pub fn equal(&self, x: &Value<'a>, y: &Value<'a>) -> Option<bool> {
         let (px, py) = (self.prim(x), self.prim(y));
         match (&px, &py) {
-            (Value::Node(a, _), Value::Node(b, _)) => {
-                Some(a == b || canonical_json(self.doc.text(*a)) == canonical_json(self.doc.text(*b)))
-            }
+            (Value::Node(a, _), Value::Node(b, _)) => Some(
+                a == b || canonical_json(self.doc.text(*a)) == canonical_json(self.doc.text(*b)),
+            ),
             (Value::Node(..), _) | (_, Value::Node(..)) => Some(false),
             _ => match self.compare(&px, &py) {
                 Ok(Some(o)) => Some(o == Ordering::Equal),
@@ -604,7 +661,12 @@ impl<'d, 'a> Evaluator<'d, 'a> {
     fn equivalent(&self, x: &Value<'a>, y: &Value<'a>) -> bool {
         match (self.prim(x), self.prim(y)) {
             (Value::Str(a), Value::Str(b)) => {
-                let norm = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase();
+                let norm = |s: &str| {
+                    s.split_whitespace()
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                        .to_lowercase()
+                };
                 norm(&a) == norm(&b)
             }
             (a, b) => self.equal(&a, &b).unwrap_or(false),
@@ -625,7 +687,9 @@ impl<'d, 'a> Evaluator<'d, 'a> {
         match (x, y) {
             (Value::Str(a), Value::Str(b)) => Ok(Some(a.cmp(b))),
             (Value::Bool(a), Value::Bool(b)) => Ok(Some(a.cmp(b))),
-            (Value::Quantity(a, _, ua), Value::Quantity(b, _, ub)) if ua == ub => Ok(a.partial_cmp(b)),
+            (Value::Quantity(a, _, ua), Value::Quantity(b, _, ub)) if ua == ub => {
+                Ok(a.partial_cmp(b))
+            }
             (Value::Date(a) | Value::DateTime(a), Value::Date(b) | Value::DateTime(b)) => {
                 Ok(super::temporal::compare(a, b))
             }
@@ -646,11 +710,26 @@ impl<'d, 'a> Evaluator<'d, 'a> {
         })
     }
 
-    fn call(&self, e: &Expr, name: &str, args: &[Expr], input: Collection<'a>, focus: &[Value<'a>], index: Option<usize>) -> R<'a> {
+    fn call(
+        &self,
+        e: &Expr,
+        name: &str,
+        args: &[Expr],
+        input: Collection<'a>,
+        focus: &[Value<'a>],
+        index: Option<usize>,
+    ) -> R<'a> {
         let arity = |lo: usize, hi: usize| -> Result<(), EvalError> {
             if args.len() < lo || args.len() > hi {
-                let want = if lo == hi { format!("{lo}") } else { format!("{lo} to {hi}") };
-                return fail(e, format!("{name}() takes {want} argument(s), not {}", args.len()));
+                let want = if lo == hi {
+                    format!("{lo}")
+                } else {
+                    format!("{lo} to {hi}")
+                };
+                return fail(
+                    e,
+                    format!("{name}() takes {want} argument(s), not {}", args.len()),
+                );
             }
             Ok(())
         };
@@ -692,7 +771,7 @@ impl<'d, 'a> Evaluator<'d, 'a> {
                 one_bool(if name.starts_with("all") {
                     bools.iter().all(|b| *b == want)
                 } else {
-                    bools.iter().any(|b| *b == want)
+                    bools.contains(&want)
                 })
             }
             "where" => {
@@ -788,7 +867,11 @@ impl<'d, 'a> Evaluator<'d, 'a> {
             }
             "not" => {
                 arity(0, 0)?;
-                Ok(self.truth(e, &input)?.map(|b| Value::Bool(!b)).into_iter().collect())
+                Ok(self
+                    .truth(e, &input)?
+                    .map(|b| Value::Bool(!b))
+                    .into_iter()
+                    .collect())
             }
             "hasValue" => {
                 arity(0, 0)?;
@@ -814,7 +897,9 @@ impl<'d, 'a> Evaluator<'d, 'a> {
                     self.children(v, "extension", &mut exts);
                     for x in exts {
                         let Value::Node(n, _) = x else { continue };
-                        if url.as_deref().is_some_and(|u| self.doc.member_str(n, "url").is_some_and(|have| have == u)) {
+                        if url.as_deref().is_some_and(|u| {
+                            self.doc.member_str(n, "url").is_some_and(|have| have == u)
+                        }) {
                             out.push(x);
                         }
                     }
@@ -851,7 +936,9 @@ impl<'d, 'a> Evaluator<'d, 'a> {
                 let mut out = Vec::new();
                 for v in &input {
                     let Value::Node(n, _) = v else { continue };
-                    let Some(reference) = self.doc.member_str(*n, "reference") else { continue };
+                    let Some(reference) = self.doc.member_str(*n, "reference") else {
+                        continue;
+                    };
                     if let Some((ty, id)) = reference_parts(&reference) {
                         if want.as_deref().is_none_or(|w| bare(w) == ty) {
                             out.push(Value::Str(id.to_string().into()));
@@ -866,12 +953,18 @@ impl<'d, 'a> Evaluator<'d, 'a> {
                 let Some(v) = self.singleton(e, &input)? else {
                     return Ok(Vec::new());
                 };
-                Ok(super::temporal::boundary(&self.prim(v), high).into_iter().collect())
+                Ok(super::temporal::boundary(&self.prim(v), high)
+                    .into_iter()
+                    .collect())
             }
             "toString" => {
                 arity(0, 0)?;
                 Ok(match self.singleton(e, &input)? {
-                    Some(v) => self.to_text(v).map(|s| Value::Str(s.into())).into_iter().collect(),
+                    Some(v) => self
+                        .to_text(v)
+                        .map(|s| Value::Str(s.into()))
+                        .into_iter()
+                        .collect(),
                     None => Vec::new(),
                 })
             }
@@ -889,19 +982,31 @@ impl<'d, 'a> Evaluator<'d, 'a> {
                 Ok(match self.singleton(e, &input)?.map(|v| self.prim(v)) {
                     Some(Value::Int(i)) => vec![Value::Dec(i as f64, 0)],
                     Some(Value::Dec(d, s)) => vec![Value::Dec(d, s)],
-                    Some(Value::Str(s)) => s.parse().map(|d| Value::Dec(d, scale_of(&s))).into_iter().collect(),
+                    Some(Value::Str(s)) => s
+                        .parse()
+                        .map(|d| Value::Dec(d, scale_of(&s)))
+                        .into_iter()
+                        .collect(),
                     Some(Value::Bool(b)) => vec![Value::Dec(b as i64 as f64, 1)],
                     _ => Vec::new(),
                 })
             }
-            "startsWith" | "endsWith" | "contains" | "matches" | "indexOf" | "replace" | "substring" | "length" | "upper" | "lower" | "trim" => {
+            "startsWith" | "endsWith" | "contains" | "matches" | "indexOf" | "replace"
+            | "substring" | "length" | "upper" | "lower" | "trim" => {
                 self.string_function(e, name, args, &input, focus)
             }
             _ => fail(e, format!("unknown function {name}()")),
         }
     }
 
-    fn string_function(&self, e: &Expr, name: &str, args: &[Expr], input: &[Value<'a>], focus: &[Value<'a>]) -> R<'a> {
+    fn string_function(
+        &self,
+        e: &Expr,
+        name: &str,
+        args: &[Expr],
+        input: &[Value<'a>],
+        focus: &[Value<'a>],
+    ) -> R<'a> {
         let Some(v) = self.singleton(e, input)? else {
             return Ok(Vec::new());
         };
@@ -927,12 +1032,18 @@ impl<'d, 'a> Evaluator<'d, 'a> {
             "matches" => match arg(0)? {
                 // Without a regular expression engine in this crate, only a
                 // literal pattern is supported.
-                Some(p) if !p.contains(['.', '*', '+', '?', '[', '(', '|', '^', '$', '\\', '{']) => b(s == p),
+                Some(p)
+                    if !p.contains(['.', '*', '+', '?', '[', '(', '|', '^', '$', '\\', '{']) =>
+                {
+                    b(s == p)
+                }
                 Some(_) => fail(e, "matches() supports literal patterns only"),
                 None => Ok(Vec::new()),
             },
             "indexOf" => match arg(0)? {
-                Some(p) => Ok(vec![Value::Int(s.find(&p).map_or(-1, |i| s[..i].chars().count() as i64))]),
+                Some(p) => Ok(vec![Value::Int(
+                    s.find(&p).map_or(-1, |i| s[..i].chars().count() as i64),
+                )]),
                 None => Ok(Vec::new()),
             },
             "replace" => match (arg(0)?, arg(1)?) {
@@ -945,9 +1056,13 @@ impl<'d, 'a> Evaluator<'d, 'a> {
                 if start < 0 || start as usize >= chars.len() {
                     return Ok(Vec::new());
                 }
-                let len = self.int_arg(e, args, 1, focus)?.map_or(chars.len(), |l| l.max(0) as usize);
+                let len = self
+                    .int_arg(e, args, 1, focus)?
+                    .map_or(chars.len(), |l| l.max(0) as usize);
                 let end = (start as usize).saturating_add(len).min(chars.len());
-                Ok(vec![Value::Str(chars[start as usize..end].iter().collect::<String>().into())])
+                Ok(vec![Value::Str(
+                    chars[start as usize..end].iter().collect::<String>().into(),
+                )])
             }
             "length" => Ok(vec![Value::Int(s.chars().count() as i64)]),
             "upper" => Ok(vec![Value::Str(s.to_uppercase().into())]),
@@ -996,7 +1111,9 @@ pub fn reference_parts(reference: &str) -> Option<(&str, &str)> {
 }
 
 fn is_choice_key(key: &str, name: &str) -> bool {
-    key.len() > name.len() && key.starts_with(name) && key.as_bytes()[name.len()].is_ascii_uppercase()
+    key.len() > name.len()
+        && key.starts_with(name)
+        && key.as_bytes()[name.len()].is_ascii_uppercase()
 }
 
 fn is_quantity_type(t: TypeId) -> bool {
@@ -1022,7 +1139,9 @@ fn literal<'a>(l: &Lit) -> Value<'a> {
 /// Digits after the point of a JSON number as written.
 pub fn scale_of(text: &str) -> u8 {
     let mantissa = text.split(['e', 'E']).next().unwrap_or(text);
-    mantissa.split_once('.').map_or(0, |(_, f)| f.len().min(u8::MAX as usize) as u8)
+    mantissa
+        .split_once('.')
+        .map_or(0, |(_, f)| f.len().min(u8::MAX as usize) as u8)
 }
 
 /// A decimal with `scale` digits after the point, trailing zeros kept as

@@ -34,10 +34,12 @@ mod tests {
         let e = parse(path).unwrap();
         let out = ev.eval(&e, &[ev.root()]).unwrap();
         out.iter()
-            .map(|v| ev.to_text(v).unwrap_or_else(|| match v {
-                Value::Node(n, _) => doc.text(*n).to_string(),
-                _ => unreachable!(),
-            }))
+            .map(|v| {
+                ev.to_text(v).unwrap_or_else(|| match v {
+                    Value::Node(n, _) => doc.text(*n).to_string(),
+                    _ => unreachable!(),
+                })
+            })
             .collect()
     }
 
@@ -55,9 +57,15 @@ mod tests {
             ("value.ofType(string)", &[]),
             ("component.value.ofType(string)", &["x"]),
             ("component.value.ofType(integer) + 1", &["4"]),
-            ("component.where(value.ofType(integer) > 2).code.text", &["b"]),
+            (
+                "component.where(value.ofType(integer) > 2).code.text",
+                &["b"],
+            ),
             ("component.code.text.join('|')", &["a|b"]),
-            ("code.coding.where(system = 'http://loinc.org').code.first()", &["8867-4"]),
+            (
+                "code.coding.where(system = 'http://loinc.org').code.first()",
+                &["8867-4"],
+            ),
             ("extension('u1').value.ofType(code)", &["M"]),
             ("extension('u2').value.ofType(boolean)", &["true"]),
             ("component[1].code.text", &["b"]),
@@ -84,7 +92,13 @@ mod tests {
             "contained":[{"resourceType":"Organization","id":"org","name":"Acme"}]}"#;
         assert_eq!(eval_texts(p, "link.other.getReferenceKey()"), ["p2", "r1"]);
         assert_eq!(eval_texts(p, "link.other.getReferenceKey(Patient)"), ["p2"]);
-        assert_eq!(eval_texts(p, "contained.ofType(Organization).name"), ["Acme"]);
-        assert_eq!(eval_texts(p, "contained.ofType(Patient).name"), Vec::<String>::new());
+        assert_eq!(
+            eval_texts(p, "contained.ofType(Organization).name"),
+            ["Acme"]
+        );
+        assert_eq!(
+            eval_texts(p, "contained.ofType(Patient).name"),
+            Vec::<String>::new()
+        );
     }
 }

@@ -300,7 +300,8 @@ fn lex(text: &str) -> Result<Vec<Token>, ParseError> {
             }
             let start = i;
             while i < b.len()
-                && (b[i].is_ascii_digit() || matches!(b[i], b'-' | b':' | b'.' | b'T' | b'Z' | b'+'))
+                && (b[i].is_ascii_digit()
+                    || matches!(b[i], b'-' | b':' | b'.' | b'T' | b'Z' | b'+'))
             {
                 // `+` and `-` inside a date-time are its offset; a `-` or
                 // `+` after a space is an operator, which the loop never sees.
@@ -721,7 +722,10 @@ mod tests {
     fn operators_bind_as_the_specification_says() {
         let cases = [
             ("a.b.c", "a.b.c"),
-            ("name.where(use = 'official').family.first()", "name.where((use = Str(\"official\"))).family.first()"),
+            (
+                "name.where(use = 'official').family.first()",
+                "name.where((use = Str(\"official\"))).family.first()",
+            ),
             ("a and b or c", "((a and b) or c)"),
             ("a = 1 + 2 * 3", "(a = (Int(1) + (Int(2) * Int(3))))"),
             ("a | b = c", "((a | b) = c)"),
@@ -730,7 +734,10 @@ mod tests {
             ("name[0].given", "name[Int(0)].given"),
             ("a implies b xor c", "(a implies (b xor c))"),
             ("5 'mg'", "Quantity(5.0, 0, \"mg\")"),
-            ("@2020-01 = @2020-01-02T10:00Z", "(Date(\"2020-01\") = DateTime(\"2020-01-02T10:00Z\"))"),
+            (
+                "@2020-01 = @2020-01-02T10:00Z",
+                "(Date(\"2020-01\") = DateTime(\"2020-01-02T10:00Z\"))",
+            ),
             ("`div`.x", "div.x"),
             ("value.ofType(FHIR.Quantity)", "value.ofType(FHIR.Quantity)"),
             ("1.50", "Dec(1.5, 2)"),
@@ -742,7 +749,14 @@ mod tests {
 
     #[test]
     fn errors_point_at_the_offending_offset() {
-        for (text, offset) in [("@@", 0), ("name.", 5), ("a.where(b", 9), ("a b", 2), ("'x", 0), ("a $x", 2)] {
+        for (text, offset) in [
+            ("@@", 0),
+            ("name.", 5),
+            ("a.where(b", 9),
+            ("a b", 2),
+            ("'x", 0),
+            ("a $x", 2),
+        ] {
             let e = parse(text).unwrap_err();
             assert_eq!(e.offset, offset, "{text}: {e}");
         }

@@ -98,11 +98,21 @@ fn shift(f: &mut [f64], minutes: i32) {
     if days != 0.0 {
         let (mut y, mut m, mut d) = (f[0] as i32, f[1] as u32, f[2] as i32 + days as i32);
         if d < 1 {
-            m = if m == 1 { y -= 1; 12 } else { m - 1 };
+            m = if m == 1 {
+                y -= 1;
+                12
+            } else {
+                m - 1
+            };
             d = days_in_month(y, m) as i32;
         } else if d > days_in_month(y, m) as i32 {
             d = 1;
-            m = if m == 12 { y += 1; 1 } else { m + 1 };
+            m = if m == 12 {
+                y += 1;
+                1
+            } else {
+                m + 1
+            };
         }
         f[0] = y as f64;
         f[1] = m as f64;
@@ -127,7 +137,11 @@ fn days_in_month(year: i32, month: u32) -> u32 {
 fn date_boundary(date: &str, high: bool) -> Option<String> {
     let mut it = date.split('-');
     let year: i32 = it.next()?.parse().ok()?;
-    let month: Option<u32> = it.next().map(|m| m.parse().ok()).unwrap_or(Some(0)).filter(|m| *m != 0);
+    let month: Option<u32> = it
+        .next()
+        .map(|m| m.parse().ok())
+        .unwrap_or(Some(0))
+        .filter(|m| *m != 0);
     let day = it.next();
     let month = month.unwrap_or(if high { 12 } else { 1 });
     let day = match day {
@@ -143,7 +157,13 @@ fn clock_boundary(clock: &str, high: bool) -> Option<String> {
     let h = parts.next().filter(|h| h.len() == 2)?;
     let m = parts.next();
     let s = parts.next();
-    let fill = |n: &str| if high { n.to_string() } else { "00".to_string() };
+    let fill = |n: &str| {
+        if high {
+            n.to_string()
+        } else {
+            "00".to_string()
+        }
+    };
     let m = m.map_or_else(|| fill("59"), str::to_string);
     let s = match s {
         None => format!("{}.{}", fill("59"), if high { "999" } else { "000" }),
@@ -215,9 +235,18 @@ mod tests {
         assert_eq!(text(boundary(&d("1970-06"), true)), "1970-06-30");
         assert_eq!(text(boundary(&d("2024-02"), true)), "2024-02-29");
         assert_eq!(text(boundary(&d("1970"), true)), "1970-12-31");
-        assert_eq!(text(boundary(&dt("2010-10-10"), false)), "2010-10-10T00:00:00.000+14:00");
-        assert_eq!(text(boundary(&dt("2010-10-10"), true)), "2010-10-10T23:59:59.999-12:00");
-        assert_eq!(text(boundary(&dt("2010-10-10T10:30Z"), true)), "2010-10-10T10:30:59.999Z");
+        assert_eq!(
+            text(boundary(&dt("2010-10-10"), false)),
+            "2010-10-10T00:00:00.000+14:00"
+        );
+        assert_eq!(
+            text(boundary(&dt("2010-10-10"), true)),
+            "2010-10-10T23:59:59.999-12:00"
+        );
+        assert_eq!(
+            text(boundary(&dt("2010-10-10T10:30Z"), true)),
+            "2010-10-10T10:30:59.999Z"
+        );
         assert_eq!(text(boundary(&t("12:34:00"), false)), "12:34:00.000");
         assert_eq!(text(boundary(&t("12:34:00"), true)), "12:34:00.999");
         assert_eq!(text(boundary(&t("12:34:00.1"), true)), "12:34:00.199");
@@ -228,8 +257,17 @@ mod tests {
         assert_eq!(compare("2020-01-02", "2020-01-03"), Some(Ordering::Less));
         assert_eq!(compare("2020-01", "2020-02-03"), Some(Ordering::Less));
         assert_eq!(compare("2020-01", "2020-01-03"), None);
-        assert_eq!(compare("2020-01-01T10:00:00+02:00", "2020-01-01T08:00:00Z"), Some(Ordering::Equal));
-        assert_eq!(compare("2015-02-07T13:28:17.239+02:00", "2015-02-07T13:28:17.239+02:00"), Some(Ordering::Equal));
+        assert_eq!(
+            compare("2020-01-01T10:00:00+02:00", "2020-01-01T08:00:00Z"),
+            Some(Ordering::Equal)
+        );
+        assert_eq!(
+            compare(
+                "2015-02-07T13:28:17.239+02:00",
+                "2015-02-07T13:28:17.239+02:00"
+            ),
+            Some(Ordering::Equal)
+        );
         assert_eq!(compare_time("18:12:00", "18:12:00"), Some(Ordering::Equal));
     }
 }
