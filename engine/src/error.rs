@@ -118,6 +118,11 @@ pub enum Error {
     #[error("rule {file}: {message}")]
     Rule { file: String, message: String },
 
+    /// A ViewDefinition that cannot be read or checked, or a view that
+    /// failed on a record (`file` then names the record).
+    #[error("view {file}: {message}")]
+    View { file: String, message: String },
+
     /// `fhirflow rules check` or `rules test` found problems (exit code 1).
     #[error("{0}")]
     RulesFailed(String),

@@ -13,7 +13,8 @@
 //! * [`catalog`]: the AWS Glue Data Catalog over every layer;
 //! * [`commit`]: the commit log and the partition lease every write goes through;
 //! * [`metadata`]: `import_jobs`, `import_errors`, `import_metrics`;
-//! * [`sql`]: one DataFusion session over every layer.
+//! * [`sql`]: one DataFusion session over every layer;
+//! * [`views`]: SQL-on-FHIR v2 ViewDefinitions as DataFusion tables.
 //!
 //! [`layout`] is the one place that builds object paths; [`storage`] opens
 //! layer roots; [`settings`] resolves configuration.
@@ -39,5 +40,6 @@ pub mod settings;
 pub mod sql;
 pub mod storage;
 pub mod validate;
+pub mod views;
 
 pub use error::{Error, Result};

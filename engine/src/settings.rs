@@ -33,6 +33,24 @@ pub struct Settings {
     pub glue: GlueSettings,
     pub s3: S3Settings,
     pub lease: LeaseSettings,
+    pub sql: SqlSettings,
+}
+
+/// `[sql]`: what every `fhirflow sql` session registers besides the layers.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SqlSettings {
+    /// The SQL-on-FHIR ViewDefinitions registered as `view.<name>`:
+    /// `builtin` (the set in the binary), `none`, or a folder of `*.json`.
+    pub views: String,
+}
+
+impl Default for SqlSettings {
+    fn default() -> Self {
+        SqlSettings {
+            views: crate::rules::BUILTIN.into(),
+        }
+    }
 }
 
 /// `[lease]`: the partition lease every writing stage holds (see `commit::lease`).
@@ -268,6 +286,7 @@ impl Default for Settings {
             glue: GlueSettings::default(),
             s3: S3Settings::default(),
             lease: LeaseSettings::default(),
+            sql: SqlSettings::default(),
         }
     }
 }

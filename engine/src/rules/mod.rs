@@ -154,6 +154,10 @@ impl RuleSet {
                 .to_string_lossy()
                 .to_string();
             if path.is_dir() {
+                if file_name == crate::views::VIEWS_FOLDER {
+                    // ViewDefinitions (see `views`), not rules.
+                    continue;
+                }
                 if !fhirflow_fhir::RESOURCE_TYPES.contains(&file_name.as_str()) {
                     return Err(not_a_type_folder(&path));
                 }
@@ -196,6 +200,7 @@ impl RuleSet {
         let mut rules = Vec::new();
         for f in &files {
             let resource_type = match f.name.split_once('/') {
+                Some((folder, _)) if folder == crate::views::VIEWS_FOLDER => continue,
                 None => None,
                 Some((folder, _)) => {
                     match fhirflow_fhir::RESOURCE_TYPES.iter().find(|t| **t == folder) {

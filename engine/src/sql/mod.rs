@@ -6,6 +6,7 @@
 //! | `curated`  | one per resource type of the committed partitions         |
 //! | `metadata` | `import_jobs`, `import_errors`, `import_metrics` (each partition's latest run of each stage), and `…_history` (every run) |
 //! | `lake`, `lake_history` | the local Iceberg lake (see [`lake_tables`])  |
+//! | `view`     | each SQL-on-FHIR ViewDefinition of `[sql] views` over the curated layer ([`crate::views`]) |
 //!
 //! Raw and curated tables use the record model (partition columns included);
 //! metadata tables read the Parquet files of committed runs only. Every
@@ -87,6 +88,7 @@ pub async fn session(lake: &Lake, settings: &Settings) -> Result<SessionContext>
             .map_err(|e| Error::query(STAGE, "register schema", e))?;
     }
     lake_tables::register(&ctx, lake).await?;
+    crate::views::register(&ctx, &crate::views::load(&settings.sql.views)?).await?;
     Ok(ctx)
 }
 
