@@ -19,6 +19,7 @@ use fhirflow::{Error, Result};
 use serde_json::json;
 
 mod cli_output;
+mod view_cmd;
 
 /// Carries FHIR R4 NDJSON through a multi-tenant lake: raw → curated → metadata.
 #[derive(Parser)]
@@ -336,6 +337,13 @@ enum Command {
         #[command(subcommand)]
         command: RulesCommand,
     },
+    /// SQL-on-FHIR v2 ViewDefinitions: run one over a layer or files, check them, run
+    /// conformance tests, write them for Athena. `fhirflow sql` has each view of
+    /// [sql] views as view.<name>.
+    View {
+        #[command(subcommand)]
+        command: view_cmd::ViewCommand,
+    },
     /// Print the resolved settings (secrets masked).
     Config,
 }
@@ -528,6 +536,7 @@ impl Command {
             Command::Sql { .. } => ("sql", text),
             Command::Validate { .. } => ("validate", text),
             Command::Rules { .. } => ("rules", text),
+            Command::View { .. } => ("view", text),
             Command::Config => ("config", text),
         }
     }
@@ -611,12 +620,19 @@ async fn run(cli: Cli, json: bool) -> Result<serde_json::Value> {
         }
         return Ok(serde_json::Value::Null);
     }
+    if let Command::View { command } = cli.command {
+        return view_cmd::run(command, &settings, g.quiet)
+            .await
+            .map(|()| serde_json::Value::Null);
+    }
     let lake = Lake::open(&settings)?;
     let bar = Bar::new(g.quiet || json);
     // With --output json, nothing but the document goes to stdout.
     let quiet = g.quiet || json;
     let summary = match cli.command {
-        Command::Config | Command::Validate { .. } => unreachable!("handled above"),
+        Command::Config | Command::Validate { .. } | Command::View { .. } => {
+            unreachable!("handled above")
+        }
         Command::Rules {
             command: RulesCommand::Diff { partition, samples },
         } => {

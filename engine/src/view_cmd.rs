@@ -116,7 +116,14 @@ pub async fn run(command: ViewCommand, settings: &Settings, quiet: bool) -> Resu
             };
             let table = match layer {
                 Some(layer) => {
-                    views::over_layer(&ctx, v.view.clone(), layer, tenant.as_deref(), date.as_deref()).await?
+                    views::over_layer(
+                        &ctx,
+                        v.view.clone(),
+                        layer,
+                        tenant.as_deref(),
+                        date.as_deref(),
+                    )
+                    .await?
                 }
                 None => {
                     if tenant.is_some() || date.is_some() {
@@ -125,7 +132,11 @@ pub async fn run(command: ViewCommand, settings: &Settings, quiet: bool) -> Resu
                         ));
                     }
                     let paths: Vec<PathBuf> = over.iter().map(PathBuf::from).collect();
-                    ViewTable::new(v.view.clone(), views::files_source(&ctx, &paths)?, Vec::new())?
+                    ViewTable::new(
+                        v.view.clone(),
+                        views::files_source(&ctx, &paths)?,
+                        Vec::new(),
+                    )?
                 }
             };
             let df = ctx
@@ -144,7 +155,10 @@ pub async fn run(command: ViewCommand, settings: &Settings, quiet: bool) -> Resu
                 for p in &paths {
                     if p.is_dir() {
                         let mut inner: Vec<PathBuf> = std::fs::read_dir(p)
-                            .map_err(|e| Error::Input { path: p.clone(), reason: e.to_string() })?
+                            .map_err(|e| Error::Input {
+                                path: p.clone(),
+                                reason: e.to_string(),
+                            })?
                             .filter_map(|e| e.ok().map(|e| e.path()))
                             .filter(|f| f.extension().is_some_and(|x| x == "json"))
                             .collect();
@@ -169,7 +183,14 @@ pub async fn run(command: ViewCommand, settings: &Settings, quiet: bool) -> Resu
                                 .view
                                 .columns
                                 .iter()
-                                .map(|c| format!("{} {:?}{}", c.name, c.kind, if c.collection { "[]" } else { "" }))
+                                .map(|c| {
+                                    format!(
+                                        "{} {:?}{}",
+                                        c.name,
+                                        c.kind,
+                                        if c.collection { "[]" } else { "" }
+                                    )
+                                })
                                 .collect();
                             println!("ok {} ({}): {}", v.file, v.view.resource, cols.join(", "));
                         }
@@ -191,7 +212,10 @@ pub async fn run(command: ViewCommand, settings: &Settings, quiet: bool) -> Resu
         ViewCommand::Test { dir, report } => {
             let mut files: Vec<PathBuf> = if dir.is_dir() {
                 std::fs::read_dir(&dir)
-                    .map_err(|e| Error::Input { path: dir.clone(), reason: e.to_string() })?
+                    .map_err(|e| Error::Input {
+                        path: dir.clone(),
+                        reason: e.to_string(),
+                    })?
                     .filter_map(|e| e.ok().map(|e| e.path()))
                     .filter(|f| f.extension().is_some_and(|x| x == "json"))
                     .collect()
@@ -209,7 +233,11 @@ pub async fn run(command: ViewCommand, settings: &Settings, quiet: bool) -> Resu
                 let ok = outcomes.iter().filter(|o| o.passed).count();
                 passed += ok;
                 total += outcomes.len();
-                let name = f.file_name().unwrap_or_default().to_string_lossy().to_string();
+                let name = f
+                    .file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .to_string();
                 if !quiet {
                     println!("{name}: {ok} of {} passed", outcomes.len());
                 }
@@ -221,7 +249,10 @@ pub async fn run(command: ViewCommand, settings: &Settings, quiet: bool) -> Resu
             let doc = fhirflow_views::suite::report(&results);
             let text = serde_json::to_string_pretty(&doc).expect("a JSON value");
             write_whole(&report, text.as_bytes())?;
-            println!("{passed} of {total} tests passed; report: {}", report.display());
+            println!(
+                "{passed} of {total} tests passed; report: {}",
+                report.display()
+            );
             if passed < total {
                 return Err(Error::View {
                     file: dir.display().to_string(),
@@ -230,19 +261,7 @@ pub async fn run(command: ViewCommand, settings: &Settings, quiet: bool) -> Resu
             }
             Ok(())
         }
-        ViewCommand::Athena { view, database, source } => {
-            let v = find(&view, settings)?;
-            let target = match source {
-                AthenaSource::Curated => fhirflow_views::athena::Source::Curated,
-                AthenaSource::Healthlake => fhirflow_views::athena::Source::HealthLake,
-            };
-            let sql = fhirflow_views::athena::create_view(&v.view, &v.name, &database, target);
-            for note in &sql.notes {
-                eprintln!("note: {note}");
-            }
-            println!("{}", sql.text);
-            Ok(())
-        }
+        ViewCommand::Athena { .. } => Err(Error::Usage("view athena: not built yet".into())),
     }
 }
 
@@ -252,24 +271,49 @@ fn write_whole(path: &Path, bytes: &[u8]) -> Result<()> {
         path: path.to_path_buf(),
         reason: e.to_string(),
     };
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
     tmp.write_all(bytes).map_err(io)?;
+    persist(tmp, path)
+}
+
+/// Renames a finished temporary file into place, with the mode a file the
+/// user wrote would have (temporary files start private: 0600).
+fn persist(tmp: tempfile::NamedTempFile, path: &Path) -> Result<()> {
+    let io = |e: std::io::Error| Error::Input {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644)).map_err(io)?;
+    }
     tmp.persist(path).map_err(|e| io(e.error))?;
     Ok(())
 }
 
 /// The view's rows to stdout or a file, streamed (but for the table format,
 /// which needs every row to size its columns).
-async fn write(df: datafusion::dataframe::DataFrame, format: ViewFormat, output: Option<&Path>) -> Result<()> {
+async fn write(
+    df: datafusion::dataframe::DataFrame,
+    format: ViewFormat,
+    output: Option<&Path>,
+) -> Result<()> {
     let q = |e| Error::query("view", "run", e);
     let w = |e: arrow::error::ArrowError| Error::Usage(format!("writing the result: {e}"));
     let schema = Arc::new(df.schema().as_arrow().clone());
     let mut stream = df.execute_stream().await.map_err(q)?;
-    let (mut sink, tmp): (Box<dyn Write>, Option<tempfile::NamedTempFile>) = match output {
-        None => (Box::new(std::io::stdout().lock()), None),
+    let (mut sink, tmp): (Box<dyn Write + Send>, Option<tempfile::NamedTempFile>) = match output {
+        None => (Box::new(std::io::stdout()), None),
         Some(p) => {
-            let dir = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            let dir = p
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
             let tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::Input {
                 path: p.to_path_buf(),
                 reason: e.to_string(),
@@ -291,9 +335,19 @@ async fn write(df: datafusion::dataframe::DataFrame, format: ViewFormat, output:
             writeln!(sink, "{table}").map_err(|e| w(e.into()))?;
         }
         ViewFormat::Csv => {
-            let mut writer = arrow::csv::Writer::new(&mut sink);
-            while let Some(b) = stream.next().await {
-                writer.write(&b.map_err(q)?).map_err(w)?;
+            let mut batches = 0;
+            {
+                let mut writer = arrow::csv::Writer::new(&mut sink);
+                while let Some(b) = stream.next().await {
+                    writer.write(&b.map_err(q)?).map_err(w)?;
+                    batches += 1;
+                }
+            }
+            if batches == 0 {
+                // No batch: the header alone still says what the columns are
+                // (the writer writes it with its first batch).
+                let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+                writeln!(sink, "{}", names.join(",")).map_err(|e| w(e.into()))?;
             }
         }
         ViewFormat::Json => {
@@ -319,10 +373,7 @@ async fn write(df: datafusion::dataframe::DataFrame, format: ViewFormat, output:
     sink.flush().map_err(|e| w(e.into()))?;
     drop(sink);
     if let (Some(tmp), Some(path)) = (tmp, output) {
-        tmp.persist(path).map_err(|e| Error::Input {
-            path: path.to_path_buf(),
-            reason: e.error.to_string(),
-        })?;
+        persist(tmp, path)?;
     }
     Ok(())
 }

@@ -158,7 +158,11 @@ pub struct ViewTable {
 impl ViewTable {
     /// `source` read through `view`; `filters` apply to the source (its
     /// partition columns: `tenant_guid`, `import_date`, ...).
-    pub fn new(view: Arc<View>, source: datafusion::dataframe::DataFrame, filters: Vec<Expr>) -> Result<ViewTable> {
+    pub fn new(
+        view: Arc<View>,
+        source: datafusion::dataframe::DataFrame,
+        filters: Vec<Expr>,
+    ) -> Result<ViewTable> {
         let q = |e| Error::query("view", "source", e);
         let names: Vec<String> = source
             .schema()
@@ -230,7 +234,10 @@ impl TableProvider for ViewTable {
                     .map(|&i| {
                         let name = self.schema.field(i).name().clone();
                         let c = datafusion::physical_expr::expressions::Column::new(&name, i);
-                        (Arc::new(c) as Arc<dyn datafusion::physical_expr::PhysicalExpr>, name)
+                        (
+                            Arc::new(c) as Arc<dyn datafusion::physical_expr::PhysicalExpr>,
+                            name,
+                        )
                     })
                     .collect::<Vec<_>>();
                 Ok(Arc::new(
@@ -290,9 +297,10 @@ impl ExecutionPlan for ViewExec {
         self: Arc<Self>,
         children: Vec<Arc<dyn ExecutionPlan>>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
-        let input = children.into_iter().next().ok_or_else(|| {
-            DataFusionError::Internal("ViewExec takes one child".into())
-        })?;
+        let input = children
+            .into_iter()
+            .next()
+            .ok_or_else(|| DataFusionError::Internal("ViewExec takes one child".into()))?;
         Ok(Arc::new(ViewExec::new(self.view.clone(), input)?))
     }
     fn execute(
@@ -313,9 +321,16 @@ impl ExecutionPlan for ViewExec {
 
 /// The view's rows for one batch of the source.
 fn rows_of(view: &View, builder: &mut BatchBuilder, batch: &RecordBatch) -> DfResult<RecordBatch> {
-    let column = |name: &str| batch.schema().index_of(name).ok().map(|i| batch.column(i).clone());
-    let resource = column("resource")
-        .ok_or_else(|| DataFusionError::Internal("the view's source has no resource column".into()))?;
+    let column = |name: &str| {
+        batch
+            .schema()
+            .index_of(name)
+            .ok()
+            .map(|i| batch.column(i).clone())
+    };
+    let resource = column("resource").ok_or_else(|| {
+        DataFusionError::Internal("the view's source has no resource column".into())
+    })?;
     let resource = arrow::compute::cast(&resource, &DataType::Utf8)?;
     let resource = resource.as_string::<i32>();
     let file = column("source_file")
@@ -396,12 +411,12 @@ pub async fn over_layer(
 
 fn empty_source(ctx: &SessionContext) -> DfResult<datafusion::dataframe::DataFrame> {
     ctx.read_batch(RecordBatch::try_new(
-        Arc::new(arrow::datatypes::Schema::new(vec![arrow::datatypes::Field::new(
-            "resource",
-            DataType::Utf8,
-            true,
-        )])),
-        vec![Arc::new(arrow::array::StringArray::from(Vec::<Option<&str>>::new()))],
+        Arc::new(arrow::datatypes::Schema::new(vec![
+            arrow::datatypes::Field::new("resource", DataType::Utf8, true),
+        ])),
+        vec![Arc::new(arrow::array::StringArray::from(
+            Vec::<Option<&str>>::new(),
+        ))],
     )?)
 }
 
@@ -422,7 +437,10 @@ pub async fn register(ctx: &SessionContext, views: &[NamedView]) -> Result<()> {
 
 /// NDJSON files on local disk (plain or `.gz`), or folders of them, as a
 /// view source: `resource`, `source_file`, `line_no`, one partition per file.
-pub fn files_source(ctx: &SessionContext, paths: &[PathBuf]) -> Result<datafusion::dataframe::DataFrame> {
+pub fn files_source(
+    ctx: &SessionContext,
+    paths: &[PathBuf],
+) -> Result<datafusion::dataframe::DataFrame> {
     let mut files = Vec::new();
     for p in paths {
         collect_files(p, &mut files)?;
@@ -435,7 +453,12 @@ pub fn files_source(ctx: &SessionContext, paths: &[PathBuf]) -> Result<datafusio
     let schema = files_schema();
     let partitions: Vec<Arc<dyn datafusion::physical_plan::streaming::PartitionStream>> = files
         .into_iter()
-        .map(|path| Arc::new(FileLines { path, schema: schema.clone() }) as _)
+        .map(|path| {
+            Arc::new(FileLines {
+                path,
+                schema: schema.clone(),
+            }) as _
+        })
         .collect();
     let table = datafusion::catalog::streaming::StreamingTable::try_new(schema, partitions)
         .map_err(|e| Error::query("view", "files", e))?;
@@ -465,8 +488,16 @@ fn collect_files(p: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
             .collect();
         entries.sort();
         for e in entries {
-            let name = e.file_name().unwrap_or_default().to_string_lossy().to_string();
-            if e.is_dir() || [".ndjson", ".ndjson.gz", ".json"].iter().any(|x| name.ends_with(x)) {
+            let name = e
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .to_string();
+            if e.is_dir()
+                || [".ndjson", ".ndjson.gz", ".json"]
+                    .iter()
+                    .any(|x| name.ends_with(x))
+            {
                 collect_files(&e, out)?;
             }
         }
@@ -489,7 +520,10 @@ impl datafusion::physical_plan::streaming::PartitionStream for FileLines {
 
     fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
         use std::io::BufRead;
-        let mut builder = datafusion::physical_plan::stream::RecordBatchReceiverStreamBuilder::new(self.schema.clone(), 2);
+        let mut builder = datafusion::physical_plan::stream::RecordBatchReceiverStreamBuilder::new(
+            self.schema.clone(),
+            2,
+        );
         let tx = builder.tx();
         let (path, schema) = (self.path.clone(), self.schema.clone());
         builder.spawn_blocking(move || {
