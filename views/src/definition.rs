@@ -571,3 +571,85 @@ fn remap(s: &mut Select, from: usize, to: usize) {
         remap(inner, from, to);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error(text: &str) -> (String, (usize, usize)) {
+        let e = View::parse(text).unwrap_err();
+        (e.to_string(), e.line_col(text))
+    }
+
+    #[test]
+    fn errors_say_where() {
+        let (m, at) = error("{\"resource\": \"Patient\",\n \"select\": [{\"column\": [{\"name\": \"a b\", \"path\": \"id\"}]}]}");
+        assert!(m.starts_with("select[0].column[0].name: column name 'a b'"), "{m}");
+        assert_eq!(at, (2, 34));
+        let (m, at) = error("{\"resource\": \"Patien\", \"select\": []}");
+        assert!(m.contains("'Patien' is not a FHIR R4 resource type"), "{m}");
+        assert_eq!(at, (1, 14));
+        let (m, _) = error(r#"{"resource": "Patient", "select": [{"column": [{"name": "a", "path": "id"}, {"name": "a", "path": "id"}]}]}"#);
+        assert!(m.contains("column name 'a' is used twice"), "{m}");
+        let (m, _) = error(r#"{"resource": "Patient", "select": [{"forEach": "name", "forEachOrNull": "name", "column": [{"name": "a", "path": "family"}]}]}"#);
+        assert!(m.contains("only one of forEach"), "{m}");
+        let (m, _) = error(r#"{"resource": "Patient", "select": [{"column": [{"name": "a", "path": "id.foo()"}]}]}"#);
+        assert!(m.contains("unknown function foo()"), "{m}");
+        let (m, _) = error(r#"{"resource": "Patient", "select": [{"column": [{"name": "a", "path": "%nope"}]}]}"#);
+        assert!(m.contains("constant %nope is not defined"), "{m}");
+        let (m, _) = error(r#"{"resource": "Patient", "select": [{"unionAll": [{"column": [{"name": "a", "path": "id"}]}, {"column": [{"name": "b", "path": "id"}]}]}]}"#);
+        assert!(m.contains("unionAll branches must have the same columns"), "{m}");
+        let (m, at) = error("{\"resource\": \"Patient\", \"select\": [{\"column\": [{\"name\": \"a\", \"path\": \"name.where(\"}]}]}");
+        assert!(m.contains("FHIRPath: the expression ends early"), "{m}");
+        assert_eq!(at, (1, 82));
+    }
+
+    #[test]
+    fn columns_without_a_type_get_the_model_s() {
+        let v = View::parse(
+            r#"{"resource": "Observation", "select": [{"column": [
+                {"name": "id", "path": "id"},
+                {"name": "v", "path": "value.ofType(Quantity).value"},
+                {"name": "q", "path": "value.ofType(Quantity)"},
+                {"name": "n", "path": "component.count()"},
+                {"name": "b", "path": "component.exists()"},
+                {"name": "s", "path": "status"}]}]}"#,
+        )
+        .unwrap();
+        let kinds: Vec<ColumnKind> = v.columns.iter().map(|c| c.kind).collect();
+        use ColumnKind::*;
+        assert_eq!(kinds, [Str, Dec, Json, Int, Bool, Str]);
+        assert!(v.warnings.is_empty());
+        let v = View::parse(r#"{"resource": "Patient", "select": [{"column": [{"name": "x", "path": "name.famly"}]}]}"#).unwrap();
+        assert_eq!(v.warnings.len(), 1);
+        assert!(v.warnings[0].message.contains("HumanName has no element 'famly'"));
+    }
+
+    #[test]
+    fn rows_by_the_processing_model() {
+        let v = View::parse(
+            r#"{"resource": "Patient", "select": [
+                {"column": [{"name": "id", "path": "id"}]},
+                {"forEachOrNull": "name", "column": [{"name": "i", "path": "%rowIndex"}, {"name": "family", "path": "family"}],
+                 "select": [{"forEach": "given", "column": [{"name": "given", "path": "$this"}]}]}]}"#,
+        )
+        .unwrap();
+        let mut rows = Vec::new();
+        let p = r#"{"resourceType": "Patient", "id": "p", "name": [{"family": "A", "given": ["x", "y"]}, {"family": "B"}]}"#;
+        v.rows(p, &mut |r| rows.push(r)).unwrap();
+        use crate::run::Cell::*;
+        let s = |x: &str| Str(x.into());
+        assert_eq!(
+            rows,
+            vec![vec![s("p"), Int(0), s("A"), s("x")], vec![s("p"), Int(0), s("A"), s("y")]]
+        );
+        rows.clear();
+        v.rows(r#"{"resourceType": "Patient", "id": "q"}"#, &mut |r| rows.push(r)).unwrap();
+        assert_eq!(rows, vec![vec![s("q"), Int(0), Null, Null]]);
+        rows.clear();
+        v.rows(r#"{"resourceType": "Observation", "id": "o"}"#, &mut |r| rows.push(r)).unwrap();
+        assert!(rows.is_empty(), "another type gives no rows");
+        let e = v.rows("{\"resourceType\": \"Patient\", \"id\": ", &mut |_| {}).unwrap_err();
+        assert!(e.message.starts_with("not JSON"), "{e}");
+    }
+}

@@ -236,6 +236,11 @@ impl<'d, 'a> Evaluator<'d, 'a> {
         }
         for child in doc.children(*node) {
             let Some(key) = doc.key(child) else { continue };
+            // Only `name` itself or a choice key `nameType` can match: most
+            // members are passed over without a model lookup.
+            if !key.starts_with(name) {
+                continue;
+            }
             let child_ty = match ty {
                 Some(t) => {
                     let Some(elem) = mt::lookup(*t, key.as_bytes()) else {
