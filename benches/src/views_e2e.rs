@@ -88,7 +88,10 @@ fn main() {
         .collect();
     views.sort();
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-    println!("views benchmark: {threads} cores, {} MB raw layer, median of {} runs (whole processes)", args.size_mb, args.common.runs);
+    println!(
+        "views benchmark: {threads} cores, {} MB raw layer, median of {} runs (whole processes)",
+        args.size_mb, args.common.runs
+    );
     println!(
         "{:<30} {:<22} {:>9} {:>8} {:>8} {:>11} {:>8}  rows as fhirflow's",
         "view", "engine", "rows", "seconds", "MB/s", "rows/s", "peak MB"
@@ -98,7 +101,9 @@ fn main() {
         let def: serde_json::Value = serde_json::from_str(&text).unwrap();
         let ty = def["resource"].as_str().expect("a view's resource");
         let name = view.file_stem().unwrap().to_string_lossy().to_string();
-        let files = curated.get(ty).unwrap_or_else(|| panic!("no curated {ty} files"));
+        let files = curated
+            .get(ty)
+            .unwrap_or_else(|| panic!("no curated {ty} files"));
         let input_bytes: u64 = files.iter().map(|f| fs::metadata(f).unwrap().len()).sum();
         // The peers read `<Type>.NNN.ndjson`: the curated parts under those names.
         let input = work.join(format!("views-input-{}/{ty}", args.size_mb));
@@ -113,15 +118,33 @@ fn main() {
         let mut engines: Vec<(String, Option<Measured>, PathBuf, String)> = Vec::new();
         let m = measure(args.common.runs, || {
             run(Command::new(&fhirflow)
-                .args(["view", "run", view.to_str().unwrap(), "--format", "csv", "--output"])
+                .args([
+                    "view",
+                    "run",
+                    view.to_str().unwrap(),
+                    "--format",
+                    "csv",
+                    "--output",
+                ])
                 .arg(&ours)
                 .env("FHIRFLOW_LAKE", &lake))
         });
-        engines.push(("fhirflow (curated layer)".into(), Some(m), ours.clone(), String::new()));
+        engines.push((
+            "fhirflow (curated layer)".into(),
+            Some(m),
+            ours.clone(),
+            String::new(),
+        ));
         let over = out_dir.join(format!("{name}.fhirflow-files.csv"));
         let m = measure(args.common.runs, || {
             run(Command::new(&fhirflow)
-                .args(["view", "run", view.to_str().unwrap(), "--over", input.to_str().unwrap()])
+                .args([
+                    "view",
+                    "run",
+                    view.to_str().unwrap(),
+                    "--over",
+                    input.to_str().unwrap(),
+                ])
                 .args(["--format", "csv", "--output"])
                 .arg(&over)
                 .env("FHIRFLOW_LAKE", &lake))
@@ -131,12 +154,22 @@ fn main() {
             for peer in &args.peers {
                 let out = out_dir.join(format!("{name}.{peer}.csv"));
                 let mut cmd = Command::new(&args.common.python);
-                cmd.args(["benches/peer_views.py", peer, view.to_str().unwrap(), input.to_str().unwrap(), "--out"])
-                    .arg(&out);
+                cmd.args([
+                    "benches/peer_views.py",
+                    peer,
+                    view.to_str().unwrap(),
+                    input.to_str().unwrap(),
+                    "--out",
+                ])
+                .arg(&out);
                 // A peer that cannot run here says why and exits non-zero.
                 let probe = cmd.output().expect("run the peer");
                 if !probe.status.success() {
-                    let why = String::from_utf8_lossy(&probe.stderr).lines().last().unwrap_or("").to_string();
+                    let why = String::from_utf8_lossy(&probe.stderr)
+                        .lines()
+                        .last()
+                        .unwrap_or("")
+                        .to_string();
                     engines.push((peer.clone(), None, out, why));
                     continue;
                 }
@@ -154,7 +187,10 @@ fn main() {
             let same = if rows == reference {
                 "yes".to_string()
             } else {
-                let differ = rows.iter().filter(|r| reference.binary_search(r).is_err()).count();
+                let differ = rows
+                    .iter()
+                    .filter(|r| reference.binary_search(r).is_err())
+                    .count();
                 format!("no: {differ} of {} rows differ", rows.len())
             };
             println!(
@@ -166,7 +202,11 @@ fn main() {
                 m.peak_rss_mb,
             );
         }
-        println!("{name:<30} input: {} files, {:.1} MB of {ty}", files.len(), input_bytes as f64 / (1 << 20) as f64);
+        println!(
+            "{name:<30} input: {} files, {:.1} MB of {ty}",
+            files.len(),
+            input_bytes as f64 / (1 << 20) as f64
+        );
     }
 }
 

@@ -493,7 +493,19 @@ fn check_select(
             Some(t) => ColumnKind::of_type_name(t),
             None => kind_of(&types),
         };
-        view.columns[c.out].kind = c.kind;
+        let fhir_type = match &c.declared {
+            Some(t) => Some(t.rsplit('/').next().unwrap_or(t).to_string()),
+            None if !types.unknown && types.set.len() == 1 => {
+                Some(name_of(types.set[0]).to_string())
+            }
+            None => None,
+        };
+        let out = &mut view.columns[c.out];
+        out.kind = c.kind;
+        // unionAll branches share the column: the first branch's type stands.
+        if out.fhir_type.is_none() {
+            out.fhir_type = fhir_type;
+        }
     }
     for inner in s.selects.iter_mut().chain(s.union_all.iter_mut()) {
         check_select(view, inner, &focus, warnings)?;

@@ -94,6 +94,9 @@ pub struct Select {
 pub struct OutputColumn {
     pub name: String,
     pub kind: ColumnKind,
+    /// The FHIR type of its values: the `type` given, or the one the model
+    /// infers (None when it cannot say). Picks the SQL type.
+    pub fhir_type: Option<String>,
     pub collection: bool,
     pub ansi: Option<String>,
     pub description: Option<String>,
@@ -533,10 +536,23 @@ impl Reader<'_, '_> {
             }
         };
         let mut ansi = None;
-        if let Some(tags) = doc.member(c, "tag") {
+        // `tag` is the element's name; the specification's own example
+        // spells it `tags`.
+        if let Some(tags) = doc.member(c, "tag").or_else(|| doc.member(c, "tags")) {
             for t in self.array(tags, &format!("{at}.tag"))? {
                 if doc.member_str(t, "name").as_deref() == Some("ansi/type") {
-                    ansi = doc.member_str(t, "value").map(Cow::into_owned);
+                    let value = doc
+                        .member_str(t, "value")
+                        .map(Cow::into_owned)
+                        .unwrap_or_default();
+                    if crate::batch::sql_type(&value).is_none() {
+                        return err(
+                            doc.offset(t),
+                            &format!("{at}.tag"),
+                            format!("ansi/type '{value}' is not a type fhirflow writes (BOOLEAN, INT, BIGINT, SMALLINT, DOUBLE, REAL, DECIMAL(p,s), DATE, TIMESTAMP [WITH TIME ZONE], CHARACTER VARYING, VARCHAR)"),
+                        );
+                    }
+                    ansi = Some(value);
                 }
             }
         }
@@ -545,6 +561,7 @@ impl Reader<'_, '_> {
         self.columns.push(OutputColumn {
             name: name.clone(),
             kind: ColumnKind::Str,
+            fhir_type: None,
             collection,
             ansi: ansi.clone(),
             description,
@@ -584,21 +601,37 @@ mod tests {
     #[test]
     fn errors_say_where() {
         let (m, at) = error("{\"resource\": \"Patient\",\n \"select\": [{\"column\": [{\"name\": \"a b\", \"path\": \"id\"}]}]}");
-        assert!(m.starts_with("select[0].column[0].name: column name 'a b'"), "{m}");
+        assert!(
+            m.starts_with("select[0].column[0].name: column name 'a b'"),
+            "{m}"
+        );
         assert_eq!(at, (2, 34));
         let (m, at) = error("{\"resource\": \"Patien\", \"select\": []}");
         assert!(m.contains("'Patien' is not a FHIR R4 resource type"), "{m}");
         assert_eq!(at, (1, 14));
-        let (m, _) = error(r#"{"resource": "Patient", "select": [{"column": [{"name": "a", "path": "id"}, {"name": "a", "path": "id"}]}]}"#);
+        let (m, _) = error(
+            r#"{"resource": "Patient", "select": [{"column": [{"name": "a", "path": "id"}, {"name": "a", "path": "id"}]}]}"#,
+        );
         assert!(m.contains("column name 'a' is used twice"), "{m}");
-        let (m, _) = error(r#"{"resource": "Patient", "select": [{"forEach": "name", "forEachOrNull": "name", "column": [{"name": "a", "path": "family"}]}]}"#);
+        let (m, _) = error(
+            r#"{"resource": "Patient", "select": [{"forEach": "name", "forEachOrNull": "name", "column": [{"name": "a", "path": "family"}]}]}"#,
+        );
         assert!(m.contains("only one of forEach"), "{m}");
-        let (m, _) = error(r#"{"resource": "Patient", "select": [{"column": [{"name": "a", "path": "id.foo()"}]}]}"#);
+        let (m, _) = error(
+            r#"{"resource": "Patient", "select": [{"column": [{"name": "a", "path": "id.foo()"}]}]}"#,
+        );
         assert!(m.contains("unknown function foo()"), "{m}");
-        let (m, _) = error(r#"{"resource": "Patient", "select": [{"column": [{"name": "a", "path": "%nope"}]}]}"#);
+        let (m, _) = error(
+            r#"{"resource": "Patient", "select": [{"column": [{"name": "a", "path": "%nope"}]}]}"#,
+        );
         assert!(m.contains("constant %nope is not defined"), "{m}");
-        let (m, _) = error(r#"{"resource": "Patient", "select": [{"unionAll": [{"column": [{"name": "a", "path": "id"}]}, {"column": [{"name": "b", "path": "id"}]}]}]}"#);
-        assert!(m.contains("unionAll branches must have the same columns"), "{m}");
+        let (m, _) = error(
+            r#"{"resource": "Patient", "select": [{"unionAll": [{"column": [{"name": "a", "path": "id"}]}, {"column": [{"name": "b", "path": "id"}]}]}]}"#,
+        );
+        assert!(
+            m.contains("unionAll branches must have the same columns"),
+            "{m}"
+        );
         let (m, at) = error("{\"resource\": \"Patient\", \"select\": [{\"column\": [{\"name\": \"a\", \"path\": \"name.where(\"}]}]}");
         assert!(m.contains("FHIRPath: the expression ends early"), "{m}");
         assert_eq!(at, (1, 82));
@@ -622,7 +655,9 @@ mod tests {
         assert!(v.warnings.is_empty());
         let v = View::parse(r#"{"resource": "Patient", "select": [{"column": [{"name": "x", "path": "name.famly"}]}]}"#).unwrap();
         assert_eq!(v.warnings.len(), 1);
-        assert!(v.warnings[0].message.contains("HumanName has no element 'famly'"));
+        assert!(v.warnings[0]
+            .message
+            .contains("HumanName has no element 'famly'"));
     }
 
     #[test]
@@ -641,15 +676,26 @@ mod tests {
         let s = |x: &str| Str(x.into());
         assert_eq!(
             rows,
-            vec![vec![s("p"), Int(0), s("A"), s("x")], vec![s("p"), Int(0), s("A"), s("y")]]
+            vec![
+                vec![s("p"), Int(0), s("A"), s("x")],
+                vec![s("p"), Int(0), s("A"), s("y")]
+            ]
         );
         rows.clear();
-        v.rows(r#"{"resourceType": "Patient", "id": "q"}"#, &mut |r| rows.push(r)).unwrap();
+        v.rows(r#"{"resourceType": "Patient", "id": "q"}"#, &mut |r| {
+            rows.push(r)
+        })
+        .unwrap();
         assert_eq!(rows, vec![vec![s("q"), Int(0), Null, Null]]);
         rows.clear();
-        v.rows(r#"{"resourceType": "Observation", "id": "o"}"#, &mut |r| rows.push(r)).unwrap();
+        v.rows(r#"{"resourceType": "Observation", "id": "o"}"#, &mut |r| {
+            rows.push(r)
+        })
+        .unwrap();
         assert!(rows.is_empty(), "another type gives no rows");
-        let e = v.rows("{\"resourceType\": \"Patient\", \"id\": ", &mut |_| {}).unwrap_err();
+        let e = v
+            .rows("{\"resourceType\": \"Patient\", \"id\": ", &mut |_| {})
+            .unwrap_err();
         assert!(e.message.starts_with("not JSON"), "{e}");
     }
 }
