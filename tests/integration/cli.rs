@@ -238,9 +238,20 @@ fn the_installed_binary_alone_curates_with_its_built_in_rules() {
     assert!(tested.contains("3 passed, 0 failed"), "{tested}");
     let exported = tmp.path().join("my-rules");
     fhirflow(&["rules", "export", exported.to_str().unwrap()]);
+    // Rules at the top, ViewDefinitions in views/.
+    let mut files: Vec<std::path::PathBuf> = Vec::new();
     for entry in std::fs::read_dir(rules_dir()).unwrap() {
         let path = entry.unwrap().path();
-        let copy = exported.join(path.file_name().unwrap());
+        if path.is_dir() {
+            files.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+        } else {
+            files.push(path);
+        }
+    }
+    assert!(files.iter().any(|f| f.ends_with("views/patient_demographics.json")));
+    for path in files {
+        let rel = path.strip_prefix(rules_dir()).unwrap();
+        let copy = exported.join(rel);
         assert_eq!(
             std::fs::read(&path).unwrap(),
             std::fs::read(&copy).unwrap(),
