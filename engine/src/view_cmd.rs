@@ -154,16 +154,7 @@ pub async fn run(command: ViewCommand, settings: &Settings, quiet: bool) -> Resu
                 let mut files = Vec::new();
                 for p in &paths {
                     if p.is_dir() {
-                        let mut inner: Vec<PathBuf> = std::fs::read_dir(p)
-                            .map_err(|e| Error::Input {
-                                path: p.clone(),
-                                reason: e.to_string(),
-                            })?
-                            .filter_map(|e| e.ok().map(|e| e.path()))
-                            .filter(|f| f.extension().is_some_and(|x| x == "json"))
-                            .collect();
-                        inner.sort();
-                        files.extend(inner);
+                        files.extend(views::json_files(p)?);
                     } else {
                         files.push(p.clone());
                     }
@@ -210,19 +201,11 @@ pub async fn run(command: ViewCommand, settings: &Settings, quiet: bool) -> Resu
             Ok(())
         }
         ViewCommand::Test { dir, report } => {
-            let mut files: Vec<PathBuf> = if dir.is_dir() {
-                std::fs::read_dir(&dir)
-                    .map_err(|e| Error::Input {
-                        path: dir.clone(),
-                        reason: e.to_string(),
-                    })?
-                    .filter_map(|e| e.ok().map(|e| e.path()))
-                    .filter(|f| f.extension().is_some_and(|x| x == "json"))
-                    .collect()
+            let files = if dir.is_dir() {
+                views::json_files(&dir)?
             } else {
                 vec![dir.clone()]
             };
-            files.sort();
             let mut results = Vec::new();
             let (mut passed, mut total) = (0, 0);
             for f in &files {

@@ -128,20 +128,25 @@ pub fn load(spec: &str) -> Result<Vec<NamedView>> {
     match spec {
         crate::rules::BUILTIN => builtin(),
         crate::rules::NO_RULES => Ok(Vec::new()),
-        dir => {
-            let dir = PathBuf::from(dir);
-            let entries = std::fs::read_dir(&dir).map_err(|e| Error::View {
-                file: dir.display().to_string(),
-                message: format!("cannot read the views folder ({e}); set [sql] views to a folder, builtin or none"),
-            })?;
-            let mut paths: Vec<PathBuf> = entries
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "json"))
-                .collect();
-            paths.sort();
-            paths.iter().map(|p| read(p)).collect()
+        dir => json_files(Path::new(dir))?.iter().map(|p| read(p)).collect(),
+    }
+}
+
+/// The `*.json` files of a folder, sorted.
+pub fn json_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let unreadable = |e: std::io::Error| Error::Input {
+        path: dir.to_path_buf(),
+        reason: format!("cannot read the folder ({e})"),
+    };
+    let mut paths = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(unreadable)? {
+        let p = entry.map_err(unreadable)?.path();
+        if p.is_file() && p.extension().is_some_and(|x| x == "json") {
+            paths.push(p);
         }
     }
+    paths.sort();
+    Ok(paths)
 }
 
 /// A view over one source table. The source must have a `resource` column
@@ -482,10 +487,10 @@ fn collect_files(p: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     };
     let meta = std::fs::metadata(p).map_err(|e| input(e.to_string()))?;
     if meta.is_dir() {
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(p)
-            .map_err(|e| input(e.to_string()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .collect();
+        let mut entries = Vec::new();
+        for e in std::fs::read_dir(p).map_err(|e| input(e.to_string()))? {
+            entries.push(e.map_err(|e| input(e.to_string()))?.path());
+        }
         entries.sort();
         for e in entries {
             let name = e
