@@ -110,7 +110,8 @@ fn main() {
         let _ = fs::remove_dir_all(&input);
         fs::create_dir_all(&input).unwrap();
         for (i, f) in files.iter().enumerate() {
-            std::os::unix::fs::symlink(f, input.join(format!("{ty}.{i:03}.ndjson"))).unwrap();
+            let target = fs::canonicalize(f).unwrap();
+            std::os::unix::fs::symlink(target, input.join(format!("{ty}.{i:03}.ndjson"))).unwrap();
         }
         let out_dir = work.join("views-out");
         fs::create_dir_all(&out_dir).unwrap();
@@ -214,7 +215,7 @@ fn measure(runs: usize, mut f: impl FnMut() -> Measured) -> Measured {
     median((0..runs.max(1)).map(|_| f()).collect())
 }
 
-/// The curated parts of each type (the benchmark lake has one run).
+/// The visible curated parts of each type.
 fn curated_by_type(root: &Path) -> BTreeMap<String, Vec<PathBuf>> {
     let mut out: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
     let mut stack = vec![root.to_path_buf()];
@@ -222,7 +223,11 @@ fn curated_by_type(root: &Path) -> BTreeMap<String, Vec<PathBuf>> {
         for e in fs::read_dir(&dir).unwrap() {
             let p = e.unwrap().path();
             if p.is_dir() {
-                stack.push(p);
+                // `_runs/` holds each run's own parts; the partition's
+                // folder has the visible ones (hard links of the same bytes).
+                if p.file_name().is_some_and(|n| n != "_runs") {
+                    stack.push(p);
+                }
             } else if let Some(ty) = p
                 .file_name()
                 .and_then(|n| n.to_str())

@@ -512,6 +512,11 @@ fn collect_files(p: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     Ok(())
 }
 
+/// A batch of a file's lines: at most this many lines or bytes of text
+/// (with two batches queued per file, memory stays a few MB per file).
+const BATCH_LINES: usize = 8192;
+const BATCH_BYTES: usize = 2 << 20;
+
 #[derive(Debug)]
 struct FileLines {
     path: PathBuf,
@@ -542,6 +547,7 @@ impl datafusion::physical_plan::streaming::PartitionStream for FileLines {
             };
             let reader = std::io::BufReader::with_capacity(1 << 20, reader);
             let (mut texts, mut lines) = (Vec::new(), Vec::new());
+            let mut bytes = 0;
             let send = |texts: &mut Vec<String>, lines: &mut Vec<u64>| -> DfResult<bool> {
                 let n = texts.len();
                 let batch = RecordBatch::try_new(
@@ -560,10 +566,14 @@ impl datafusion::physical_plan::streaming::PartitionStream for FileLines {
                 if text.is_empty() {
                     continue;
                 }
+                bytes += text.len();
                 texts.push(text.to_string());
                 lines.push(i as u64 + 1);
-                if texts.len() == 8192 && !send(&mut texts, &mut lines)? {
-                    return Ok(());
+                if texts.len() == BATCH_LINES || bytes >= BATCH_BYTES {
+                    bytes = 0;
+                    if !send(&mut texts, &mut lines)? {
+                        return Ok(());
+                    }
                 }
             }
             if !texts.is_empty() {
