@@ -148,6 +148,11 @@ impl RowsBuilder {
         self.rows
     }
 
+    /// Bytes of resource text held so far (for batches capped by size).
+    pub fn text_bytes(&self) -> usize {
+        self.resource.values_slice().len()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.rows == 0
     }

@@ -107,12 +107,15 @@ pub async fn run(command: ViewCommand, settings: &Settings, quiet: bool) -> Resu
             output,
         } => {
             let v = find(&view, settings)?;
-            let lake = Lake::open(settings)?;
-            let ctx = fhirflow::sql::session(&lake, settings).await?;
             let layer = match over.as_slice() {
                 [] => Some(Layer::Curated),
                 [one] => Layer::from_str(one, true).ok(),
                 _ => None,
+            };
+            // Files need no lake: a bare session plans the view over them.
+            let ctx = match layer {
+                Some(_) => fhirflow::sql::session(&Lake::open(settings)?, settings).await?,
+                None => datafusion::prelude::SessionContext::new(),
             };
             let table = match layer {
                 Some(layer) => {

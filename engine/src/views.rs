@@ -128,7 +128,10 @@ pub fn load(spec: &str) -> Result<Vec<NamedView>> {
     match spec {
         crate::rules::BUILTIN => builtin(),
         crate::rules::NO_RULES => Ok(Vec::new()),
-        dir => json_files(Path::new(dir))?.iter().map(|p| read(p)).collect(),
+        dir => json_files(Path::new(dir))?
+            .iter()
+            .map(|p| read(p))
+            .collect(),
     }
 }
 
@@ -513,9 +516,9 @@ fn collect_files(p: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
 }
 
 /// A batch of a file's lines: at most this many lines or bytes of text
-/// (with two batches queued per file, memory stays a few MB per file).
+/// (with two batches queued per file, memory stays about a MB per file).
 const BATCH_LINES: usize = 8192;
-const BATCH_BYTES: usize = 2 << 20;
+const BATCH_BYTES: usize = 512 << 10;
 
 #[derive(Debug)]
 struct FileLines {

@@ -248,7 +248,9 @@ fn the_installed_binary_alone_curates_with_its_built_in_rules() {
             files.push(path);
         }
     }
-    assert!(files.iter().any(|f| f.ends_with("views/patient_demographics.json")));
+    assert!(files
+        .iter()
+        .any(|f| f.ends_with("views/patient_demographics.json")));
     for path in files {
         let rel = path.strip_prefix(rules_dir()).unwrap();
         let copy = exported.join(rel);

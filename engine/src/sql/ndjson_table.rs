@@ -43,6 +43,9 @@ use crate::storage::Root;
 
 const STAGE: &str = "sql";
 
+/// The most resource text a batch holds before it is sent.
+const BATCH_TEXT_BYTES: usize = 1 << 20;
+
 /// One file of a table: a raw file as listed, or a committed curated part
 /// with the checksum its commit gives.
 #[derive(Debug, Clone)]
@@ -283,7 +286,9 @@ impl PartitionStream for FilePartition {
                         ))
                     }
                 }
-                if rows.len() >= batch_rows {
+                // By rows, and by size: a batch of large resources stays a
+                // few MB however many files are read at once.
+                if rows.len() >= batch_rows || rows.text_bytes() >= BATCH_TEXT_BYTES {
                     send(&mut rows)?;
                 }
                 Ok(())
