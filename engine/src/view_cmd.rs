@@ -247,7 +247,23 @@ pub async fn run(command: ViewCommand, settings: &Settings, quiet: bool) -> Resu
             }
             Ok(())
         }
-        ViewCommand::Athena { .. } => Err(Error::Usage("view athena: not built yet".into())),
+        ViewCommand::Athena {
+            view,
+            database,
+            source,
+        } => {
+            let v = find(&view, settings)?;
+            let target = match source {
+                AthenaSource::Curated => fhirflow_views::athena::Source::Curated,
+                AthenaSource::Healthlake => fhirflow_views::athena::Source::HealthLake,
+            };
+            let sql = fhirflow_views::athena::create_view(&v.view, &v.name, &database, target);
+            for note in &sql.notes {
+                eprintln!("note: {note}");
+            }
+            println!("{}", sql.text);
+            Ok(())
+        }
     }
 }
 

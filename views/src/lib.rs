@@ -11,6 +11,7 @@
 //! The engine puts views on DataFusion (`fhirflow view`, `view.<name>` in
 //! `fhirflow sql`); this crate knows nothing of storage or SQL.
 
+pub mod athena;
 pub mod batch;
 pub mod check;
 pub mod definition;
