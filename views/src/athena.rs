@@ -7,11 +7,13 @@
 //! * fhirflow's `external_fhir_curated.<type>`: one `string` column per
 //!   top-level element, lower-cased (Athena's OpenX JSON SerDe): an object
 //!   or array as its JSON text, a primitive as its value's text;
-//! * HealthLake's Iceberg tables: one column per top-level element,
-//!   lower-cased, complex elements as nested ROWs and ARRAYs, `extension`
-//!   as an array of JSON strings (AWS HealthLake developer guide, "Querying
-//!   data with Amazon Athena"); each column is made JSON with
-//!   `CAST(… AS JSON)` and walked with lower-cased names;
+//! * HealthLake's Iceberg tables: one table per resource type, one column
+//!   per top-level element, complex elements as nested ROWs, elements of
+//!   cardinality `0..*` as ARRAYs (AWS HealthLake developer guide,
+//!   "Querying HealthLake data with SQL"), names lower-cased and
+//!   `extension` kept as an array of JSON strings; each column is made JSON
+//!   with `CAST(… AS JSON)` and walked with lower-cased names, and
+//!   `extension` strings are parsed back;
 //! * DuckDB's `read_ndjson_objects`: the resource as one JSON value.
 //!
 //! Every FHIRPath collection becomes a SQL array of JSON values; navigation
