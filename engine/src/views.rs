@@ -84,7 +84,11 @@ fn view_name(path: &Path) -> String {
 }
 
 fn named(file: String, name: String, text: String) -> Result<NamedView> {
-    let view = parse(&file, &text)?;
+    let mut view = parse(&file, &text)?;
+    // Errors name the view: by its `name`, else by its file.
+    if view.name.is_none() {
+        view.name = Some(name.clone());
+    }
     let valid = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
         && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
     if !valid {
