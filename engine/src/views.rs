@@ -208,11 +208,6 @@ impl ViewTable {
             source: df.into_unoptimized_plan(),
         })
     }
-
-    /// A source filter `column = value`.
-    pub fn equals(column: &str, value: impl datafusion::logical_expr::Literal) -> Expr {
-        col(column).eq(lit(value))
-    }
 }
 
 #[async_trait]
@@ -411,7 +406,7 @@ pub async fn over_layer(
     };
     let mut filters = Vec::new();
     if let Some(t) = tenant {
-        filters.push(ViewTable::equals("tenant_guid", t.to_string()));
+        filters.push(col("tenant_guid").eq(lit(t.to_string())));
     }
     if let Some(d) = date {
         let d: crate::layout::ImportDate = d.parse()?;

@@ -113,14 +113,13 @@ struct Run<'v, 'd, 'a> {
 }
 
 impl<'v, 'd, 'a> Run<'v, 'd, 'a> {
-    fn evaluator<'s>(&'s self, row_index: usize) -> EvaluatorWith<'s, 'v, 'd, 'a> {
+    fn evaluator(&self, row_index: usize) -> EvaluatorWith<'v, 'd, 'a> {
         EvaluatorWith {
             doc: self.doc,
             vars: RowVars {
                 view: self.view,
                 row_index,
             },
-            _run: std::marker::PhantomData,
         }
     }
 
@@ -331,14 +330,13 @@ fn product(a: Vec<Row>, b: &[Row]) -> Vec<Row> {
     out
 }
 
-/// An evaluator with its variables, borrowed for one call.
-struct EvaluatorWith<'s, 'v, 'd, 'a> {
+/// The document and the variables of one row: lends an evaluator.
+struct EvaluatorWith<'v, 'd, 'a> {
     doc: &'d Doc<'a>,
     vars: RowVars<'v>,
-    _run: std::marker::PhantomData<&'s ()>,
 }
 
-impl<'d, 'a> EvaluatorWith<'_, '_, 'd, 'a> {
+impl<'d, 'a> EvaluatorWith<'_, 'd, 'a> {
     fn get(&self) -> Evaluator<'_, 'a> {
         Evaluator::new(self.doc, &self.vars)
     }
