@@ -442,7 +442,6 @@ impl<'v> Translator<'v> {
         ty: Option<TypeId>,
         name: &str,
         only: Option<&str>,
-        e: &Expr,
     ) -> T {
         let keys = self.keys(ty, name, only);
         if keys.is_empty() {
@@ -486,7 +485,6 @@ impl<'v> Translator<'v> {
             };
             parts.push(part);
         }
-        let _ = e;
         Ok(Sql::Coll(self.concat(parts), out_ty))
     }
 
@@ -522,17 +520,17 @@ impl<'v> Translator<'v> {
                 if focus.item.is_none() && name == self.view.resource {
                     return Err(Untranslatable("the resource itself as a value".into()));
                 }
-                self.navigate(self.focus_coll(focus).as_deref(), focus.ty, name, None, e)
+                self.navigate(self.focus_coll(focus).as_deref(), focus.ty, name, None)
             }
             ExprKind::Member(base, name) => {
                 let b = self.expr(base, focus)?;
                 if let (ExprKind::Ident(t), true) = (&base.kind, focus.item.is_none()) {
                     if t == self.view.resource {
-                        return self.navigate(None, focus.ty, name, None, e);
+                        return self.navigate(None, focus.ty, name, None);
                     }
                 }
                 let (c, ty) = self.coll(b);
-                self.navigate(Some(&c), ty, name, None, e)
+                self.navigate(Some(&c), ty, name, None)
             }
             ExprKind::Lit(l) => Ok(match l {
                 Lit::Bool(b) => Sql::Scalar(b.to_string().to_uppercase(), ColumnKind::Bool),
@@ -654,7 +652,7 @@ impl<'v> Translator<'v> {
                             (Some(c), t)
                         }
                     };
-                    return self.navigate(pc.as_deref(), pty, member, Some(&bare), e);
+                    return self.navigate(pc.as_deref(), pty, member, Some(&bare));
                 }
                 Err(Untranslatable("ofType() on the focus".into()))
             }
@@ -732,11 +730,11 @@ impl<'v> Translator<'v> {
                 let url = &url;
                 let ext = match (&input, &focus.item, base) {
                     (Sql::Coll(c, ty), None, None) if c.is_empty() => {
-                        self.navigate(None, *ty, "extension", None, e)?
+                        self.navigate(None, *ty, "extension", None)?
                     }
                     _ => {
                         let (c, ty) = self.coll(input);
-                        self.navigate(Some(&c), ty, "extension", None, e)?
+                        self.navigate(Some(&c), ty, "extension", None)?
                     }
                 };
                 let (ec, ety) = self.coll(ext);
@@ -753,7 +751,7 @@ impl<'v> Translator<'v> {
             "getReferenceKey" => {
                 let want = args.first().and_then(type_arg);
                 let (c, ty) = self.coll(input);
-                let refs = self.navigate(Some(&c), ty, "reference", None, e)?;
+                let refs = self.navigate(Some(&c), ty, "reference", None)?;
                 let r = self.scalar(refs, ColumnKind::Str);
                 let pattern = "'([A-Za-z]+)/([^/]+?)(/_history/.*)?$'";
                 let id = format!("regexp_extract({r}, {pattern}, 2)");
