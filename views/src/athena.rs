@@ -585,7 +585,7 @@ impl<'v> Translator<'v> {
                         None => return Err(Untranslatable(format!("{name}() on the resource"))),
                     },
                 };
-                self.call(e, base.as_deref(), name, args, input, focus)
+                self.call(base.as_deref(), name, args, input, focus)
             }
             ExprKind::Neg(inner) => {
                 let v = self.scalar(self.expr(inner, focus)?, ColumnKind::Dec);
@@ -614,15 +614,7 @@ impl<'v> Translator<'v> {
         }
     }
 
-    fn call(
-        &self,
-        e: &Expr,
-        base: Option<&Expr>,
-        name: &str,
-        args: &[Expr],
-        input: Sql,
-        focus: &Focus,
-    ) -> T {
+    fn call(&self, base: Option<&Expr>, name: &str, args: &[Expr], input: Sql, focus: &Focus) -> T {
         let lambda = |f: &str, c: &str, body: &str| match self.dialect {
             Dialect::Trino => format!("{f}({c}, x -> {body})"),
             Dialect::DuckDb => format!("list_{f}({c}, lambda x: {body})"),
@@ -671,7 +663,7 @@ impl<'v> Translator<'v> {
             }
             "exists" => {
                 let input = if let Some(cond) = args.first() {
-                    self.call(e, base, "where", std::slice::from_ref(cond), input, focus)?
+                    self.call(base, "where", std::slice::from_ref(cond), input, focus)?
                 } else {
                     input
                 };
