@@ -247,3 +247,46 @@ async fn a_damaged_curated_file_fails_the_import_naming_its_line() {
         .await;
     assert_eq!(jobs, vec![vec!["0".to_string()]]);
 }
+
+/// `lake.<type>` orders versions as dedup does: a late re-send of an old
+/// version, imported on a later date, does not become current; versions
+/// compare as numbers (10 after 9).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_current_version_is_the_newest_version_not_the_last_import() {
+    let t = TestLake::new();
+    land(
+        &t,
+        &tenant(),
+        "2024-05-01",
+        &[patient("p1", "3", "Three"), patient("p2", "9", "Nine")],
+    )
+    .await;
+    import_local(&t, &tenant(), "2024-05-01").await;
+    let ten = patient("p2", "9", "Ten").replace("\"versionId\":\"9\"", "\"versionId\":\"10\"");
+    land(
+        &t,
+        &tenant(),
+        "2024-05-02",
+        &[patient("p1", "2", "Two, re-sent late"), ten],
+    )
+    .await;
+    import_local(&t, &tenant(), "2024-05-02").await;
+    let q = format!(
+        "SELECT id, version_id, json_get_str(resource, 'name', 0, 'family') FROM lake.patient WHERE tenant_guid = '{TENANT}' ORDER BY id"
+    );
+    assert_eq!(
+        t.sql(&q).await,
+        vec![
+            vec!["p1".to_string(), "3".into(), "Three".into()],
+            vec!["p2".into(), "10".into(), "Ten".into()],
+        ]
+    );
+    // The late re-send is in the history all the same.
+    assert_eq!(
+        t.sql(&format!(
+            "SELECT count(*) FROM lake_history.patient WHERE tenant_guid = '{TENANT}'"
+        ))
+        .await,
+        vec![vec!["4".to_string()]]
+    );
+}

@@ -1,7 +1,8 @@
 //! The local Iceberg lake in the SQL session:
 //!
-//! * `lake.<type>`: the current version of each resource, the latest per
-//!   (tenant, id): the latest import date, then the latest import;
+//! * `lake.<type>`: the current version of each resource per (tenant, id),
+//!   in dedup's order: the highest versionId, then the latest lastUpdated,
+//!   then the latest import date, then the latest import;
 //! * `lake_history.<type>`: every row of the table's current snapshot, each
 //!   version of a resource that was ever imported;
 //! * `lake_snapshots`: every snapshot of every table, with the import job,
@@ -20,7 +21,7 @@ use datafusion::common::{plan_err, ScalarValue};
 use datafusion::datasource::{provider_as_source, MemTable, ViewTable};
 use datafusion::error::DataFusionError;
 use datafusion::functions_window::expr_fn::row_number;
-use datafusion::logical_expr::{col, lit, ExprFunctionExt, LogicalPlanBuilder};
+use datafusion::logical_expr::{col, lit, try_cast, ExprFunctionExt, LogicalPlanBuilder};
 use datafusion::prelude::{Expr, SessionContext};
 use iceberg::table::Table;
 use iceberg_datafusion::IcebergStaticTableProvider;
@@ -62,10 +63,20 @@ pub async fn register(ctx: &SessionContext, lake: &Lake) -> Result<()> {
 }
 
 /// The latest version per (tenant, id) of a table's rows.
+/// `lake.<type>`: per (tenant, id), the version curation's dedup would keep
+/// (`engine/src/curate/dedup.sql`, the same order): the highest
+/// `meta.versionId` (as a number when it is one, else as text), then the
+/// latest `meta.lastUpdated`, then the latest import date, then the latest
+/// import. So a late re-send of an old version, imported after a newer one,
+/// stays in the history and does not become current.
 fn current_view(all: Arc<dyn TableProvider>) -> datafusion::error::Result<Arc<dyn TableProvider>> {
+    let numeric_version = try_cast(col("version_id"), DataType::Decimal128(38, 0));
     let rank = row_number()
         .partition_by(vec![col("tenant_guid"), col("id")])
         .order_by(vec![
+            numeric_version.sort(false, false),
+            col("version_id").sort(false, false),
+            col("last_updated").sort(false, false),
             col("import_date").sort(false, false),
             col("imported_at").sort(false, false),
             col("job_id").sort(false, false),
