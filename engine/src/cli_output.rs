@@ -51,6 +51,7 @@ fn counts(s: &TypeSummary) -> Value {
         "rejected": s.rejected,
         "duplicates": s.duplicates,
         "exact_duplicates": s.exact_duplicates,
+        "id_collisions": s.id_collisions,
         "bytes_in": s.bytes_in,
         "bytes_out": s.bytes_out,
         "seconds": s.seconds,

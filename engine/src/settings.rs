@@ -246,6 +246,20 @@ pub struct CurateSettings {
     pub rules_for: Vec<RulesFor>,
     /// Values the rules read with `rule_param(name, default)`.
     pub rule_params: std::collections::BTreeMap<String, String>,
+    /// Two source systems' records under one (type, id) with different
+    /// content: `warn` (the loser is a duplicate, with an ID_COLLISION
+    /// warning in import_errors) or `reject` (the loser is rejected with
+    /// ID_COLLISION).
+    pub id_collision: IdCollision,
+}
+
+/// `[curate] id_collision`.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum IdCollision {
+    #[default]
+    Warn,
+    Reject,
 }
 
 /// `[[curate.rules_for]]`: a rules folder for one tenant, one source system,
@@ -370,6 +384,7 @@ impl Default for CurateSettings {
             rules: crate::rules::BUILTIN.into(),
             rules_for: Vec::new(),
             rule_params: Default::default(),
+            id_collision: IdCollision::Warn,
         }
     }
 }

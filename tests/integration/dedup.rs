@@ -189,3 +189,60 @@ async fn a_record_failing_step_2_takes_no_part_in_dedup() {
         ]
     );
 }
+
+/// Two source systems' records under one id with other content are an id
+/// collision: by default the loser is a duplicate with an ID_COLLISION
+/// warning naming both sources; with `id_collision = "reject"` it is
+/// rejected. The same content from two sources is no collision.
+#[tokio::test(flavor = "multi_thread")]
+async fn id_collisions_across_sources_are_reported_or_rejected() {
+    for reject in [false, true] {
+        let t = TestLake::with(|s| {
+            if reject {
+                s.curate.id_collision = fhirflow::settings::IdCollision::Reject;
+            }
+        });
+        let (a, b) = (t.input("a"), t.input("b"));
+        write_lines(
+            &a,
+            "Observation.ndjson",
+            &[
+                &obs("p1", Some("2"), None, "from a"),
+                &obs("same", None, None, "same"),
+            ],
+        );
+        write_lines(
+            &b,
+            "Observation.ndjson",
+            &[
+                &obs("p1", Some("1"), None, "from b"),
+                &obs("same", None, None, "same"),
+            ],
+        );
+        t.ingest(&[a], "ehr-a").await;
+        t.ingest(&[b], "ehr-b").await;
+        let report = t.curate().await.expect("curate");
+        let total = &report.total;
+        assert_eq!(total.curated, 2);
+        assert_eq!(total.id_collisions, 1);
+        assert_eq!(
+            (total.duplicates, total.rejected),
+            if reject { (1, 1) } else { (2, 0) }
+        );
+        let rows = t
+            .sql("SELECT error_code, severity, resource_id, line_no, message FROM metadata.import_errors")
+            .await;
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        let severity = if reject { "error" } else { "warning" };
+        assert_eq!(rows[0][..4], ["ID_COLLISION", severity, "p1", "1"]);
+        let message = &rows[0][4];
+        assert!(
+            message.contains("source system ehr-b") && message.contains("source system ehr-a"),
+            "{message}"
+        );
+        assert_eq!(
+            t.sql("SELECT records_id_collision, conserved FROM metadata.import_metrics WHERE rule IS NULL").await,
+            vec![vec!["1".to_string(), "true".into()]]
+        );
+    }
+}

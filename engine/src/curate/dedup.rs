@@ -16,7 +16,7 @@ use std::fs::File;
 use std::io::BufWriter;
 use std::sync::{Arc, Mutex};
 
-use arrow::array::{AsArray, RecordBatch};
+use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{SchemaRef, UInt64Type};
 use arrow::ipc::reader::StreamReader;
 use arrow::ipc::writer::StreamWriter;
@@ -204,8 +204,29 @@ fn tokio_stream_of<T: Send + 'static>(
 /// depend on where it runs from.
 pub const DEDUP_SQL: &str = include_str!("dedup.sql");
 
-/// Duplicates by source file: (line number, exact duplicate?).
-pub type Duplicates = HashMap<String, Vec<(u64, bool)>>;
+/// Duplicates by source file, by line number.
+pub type Duplicates = HashMap<String, Vec<Duplicate>>;
+
+/// One duplicate record.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Duplicate {
+    pub line: u64,
+    /// Byte-identical to its survivor.
+    pub exact: bool,
+    /// Another source system's record under the same id, with other content.
+    pub collision: Option<Collision>,
+}
+
+/// What an id collision names: the two sources and the survivor's place.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Collision {
+    pub resource_type: String,
+    pub id: String,
+    pub source_system: Option<String>,
+    pub survivor_system: Option<String>,
+    pub survivor_file: String,
+    pub survivor_line: u64,
+}
 
 /// The dedup query's memory pool: the other half of `curate.memory_limit_mb`.
 pub fn query_memory_mb(settings: &crate::settings::Settings) -> usize {
@@ -255,10 +276,39 @@ pub async fn find_duplicates(keys: Arc<KeyStore>, memory_limit_mb: usize) -> Res
         let file = file.as_string::<i32>();
         let line = batch.column(1).as_primitive::<UInt64Type>();
         let exact = batch.column(4).as_boolean();
+        let text = |c: usize| {
+            arrow::compute::cast(batch.column(c), &arrow::datatypes::DataType::Utf8)
+                .map_err(|e| Error::query(stage, "dedup.sql", e.into()))
+        };
+        let (ty, id) = (text(2)?, text(3)?);
+        let (ty, id) = (ty.as_string::<i32>(), id.as_string::<i32>());
+        let collision = batch.column(5).as_boolean();
+        let (system, survivor_system, survivor_file) = (text(6)?, text(7)?, text(8)?);
+        let (system, survivor_system, survivor_file) = (
+            system.as_string::<i32>(),
+            survivor_system.as_string::<i32>(),
+            survivor_file.as_string::<i32>(),
+        );
+        let survivor_line = batch.column(9).as_primitive::<UInt64Type>();
+        let opt = |a: &arrow::array::StringArray, i: usize| {
+            (!a.is_null(i)).then(|| a.value(i).to_string())
+        };
         for i in 0..batch.num_rows() {
+            let collision = collision.value(i).then(|| Collision {
+                resource_type: ty.value(i).to_string(),
+                id: id.value(i).to_string(),
+                source_system: opt(system, i),
+                survivor_system: opt(survivor_system, i),
+                survivor_file: survivor_file.value(i).to_string(),
+                survivor_line: survivor_line.value(i),
+            });
             out.entry(file.value(i).to_string())
                 .or_default()
-                .push((line.value(i), exact.value(i)));
+                .push(Duplicate {
+                    line: line.value(i),
+                    exact: exact.value(i),
+                    collision,
+                });
         }
     }
     for lines in out.values_mut() {

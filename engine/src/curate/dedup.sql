@@ -12,7 +12,10 @@
 -- resource text: dedup needs only the keys, so its memory grows with the
 -- number of records, not their size.
 --
--- Output: one row per duplicate. The engine writes every other row.
+-- Output: one row per duplicate. The engine writes every other row. A
+-- duplicate from another source system than its survivor's, with other
+-- content, is an id collision (two EHRs' `Patient/123` need not be one
+-- patient): it comes with the survivor's source system, file and line.
 --
 -- Only ids that occur more than once are ranked. `repeated` finds them by
 -- key_hash, which costs a fraction of grouping by the strings themselves; a
@@ -34,7 +37,11 @@ ranked AS (
            k.resource_type,
            k.id,
            ROW_NUMBER() OVER survivor_first AS survivor_rank,
-           k.content_hash = FIRST_VALUE(k.content_hash) OVER survivor_first AS exact_duplicate
+           k.content_hash = FIRST_VALUE(k.content_hash) OVER survivor_first AS exact_duplicate,
+           CAST(k.source_system AS VARCHAR) AS source_system,
+           CAST(FIRST_VALUE(k.source_system) OVER survivor_first AS VARCHAR) AS survivor_system,
+           CAST(FIRST_VALUE(k.source_file) OVER survivor_first AS VARCHAR) AS survivor_file,
+           FIRST_VALUE(k.line_no) OVER survivor_first AS survivor_line
     FROM repeated r
     JOIN keyed k ON k.key_hash = r.key_hash
     WINDOW survivor_first AS (
@@ -47,6 +54,8 @@ ranked AS (
                  k.line_no DESC
     )
 )
-SELECT source_file, line_no, resource_type, id, exact_duplicate
+SELECT source_file, line_no, resource_type, id, exact_duplicate,
+       NOT exact_duplicate AND source_system IS DISTINCT FROM survivor_system AS collision,
+       source_system, survivor_system, survivor_file, survivor_line
 FROM ranked
 WHERE survivor_rank > 1

@@ -76,6 +76,8 @@ pub struct TypeSummary {
     pub rejected: u64,
     pub duplicates: u64,
     pub exact_duplicates: u64,
+    /// Of the duplicates or rejected, those that were id collisions.
+    pub id_collisions: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
     /// Time spent on this type's files, summed over both passes.
@@ -92,6 +94,7 @@ impl TypeSummary {
         self.rejected += o.rejected;
         self.duplicates += o.duplicates;
         self.exact_duplicates += o.exact_duplicates;
+        self.id_collisions += o.id_collisions;
         self.bytes_in += o.bytes_in;
         self.bytes_out += o.bytes_out;
         self.seconds += o.seconds;
@@ -234,6 +237,42 @@ impl Run {
             location: r.location,
             record,
             rule: None,
+            warning: false,
+        }
+    }
+
+    /// The `import_errors` row of an id collision at `line` of `file`.
+    fn collision_row(
+        &self,
+        file: &LayerFile,
+        line: u64,
+        c: &dedup::Collision,
+        warning: bool,
+    ) -> ErrorRow {
+        let system = |s: &Option<String>| s.clone().unwrap_or_else(|| "(none)".into());
+        let kept = if warning {
+            "kept as a duplicate"
+        } else {
+            "rejected"
+        };
+        let r = Reject {
+            code: "ID_COLLISION",
+            message: format!(
+                "{}/{} from source system {} has other content than the record kept from source system {} ({} line {}); {kept} ([curate] id_collision)",
+                c.resource_type,
+                c.id,
+                system(&c.source_system),
+                system(&c.survivor_system),
+                c.survivor_file,
+                c.survivor_line,
+            ),
+            resource_type: Some(c.resource_type.clone()),
+            resource_id: Some(c.id.clone()),
+            location: None,
+        };
+        ErrorRow {
+            warning,
+            ..self.error_row(file, Some(line), r, None)
         }
     }
 
@@ -829,19 +868,42 @@ async fn process(
         if let Some(p) = &file.piece {
             // The file's duplicates among this piece's lines.
             let lines = p.counts.lines_of(p.index);
-            let from = dups.partition_point(|d| d.0 < *lines.start());
-            let to = dups.partition_point(|d| d.0 <= *lines.end());
+            let from = dups.partition_point(|d| d.line < *lines.start());
+            let to = dups.partition_point(|d| d.line <= *lines.end());
             dups = &dups[from..to];
+        }
+        // Id collisions: a warning beside the duplicate, or a rejection.
+        let reject = settings.curate.id_collision == crate::settings::IdCollision::Reject;
+        let collisions: Vec<ErrorRow> = dups
+            .iter()
+            .filter_map(|d| {
+                d.collision
+                    .as_ref()
+                    .map(|c| run.collision_row(file, d.line, c, !reject))
+            })
+            .collect();
+        let collided = collisions.len() as u64;
+        if collided > 0 {
+            let run = run.clone();
+            tokio::task::spawn_blocking(move || {
+                collisions.into_iter().try_for_each(|r| run.errors.push(r))
+            })
+            .await??;
         }
         s.records_in += scan.records;
         s.rejected += scan.rejected;
         s.duplicates += dups.len() as u64;
-        s.exact_duplicates += dups.iter().filter(|d| d.1).count() as u64;
+        s.exact_duplicates += dups.iter().filter(|d| d.exact).count() as u64;
+        s.id_collisions += collided;
+        if reject {
+            s.duplicates -= collided;
+            s.rejected += collided;
+        }
         s.bytes_in += scan.bytes;
         s.seconds += scan.seconds;
         work.push(FileWork {
             plans: std::mem::take(&mut scan.plans),
-            duplicates: dups.iter().map(|d| d.0).collect(),
+            duplicates: dups.iter().map(|d| d.line).collect(),
             changed: std::mem::take(&mut changed[work.len()]),
         });
     }
@@ -1140,6 +1202,7 @@ impl Run {
             records_rejected: s.rejected,
             records_duplicate: s.duplicates,
             records_exact_duplicate: s.exact_duplicates,
+            records_id_collision: s.id_collisions,
             bytes_in: s.bytes_in,
             bytes_out: s.bytes_out,
             files: None,

@@ -669,6 +669,7 @@ fn failure_row(
         location: None,
         record: record.filter(|r| !r.is_empty() && settings.curate.error_record_max_bytes > 0),
         rule: None,
+        warning: false,
     }
 }
 

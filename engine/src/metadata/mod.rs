@@ -67,6 +67,10 @@ pub struct ErrorRow {
     /// The curation rule that rejected the record (its file in the rules
     /// folder), for rejections by step 3.
     pub rule: Option<String>,
+    /// A finding about a record that was not rejected (an id collision
+    /// whose loser counts as a duplicate): `severity` is `warning`, not
+    /// `error`, and the row does not count as a rejection's.
+    pub warning: bool,
 }
 
 /// `import_metrics`: one row per (job, resource type, stage), and one per
@@ -87,6 +91,9 @@ pub struct MetricRow {
     pub records_rejected: u64,
     pub records_duplicate: u64,
     pub records_exact_duplicate: u64,
+    /// Records that lost to another source system's record with the same
+    /// (type, id) and other content (`import_errors` ID_COLLISION rows).
+    pub records_id_collision: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
     /// Files written (the extract stage; None for other stages).
@@ -141,6 +148,7 @@ static ERRORS: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("location", DataType::Utf8, true),
         Field::new("record", DataType::Utf8, true),
         Field::new("rule", DataType::Utf8, true),
+        Field::new("severity", DataType::Utf8, false),
     ]))
 });
 
@@ -158,6 +166,7 @@ static METRICS: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("records_changed", DataType::UInt64, false),
         Field::new("records_duplicate", DataType::UInt64, false),
         Field::new("records_exact_duplicate", DataType::UInt64, false),
+        Field::new("records_id_collision", DataType::UInt64, false),
         Field::new("bytes_in", DataType::UInt64, false),
         Field::new("bytes_out", DataType::UInt64, false),
         Field::new("files", DataType::UInt64, true),
@@ -246,6 +255,10 @@ pub fn errors_batch(rows: &[ErrorRow]) -> RecordBatch {
             utf8_opt(r.iter().map(|x| x.location.as_deref())),
             utf8_opt(r.iter().map(|x| x.record.as_deref())),
             utf8_opt(r.iter().map(|x| x.rule.as_deref())),
+            utf8(
+                r.iter()
+                    .map(|x| if x.warning { "warning" } else { "error" }),
+            ),
         ],
     )
     .expect("import_errors columns match")
@@ -268,6 +281,7 @@ pub fn metrics_batch(rows: &[MetricRow]) -> RecordBatch {
             u64s(r.iter().map(|x| x.records_changed)),
             u64s(r.iter().map(|x| x.records_duplicate)),
             u64s(r.iter().map(|x| x.records_exact_duplicate)),
+            u64s(r.iter().map(|x| x.records_id_collision)),
             u64s(r.iter().map(|x| x.bytes_in)),
             u64s(r.iter().map(|x| x.bytes_out)),
             Arc::new(r.iter().map(|x| x.files).collect::<UInt64Array>()),
@@ -455,15 +469,15 @@ impl ErrorSink {
             return Ok(());
         }
         let batch = errors_batch(&s.rows);
-        s.written += s.rows.len() as u64;
+        s.written += s.rows.iter().filter(|r| !r.warning).count() as u64;
         s.rows.clear();
         let writer = s.writer.as_mut().expect("sink open");
         writer.write(&batch).map_err(|e| self.perr(e))?;
         writer.flush().map_err(|e| self.perr(e))
     }
 
-    /// Writes what is left and completes the object; the number of rows,
-    /// and the object's commit entry.
+    /// Writes what is left and completes the object; the number of error
+    /// rows (warnings left out), and the object's commit entry.
     pub fn finish(&self) -> Result<(u64, crate::commit::Object)> {
         let mut s = self.state.lock().expect("error sink not poisoned");
         self.flush(&mut s)?;
