@@ -148,7 +148,9 @@ static ERRORS: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("location", DataType::Utf8, true),
         Field::new("record", DataType::Utf8, true),
         Field::new("rule", DataType::Utf8, true),
-        Field::new("severity", DataType::Utf8, false),
+        // Nullable: files written before the column existed read as NULL
+        // (their rows are all errors).
+        Field::new("severity", DataType::Utf8, true),
     ]))
 });
 
@@ -166,7 +168,8 @@ static METRICS: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("records_changed", DataType::UInt64, false),
         Field::new("records_duplicate", DataType::UInt64, false),
         Field::new("records_exact_duplicate", DataType::UInt64, false),
-        Field::new("records_id_collision", DataType::UInt64, false),
+        // Nullable, as `severity` is: older files lack it.
+        Field::new("records_id_collision", DataType::UInt64, true),
         Field::new("bytes_in", DataType::UInt64, false),
         Field::new("bytes_out", DataType::UInt64, false),
         Field::new("files", DataType::UInt64, true),
