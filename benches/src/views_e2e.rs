@@ -117,40 +117,26 @@ fn main() {
         fs::create_dir_all(&out_dir).unwrap();
         let ours = out_dir.join(format!("{name}.fhirflow.csv"));
         let mut engines: Vec<(String, Option<Measured>, PathBuf, String)> = Vec::new();
-        let m = measure(args.common.runs, || {
-            run(Command::new(&fhirflow)
-                .args([
-                    "view",
-                    "run",
-                    view.to_str().unwrap(),
-                    "--format",
-                    "csv",
-                    "--output",
-                ])
-                .arg(&ours)
-                .env("FHIRFLOW_LAKE", &lake))
-        });
-        engines.push((
-            "fhirflow (curated layer)".into(),
-            Some(m),
-            ours.clone(),
-            String::new(),
-        ));
-        let over = out_dir.join(format!("{name}.fhirflow-files.csv"));
-        let m = measure(args.common.runs, || {
-            run(Command::new(&fhirflow)
-                .args([
-                    "view",
-                    "run",
-                    view.to_str().unwrap(),
-                    "--over",
-                    input.to_str().unwrap(),
-                ])
-                .args(["--format", "csv", "--output"])
-                .arg(&over)
-                .env("FHIRFLOW_LAKE", &lake))
-        });
-        engines.push(("fhirflow (files)".into(), Some(m), over, String::new()));
+        // fhirflow over the curated layer, then over the same files as the peers.
+        let files_out = out_dir.join(format!("{name}.fhirflow-files.csv"));
+        let input_arg = input.to_str().unwrap();
+        for (label, over, out) in [
+            ("fhirflow (curated layer)", None, &ours),
+            ("fhirflow (files)", Some(input_arg), &files_out),
+        ] {
+            let m = measure(args.common.runs, || {
+                let mut cmd = Command::new(&fhirflow);
+                cmd.args(["view", "run", view.to_str().unwrap()]);
+                if let Some(dir) = over {
+                    cmd.args(["--over", dir]);
+                }
+                run(cmd
+                    .args(["--format", "csv", "--output"])
+                    .arg(out)
+                    .env("FHIRFLOW_LAKE", &lake))
+            });
+            engines.push((label.into(), Some(m), out.clone(), String::new()));
+        }
         if !args.common.no_peer {
             for peer in &args.peers {
                 let out = out_dir.join(format!("{name}.{peer}.csv"));
