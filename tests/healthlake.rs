@@ -4,19 +4,35 @@
 //! `message` with status 400), so the real aws-sdk-healthlake client drives it.
 //!
 //! Operations: StartFHIRImportJob, DescribeFHIRImportJob, ListFHIRImportJobs,
-//! DescribeFHIRDatastore. Like the service it
+//! DescribeFHIRDatastore. Like the service (AWS HealthLake Developer Guide,
+//! "Importing FHIR data", "Manifest JSON file"; API Reference,
+//! StartFHIRImportJob, ImportJobProperties, JobProgressReport) it
 //! * answers a repeated `ClientToken` with the job it already has;
-//! * runs one import per datastore at a time, in submission order, the others
-//!   QUEUED;
+//! * runs one import job at a time in the Region (the quota is per Region,
+//!   not per datastore), the others QUEUED, first in first out;
 //! * reads every object under the input S3 URI (from the S3 stand-in, moto),
-//!   checks each line the way the service documents (valid JSON, a
-//!   `resourceType`, an `id` matching `[A-Za-z0-9\-\.]{1,64}`), stores what
-//!   passes, and writes `<output>/<datastore>-FHIR_IMPORT-<job>/manifest.json`
-//!   and a FAILURE file per input file with one JSON line per rejection;
-//! * fails a job whose data access role is not the datastore's.
+//!   checks each line (valid JSON, a `resourceType`, an `id` matching
+//!   `[A-Za-z0-9\-\.]{1,64}`; and, except at `ValidationLevel` `minimal`,
+//!   no empty strings, arrays or objects, which `minimal` stores with a
+//!   `validation-issue` extension instead), stores what passes;
+//! * writes under `<output S3Uri>/<datastore>-FHIR_IMPORT-<job>/` the
+//!   manifest with the documented fields, and per input file a `SUCCESS/` and
+//!   (when something failed) a `FAILURE/` file of the same name, one JSON line
+//!   per resource: `{"lineId":N,"UpdateResourceResponse":{"jsonBlob":…,
+//!   "statusCode":…}}`, the FAILURE line's blob an OperationOutcome;
+//!   Describe's output S3Uri has that folder appended;
+//! * ends a job COMPLETED, COMPLETED_WITH_ERRORS when some resources failed,
+//!   or FAILED (a data access role that is not the datastore's; no input).
+//!
+//! `lineId` is taken here to be the 1-based line of the input file: the
+//! service's documentation shows the field but not its origin.
 //!
 //! Faults for the tests: `throttle(n)` answers the next n requests with
-//! ThrottlingException; `set_work_time` makes each job take that long.
+//! ThrottlingException; `set_work_time` makes each job take that long;
+//! `server_errors(n)` fails the next n valid resources with status 500;
+//! `lose_server_errors(n)` counts the next n valid resources as server
+//! errors in the manifest but writes no output line for them (output that
+//! does not add up).
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
@@ -46,9 +62,13 @@ pub struct Job {
     pub submit: f64,
     pub end: Option<f64>,
     pub message: Option<String>,
+    pub validation_level: String,
     pub scanned: u64,
     pub imported: u64,
     pub rejected: u64,
+    pub server_errors: u64,
+    pub files: u64,
+    pub megabytes: f64,
 }
 
 #[derive(Default)]
@@ -62,6 +82,17 @@ struct State {
     throttled: usize,
     requests: Vec<String>,
     work_time: Duration,
+    faults: Faults,
+    /// `manifest.json`, as documented, or `Manifest.json`, as some users
+    /// report.
+    manifest_name: &'static str,
+}
+
+/// Faults the next jobs meet.
+#[derive(Default, Clone, Copy)]
+struct Faults {
+    server_errors: usize,
+    lost_server_errors: usize,
 }
 
 pub struct HealthLake {
@@ -82,6 +113,7 @@ impl HealthLake {
                 .map(|(d, r)| (d.to_string(), r.to_string()))
                 .collect(),
             work_time: Duration::from_millis(100),
+            manifest_name: "manifest.json",
             ..Default::default()
         }));
         let s3 = s3_endpoint.to_string();
@@ -151,6 +183,22 @@ impl HealthLake {
         self.state.lock().unwrap().work_time = d;
     }
 
+    /// Names the manifests of the next jobs `Manifest.json`.
+    pub fn capitalised_manifest(&self) {
+        self.state.lock().unwrap().manifest_name = "Manifest.json";
+    }
+
+    /// The next `n` resources that would be stored fail with status 500.
+    pub fn server_errors(&self, n: usize) {
+        self.state.lock().unwrap().faults.server_errors = n;
+    }
+
+    /// The next `n` resources that would be stored are counted as server
+    /// errors in the manifest, with no SUCCESS or FAILURE line.
+    pub fn lose_server_errors(&self, n: usize) {
+        self.state.lock().unwrap().faults.lost_server_errors = n;
+    }
+
     pub fn jobs(&self) -> Vec<Job> {
         self.state.lock().unwrap().jobs.clone()
     }
@@ -191,6 +239,16 @@ fn error(kind: &str, message: &str) -> Response<Full<Bytes>> {
     reply(400, json!({ "__type": kind, "message": message }))
 }
 
+/// The job's output folder: `<output S3Uri>/<datastore>-FHIR_IMPORT-<job>/`.
+fn output_folder(j: &Job) -> String {
+    format!(
+        "{}/{}-FHIR_IMPORT-{}/",
+        j.output.trim_end_matches('/'),
+        j.datastore,
+        j.id
+    )
+}
+
 fn properties(j: &Job) -> Value {
     let mut p = json!({
         "JobId": j.id,
@@ -199,13 +257,18 @@ fn properties(j: &Job) -> Value {
         "SubmitTime": j.submit,
         "DatastoreId": j.datastore,
         "InputDataConfig": { "S3Uri": j.input },
-        "JobOutputDataConfig": { "S3Configuration": { "S3Uri": j.output, "KmsKeyId": j.kms } },
+        "JobOutputDataConfig": { "S3Configuration": { "S3Uri": output_folder(j), "KmsKeyId": j.kms } },
         "DataAccessRoleArn": j.role,
-        "ValidationLevel": "strict",
+        "ValidationLevel": j.validation_level,
         "JobProgressReport": {
+            "TotalNumberOfScannedFiles": j.files,
+            "TotalSizeOfScannedFilesInMB": j.megabytes,
+            "TotalNumberOfImportedFiles": j.files,
             "TotalNumberOfResourcesScanned": j.scanned,
             "TotalNumberOfResourcesImported": j.imported,
             "TotalNumberOfResourcesWithCustomerError": j.rejected,
+            "TotalNumberOfFilesReadWithCustomerError": 0,
+            "Throughput": 0.0,
         },
     });
     if let Some(e) = j.end {
@@ -278,12 +341,19 @@ async fn handle(
                     "InputDataConfig and JobOutputDataConfig are required",
                 ));
             };
+            let level = text("ValidationLevel").unwrap_or_else(|| "strict".into());
+            if !["strict", "structure-only", "minimal"].contains(&level.as_str()) {
+                return Ok(error(
+                    "ValidationException",
+                    &format!("ValidationLevel {level} is not strict, structure-only or minimal"),
+                ));
+            }
             let id = format!("{:032x}", s.jobs.len() as u128 + 0x5eed_0000);
-            // One import per datastore at a time: later ones wait in line.
-            let waiting = s.jobs.iter().any(|j| {
-                j.datastore == datastore
-                    && ["SUBMITTED", "QUEUED", "IN_PROGRESS"].contains(&j.status.as_str())
-            });
+            // One import job at a time in the Region: later ones wait in line.
+            let waiting = s
+                .jobs
+                .iter()
+                .any(|j| ["SUBMITTED", "QUEUED", "IN_PROGRESS"].contains(&j.status.as_str()));
             let status = if waiting { "QUEUED" } else { "SUBMITTED" };
             let job = Job {
                 id: id.clone(),
@@ -306,9 +376,13 @@ async fn handle(
                 submit: now(),
                 end: None,
                 message: None,
+                validation_level: level,
                 scanned: 0,
                 imported: 0,
                 rejected: 0,
+                server_errors: 0,
+                files: 0,
+                megabytes: 0.0,
             };
             s.jobs.push(job);
             reply(
@@ -358,38 +432,38 @@ async fn handle(
     })
 }
 
-/// Runs the jobs: per datastore one at a time, in submission order.
+/// Runs the jobs: one at a time in the Region, in submission order.
 async fn work(state: Arc<Mutex<State>>, s3: String) {
     loop {
         tokio::time::sleep(Duration::from_millis(20)).await;
         let next = {
             let mut s = state.lock().unwrap();
-            let busy: Vec<String> = s
-                .jobs
-                .iter()
-                .filter(|j| j.status == "IN_PROGRESS")
-                .map(|j| j.datastore.clone())
-                .collect();
+            if s.jobs.iter().any(|j| j.status == "IN_PROGRESS") {
+                for j in s.jobs.iter_mut().filter(|j| j.status == "SUBMITTED") {
+                    j.status = "QUEUED".into();
+                }
+                continue;
+            }
             let mut next = None;
-            let mut seen = Vec::new();
             for j in s
                 .jobs
                 .iter_mut()
                 .filter(|j| j.status == "SUBMITTED" || j.status == "QUEUED")
             {
-                if busy.contains(&j.datastore) || seen.contains(&j.datastore) {
-                    j.status = "QUEUED".into();
+                if next.is_none() {
+                    j.status = "IN_PROGRESS".into();
+                    next = Some(j.clone());
                 } else {
-                    seen.push(j.datastore.clone());
-                    if next.is_none() {
-                        j.status = "IN_PROGRESS".into();
-                        next = Some(j.clone());
-                    }
+                    j.status = "QUEUED".into();
                 }
             }
-            next.map(|j| (j, s.work_time, s.datastores.clone()))
+            next.map(|j| {
+                let faults = std::mem::take(&mut s.faults);
+                let setup = (s.datastores.clone(), faults, s.manifest_name);
+                (j, s.work_time, setup)
+            })
         };
-        let Some((job, work_time, datastores)) = next else {
+        let Some((job, work_time, (datastores, faults, manifest_name))) = next else {
             continue;
         };
         tokio::time::sleep(work_time).await;
@@ -399,7 +473,7 @@ async fn work(state: Arc<Mutex<State>>, s3: String) {
                 job.role
             ))
         } else {
-            run_job(&job, &s3).await
+            run_job(&job, &s3, faults, manifest_name).await
         };
         let mut s = state.lock().unwrap();
         let stored = outcome
@@ -417,7 +491,10 @@ async fn work(state: Arc<Mutex<State>>, s3: String) {
                 j.scanned = o.scanned;
                 j.imported = o.imported;
                 j.rejected = o.rejected;
-                j.status = if o.rejected > 0 {
+                j.server_errors = o.server_errors;
+                j.files = o.files;
+                j.megabytes = o.megabytes;
+                j.status = if o.rejected + o.server_errors > 0 {
                     "COMPLETED_WITH_ERRORS"
                 } else {
                     "COMPLETED"
@@ -436,6 +513,9 @@ struct Outcome {
     scanned: u64,
     imported: u64,
     rejected: u64,
+    server_errors: u64,
+    files: u64,
+    megabytes: f64,
     stored: BTreeMap<String, String>,
 }
 
@@ -467,7 +547,114 @@ fn valid_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
-async fn run_job(job: &Job, s3: &str) -> Result<Outcome, String> {
+/// An OperationOutcome of one error issue.
+fn outcome(code: &str, diagnostics: &str, location: Option<&str>) -> Value {
+    let mut issue = json!({ "severity": "error", "code": code, "diagnostics": diagnostics });
+    if let Some(l) = location {
+        issue["location"] = json!([l]);
+        issue["expression"] = json!([l]);
+    }
+    json!({ "resourceType": "OperationOutcome", "issue": [issue] })
+}
+
+/// The first empty string, array or object in `v`, as a FHIRPath-like
+/// location under `at`.
+fn first_empty(v: &Value, at: &str) -> Option<String> {
+    match v {
+        Value::String(s) if s.is_empty() => Some(at.to_string()),
+        Value::Array(a) if a.is_empty() => Some(at.to_string()),
+        Value::Object(o) if o.is_empty() => Some(at.to_string()),
+        Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .find_map(|(i, x)| first_empty(x, &format!("{at}[{i}]"))),
+        Value::Object(o) => o
+            .iter()
+            .find_map(|(k, x)| first_empty(x, &format!("{at}.{k}"))),
+        _ => None,
+    }
+}
+
+/// What the service answers for one line: stored (the text it keeps), or
+/// the status and OperationOutcome of a failure.
+fn check_line(line: &[u8], level: &str) -> Result<(String, String), (u16, Value)> {
+    let mut v: Value = serde_json::from_slice(line).map_err(|e| {
+        (
+            400,
+            outcome("structure", &format!("Invalid JSON: {e}"), None),
+        )
+    })?;
+    let Some(ty) = v
+        .get("resourceType")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+    else {
+        return Err((400, outcome("required", "resourceType is missing", None)));
+    };
+    let Some(id) = v.get("id").and_then(Value::as_str).map(str::to_string) else {
+        return Err((
+            400,
+            outcome(
+                "required",
+                "Resource id is missing",
+                Some(&format!("{ty}.id")),
+            ),
+        ));
+    };
+    if !valid_id(&id) {
+        return Err((
+            400,
+            outcome(
+                "value",
+                "Resource id does not match [A-Za-z0-9\\-\\.]{1,64}",
+                Some(&format!("{ty}.id")),
+            ),
+        ));
+    }
+    let key = format!("{ty}/{id}");
+    match first_empty(&v, &ty) {
+        None => Ok((key, String::from_utf8_lossy(line).into_owned())),
+        Some(at) if level == "minimal" => {
+            // Stored all the same, the issue recorded on the resource.
+            let ext = json!({
+                "url": "http://hl7.org/fhir/StructureDefinition/validation-issue",
+                "valueString": format!("empty value at {at}"),
+            });
+            v.as_object_mut()
+                .unwrap()
+                .entry("extension")
+                .or_insert_with(|| json!([]))
+                .as_array_mut()
+                .map(|a| a.push(ext));
+            Ok((key, v.to_string()))
+        }
+        Some(at) => Err((
+            400,
+            outcome(
+                "invalid",
+                "Empty strings, arrays and objects are not allowed",
+                Some(&at),
+            ),
+        )),
+    }
+}
+
+fn response_line(line_id: usize, blob: Value, status: u16) -> String {
+    let mut s = json!({
+        "lineId": line_id,
+        "UpdateResourceResponse": { "jsonBlob": blob, "statusCode": status },
+    })
+    .to_string();
+    s.push('\n');
+    s
+}
+
+async fn run_job(
+    job: &Job,
+    s3: &str,
+    mut faults: Faults,
+    manifest_name: &str,
+) -> Result<Outcome, String> {
     let (in_bucket, in_prefix) = split(&job.input);
     let input = store(s3, &in_bucket);
     let objects: Vec<_> = input
@@ -478,15 +665,19 @@ async fn run_job(job: &Job, s3: &str) -> Result<Outcome, String> {
     if objects.is_empty() {
         return Err(format!("No files found at {}", job.input));
     }
-    let (out_bucket, out_prefix) = split(&job.output);
+    let folder_uri = output_folder(job);
+    let (out_bucket, folder) = split(&folder_uri);
     let output = store(s3, &out_bucket);
-    let folder = format!("{out_prefix}/{}-FHIR_IMPORT-{}", job.datastore, job.id);
     let mut o = Outcome {
         scanned: 0,
         imported: 0,
         rejected: 0,
+        server_errors: 0,
+        files: 0,
+        megabytes: 0.0,
         stored: BTreeMap::new(),
     };
+    let mut imported_bytes = 0usize;
     for obj in objects {
         let data = input
             .get(&obj.location)
@@ -495,88 +686,71 @@ async fn run_job(job: &Job, s3: &str) -> Result<Outcome, String> {
             .bytes()
             .await
             .unwrap();
+        o.files += 1;
+        o.megabytes += data.len() as f64 / 1e6;
         let name = obj.location.filename().unwrap().to_string();
-        let file = format!("s3://{in_bucket}/{}", obj.location);
+        let mut successes = String::new();
         let mut failures = String::new();
         for (n, line) in data.split(|&b| b == b'\n').enumerate() {
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
             o.scanned += 1;
-            let problem = match serde_json::from_slice::<Value>(line) {
-                Err(e) => Some(("INVALID_JSON", format!("Invalid JSON: {e}"), None, None)),
-                Ok(v) => {
-                    let ty = v
-                        .get("resourceType")
-                        .and_then(Value::as_str)
-                        .map(str::to_string);
-                    let id = v.get("id").and_then(Value::as_str).map(str::to_string);
-                    match (&ty, &id) {
-                        (None, _) => Some((
-                            "MISSING_RESOURCE_TYPE",
-                            "resourceType is missing".into(),
-                            ty,
-                            id,
-                        )),
-                        (_, None) => Some(("MISSING_ID", "Resource id is missing".into(), ty, id)),
-                        (Some(t), Some(i)) if !valid_id(i) => Some((
-                            "INVALID_ID",
-                            "Resource id does not match [A-Za-z0-9\\-\\.]{1,64}".into(),
-                            Some(t.clone()),
-                            id.clone(),
-                        )),
-                        (Some(t), Some(i)) => {
-                            o.stored.insert(
-                                format!("{t}/{i}"),
-                                String::from_utf8_lossy(line).into_owned(),
-                            );
-                            None
-                        }
-                    }
+            let line_id = n + 1;
+            match check_line(line, &job.validation_level) {
+                Ok(_) if faults.lost_server_errors > 0 => {
+                    faults.lost_server_errors -= 1;
+                    o.server_errors += 1;
                 }
-            };
-            match problem {
-                None => o.imported += 1,
-                Some((code, message, ty, id)) => {
+                Ok(_) if faults.server_errors > 0 => {
+                    faults.server_errors -= 1;
+                    o.server_errors += 1;
+                    let blob = outcome("exception", "Internal server error", None);
+                    failures.push_str(&response_line(line_id, blob, 500));
+                }
+                Ok((key, text)) => {
+                    o.imported += 1;
+                    imported_bytes += line.len();
+                    let (ty, id) = key.split_once('/').unwrap();
+                    let blob =
+                        json!({ "resourceType": ty, "id": id, "meta": { "versionId": "1" } });
+                    successes.push_str(&response_line(line_id, blob, 200));
+                    o.stored.insert(key, text);
+                }
+                Err((status, blob)) => {
                     o.rejected += 1;
-                    let mut f = json!({
-                        "file": file,
-                        "lineNumber": n + 1,
-                        "errorCode": code,
-                        "errorMessage": message,
-                    });
-                    if let Some(t) = ty {
-                        f["resourceType"] = json!(t);
-                    }
-                    if let Some(i) = id {
-                        f["id"] = json!(i);
-                    }
-                    failures.push_str(&f.to_string());
-                    failures.push('\n');
+                    failures.push_str(&response_line(line_id, blob, status));
                 }
             }
         }
-        if !failures.is_empty() {
-            let p = Path::from(format!("{folder}/FAILURE/{name}"));
+        for (kind, lines) in [("SUCCESS", successes), ("FAILURE", failures)] {
+            if lines.is_empty() {
+                continue;
+            }
+            let p = Path::from(format!("{folder}/{kind}/{name}"));
             output
-                .put(&p, failures.into_bytes().into())
+                .put(&p, lines.into_bytes().into())
                 .await
                 .map_err(|e| e.to_string())?;
         }
     }
     let manifest = json!({
         "inputDataConfig": { "s3Uri": job.input },
-        "outputDataConfig": { "s3Uri": format!("s3://{out_bucket}/{folder}/"), "encryptionKeyID": job.kms },
-        "successOutput": { "successOutputS3Uri": format!("s3://{out_bucket}/{folder}/SUCCESS/") },
-        "failureOutput": { "failureOutputS3Uri": format!("s3://{out_bucket}/{folder}/FAILURE/") },
+        "outputDataConfig": { "s3Uri": folder_uri, "encryptionKeyID": job.kms },
+        "successOutput": { "successOutputS3Uri": format!("{folder_uri}SUCCESS/") },
+        "failureOutput": { "failureOutputS3Uri": format!("{folder_uri}FAILURE/") },
+        "numberOfScannedFiles": o.files,
+        "numberOfFilesImported": o.files,
+        "sizeOfScannedFilesInMB": o.megabytes,
+        "sizeOfDataImportedSuccessfullyInMB": imported_bytes as f64 / 1e6,
         "numberOfResourcesScanned": o.scanned,
         "numberOfResourcesImportedSuccessfully": o.imported,
         "numberOfResourcesWithCustomerError": o.rejected,
-        "numberOfResourcesWithServerError": 0,
+        "numberOfResourcesWithServerError": o.server_errors,
     });
     output
         .put(
-            &Path::from(format!("{folder}/manifest.json")),
+            &Path::from(format!("{folder}/{manifest_name}")),
             manifest.to_string().into_bytes().into(),
         )
         .await

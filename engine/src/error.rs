@@ -91,6 +91,19 @@ pub enum Error {
         rows: u64,
     },
 
+    /// An import whose destination's account of the records does not add
+    /// up to what curate published (exit code 3). Its rows are published,
+    /// marked not conserved.
+    #[error(
+        "import tenant {tenant} date {date}: records do not add up: {}",
+        detail.join("; ")
+    )]
+    ImportNotConserved {
+        tenant: String,
+        date: String,
+        detail: Vec<String>,
+    },
+
     #[error("{0}")]
     Usage(String),
 
@@ -261,7 +274,9 @@ impl Error {
             | Error::Usage(_)
             | Error::Config(_)
             | Error::ConfigFile { .. } => 2,
-            Error::Conservation { .. } | Error::UnreportedRejections { .. } => 3,
+            Error::Conservation { .. }
+            | Error::UnreportedRejections { .. }
+            | Error::ImportNotConserved { .. } => 3,
             Error::Busy { .. } => 4,
             Error::NothingToDo(_) => 5,
             _ => 1,

@@ -59,6 +59,21 @@ async fn land(t: &TestLake, date: &str, lines: &[String]) {
         .expect("curate");
 }
 
+/// The keys under `prefix` of the job output bucket, sorted.
+async fn output_objects(s: &Setup, prefix: &str) -> Vec<String> {
+    use futures::TryStreamExt;
+    let root = fhirflow::storage::Root::open("s3://hl-output/", &s.t.settings.s3).unwrap();
+    let store = root.store.clone();
+    let mut keys: Vec<String> = store
+        .list(Some(&object_store::path::Path::from(prefix)))
+        .map_ok(|o| o.location.to_string())
+        .try_collect()
+        .await
+        .unwrap();
+    keys.sort();
+    keys
+}
+
 fn request(date: &str, wait: bool) -> ImportRequest {
     ImportRequest {
         tenant: tenant(),
@@ -112,6 +127,31 @@ async fn a_clean_job_imports_every_curated_resource() {
             "25".into(),
             "25".into()
         ]]
+    );
+    // Every curated record is accounted for, per type.
+    let metrics = s
+        .t
+        .sql("SELECT resource_type, records_in, records_out, records_rejected, conserved FROM metadata.import_metrics WHERE stage = 'import'")
+        .await;
+    assert_eq!(
+        metrics,
+        vec![vec![
+            "Patient".to_string(),
+            "25".into(),
+            "25".into(),
+            "0".into(),
+            "true".into()
+        ]]
+    );
+    // The job's output is where the service puts it, with no FAILURE folder.
+    let folder = format!("jobs/{DATASTORE}-FHIR_IMPORT-{}", job.id);
+    let listed = output_objects(&s, &folder).await;
+    assert_eq!(
+        listed,
+        vec![
+            format!("{folder}/SUCCESS/Patient-processed.ndjson"),
+            format!("{folder}/manifest.json"),
+        ]
     );
     // The operations the client used, polling included.
     let ops = s.hl.requests();
@@ -171,30 +211,41 @@ async fn healthlake_rejections_come_back_with_their_line() {
     );
     let errors = s
         .t
-        .sql("SELECT stage, line_no, error_code, resource_type, resource_id, source_file FROM metadata.import_errors WHERE stage = 'import' ORDER BY line_no")
+        .sql("SELECT stage, line_no, error_code, resource_type, resource_id, source_file, location, message FROM metadata.import_errors WHERE stage = 'import' ORDER BY line_no")
         .await;
     let file = format!(
         "s3://lake/fhir/curated/tenantGuid={TENANT}/import_date={DATE}/Patient-processed.ndjson"
     );
+    // Each rejection: the curated file and line, the id read from that
+    // line, and the OperationOutcome's issue (code, diagnostics, location).
+    assert_eq!(errors.len(), 2, "{errors:?}");
     assert_eq!(
-        errors,
-        vec![
-            vec![
-                "import".to_string(),
-                "2".into(),
-                "INVALID_ID".into(),
-                "Patient".into(),
-                "bad id!".into(),
-                file.clone()
-            ],
-            vec![
-                "import".to_string(),
-                "4".into(),
-                "INVALID_JSON".into(),
-                "NULL".into(),
-                "NULL".into(),
-                file
-            ],
+        errors[0][..7],
+        [
+            "import".to_string(),
+            "2".into(),
+            "HEALTHLAKE_VALUE".into(),
+            "Patient".into(),
+            "bad id!".into(),
+            file.clone(),
+            "Patient.id".into()
+        ]
+    );
+    assert!(
+        errors[0][7].starts_with("value: Resource id does not match"),
+        "{errors:?}"
+    );
+    assert!(errors[0][7].ends_with("status 400"), "{errors:?}");
+    assert_eq!(
+        errors[1][..7],
+        [
+            "import".to_string(),
+            "4".into(),
+            "HEALTHLAKE_STRUCTURE".into(),
+            "Patient".into(),
+            "NULL".into(),
+            file,
+            "NULL".into()
         ]
     );
     let status =
@@ -204,6 +255,196 @@ async fn healthlake_rejections_come_back_with_their_line() {
         status,
         vec![vec!["succeeded with rejections".to_string(), "2".into()]]
     );
+    let metrics = s
+        .t
+        .sql("SELECT records_in, records_out, records_rejected, conserved FROM metadata.import_metrics WHERE stage = 'import'")
+        .await;
+    assert_eq!(
+        metrics,
+        vec![vec!["4".to_string(), "2".into(), "2".into(), "true".into()]]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn server_errors_are_accounted_for_and_a_count_that_does_not_add_up_exits_3() {
+    let s = setup(ROLE);
+    land(&s.t, "2024-05-01", &patients(5)).await;
+    land(&s.t, "2024-05-02", &patients(6)).await;
+    // Server errors with their FAILURE lines: every record is accounted for.
+    s.hl.server_errors(2);
+    let report = import(
+        &s.t.lake,
+        &s.t.settings,
+        &request("2024-05-01", true),
+        &Quiet,
+    )
+    .await
+    .expect("import with server errors");
+    assert_eq!(report.status, "COMPLETED_WITH_ERRORS");
+    assert_eq!(
+        (
+            report.records_in,
+            report.records_out,
+            report.records_rejected,
+            report.records_server_error
+        ),
+        (5, 3, 2, 2)
+    );
+    let codes = s
+        .t
+        .sql("SELECT line_no, error_code FROM metadata.import_errors WHERE stage = 'import' ORDER BY line_no")
+        .await;
+    assert_eq!(
+        codes,
+        vec![
+            vec!["1".to_string(), "HEALTHLAKE_SERVER_ERROR".into()],
+            vec!["2".to_string(), "HEALTHLAKE_SERVER_ERROR".into()],
+        ]
+    );
+
+    // Server errors the manifest counts with no line for them: the file
+    // does not add up, the import says which and exits 3, and its rows are
+    // recorded as not conserved.
+    s.hl.lose_server_errors(2);
+    let err = import(
+        &s.t.lake,
+        &s.t.settings,
+        &request("2024-05-02", true),
+        &Quiet,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.exit_code(), 3, "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("Patient-processed.ndjson: curate published 6 but HealthLake reports 4 imported + 0 rejected + 0 server errors"),
+        "{text}"
+    );
+    let rows = s
+        .t
+        .sql("SELECT j.status, m.records_in, m.records_out, m.conserved FROM metadata.import_jobs j JOIN metadata.import_metrics m ON m.job_id = j.job_id WHERE j.stage = 'import' AND j.import_date = DATE '2024-05-02'")
+        .await;
+    assert_eq!(
+        rows,
+        vec![vec![
+            "not conserved".to_string(),
+            "6".into(),
+            "4".into(),
+            "false".into()
+        ]]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_tenants_imports_queue_in_the_region_and_a_capitalised_manifest_reads() {
+    let moto = Moto::start();
+    moto.create_bucket("lake");
+    moto.create_bucket("hl-output");
+    const OTHER_DATASTORE: &str = "ds7c9e6679742540de944be07fc1f90ae7";
+    let hl = HealthLake::start(
+        &moto.endpoint(),
+        &[(DATASTORE, ROLE), (OTHER_DATASTORE, ROLE)],
+    );
+    hl.set_work_time(Duration::from_millis(500));
+    hl.capitalised_manifest();
+    let t = TestLake::with(|s| {
+        moto.configure(s, "lake", "fhir");
+        hl.configure(s, TENANT, DATASTORE, ROLE);
+        hl.configure(s, OTHER_TENANT, OTHER_DATASTORE, ROLE);
+        s.import.target = ImportTarget::Healthlake;
+    });
+    land(&t, DATE, &patients(2)).await;
+    let other: fhirflow::layout::TenantGuid = OTHER_TENANT.parse().unwrap();
+    let dir = t.input("other");
+    let lines = patients(3);
+    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+    let file = write_lines(&dir, "Patient.ndjson", &refs);
+    let ehr: SourceSystem = "ehr".parse().unwrap();
+    fhirflow::ingest::ingest(&t.lake, &[file], &other, &ehr, date())
+        .await
+        .unwrap();
+    fhirflow::curate::curate(&t.lake, &t.settings, &other, date(), &Quiet)
+        .await
+        .unwrap();
+    let mut second = request(DATE, false);
+    second.tenant = other.clone();
+    import(&t.lake, &t.settings, &request(DATE, false), &Quiet)
+        .await
+        .expect("submit the first tenant's");
+    import(&t.lake, &t.settings, &second, &Quiet)
+        .await
+        .expect("submit the second tenant's");
+    // Another datastore, the same Region: the second job waits its turn.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let jobs = hl.jobs();
+    assert_eq!(
+        jobs.iter()
+            .map(|j| (j.datastore.as_str(), j.status.as_str()))
+            .collect::<Vec<_>>(),
+        vec![(DATASTORE, "IN_PROGRESS"), (OTHER_DATASTORE, "QUEUED")]
+    );
+    for (tenant, n) in [(tenant(), 2), (other, 3)] {
+        let mut last = None;
+        for _ in 0..100 {
+            let r = healthlake::status(&t.lake, &t.settings, &tenant, date())
+                .await
+                .expect("status");
+            if r.status == "COMPLETED" {
+                last = Some(r);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let r = last.expect("the job completes");
+        assert_eq!((r.records_in, r.records_out), (n, n), "{tenant}");
+    }
+    assert_eq!(hl.stored(OTHER_DATASTORE).len(), 3);
+    assert_eq!(hl.stored(DATASTORE).len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn minimal_validation_stores_what_strict_rejects() {
+    for (level, imported) in [("strict", 1), ("minimal", 2)] {
+        let mut s = setup(ROLE);
+        s.t.settings.healthlake.validation_level = level.into();
+        land(&s.t, DATE, &patients(2)).await;
+        // An empty string, which the curated copy is made to hold.
+        let root = &s.t.lake.curated;
+        let path = root
+            .paths
+            .curated_partition(&tenant(), date())
+            .join("Patient-processed.ndjson");
+        let text = String::from_utf8(
+            root.store
+                .get(&path)
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap()
+                .to_vec(),
+        )
+        .unwrap();
+        let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+        let bad = r#"{"resourceType":"Patient","id":"p1","gender":""}"#;
+        lines[1] = format!("{bad}{}", " ".repeat(lines[1].len() - bad.len()));
+        root.store
+            .put(&path, (lines.join("\n") + "\n").into_bytes().into())
+            .await
+            .unwrap();
+        let report = import(&s.t.lake, &s.t.settings, &request(DATE, true), &Quiet)
+            .await
+            .expect("import");
+        assert_eq!(report.records_out, imported, "{level}");
+        assert_eq!(s.hl.jobs()[0].validation_level, level);
+        if level == "minimal" {
+            let stored = s.hl.stored(DATASTORE);
+            assert!(
+                stored["Patient/p1"].contains("validation-issue"),
+                "{stored:?}"
+            );
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

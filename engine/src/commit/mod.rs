@@ -80,6 +80,11 @@ pub struct Object {
     /// For a curated part: its name in the partition's visible folder.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// For a curated part: the records (lines) it holds, which an import
+    /// reconciles with what its destination reports. Commits written before
+    /// it was recorded have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub records: Option<u64>,
 }
 
 impl Object {
@@ -183,6 +188,7 @@ impl<W> Summing<W> {
             size: self.bytes,
             xxh3: self.sum.hex(),
             name: None,
+            records: None,
         };
         (self.inner, object)
     }
@@ -783,6 +789,7 @@ mod tests {
             size: bytes.len() as u64,
             xxh3: Checksum::of(bytes),
             name: Some(name.into()),
+            records: Some(bytes.iter().filter(|&&b| b == b'\n').count() as u64),
         }
     }
 

@@ -36,6 +36,7 @@ struct Part {
     writer: std::io::BufWriter<Summing<BridgedUpload>>,
     staged: Path,
     bytes: u64,
+    lines: u64,
 }
 
 /// Writes the curated lines of one raw file.
@@ -118,6 +119,7 @@ impl<'a> PartWriter<'a> {
                 writer: std::io::BufWriter::with_capacity(LINE_BUFFER, Summing::new(bridge)),
                 staged,
                 bytes: 0,
+                lines: 0,
             });
         }
         let part = self.current.as_mut().expect("part open");
@@ -132,6 +134,7 @@ impl<'a> PartWriter<'a> {
             return Err(self.io_err(&staged)(e));
         }
         part.bytes += len;
+        part.lines += 1;
         self.lines += 1;
         self.bytes += len;
         Ok(())
@@ -141,8 +144,9 @@ impl<'a> PartWriter<'a> {
         if let Some(part) = self.current.take() {
             let err = self.io_err(&part.staged);
             let summing = part.writer.into_inner().map_err(|e| err(e.into_error()))?;
-            let (mut bridge, object) = summing.into_parts(&part.staged);
+            let (mut bridge, mut object) = summing.into_parts(&part.staged);
             bridge.shutdown().map_err(err)?;
+            object.records = Some(part.lines);
             self.done.push(object);
         }
         Ok(())

@@ -28,7 +28,8 @@ use aws_sdk_healthlake::types::{
 use aws_sdk_healthlake::Client;
 use serde::{Deserialize, Serialize};
 
-use super::{curated, job_row, metric_rows, ImportReport, ImportRequest, STAGE};
+use super::hl_output::{self, Answered, Published, Reconciled, Response};
+use super::{curated, job_row, metric_rows, ImportReport, ImportRequest, TypeCounts, STAGE};
 use crate::commit::{
     self,
     lease::{Lease, Take},
@@ -413,25 +414,54 @@ async fn follow(
     };
     let mut errors = Vec::new();
     let mut metrics = Vec::new();
+    let mut mismatches = Vec::new();
     if ended(props.job_status()) {
-        let output = read_output(settings, &state, &props, &output_uri, req).await?;
-        report.records_in = output.scanned;
-        report.records_out = output.imported;
-        report.records_rejected = output.rejected;
+        let curated = curated(lake, &req.tenant, req.date).await?;
+        if curated.record.run_id != state.curate_run {
+            return Err(Error::Import(format!(
+                "HealthLake job {} read curate run {}, but the partition's latest is {}: \
+                 its outcome cannot be reconciled",
+                state.healthlake_job_id, state.curate_run, curated.record.run_id
+            )));
+        }
+        let output =
+            read_output(lake, settings, &state, &props, &output_uri, req, &curated).await?;
+        let r = output.reconciled;
+        report.records_in = r.total.published;
+        report.records_out = r.total.imported;
+        report.records_rejected = r.total.customer_error + r.total.server_error;
+        report.records_server_error = r.total.server_error;
         errors = output.errors;
-        // HealthLake counts per job, not per type: per type, the bytes it
-        // was given (the partition's objects) and the resources it rejected.
-        let mut rejected = BTreeMap::new();
-        for e in &errors {
-            let ty = e.resource_type.clone().unwrap_or_else(|| "unknown".into());
-            *rejected.entry(ty).or_insert(0u64) += 1;
-        }
-        let bytes = curated(lake, &req.tenant, req.date).await?.bytes();
-        for ty in bytes.keys() {
-            report.by_type.entry(ty.clone()).or_insert(0);
-        }
+        let bytes = curated.bytes();
+        let counts: BTreeMap<String, TypeCounts> = r
+            .by_type
+            .iter()
+            .map(|(ty, c)| {
+                report.by_type.insert(ty.clone(), c.published);
+                let t = TypeCounts {
+                    published: c.published,
+                    imported: c.imported,
+                    rejected: c.customer_error + c.server_error,
+                    bytes: bytes.get(ty).copied().unwrap_or(0),
+                };
+                (ty.clone(), t)
+            })
+            .collect();
         report.seconds = (chrono::Utc::now().timestamp_micros() - state.started_at) as f64 / 1e6;
-        metrics = metric_rows(req, &report, &bytes, &rejected);
+        metrics = metric_rows(req, &report, &counts);
+        for m in &mut metrics {
+            if r.unconserved.contains(&m.resource_type) {
+                m.conserved = false;
+            }
+        }
+        if r.total.server_error > 0 {
+            report.message = Some(format!(
+                "{} resources failed with a HealthLake server error: `fhirflow import` of a \
+                 new curate run sends them again",
+                r.total.server_error
+            ));
+        }
+        mismatches = r.mismatches;
     } else if wait {
         report.message = Some(format!(
             "still {} after {}s; `fhirflow import status` looks later",
@@ -448,6 +478,7 @@ async fn follow(
     );
     job.healthlake_status = Some(props.job_status().as_str().to_string());
     job.status = match props.job_status() {
+        _ if !mismatches.is_empty() => "not conserved".into(),
         JobStatus::Completed => "succeeded".into(),
         JobStatus::CompletedWithErrors => "succeeded with rejections".into(),
         s if ended(s) => "failed".into(),
@@ -495,6 +526,13 @@ async fn follow(
             props.message().unwrap_or("(no message)")
         )));
     }
+    if !mismatches.is_empty() {
+        return Err(Error::ImportNotConserved {
+            tenant: req.tenant.to_string(),
+            date: req.date.to_string(),
+            detail: mismatches,
+        });
+    }
     Ok(report)
 }
 
@@ -516,158 +554,227 @@ async fn write_state(lake: &Lake, path: &object_store::path::Path, state: &State
     lake.metadata.put(STAGE, path, bytes).await
 }
 
-/// What the job's output says.
+/// What the job's output says, reconciled with the curated files.
 struct Output {
-    scanned: u64,
-    imported: u64,
-    rejected: u64,
+    reconciled: Reconciled,
     errors: Vec<ErrorRow>,
 }
 
-/// The parts of `manifest.json` fhirflow reads (AWS HealthLake Developer
-/// Guide, "Manifest JSON file").
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Manifest {
-    #[serde(default)]
-    failure_output: Option<FailureOutput>,
-    #[serde(default)]
-    number_of_resources_scanned: u64,
-    #[serde(default)]
-    number_of_resources_imported_successfully: u64,
-    #[serde(default)]
-    number_of_resources_with_customer_error: u64,
-    #[serde(default)]
-    number_of_resources_with_server_error: u64,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct FailureOutput {
-    failure_output_s3_uri: String,
-}
-
-/// Reads the job's `manifest.json` and FAILURE files. The output folder is
-/// `<output S3 URI>/<datastore id>-FHIR_IMPORT-<job id>/`.
+/// Reads the job's manifest and its SUCCESS and FAILURE files, and
+/// reconciles them with the curated files the job was given.
 async fn read_output(
+    lake: &Lake,
     settings: &Settings,
     state: &State,
     props: &ImportJobProperties,
-    base: &str,
+    output_uri: &str,
     req: &ImportRequest,
+    curated: &super::Curated,
 ) -> Result<Output> {
-    let folder = format!(
-        "{}/{}-FHIR_IMPORT-{}/",
-        base.trim_end_matches('/'),
-        state.datastore_id,
-        state.healthlake_job_id
-    );
+    let folder = hl_output::job_folder(output_uri, &state.datastore_id, &state.healthlake_job_id);
     let root = Root::open(&folder, &settings.s3)?;
-    let manifest_path = root.paths.prefix.clone().join("manifest.json");
-    let Some(bytes) = root.get_bytes(STAGE, &manifest_path).await? else {
+    let mut manifest = None;
+    for name in hl_output::MANIFEST_NAMES {
+        let path = root.paths.prefix.clone().join(name);
+        if let Some(bytes) = root.get_bytes(STAGE, &path).await? {
+            let m = hl_output::parse_manifest(&bytes).map_err(|reason| Error::Input {
+                path: root.url_of(&path).into(),
+                reason,
+            })?;
+            manifest = Some(m);
+            break;
+        }
+    }
+    let published = published(lake, curated).await?;
+    let Some(manifest) = manifest else {
         if props.job_status() == &JobStatus::Failed {
-            // A job that failed before it read anything writes no manifest.
+            // A job that failed before it read anything writes no manifest:
+            // nothing was imported, its metrics say so (not conserved), and
+            // the job's failure is the import's error.
+            let none = hl_output::Manifest {
+                number_of_resources_scanned: published.iter().map(|p| p.records).sum(),
+                ..Default::default()
+            };
+            let mut reconciled = hl_output::reconcile(&published, &BTreeMap::new(), true, &none);
+            reconciled.mismatches.clear();
+            reconciled.unconserved.clear();
             return Ok(Output {
-                scanned: 0,
-                imported: 0,
-                rejected: 0,
+                reconciled,
                 errors: Vec::new(),
             });
         }
         return Err(Error::Import(format!(
-            "HealthLake job {} ended {} but wrote no {}",
+            "HealthLake job {} ended {} but wrote no manifest.json in {folder}",
             state.healthlake_job_id,
             props.job_status().as_str(),
-            root.url_of(&manifest_path)
         )));
     };
-    let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| Error::Input {
-        path: root.url_of(&manifest_path).into(),
-        reason: e.to_string(),
-    })?;
-    let mut errors = Vec::new();
-    if let Some(f) = &manifest.failure_output {
-        let froot = Root::open(&f.failure_output_s3_uri, &settings.s3)?;
+    let success_uri = manifest.success_output.as_ref().map_or_else(
+        || format!("{folder}SUCCESS/"),
+        |s| s.success_output_s3_uri.clone(),
+    );
+    let failure_uri = manifest.failure_output.as_ref().map_or_else(
+        || format!("{folder}FAILURE/"),
+        |f| f.failure_output_s3_uri.clone(),
+    );
+    let mut answered: BTreeMap<String, Answered> = BTreeMap::new();
+    let mut problems = Vec::new();
+    let mut have_success = false;
+    for (uri, failures) in [(success_uri, false), (failure_uri, true)] {
+        let froot = Root::open(&uri, &settings.s3)?;
         for obj in froot.list(STAGE, &froot.paths.prefix).await? {
             let Some(data) = froot.get_bytes(STAGE, &obj.location).await? else {
                 continue;
             };
-            let name = obj.location.filename().unwrap_or_default().to_string();
-            for line in data.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-                errors.push(failure_row(
-                    line,
-                    &name,
-                    &state.input_uri,
-                    req,
-                    &state.job_id,
-                    settings,
-                ));
+            let url = froot.url_of(&obj.location);
+            let name = obj.location.filename().unwrap_or_default();
+            if !published.iter().any(|p| p.name == name) {
+                problems.push(format!("{url}: answers for a file the import did not send"));
+                continue;
+            }
+            have_success |= !failures;
+            let entry = answered.entry(name.to_string()).or_default();
+            for (i, line) in data
+                .split(|&b| b == b'\n')
+                .enumerate()
+                .filter(|(_, l)| !l.iter().all(u8::is_ascii_whitespace))
+            {
+                if !failures {
+                    entry.successes += 1;
+                    continue;
+                }
+                match hl_output::parse_response(line) {
+                    Ok(r) => entry.failures.push(r),
+                    Err(reason) => problems.push(format!(
+                        "{url} line {}: not a HealthLake response line: {reason}",
+                        i + 1
+                    )),
+                }
             }
         }
     }
-    Ok(Output {
-        scanned: manifest.number_of_resources_scanned,
-        imported: manifest.number_of_resources_imported_successfully,
-        rejected: manifest.number_of_resources_with_customer_error
-            + manifest.number_of_resources_with_server_error,
-        errors,
-    })
+    let mut reconciled = hl_output::reconcile(&published, &answered, have_success, &manifest);
+    reconciled.mismatches.extend(problems);
+    let mut errors = Vec::new();
+    let visible = lake.curated.paths.curated_partition(&req.tenant, req.date);
+    for file in &published {
+        let Some(a) = answered.get(&file.name).filter(|a| !a.failures.is_empty()) else {
+            continue;
+        };
+        // The lines HealthLake read: the partition's visible copy.
+        let text = lake
+            .curated
+            .get_bytes(STAGE, &visible.clone().join(file.name.as_str()))
+            .await?
+            .unwrap_or_default();
+        let lines: Vec<&[u8]> = text.split(|&b| b == b'\n').collect();
+        let source_file = format!("{}{}", state.input_uri, file.name);
+        for f in &a.failures {
+            let line = f.line().and_then(|n| lines.get(n as usize - 1).copied());
+            errors.push(failure_row(
+                f,
+                file,
+                line,
+                &source_file,
+                req,
+                &state.job_id,
+                settings,
+            ));
+        }
+    }
+    Ok(Output { reconciled, errors })
 }
 
-/// One line of a FAILURE file as an `import_errors` row. The documented
-/// fields are read under the names HealthLake uses; a line that is not JSON
-/// is kept whole as the message, so no rejection is lost.
+/// The curated files of the commit the job was given, with their record
+/// counts (counted from the object for a commit written before parts
+/// carried them).
+async fn published(lake: &Lake, curated: &super::Curated) -> Result<Vec<Published>> {
+    let mut out = Vec::new();
+    for (ty, parts) in &curated.files {
+        for part in parts {
+            let records = match part.records {
+                Some(n) => n,
+                None => {
+                    let bytes = lake
+                        .curated
+                        .get_bytes(STAGE, &part.location())
+                        .await?
+                        .unwrap_or_default();
+                    memchr::memchr_iter(b'\n', &bytes).count() as u64
+                }
+            };
+            out.push(Published {
+                name: part.name.clone().unwrap_or_default(),
+                resource_type: ty,
+                records,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// One resource HealthLake did not take, as an `import_errors` row: the
+/// curated file and line, the id read from that line, and the
+/// OperationOutcome's issues.
 fn failure_row(
-    line: &[u8],
-    file_name: &str,
-    input_uri: &str,
+    f: &Response,
+    file: &Published,
+    line: Option<&[u8]>,
+    source_file: &str,
     req: &ImportRequest,
     job_id: &str,
     settings: &Settings,
 ) -> ErrorRow {
-    let v: serde_json::Value = serde_json::from_slice(line)
-        .unwrap_or_else(|_| serde_json::json!({ "errorMessage": String::from_utf8_lossy(line) }));
-    let text = |keys: &[&str]| {
-        keys.iter().find_map(|k| match v.get(*k) {
-            Some(serde_json::Value::String(s)) => Some(s.clone()),
-            Some(serde_json::Value::Number(n)) => Some(n.to_string()),
-            _ => None,
+    #[derive(Deserialize)]
+    struct Head {
+        id: Option<String>,
+    }
+    let id = line
+        .and_then(|l| serde_json::from_slice::<Head>(l).ok())
+        .and_then(|h| h.id);
+    let first = f.issues.first();
+    let error_code = if f.server_error() {
+        "HEALTHLAKE_SERVER_ERROR".to_string()
+    } else {
+        format!(
+            "HEALTHLAKE_{}",
+            first
+                .map_or("REJECTED", |i| i.code.as_str())
+                .to_ascii_uppercase()
+                .replace('-', "_")
+        )
+    };
+    let mut message: Vec<String> = f
+        .issues
+        .iter()
+        .map(|i| match &i.diagnostics {
+            Some(d) => format!("{}: {d}", i.code),
+            None => i.code.clone(),
         })
-    };
-    let resource = v.get("resource");
-    let of_resource = |k: &str| {
-        resource
-            .and_then(|r| r.get(k))
-            .and_then(|x| x.as_str())
-            .map(str::to_string)
-    };
-    let record = resource.map(|r| {
-        let mut s = r.to_string();
-        let cap = settings.curate.error_record_max_bytes;
-        if s.len() > cap {
-            let mut end = cap;
-            while !s.is_char_boundary(end) {
-                end -= 1;
-            }
-            s.truncate(end);
+        .collect();
+    message.push(format!("status {}", f.status));
+    let cap = settings.curate.error_record_max_bytes;
+    let record = line.filter(|_| cap > 0).map(|l| {
+        let mut end = l.len().min(cap);
+        // Cut before a UTF-8 continuation byte, not inside a character.
+        while end > 0 && end < l.len() && l[end] & 0xC0 == 0x80 {
+            end -= 1;
         }
-        s
+        String::from_utf8_lossy(&l[..end]).into_owned()
     });
-    let source_file = text(&["file", "fileName", "sourceFile"])
-        .unwrap_or_else(|| format!("{input_uri}{}", file_name));
     ErrorRow {
         job_id: job_id.to_string(),
         stage: STAGE.into(),
         tenant_guid: req.tenant.to_string(),
         import_date: req.date.days_since_epoch(),
-        source_file,
-        line_no: text(&["lineNumber", "line"]).and_then(|n| n.parse().ok()),
-        resource_type: text(&["resourceType"]).or_else(|| of_resource("resourceType")),
-        resource_id: text(&["resourceId", "id"]).or_else(|| of_resource("id")),
-        error_code: text(&["errorCode", "code"]).unwrap_or_else(|| "HEALTHLAKE_REJECTED".into()),
-        message: text(&["errorMessage", "message"]).unwrap_or_default(),
-        location: None,
-        record: record.filter(|r| !r.is_empty() && settings.curate.error_record_max_bytes > 0),
+        source_file: source_file.to_string(),
+        line_no: f.line(),
+        resource_type: Some(file.resource_type.to_string()),
+        resource_id: id,
+        error_code,
+        message: message.join("; "),
+        location: first.and_then(|i| i.location.clone()),
+        record,
         rule: None,
         warning: false,
     }

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use tokio::task::JoinSet;
 
-use super::{curated, job_row, metric_rows, ImportReport, ImportRequest, STAGE};
+use super::{curated, job_row, metric_rows, ImportReport, ImportRequest, TypeCounts, STAGE};
 use crate::commit;
 use crate::curate::parse::key_line;
 use crate::error::{Error, Result};
@@ -67,6 +67,7 @@ async fn import_pinned(
     let curated = curated(lake, &req.tenant, req.date).await?;
     // Sizes from the commit only order the tables; metrics count what was read.
     let sizes = curated.bytes();
+    let published = curated.records();
     let local = Arc::new(
         LocalLake::open(&lake.metadata, true)
             .await?
@@ -137,6 +138,34 @@ async fn import_pinned(
     } else {
         "succeeded".into()
     };
+    // Every record curate published is a row of its table; a commit written
+    // before parts carried their count is checked by what was read.
+    let counts: BTreeMap<String, TypeCounts> = report
+        .by_type
+        .iter()
+        .map(|(ty, &rows)| {
+            let c = TypeCounts {
+                published: published.get(ty).copied().flatten().unwrap_or(rows),
+                imported: rows,
+                rejected: 0,
+                bytes: bytes.get(ty).copied().unwrap_or(0),
+            };
+            (ty.clone(), c)
+        })
+        .collect();
+    let unconserved: Vec<String> = counts
+        .iter()
+        .filter(|(_, c)| !c.conserved())
+        .map(|(ty, c)| {
+            format!(
+                "{ty}: curate published {} but the lake took {}",
+                c.published, c.imported
+            )
+        })
+        .collect();
+    if !unconserved.is_empty() {
+        report.status = "not conserved".into();
+    }
     report.message = Some(format!(
         "curate run {}; {tables} tables, {already} already held this run",
         report.curate_run,
@@ -146,7 +175,7 @@ async fn import_pinned(
         .url_of(&lake.curated.paths.curated_partition(&req.tenant, req.date));
     let output = lake.metadata.url_of(&lake.metadata.paths.iceberg());
     let job = job_row(req, &report, started_at, input, output);
-    let metrics = metric_rows(req, &report, &bytes, &BTreeMap::new());
+    let metrics = metric_rows(req, &report, &counts);
     let rows = metadata::StageRows {
         source_system: None,
         jobs: &[job],
@@ -164,6 +193,13 @@ async fn import_pinned(
         Some(curated.record.sequence),
     )
     .await?;
+    if !unconserved.is_empty() {
+        return Err(Error::ImportNotConserved {
+            tenant: req.tenant.to_string(),
+            date: req.date.to_string(),
+            detail: unconserved,
+        });
+    }
     Ok(report)
 }
 

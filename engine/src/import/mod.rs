@@ -14,6 +14,7 @@
 //! snapshots of the same curate run, HealthLake the same `ClientToken`.
 
 pub mod healthlake;
+mod hl_output;
 pub mod local;
 
 use std::collections::BTreeMap;
@@ -51,9 +52,13 @@ pub struct ImportReport {
     pub records_in: u64,
     /// Resources the destination took.
     pub records_out: u64,
-    /// Resources the destination rejected (HealthLake).
+    /// Resources the destination rejected (HealthLake), server errors
+    /// included.
     pub records_rejected: u64,
-    /// Resources per type.
+    /// Of those, the ones HealthLake failed with a server error (worth a
+    /// retry, not a fix of the data).
+    pub records_server_error: u64,
+    /// Resources sent, per type.
     pub by_type: BTreeMap<String, u64>,
     /// The local lake: the snapshot of each table.
     pub snapshots: BTreeMap<String, i64>,
@@ -75,6 +80,31 @@ impl Curated {
             .iter()
             .map(|(ty, parts)| (ty.to_string(), parts.iter().map(|p| p.size).sum()))
             .collect()
+    }
+
+    /// The records of each resource type, as the commit records them (None
+    /// for a commit written before parts carried their count).
+    pub fn records(&self) -> BTreeMap<String, Option<u64>> {
+        self.files
+            .iter()
+            .map(|(ty, parts)| (ty.to_string(), parts.iter().map(|p| p.records).sum()))
+            .collect()
+    }
+}
+
+/// One resource type's import: what curate published, what the destination
+/// took and rejected.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct TypeCounts {
+    pub published: u64,
+    pub imported: u64,
+    pub rejected: u64,
+    pub bytes: u64,
+}
+
+impl TypeCounts {
+    pub fn conserved(&self) -> bool {
+        self.published == self.imported + self.rejected
     }
 }
 
@@ -137,37 +167,31 @@ pub(crate) fn job_row(
     }
 }
 
-/// One `import_metrics` row per resource type.
+/// One `import_metrics` row per resource type, `conserved` computed.
 pub(crate) fn metric_rows(
     req: &ImportRequest,
     report: &ImportReport,
-    bytes: &BTreeMap<String, u64>,
-    rejected: &BTreeMap<String, u64>,
+    counts: &BTreeMap<String, TypeCounts>,
 ) -> Vec<MetricRow> {
     let secs = report.seconds.max(1e-9);
-    report
-        .by_type
+    counts
         .iter()
-        .map(|(ty, &n)| {
-            let bad = rejected.get(ty).copied().unwrap_or(0);
-            let b = bytes.get(ty).copied().unwrap_or(0);
-            MetricRow {
-                job_id: report.job_id.clone(),
-                stage: STAGE.into(),
-                tenant_guid: req.tenant.to_string(),
-                import_date: req.date.days_since_epoch(),
-                resource_type: ty.clone(),
-                records_in: n,
-                records_out: n.saturating_sub(bad),
-                records_rejected: bad,
-                bytes_in: b,
-                bytes_out: b,
-                elapsed_seconds: report.seconds,
-                records_per_second: n as f64 / secs,
-                mb_per_second: b as f64 / 1e6 / secs,
-                conserved: true,
-                ..Default::default()
-            }
+        .map(|(ty, c)| MetricRow {
+            job_id: report.job_id.clone(),
+            stage: STAGE.into(),
+            tenant_guid: req.tenant.to_string(),
+            import_date: req.date.days_since_epoch(),
+            resource_type: ty.clone(),
+            records_in: c.published,
+            records_out: c.imported,
+            records_rejected: c.rejected,
+            bytes_in: c.bytes,
+            bytes_out: c.bytes,
+            elapsed_seconds: report.seconds,
+            records_per_second: c.published as f64 / secs,
+            mb_per_second: c.bytes as f64 / 1e6 / secs,
+            conserved: c.conserved(),
+            ..Default::default()
         })
         .collect()
 }

@@ -327,6 +327,7 @@ pub async fn write_parquet(
         size: bytes.len() as u64,
         xxh3: crate::commit::Checksum::of(&bytes),
         name: None,
+        records: None,
     };
     root.put(stage, path, bytes).await?;
     Ok(object)
