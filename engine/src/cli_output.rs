@@ -135,6 +135,7 @@ pub fn import(r: &ImportReport) -> Value {
         "records_in": r.records_in,
         "records_out": r.records_out,
         "records_rejected": r.records_rejected,
+        "records_server_error": r.records_server_error,
         "types": r.by_type,
         "snapshots": r.snapshots,
         "healthlake_job_id": r.healthlake_job_id,

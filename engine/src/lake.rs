@@ -53,6 +53,10 @@ pub const PROP_JOB: &str = "fhirflow.job-id";
 pub const PROP_TENANT: &str = "fhirflow.tenant";
 pub const PROP_DATE: &str = "fhirflow.import-date";
 pub const PROP_CURATE_RUN: &str = "fhirflow.curate-run";
+/// The curate run's records the import left out: identical to, or older
+/// than, what the lake held (`import::ledger`).
+pub const PROP_UNCHANGED: &str = "fhirflow.records-unchanged";
+pub const PROP_STALE: &str = "fhirflow.records-stale";
 
 /// The columns of every lake table, in order.
 pub const COLUMNS: [&str; 9] = [
@@ -79,6 +83,8 @@ pub struct Appended {
     pub resource_type: String,
     pub snapshot_id: i64,
     pub rows: u64,
+    pub unchanged: u64,
+    pub stale: u64,
 }
 
 impl LocalLake {
@@ -214,15 +220,16 @@ impl LocalLake {
             p.get(PROP_CURATE_RUN).map(String::as_str) == Some(curate_run)
                 && p.get(PROP_TENANT).map(String::as_str) == Some(tenant.as_str())
         });
-        Ok(found.map(|s| Appended {
-            resource_type: resource_type.to_string(),
-            snapshot_id: s.snapshot_id(),
-            rows: s
-                .summary()
-                .additional_properties
-                .get("added-records")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0),
+        Ok(found.map(|s| {
+            let p = &s.summary().additional_properties;
+            let count = |k: &str| p.get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
+            Appended {
+                resource_type: resource_type.to_string(),
+                snapshot_id: s.snapshot_id(),
+                rows: count("added-records"),
+                unchanged: count(PROP_UNCHANGED),
+                stale: count(PROP_STALE),
+            }
         }))
     }
 
@@ -331,8 +338,14 @@ impl Appender {
         written.map_err(|e| self.err("write", e))
     }
 
-    /// Closes the data files and commits them as one snapshot.
-    pub async fn commit(mut self) -> Result<Appended> {
+    /// Closes the data files and commits them as one snapshot (with no data
+    /// file when every record was left out: the snapshot still records the
+    /// curate run and what was left out).
+    pub async fn commit(mut self, unchanged: u64, stale: u64) -> Result<Appended> {
+        self.summary
+            .insert(PROP_UNCHANGED.to_string(), unchanged.to_string());
+        self.summary
+            .insert(PROP_STALE.to_string(), stale.to_string());
         if self.batch.len > 0 {
             self.flush().await?;
         }
@@ -356,6 +369,8 @@ impl Appender {
             resource_type: self.resource_type,
             snapshot_id,
             rows: self.rows,
+            unchanged,
+            stale,
         })
     }
 }

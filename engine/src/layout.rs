@@ -427,6 +427,29 @@ impl Paths {
         ])
     }
 
+    /// A tenant's import ledger for one target (`local`, or `healthlake-`
+    /// and the datastore id): one Parquet file per import, named by its job.
+    pub fn ledger(&self, t: &TenantGuid, target: &str) -> Path {
+        self.join([
+            "metadata",
+            "_ledger",
+            &tenant_seg(t),
+            &format!("target={target}"),
+        ])
+    }
+
+    /// The records one HealthLake import sends when the ledger leaves some
+    /// of the partition's out: a prefix of their own beside (not under) the
+    /// curated layer, since HealthLake reads every object under its input.
+    pub fn healthlake_import(&self, t: &TenantGuid, d: ImportDate, job: &str) -> Path {
+        self.join([
+            "healthlake-import",
+            &tenant_seg(t),
+            &date_seg(d),
+            &format!("job={job}"),
+        ])
+    }
+
     /// The local Iceberg lake: `iceberg/catalog.db` and `iceberg/warehouse/`.
     pub fn iceberg(&self) -> Path {
         self.join(["iceberg"])

@@ -979,8 +979,8 @@ fn print_import(r: &fhirflow::import::ImportReport, quiet: bool) {
     );
     if let Some(id) = &r.healthlake_job_id {
         println!(
-            "HealthLake job {id}: {} sent, {} imported, {} rejected",
-            r.records_in, r.records_out, r.records_rejected
+            "HealthLake job {id}: {} sent, {} imported, {} rejected ({} of them server errors)",
+            r.records_in, r.records_out, r.records_rejected, r.records_server_error
         );
     }
     for (ty, n) in &r.by_type {

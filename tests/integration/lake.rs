@@ -270,7 +270,13 @@ async fn the_current_version_is_the_newest_version_not_the_last_import() {
         &[patient("p1", "2", "Two, re-sent late"), ten],
     )
     .await;
-    import_local(&t, &tenant(), "2024-05-02").await;
+    let second = import_local(&t, &tenant(), "2024-05-02").await;
+    // The late re-send is older than what the lake holds: counted stale and
+    // not imported.
+    assert_eq!(
+        (second.records_in, second.records_out, second.records_stale),
+        (2, 1, 1)
+    );
     let q = format!(
         "SELECT id, version_id, json_get_str(resource, 'name', 0, 'family') FROM lake.patient WHERE tenant_guid = '{TENANT}' ORDER BY id"
     );
@@ -281,7 +287,76 @@ async fn the_current_version_is_the_newest_version_not_the_last_import() {
             vec!["p2".into(), "10".into(), "Ten".into()],
         ]
     );
-    // The late re-send is in the history all the same.
+    assert_eq!(
+        t.sql(&format!(
+            "SELECT count(*) FROM lake_history.patient WHERE tenant_guid = '{TENANT}'"
+        ))
+        .await,
+        vec![vec!["3".to_string()]]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unchanged_nightly_export_imports_nothing_and_says_so() {
+    let t = TestLake::new();
+    let night = |family: &str| {
+        vec![
+            patient("p1", "1", "One"),
+            patient("p2", "1", family),
+            patient("p3", "1", "Three"),
+        ]
+    };
+    land(&t, &tenant(), "2024-05-01", &night("Two")).await;
+    let first = import_local(&t, &tenant(), "2024-05-01").await;
+    assert_eq!((first.records_out, first.records_unchanged), (3, 0));
+
+    // The next night's full export sends the same resources; one of them
+    // only with a new versionId and lastUpdated.
+    let mut same = night("Two");
+    same[0] = same[0]
+        .replace("\"versionId\":\"1\"", "\"versionId\":\"2\"")
+        .replace("2024-05-01T10", "2024-05-02T10");
+    land(&t, &tenant(), "2024-05-02", &same).await;
+    let second = import_local(&t, &tenant(), "2024-05-02").await;
+    assert_eq!(
+        (
+            second.records_in,
+            second.records_out,
+            second.records_unchanged,
+            second.records_stale
+        ),
+        (3, 0, 3, 0)
+    );
+    assert!(second.bytes_not_sent > 300, "{}", second.bytes_not_sent);
+    let metrics = t
+        .sql("SELECT records_in, records_out, records_unchanged, records_stale, conserved FROM metadata.import_metrics WHERE stage = 'import' AND import_date = DATE '2024-05-02'")
+        .await;
+    assert_eq!(
+        metrics,
+        vec![vec![
+            "3".to_string(),
+            "0".into(),
+            "3".into(),
+            "0".into(),
+            "true".into()
+        ]]
+    );
+    // A retry of that import finds its (empty) snapshot and the same counts.
+    let again = import_local(&t, &tenant(), "2024-05-02").await;
+    assert_eq!(again.status, "already imported");
+    assert_eq!((again.records_in, again.records_unchanged), (3, 3));
+
+    // A third night changes p2: only it is sent.
+    land(&t, &tenant(), "2024-05-03", &night("Changed")).await;
+    let third = import_local(&t, &tenant(), "2024-05-03").await;
+    assert_eq!((third.records_out, third.records_unchanged), (1, 2));
+    assert_eq!(
+        t.sql(&format!(
+            "SELECT json_get_str(resource, 'name', 0, 'family') FROM lake.patient WHERE tenant_guid = '{TENANT}' AND id = 'p2'"
+        ))
+        .await,
+        vec![vec!["Changed".to_string()]]
+    );
     assert_eq!(
         t.sql(&format!(
             "SELECT count(*) FROM lake_history.patient WHERE tenant_guid = '{TENANT}'"

@@ -1203,6 +1203,8 @@ impl Run {
             records_duplicate: s.duplicates,
             records_exact_duplicate: s.exact_duplicates,
             records_id_collision: s.id_collisions,
+            records_unchanged: 0,
+            records_stale: 0,
             bytes_in: s.bytes_in,
             bytes_out: s.bytes_out,
             files: None,

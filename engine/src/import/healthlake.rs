@@ -443,6 +443,7 @@ async fn follow(
                     imported: c.imported,
                     rejected: c.customer_error + c.server_error,
                     bytes: bytes.get(ty).copied().unwrap_or(0),
+                    ..Default::default()
                 };
                 (ty.clone(), t)
             })

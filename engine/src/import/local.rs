@@ -11,9 +11,10 @@ use std::time::Instant;
 
 use tokio::task::JoinSet;
 
+use super::ledger::{self, content_hash, Entry, Ledger, Verdict};
 use super::{curated, job_row, metric_rows, ImportReport, ImportRequest, TypeCounts, STAGE};
 use crate::commit;
-use crate::curate::parse::key_line;
+use crate::curate::parse::key_and_scan;
 use crate::error::{Error, Result};
 use crate::lake::{Appended, ImportRun, LocalLake};
 use crate::metadata;
@@ -95,9 +96,12 @@ async fn import_pinned(
     let mut tables = tables.into_iter();
     // Dropping the set (on an error) aborts the other tables' imports; a
     // table commits all of its rows or none.
+    let ledger = Arc::new(Ledger::load(lake, &req.tenant, LEDGER).await?);
     let mut running = JoinSet::new();
     let mut already = 0;
     let mut bytes = BTreeMap::new();
+    let mut left_out = BTreeMap::new();
+    let mut sent = Vec::new();
     loop {
         while running.len() < settings.curate.concurrency.max(1) {
             let Some((ty, files)) = tables.next() else {
@@ -110,6 +114,7 @@ async fn import_pinned(
                 resource_type: ty,
                 files,
                 max_depth: settings.curate.max_depth,
+                ledger: ledger.clone(),
             };
             running.spawn(task.run());
         }
@@ -121,6 +126,12 @@ async fn import_pinned(
         already += usize::from(done.was_there);
         reporter.advance(done.files as u64);
         bytes.insert(appended.resource_type.clone(), done.bytes_read);
+        left_out.insert(
+            appended.resource_type.clone(),
+            (appended.unchanged, appended.stale),
+        );
+        report.bytes_not_sent += done.bytes_not_sent;
+        sent.extend(done.sent);
         report
             .by_type
             .insert(appended.resource_type.clone(), appended.rows);
@@ -129,8 +140,13 @@ async fn import_pinned(
             .insert(appended.resource_type, appended.snapshot_id);
     }
     reporter.finish();
-    report.records_in = report.by_type.values().sum();
-    report.records_out = report.records_in;
+    // What the lake now holds, for the next import's ledger.
+    ledger::save(lake, &req.tenant, LEDGER, &job_id, &sent).await?;
+    drop(sent);
+    report.records_out = report.by_type.values().sum();
+    report.records_unchanged = left_out.values().map(|c| c.0).sum();
+    report.records_stale = left_out.values().map(|c| c.1).sum();
+    report.records_in = report.records_out + report.records_unchanged + report.records_stale;
     report.seconds = started.elapsed().as_secs_f64();
     let tables = report.by_type.len();
     report.status = if already > 0 && already == tables {
@@ -144,10 +160,14 @@ async fn import_pinned(
         .by_type
         .iter()
         .map(|(ty, &rows)| {
+            let (unchanged, stale) = left_out.get(ty).copied().unwrap_or_default();
+            let read = rows + unchanged + stale;
             let c = TypeCounts {
-                published: published.get(ty).copied().flatten().unwrap_or(rows),
+                published: published.get(ty).copied().flatten().unwrap_or(read),
                 imported: rows,
                 rejected: 0,
+                unchanged,
+                stale,
                 bytes: bytes.get(ty).copied().unwrap_or(0),
             };
             (ty.clone(), c)
@@ -158,8 +178,8 @@ async fn import_pinned(
         .filter(|(_, c)| !c.conserved())
         .map(|(ty, c)| {
             format!(
-                "{ty}: curate published {} but the lake took {}",
-                c.published, c.imported
+                "{ty}: curate published {} but the lake took {} and left out {} unchanged and {} stale",
+                c.published, c.imported, c.unchanged, c.stale
             )
         })
         .collect();
@@ -203,6 +223,9 @@ async fn import_pinned(
     Ok(report)
 }
 
+/// The local lake's name in the ledger.
+const LEDGER: &str = "local";
+
 /// What one table's import did.
 struct TableDone {
     appended: Appended,
@@ -210,6 +233,9 @@ struct TableDone {
     bytes_read: u64,
     /// An earlier import of the same curate run had made the snapshot.
     was_there: bool,
+    /// The records appended, for the ledger.
+    sent: Vec<Entry>,
+    bytes_not_sent: u64,
 }
 
 /// One resource type's curated files into its table.
@@ -220,6 +246,7 @@ struct TableImport {
     resource_type: &'static str,
     files: Vec<commit::Object>,
     max_depth: usize,
+    ledger: Arc<Ledger>,
 }
 
 impl TableImport {
@@ -236,11 +263,15 @@ impl TableImport {
                 files: self.files.len(),
                 bytes_read: 0,
                 was_there: true,
+                sent: Vec::new(),
+                bytes_not_sent: 0,
             });
         }
         let curated = &self.lake.curated;
         let mut appender = self.local.appender(ty, run).await?;
         let mut bytes_read = 0;
+        let (mut sent, mut unchanged, mut stale, mut skipped) = (Vec::new(), 0, 0, 0);
+        let date = run.date.days_since_epoch();
         for part in &self.files {
             // Exactly the bytes the pinned commit lists, or the import fails
             // naming the object.
@@ -257,22 +288,37 @@ impl TableImport {
                 if line.is_empty() {
                     continue;
                 }
-                let keys = key_line(line, Some(ty), self.max_depth, false).map_err(|r| {
-                    Error::Import(format!(
-                        "{} line {}: {}",
-                        curated.url_of(path),
-                        n + 1,
-                        r.message
-                    ))
-                })?;
-                appender.push(&keys).await?;
+                let (keys, scan) =
+                    key_and_scan(line, Some(ty), self.max_depth, false).map_err(|r| {
+                        Error::Import(format!(
+                            "{} line {}: {}",
+                            curated.url_of(path),
+                            n + 1,
+                            r.message
+                        ))
+                    })?;
+                let entry = Entry::of(&keys, date, content_hash(keys.text, &scan));
+                let verdict = self.ledger.judge(&entry);
+                if verdict != Verdict::Send {
+                    skipped += line.len() as u64 + 1;
+                }
+                match verdict {
+                    Verdict::Unchanged => unchanged += 1,
+                    Verdict::Stale => stale += 1,
+                    Verdict::Send => {
+                        appender.push(&keys).await?;
+                        sent.push(entry);
+                    }
+                }
             }
         }
         Ok(TableDone {
-            appended: appender.commit().await?,
+            appended: appender.commit(unchanged, stale).await?,
             files: self.files.len(),
             bytes_read,
             was_there: false,
+            sent,
+            bytes_not_sent: skipped,
         })
     }
 }

@@ -15,6 +15,7 @@
 
 pub mod healthlake;
 mod hl_output;
+pub mod ledger;
 pub mod local;
 
 use std::collections::BTreeMap;
@@ -58,6 +59,12 @@ pub struct ImportReport {
     /// Of those, the ones HealthLake failed with a server error (worth a
     /// retry, not a fix of the data).
     pub records_server_error: u64,
+    /// Curated records not sent: identical to the version the target holds,
+    /// or older than it (the ledger, [`ledger`]).
+    pub records_unchanged: u64,
+    pub records_stale: u64,
+    /// The bytes of the records not sent.
+    pub bytes_not_sent: u64,
     /// Resources sent, per type.
     pub by_type: BTreeMap<String, u64>,
     /// The local lake: the snapshot of each table.
@@ -99,12 +106,16 @@ pub(crate) struct TypeCounts {
     pub published: u64,
     pub imported: u64,
     pub rejected: u64,
+    pub unchanged: u64,
+    pub stale: u64,
     pub bytes: u64,
 }
 
 impl TypeCounts {
+    /// DESIGN.md, "Conservation": curated = imported + rejected by the
+    /// target + unchanged + stale.
     pub fn conserved(&self) -> bool {
-        self.published == self.imported + self.rejected
+        self.published == self.imported + self.rejected + self.unchanged + self.stale
     }
 }
 
@@ -185,6 +196,8 @@ pub(crate) fn metric_rows(
             records_in: c.published,
             records_out: c.imported,
             records_rejected: c.rejected,
+            records_unchanged: c.unchanged,
+            records_stale: c.stale,
             bytes_in: c.bytes,
             bytes_out: c.bytes,
             elapsed_seconds: report.seconds,

@@ -94,6 +94,10 @@ pub struct MetricRow {
     /// Records that lost to another source system's record with the same
     /// (type, id) and other content (`import_errors` ID_COLLISION rows).
     pub records_id_collision: u64,
+    /// Import: records identical to the version the target holds, and
+    /// records older than it; neither is sent.
+    pub records_unchanged: u64,
+    pub records_stale: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
     /// Files written (the extract stage; None for other stages).
@@ -101,7 +105,8 @@ pub struct MetricRow {
     pub elapsed_seconds: f64,
     pub records_per_second: f64,
     pub mb_per_second: f64,
-    /// records_in = records_out + records_rejected + records_duplicate.
+    /// records_in = records_out + records_rejected + records_duplicate
+    /// (import: + records_unchanged + records_stale).
     pub conserved: bool,
 }
 
@@ -170,6 +175,8 @@ static METRICS: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("records_exact_duplicate", DataType::UInt64, false),
         // Nullable, as `severity` is: older files lack it.
         Field::new("records_id_collision", DataType::UInt64, true),
+        Field::new("records_unchanged", DataType::UInt64, true),
+        Field::new("records_stale", DataType::UInt64, true),
         Field::new("bytes_in", DataType::UInt64, false),
         Field::new("bytes_out", DataType::UInt64, false),
         Field::new("files", DataType::UInt64, true),
@@ -285,6 +292,8 @@ pub fn metrics_batch(rows: &[MetricRow]) -> RecordBatch {
             u64s(r.iter().map(|x| x.records_duplicate)),
             u64s(r.iter().map(|x| x.records_exact_duplicate)),
             u64s(r.iter().map(|x| x.records_id_collision)),
+            u64s(r.iter().map(|x| x.records_unchanged)),
+            u64s(r.iter().map(|x| x.records_stale)),
             u64s(r.iter().map(|x| x.bytes_in)),
             u64s(r.iter().map(|x| x.bytes_out)),
             Arc::new(r.iter().map(|x| x.files).collect::<UInt64Array>()),
