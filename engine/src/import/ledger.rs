@@ -22,7 +22,6 @@ use std::sync::Arc;
 
 use arrow::array::{Array, Date32Array, RecordBatch, StringArray, TimestampMicrosecondArray};
 use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
-use bytes::Bytes;
 use fhirflow_udfs::json::Scanned;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
@@ -161,7 +160,7 @@ impl Ledger {
                 path: root.url_of(&obj.location).into(),
                 reason: format!("not a ledger file: {e}"),
             };
-            let reader = ParquetRecordBatchReaderBuilder::try_new(Bytes::from(bytes))
+            let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
                 .and_then(|b| b.build())
                 .map_err(|e| bad(&e))?;
             for batch in reader {
