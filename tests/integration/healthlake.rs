@@ -269,7 +269,11 @@ async fn healthlake_rejections_come_back_with_their_line() {
 async fn server_errors_are_accounted_for_and_a_count_that_does_not_add_up_exits_3() {
     let s = setup(ROLE);
     land(&s.t, "2024-05-01", &patients(5)).await;
-    land(&s.t, "2024-05-02", &patients(6)).await;
+    let others: Vec<String> = patients(6)
+        .iter()
+        .map(|p| p.replace("\"id\":\"p", "\"id\":\"q"))
+        .collect();
+    land(&s.t, "2024-05-02", &others).await;
     // Server errors with their FAILURE lines: every record is accounted for.
     s.hl.server_errors(2);
     let report = import(
@@ -486,10 +490,19 @@ async fn a_retried_import_reuses_the_job_through_its_client_token() {
     let first = import(&s.t.lake, &s.t.settings, &request(DATE, true), &Quiet)
         .await
         .expect("import");
-    // A run that crashed before it saved the job id starts again: the same
-    // client token brings back the same job, and nothing is imported twice.
+    // A run that crashed before it saved the job id (so before it wrote
+    // the job's ledger file) starts again: the same client token brings
+    // back the same job, and nothing is imported twice.
     let state = s.t.lake.metadata.paths.import_state(&tenant(), date());
     s.t.lake.metadata.store.delete(&state).await.unwrap();
+    let ledger =
+        s.t.lake
+            .metadata
+            .paths
+            .ledger(&tenant(), &format!("healthlake-{DATASTORE}"));
+    for o in s.t.lake.metadata.list("t", &ledger).await.unwrap() {
+        s.t.lake.metadata.store.delete(&o.location).await.unwrap();
+    }
     let second = import(&s.t.lake, &s.t.settings, &request(DATE, true), &Quiet)
         .await
         .expect("import again");
@@ -682,4 +695,112 @@ async fn killed_healthlake_imports_on_s3_import_once() {
     fhirflow::curate::curate(&s.t.lake, &s.t.settings, &tenant(), date(), &Quiet)
         .await
         .expect("curate after the imports");
+}
+
+fn versioned(id: &str, version: &str, birth: &str) -> String {
+    format!(
+        r#"{{"resourceType":"Patient","id":"{id}","meta":{{"versionId":"{version}"}},"birthDate":"{birth}"}}"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn only_what_changed_is_sent_and_an_unchanged_night_sends_nothing() {
+    let s = setup(ROLE);
+    let first: Vec<String> = (0..5)
+        .map(|i| versioned(&format!("p{i}"), "2", "1970-01-01"))
+        .collect();
+    land(&s.t, "2024-05-01", &first).await;
+    let one = import(
+        &s.t.lake,
+        &s.t.settings,
+        &request("2024-05-01", true),
+        &Quiet,
+    )
+    .await
+    .expect("first import");
+    assert_eq!((one.records_in, one.records_out), (5, 5));
+
+    // The next night: four the same, p4 re-sent late in an older version
+    // with other content, p5 new.
+    let mut second = first[..4].to_vec();
+    second.push(versioned("p4", "1", "1999-09-09"));
+    second.push(versioned("p5", "1", "1980-01-01"));
+    land(&s.t, "2024-05-02", &second).await;
+    let two = import(
+        &s.t.lake,
+        &s.t.settings,
+        &request("2024-05-02", true),
+        &Quiet,
+    )
+    .await
+    .expect("second import");
+    assert_eq!(
+        (
+            two.records_in,
+            two.records_out,
+            two.records_unchanged,
+            two.records_stale
+        ),
+        (6, 1, 4, 1)
+    );
+    assert!(two.bytes_not_sent > 0);
+    // HealthLake read only the record that changed, from the job's own
+    // prefix; the stale one did not overwrite the newer version.
+    let jobs = s.hl.jobs();
+    assert_eq!(jobs.len(), 2);
+    assert!(
+        jobs[1].input.starts_with(&format!(
+            "s3://lake/fhir/healthlake-import/tenantGuid={TENANT}/import_date=2024-05-02/job="
+        )),
+        "{}",
+        jobs[1].input
+    );
+    assert_eq!(jobs[1].scanned, 1);
+    let stored = s.hl.stored(DATASTORE);
+    assert_eq!(stored.len(), 6);
+    assert!(stored["Patient/p4"].contains("1970-01-01"));
+    let metrics = s
+        .t
+        .sql("SELECT records_in, records_out, records_unchanged, records_stale, conserved FROM metadata.import_metrics WHERE stage = 'import' AND import_date = DATE '2024-05-02'")
+        .await;
+    assert_eq!(
+        metrics,
+        vec![vec![
+            "6".to_string(),
+            "1".into(),
+            "4".into(),
+            "1".into(),
+            "true".into()
+        ]]
+    );
+
+    // The same export a third night: nothing to send, and no job.
+    land(&s.t, "2024-05-03", &second).await;
+    let three = import(
+        &s.t.lake,
+        &s.t.settings,
+        &request("2024-05-03", true),
+        &Quiet,
+    )
+    .await
+    .expect("third import");
+    assert_eq!(three.status, "nothing to send");
+    assert_eq!(
+        (
+            three.records_in,
+            three.records_out,
+            three.records_unchanged,
+            three.records_stale
+        ),
+        (6, 0, 5, 1)
+    );
+    assert_eq!(s.hl.jobs().len(), 2);
+    let rows = s
+        .t
+        .sql("SELECT status, records_in, records_out FROM metadata.import_jobs WHERE stage = 'import' AND import_date = DATE '2024-05-03'")
+        .await;
+    assert_eq!(
+        rows,
+        vec![vec!["succeeded".to_string(), "6".into(), "0".into()]]
+    );
 }

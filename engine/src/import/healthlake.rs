@@ -29,11 +29,13 @@ use aws_sdk_healthlake::Client;
 use serde::{Deserialize, Serialize};
 
 use super::hl_output::{self, Answered, Published, Reconciled, Response};
+use super::ledger::{self, content_hash, Entry, Ledger, Verdict};
 use super::{curated, job_row, metric_rows, ImportReport, ImportRequest, TypeCounts, STAGE};
 use crate::commit::{
     self,
     lease::{Lease, Take},
 };
+use crate::curate::parse::key_and_scan;
 use crate::error::{Error, Result};
 use crate::layout::{ImportDate, TenantGuid};
 use crate::metadata::{self, ErrorRow};
@@ -54,6 +56,176 @@ struct State {
     started_at: i64,
     /// The outcome was recorded in the metadata tables.
     recorded: bool,
+    /// What the ledger let through (absent in states written before it).
+    #[serde(default)]
+    selection: Option<Selection>,
+}
+
+/// The curated records an import sends: all of them (`prefix` None: the
+/// partition's own folder), or, when the ledger leaves some out, copies of
+/// the others under a prefix of the job's own.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Selection {
+    prefix: Option<String>,
+    files: Vec<SentFile>,
+}
+
+/// One curated file's part in an import.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct SentFile {
+    name: String,
+    resource_type: String,
+    /// The curated lines sent, as runs `[first line, count]`: line k of the
+    /// file HealthLake read is the k-th line they cover.
+    lines: Vec<[u64; 2]>,
+    sent: u64,
+    unchanged: u64,
+    stale: u64,
+    bytes_not_sent: u64,
+}
+
+impl SentFile {
+    /// The curated line that line `k` (1-based) of the sent file holds.
+    fn curated_line(&self, k: u64) -> Option<u64> {
+        let mut before = 0;
+        for [first, count] in &self.lines {
+            if k <= before + count {
+                return Some(first + (k - before) - 1);
+            }
+            before += count;
+        }
+        None
+    }
+}
+
+impl Selection {
+    fn sent(&self) -> u64 {
+        self.files.iter().map(|f| f.sent).sum()
+    }
+}
+
+/// The ledger's name of a datastore.
+fn ledger_target(datastore: &str) -> String {
+    format!("healthlake-{datastore}")
+}
+
+/// Reads the pinned commit's files and judges each record by the ledger;
+/// when some are left out, writes the others under the job's own prefix.
+async fn select(
+    lake: &Lake,
+    settings: &Settings,
+    req: &ImportRequest,
+    curated: &super::Curated,
+    datastore: &str,
+    job_id: &str,
+) -> Result<Selection> {
+    let ledger = Ledger::load(lake, &req.tenant, &ledger_target(datastore)).await?;
+    let date = req.date.days_since_epoch();
+    let mut files = Vec::new();
+    let mut kept: Vec<(String, Vec<u8>)> = Vec::new();
+    for (ty, parts) in &curated.files {
+        for part in parts {
+            let data = commit::read_verified(&lake.curated, STAGE, part).await?;
+            let name = part.name.clone().unwrap_or_default();
+            let mut f = SentFile {
+                name: name.clone(),
+                resource_type: ty.to_string(),
+                ..Default::default()
+            };
+            let mut out = Vec::new();
+            for (n, line) in data.split(|&b| b == b'\n').enumerate() {
+                if line.is_empty() {
+                    continue;
+                }
+                let n = n as u64 + 1;
+                let (keys, scan) = key_and_scan(line, Some(ty), settings.curate.max_depth, false)
+                    .map_err(|r| {
+                    Error::Import(format!(
+                        "{} line {n}: {}",
+                        lake.curated.url_of(&part.location()),
+                        r.message
+                    ))
+                })?;
+                let entry = Entry::of(&keys, date, content_hash(keys.text, &scan));
+                match ledger.judge(&entry) {
+                    Verdict::Send => {
+                        match f.lines.last_mut() {
+                            Some([first, count]) if *first + *count == n => *count += 1,
+                            _ => f.lines.push([n, 1]),
+                        }
+                        f.sent += 1;
+                        out.extend_from_slice(line);
+                        out.push(b'\n');
+                    }
+                    v => {
+                        f.bytes_not_sent += line.len() as u64 + 1;
+                        if v == Verdict::Stale {
+                            f.stale += 1;
+                        } else {
+                            f.unchanged += 1;
+                        }
+                    }
+                }
+            }
+            if f.sent > 0 {
+                kept.push((name, out));
+            }
+            files.push(f);
+        }
+    }
+    if files.iter().all(|f| f.unchanged + f.stale == 0) {
+        return Ok(Selection {
+            prefix: None,
+            files,
+        });
+    }
+    let dir = lake
+        .curated
+        .paths
+        .healthlake_import(&req.tenant, req.date, job_id);
+    for (name, bytes) in kept {
+        lake.curated
+            .put(STAGE, &dir.clone().join(name.as_str()), bytes)
+            .await?;
+    }
+    Ok(Selection {
+        prefix: Some(format!("{}/", lake.curated.url_of(&dir))),
+        files,
+    })
+}
+
+/// The ledger entries of what the job imported: each sent record but those
+/// HealthLake failed.
+async fn imported_entries(
+    settings: &Settings,
+    req: &ImportRequest,
+    state: &State,
+    selection: &Selection,
+    failed: &BTreeMap<String, std::collections::BTreeSet<u64>>,
+) -> Result<Vec<Entry>> {
+    let date = req.date.days_since_epoch();
+    let mut entries = Vec::new();
+    for f in selection.files.iter().filter(|f| f.sent > 0) {
+        let root = Root::open(&state.input_uri, &settings.s3)?;
+        let path = root.paths.prefix.clone().join(f.name.as_str());
+        let data = root.get_bytes(STAGE, &path).await?.unwrap_or_default();
+        let no_fail = std::collections::BTreeSet::new();
+        let failed = failed.get(&f.name).unwrap_or(&no_fail);
+        for (k, line) in data
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .enumerate()
+        {
+            if failed.contains(&(k as u64 + 1)) {
+                continue;
+            }
+            let ty = crate::layout::curated_file_type(&f.name);
+            if let Ok((keys, scan)) = key_and_scan(line, ty, settings.curate.max_depth, false) {
+                entries.push(Entry::of(&keys, date, content_hash(keys.text, &scan)));
+            }
+        }
+    }
+    Ok(entries)
 }
 
 pub(super) async fn import(
@@ -128,27 +300,65 @@ pub(super) async fn import(
             s
         }
         previous => {
-            // HealthLake reads the whole prefix: it must hold exactly the
-            // pinned commit's parts. A run that died between its commit and
-            // its mirror left it stale: this holder of the lease finishes it.
-            let ready =
-                match commit::check_mirror(lake, &req.tenant, req.date, &curated.record).await {
+            let client_token =
+                client_token(&req.tenant, req.date, datastore_id, &curated.record.run_id);
+            // A retry of an import that never heard HealthLake's answer
+            // keeps its job id, client token and selection: HealthLake
+            // answers the same token with the same job.
+            let retry = previous.filter(|p| p.client_token == client_token);
+            let (job_id, selection) = match retry {
+                Some(p) => {
+                    let selection = match p.selection {
+                        Some(sel) => sel,
+                        // Written before selections: it sent everything.
+                        None => match whole(lake, &curated).await {
+                            Ok(sel) => sel,
+                            Err(e) => {
+                                let _ = lease.release().await;
+                                return Err(e);
+                            }
+                        },
+                    };
+                    (p.job_id, selection)
+                }
+                None => {
+                    let id = uuid::Uuid::now_v7().to_string();
+                    let sel = select(lake, settings, req, &curated, datastore_id, &id).await;
+                    match sel {
+                        Ok(sel) => (id, sel),
+                        Err(e) => {
+                            let _ = lease.release().await;
+                            return Err(e);
+                        }
+                    }
+                }
+            };
+            if selection.sent() == 0 {
+                let report = nothing_to_send(
+                    lake, req, &lease, &curated, &selection, &job_id, started_at, &input_uri,
+                )
+                .await;
+                lease.release().await?;
+                return report;
+            }
+            // HealthLake reads the whole prefix: the partition's must hold
+            // exactly the pinned commit's parts. A run that died between its
+            // commit and its mirror left it stale: this holder of the lease
+            // finishes it.
+            let ready = match selection.prefix {
+                Some(_) => Ok(()),
+                None => match commit::check_mirror(lake, &req.tenant, req.date, &curated.record)
+                    .await
+                {
                     Ok(()) => Ok(()),
                     Err(_) => commit::mirror(lake, &req.tenant, req.date, &curated.record).await,
-                };
+                },
+            };
             if let Err(e) = ready {
                 let _ = lease.release().await;
                 return Err(e);
             }
-            let client_token =
-                client_token(&req.tenant, req.date, datastore_id, &curated.record.run_id);
-            // A retry of an import that never heard HealthLake's answer
-            // keeps its job id and client token: HealthLake answers the same
-            // token with the same job.
-            let job_id = previous
-                .filter(|p| p.client_token == client_token)
-                .map(|p| p.job_id)
-                .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+            let input_uri = selection.prefix.clone().unwrap_or(input_uri.clone());
             let mut s = State {
                 job_id,
                 curate_run: curated.record.run_id.clone(),
@@ -158,6 +368,7 @@ pub(super) async fn import(
                 input_uri: input_uri.clone(),
                 started_at,
                 recorded: false,
+                selection: Some(selection),
             };
             // Saved, and the lease handed to the job-to-be, before the
             // request: a run killed once HealthLake has it leaves the
@@ -424,30 +635,29 @@ async fn follow(
                 state.healthlake_job_id, state.curate_run, curated.record.run_id
             )));
         }
+        let selection = match &state.selection {
+            Some(sel) => sel.clone(),
+            None => whole(lake, &curated).await?,
+        };
         let output =
-            read_output(lake, settings, &state, &props, &output_uri, req, &curated).await?;
+            read_output(lake, settings, &state, &props, &output_uri, req, &selection).await?;
         let r = output.reconciled;
-        report.records_in = r.total.published;
-        report.records_out = r.total.imported;
-        report.records_rejected = r.total.customer_error + r.total.server_error;
-        report.records_server_error = r.total.server_error;
         errors = output.errors;
-        let bytes = curated.bytes();
-        let counts: BTreeMap<String, TypeCounts> = r
-            .by_type
-            .iter()
-            .map(|(ty, c)| {
-                report.by_type.insert(ty.clone(), c.published);
-                let t = TypeCounts {
-                    published: c.published,
-                    imported: c.imported,
-                    rejected: c.customer_error + c.server_error,
-                    bytes: bytes.get(ty).copied().unwrap_or(0),
-                    ..Default::default()
-                };
-                (ty.clone(), t)
-            })
-            .collect();
+        let counts = type_counts(&selection, &r, &curated.bytes());
+        fill_report(&mut report, &selection, &counts);
+        report.records_server_error = r.total.server_error;
+        // What HealthLake now holds, for the next import's ledger: what was
+        // sent, but what failed.
+        let mut failed: BTreeMap<String, std::collections::BTreeSet<u64>> = BTreeMap::new();
+        for (name, a) in &output.answered {
+            failed
+                .entry(name.clone())
+                .or_default()
+                .extend(a.failures.iter().filter_map(Response::line));
+        }
+        let entries = imported_entries(settings, req, &state, &selection, &failed).await?;
+        let target = ledger_target(&state.datastore_id);
+        ledger::save(lake, &req.tenant, &target, &state.job_id, &entries).await?;
         report.seconds = (chrono::Utc::now().timestamp_micros() - state.started_at) as f64 / 1e6;
         metrics = metric_rows(req, &report, &counts);
         for m in &mut metrics {
@@ -537,6 +747,105 @@ async fn follow(
     Ok(report)
 }
 
+/// Per type: what curate published (sent, unchanged, stale) and what
+/// HealthLake did with what was sent.
+fn type_counts(
+    selection: &Selection,
+    r: &Reconciled,
+    bytes: &BTreeMap<String, u64>,
+) -> BTreeMap<String, TypeCounts> {
+    let mut counts: BTreeMap<String, TypeCounts> = BTreeMap::new();
+    for f in &selection.files {
+        let c = counts.entry(f.resource_type.clone()).or_default();
+        c.published += f.sent + f.unchanged + f.stale;
+        c.unchanged += f.unchanged;
+        c.stale += f.stale;
+    }
+    for (ty, c) in counts.iter_mut() {
+        if let Some(h) = r.by_type.get(ty) {
+            c.imported = h.imported;
+            c.rejected = h.customer_error + h.server_error;
+        }
+        c.bytes = bytes.get(ty).copied().unwrap_or(0);
+    }
+    counts
+}
+
+/// The report's totals from the per-type counts and the selection.
+fn fill_report(
+    report: &mut ImportReport,
+    selection: &Selection,
+    counts: &BTreeMap<String, TypeCounts>,
+) {
+    for (ty, c) in counts {
+        report
+            .by_type
+            .insert(ty.clone(), c.published - c.unchanged - c.stale);
+        report.records_in += c.published;
+        report.records_out += c.imported;
+        report.records_rejected += c.rejected;
+        report.records_unchanged += c.unchanged;
+        report.records_stale += c.stale;
+    }
+    report.bytes_not_sent = selection.files.iter().map(|f| f.bytes_not_sent).sum();
+}
+
+/// An import the ledger left nothing to send: no HealthLake job, and rows
+/// that say why.
+#[allow(clippy::too_many_arguments)]
+async fn nothing_to_send(
+    lake: &Lake,
+    req: &ImportRequest,
+    lease: &Lease,
+    curated: &super::Curated,
+    selection: &Selection,
+    job_id: &str,
+    started_at: i64,
+    input_uri: &str,
+) -> Result<ImportReport> {
+    let mut report = ImportReport {
+        job_id: job_id.to_string(),
+        target: ImportTarget::Healthlake,
+        curate_run: curated.record.run_id.clone(),
+        status: "nothing to send".into(),
+        ..Default::default()
+    };
+    let counts = type_counts(selection, &Reconciled::default(), &curated.bytes());
+    fill_report(&mut report, selection, &counts);
+    report.seconds = (chrono::Utc::now().timestamp_micros() - started_at) as f64 / 1e6;
+    report.message = Some(format!(
+        "HealthLake holds every curated record already: {} unchanged, {} stale; no import job",
+        report.records_unchanged, report.records_stale
+    ));
+    let mut job = job_row(
+        req,
+        &report,
+        started_at,
+        input_uri.to_string(),
+        String::new(),
+    );
+    job.status = "succeeded".into();
+    let metrics = metric_rows(req, &report, &counts);
+    let rows = metadata::StageRows {
+        source_system: None,
+        jobs: &[job],
+        errors: &[],
+        metrics: &metrics,
+    };
+    metadata::publish_stage_rows(
+        lake,
+        lease,
+        STAGE,
+        &req.tenant,
+        req.date,
+        job_id,
+        rows,
+        None,
+    )
+    .await?;
+    Ok(report)
+}
+
 async fn read_state(lake: &Lake, tenant: &TenantGuid, date: ImportDate) -> Result<Option<State>> {
     let path = lake.metadata.paths.import_state(tenant, date);
     let Some(bytes) = lake.metadata.get_bytes(STAGE, &path).await? else {
@@ -559,6 +868,8 @@ async fn write_state(lake: &Lake, path: &object_store::path::Path, state: &State
 struct Output {
     reconciled: Reconciled,
     errors: Vec<ErrorRow>,
+    /// The job's answers per file, by name.
+    answered: BTreeMap<String, Answered>,
 }
 
 /// Reads the job's manifest and its SUCCESS and FAILURE files, and
@@ -570,7 +881,7 @@ async fn read_output(
     props: &ImportJobProperties,
     output_uri: &str,
     req: &ImportRequest,
-    curated: &super::Curated,
+    selection: &Selection,
 ) -> Result<Output> {
     let folder = hl_output::job_folder(output_uri, &state.datastore_id, &state.healthlake_job_id);
     let root = Root::open(&folder, &settings.s3)?;
@@ -586,7 +897,17 @@ async fn read_output(
             break;
         }
     }
-    let published = published(lake, curated).await?;
+    // The files the job was given (the prefix holds none for a file the
+    // ledger left wholly out).
+    let sent: Vec<&SentFile> = selection.files.iter().filter(|f| f.sent > 0).collect();
+    let published: Vec<Published> = sent
+        .iter()
+        .map(|f| Published {
+            name: f.name.clone(),
+            resource_type: f.resource_type.clone(),
+            records: f.sent,
+        })
+        .collect();
     let Some(manifest) = manifest else {
         if props.job_status() == &JobStatus::Failed {
             // A job that failed before it read anything writes no manifest:
@@ -602,6 +923,7 @@ async fn read_output(
             return Ok(Output {
                 reconciled,
                 errors: Vec::new(),
+                answered: BTreeMap::new(),
             });
         }
         return Err(Error::Import(format!(
@@ -658,39 +980,45 @@ async fn read_output(
     reconciled.mismatches.extend(problems);
     let mut errors = Vec::new();
     let visible = lake.curated.paths.curated_partition(&req.tenant, req.date);
-    for file in &published {
+    let read = Root::open(&state.input_uri, &settings.s3)?;
+    for (file, sent) in published.iter().zip(sent) {
         let Some(a) = answered.get(&file.name).filter(|a| !a.failures.is_empty()) else {
             continue;
         };
-        // The lines HealthLake read: the partition's visible copy.
-        let text = lake
-            .curated
-            .get_bytes(STAGE, &visible.clone().join(file.name.as_str()))
+        // The lines HealthLake read, and the curated file they came from.
+        let text = read
+            .get_bytes(STAGE, &read.paths.prefix.clone().join(file.name.as_str()))
             .await?
             .unwrap_or_default();
         let lines: Vec<&[u8]> = text.split(|&b| b == b'\n').collect();
-        let source_file = format!("{}{}", state.input_uri, file.name);
+        let source_file = lake
+            .curated
+            .url_of(&visible.clone().join(file.name.as_str()));
         for f in &a.failures {
             let line = f.line().and_then(|n| lines.get(n as usize - 1).copied());
+            let curated_line = f.line().and_then(|n| sent.curated_line(n));
             errors.push(failure_row(
                 f,
                 file,
                 line,
-                &source_file,
+                (&source_file, curated_line),
                 req,
                 &state.job_id,
                 settings,
             ));
         }
     }
-    Ok(Output { reconciled, errors })
+    Ok(Output {
+        reconciled,
+        errors,
+        answered,
+    })
 }
 
-/// The curated files of the commit the job was given, with their record
-/// counts (counted from the object for a commit written before parts
-/// carried them).
-async fn published(lake: &Lake, curated: &super::Curated) -> Result<Vec<Published>> {
-    let mut out = Vec::new();
+/// A selection of every curated record (for a state written before
+/// selections), counted from the objects where the commit has no counts.
+async fn whole(lake: &Lake, curated: &super::Curated) -> Result<Selection> {
+    let mut files = Vec::new();
     for (ty, parts) in &curated.files {
         for part in parts {
             let records = match part.records {
@@ -704,14 +1032,19 @@ async fn published(lake: &Lake, curated: &super::Curated) -> Result<Vec<Publishe
                     memchr::memchr_iter(b'\n', &bytes).count() as u64
                 }
             };
-            out.push(Published {
+            files.push(SentFile {
                 name: part.name.clone().unwrap_or_default(),
-                resource_type: ty,
-                records,
+                resource_type: ty.to_string(),
+                lines: vec![[1, records]],
+                sent: records,
+                ..Default::default()
             });
         }
     }
-    Ok(out)
+    Ok(Selection {
+        prefix: None,
+        files,
+    })
 }
 
 /// One resource HealthLake did not take, as an `import_errors` row: the
@@ -721,7 +1054,7 @@ fn failure_row(
     f: &Response,
     file: &Published,
     line: Option<&[u8]>,
-    source_file: &str,
+    (source_file, curated_line): (&str, Option<u64>),
     req: &ImportRequest,
     job_id: &str,
     settings: &Settings,
@@ -769,8 +1102,8 @@ fn failure_row(
         tenant_guid: req.tenant.to_string(),
         import_date: req.date.days_since_epoch(),
         source_file: source_file.to_string(),
-        line_no: f.line(),
-        resource_type: Some(file.resource_type.to_string()),
+        line_no: curated_line,
+        resource_type: Some(file.resource_type.clone()),
         resource_id: id,
         error_code,
         message: message.join("; "),
@@ -784,6 +1117,19 @@ fn failure_row(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sent_line_maps_back_to_its_curated_line() {
+        let f = SentFile {
+            lines: vec![[2, 3], [9, 1], [20, 2]],
+            ..Default::default()
+        };
+        let back: Vec<Option<u64>> = (1..=7).map(|k| f.curated_line(k)).collect();
+        assert_eq!(
+            back,
+            vec![Some(2), Some(3), Some(4), Some(9), Some(20), Some(21), None]
+        );
+    }
 
     #[test]
     fn client_tokens_are_stable_and_valid() {

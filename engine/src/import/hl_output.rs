@@ -162,7 +162,7 @@ pub(super) fn parse_response(line: &[u8]) -> Result<Response, String> {
 #[derive(Debug, Clone)]
 pub(super) struct Published {
     pub name: String,
-    pub resource_type: &'static str,
+    pub resource_type: String,
     pub records: u64,
 }
 
@@ -253,12 +253,12 @@ pub(super) fn reconcile(
         if !wrong.is_empty() {
             r.mismatches
                 .push(format!("{}: {}", f.name, wrong.join("; ")));
-            if !r.unconserved.iter().any(|t| t == f.resource_type) {
-                r.unconserved.push(f.resource_type.to_string());
+            if !r.unconserved.contains(&f.resource_type) {
+                r.unconserved.push(f.resource_type.clone());
             }
         }
         r.by_type
-            .entry(f.resource_type.to_string())
+            .entry(f.resource_type.clone())
             .or_default()
             .add(&c);
         r.total.add(&c);
@@ -302,8 +302,8 @@ pub(super) fn reconcile(
             names.join(", ")
         ));
         for f in files {
-            if !r.unconserved.iter().any(|t| t == f.resource_type) {
-                r.unconserved.push(f.resource_type.to_string());
+            if !r.unconserved.contains(&f.resource_type) {
+                r.unconserved.push(f.resource_type.clone());
             }
         }
     }
@@ -415,12 +415,12 @@ mod tests {
         let files = vec![
             Published {
                 name: "Patient-processed.ndjson".into(),
-                resource_type: "Patient",
+                resource_type: "Patient".into(),
                 records: 4,
             },
             Published {
                 name: "Observation-processed.ndjson".into(),
-                resource_type: "Observation",
+                resource_type: "Observation".into(),
                 records: 3,
             },
         ];
@@ -464,7 +464,7 @@ mod tests {
     fn a_file_that_does_not_add_up_is_named() {
         let files = vec![Published {
             name: "Patient-processed.ndjson".into(),
-            resource_type: "Patient",
+            resource_type: "Patient".into(),
             records: 4,
         }];
         let mut answered = BTreeMap::new();
