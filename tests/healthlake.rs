@@ -620,12 +620,15 @@ fn check_line(line: &[u8], level: &str) -> Result<(String, String), (u16, Value)
                 "url": "http://hl7.org/fhir/StructureDefinition/validation-issue",
                 "valueString": format!("empty value at {at}"),
             });
-            v.as_object_mut()
+            if let Some(list) = v
+                .as_object_mut()
                 .unwrap()
                 .entry("extension")
                 .or_insert_with(|| json!([]))
                 .as_array_mut()
-                .map(|a| a.push(ext));
+            {
+                list.push(ext);
+            }
             Ok((key, v.to_string()))
         }
         Some(at) => Err((
