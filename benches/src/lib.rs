@@ -58,9 +58,23 @@ pub fn median(mut runs: Vec<Measured>) -> Measured {
 
 /// Runs a child to completion; its wall time and peak RSS.
 pub fn run(cmd: &mut Command) -> Measured {
+    run_with(cmd, Stdio::null())
+}
+
+/// [`run`] of a command that prints one JSON document (`--output json`);
+/// the document too.
+pub fn run_json(cmd: &mut Command, scratch: &Path) -> (Measured, serde_json::Value) {
+    let out = File::create(scratch).unwrap();
+    let m = run_with(cmd, Stdio::from(out));
+    let text = fs::read_to_string(scratch).unwrap();
+    let doc = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{cmd:?}: {e}: {text}"));
+    (m, doc)
+}
+
+fn run_with(cmd: &mut Command, stdout: Stdio) -> Measured {
     let started = Instant::now();
     let child = cmd
-        .stdout(Stdio::null())
+        .stdout(stdout)
         .spawn()
         .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     let pid = child.id() as libc::pid_t;
