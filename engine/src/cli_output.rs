@@ -68,6 +68,7 @@ pub fn curate(r: &CurateReport) -> Value {
         "types": r.types.iter().map(|s| (s.resource_type.clone(), counts(s))).collect::<Map<_, _>>(),
         "total": counts(&r.total),
         "curated_files": r.curated_files,
+        "deletions": r.deletions,
         "phases": r.phases.iter().map(|p| json!({
             "name": p.name,
             "seconds": p.seconds,
@@ -139,6 +140,12 @@ pub fn import(r: &ImportReport) -> Value {
         "records_unchanged": r.records_unchanged,
         "records_stale": r.records_stale,
         "bytes_not_sent": r.bytes_not_sent,
+        "deletions": {
+            "read": r.deletions_read,
+            "applied": r.deletions_applied,
+            "absent": r.deletions_absent,
+            "failed": r.deletions_failed,
+        },
         "types": r.by_type,
         "snapshots": r.snapshots,
         "healthlake_job_id": r.healthlake_job_id,

@@ -57,6 +57,10 @@ pub const PROP_CURATE_RUN: &str = "fhirflow.curate-run";
 /// than, what the lake held (`import::ledger`).
 pub const PROP_UNCHANGED: &str = "fhirflow.records-unchanged";
 pub const PROP_STALE: &str = "fhirflow.records-stale";
+/// Deletions the import applied (tombstone rows, counted in `added-records`
+/// too) and those of resources the lake did not hold.
+pub const PROP_DELETED: &str = "fhirflow.deletions-applied";
+pub const PROP_ABSENT: &str = "fhirflow.deletions-absent";
 
 /// The columns of every lake table, in order.
 pub const COLUMNS: [&str; 9] = [
@@ -82,9 +86,21 @@ pub struct LocalLake {
 pub struct Appended {
     pub resource_type: String,
     pub snapshot_id: i64,
+    /// Resources appended (tombstones not counted).
     pub rows: u64,
     pub unchanged: u64,
     pub stale: u64,
+    pub deleted: u64,
+    pub absent: u64,
+}
+
+/// What an import left out of a table: records unchanged or stale, and
+/// deletions of resources the lake did not hold.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LeftOut {
+    pub unchanged: u64,
+    pub stale: u64,
+    pub absent: u64,
 }
 
 impl LocalLake {
@@ -222,13 +238,15 @@ impl LocalLake {
         });
         Ok(found.map(|s| {
             let p = &s.summary().additional_properties;
-            let count = |k: &str| p.get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
+            let count = |k: &str| p.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
             Appended {
                 resource_type: resource_type.to_string(),
                 snapshot_id: s.snapshot_id(),
-                rows: count("added-records"),
+                rows: count("added-records").saturating_sub(count(PROP_DELETED)),
                 unchanged: count(PROP_UNCHANGED),
                 stale: count(PROP_STALE),
+                deleted: count(PROP_DELETED),
+                absent: count(PROP_ABSENT),
             }
         }))
     }
@@ -269,6 +287,7 @@ impl LocalLake {
             batch: Batch::new(import.batch_rows),
             batch_rows: import.batch_rows.max(1),
             rows: 0,
+            deletions: 0,
             resource_type: resource_type.to_string(),
             fixed: Fixed {
                 tenant: import.tenant.to_string(),
@@ -305,6 +324,7 @@ pub struct Appender {
     batch: Batch,
     batch_rows: usize,
     rows: u64,
+    deletions: u64,
     resource_type: String,
     fixed: Fixed,
     summary: HashMap<String, String>,
@@ -317,6 +337,26 @@ impl Appender {
             format!("{}: {what}", self.table.identifier().name()),
             e,
         )
+    }
+
+    /// Adds the tombstone of resource `id`: a row with an empty `resource`
+    /// and no version, which hides every version imported up to it from
+    /// `lake.<type>` (`sql::lake_tables`) and stays in the history.
+    pub async fn push_deletion(&mut self, id: &str) -> Result<()> {
+        let resource_type = self.resource_type.clone();
+        let row = Keys {
+            text: "",
+            resource_type: crate::fhir::resource_type(&resource_type).unwrap_or("Resource"),
+            id: id.into(),
+            version_id: None,
+            last_updated: None,
+        };
+        self.batch.push(&self.fixed, &resource_type, &row);
+        self.deletions += 1;
+        if self.batch.len >= self.batch_rows {
+            self.flush().await?;
+        }
+        Ok(())
     }
 
     /// Adds one curated resource (its text and the keys curation read).
@@ -341,11 +381,15 @@ impl Appender {
     /// Closes the data files and commits them as one snapshot (with no data
     /// file when every record was left out: the snapshot still records the
     /// curate run and what was left out).
-    pub async fn commit(mut self, unchanged: u64, stale: u64) -> Result<Appended> {
-        self.summary
-            .insert(PROP_UNCHANGED.to_string(), unchanged.to_string());
-        self.summary
-            .insert(PROP_STALE.to_string(), stale.to_string());
+    pub async fn commit(mut self, left_out: LeftOut) -> Result<Appended> {
+        for (k, v) in [
+            (PROP_UNCHANGED, left_out.unchanged),
+            (PROP_STALE, left_out.stale),
+            (PROP_DELETED, self.deletions),
+            (PROP_ABSENT, left_out.absent),
+        ] {
+            self.summary.insert(k.to_string(), v.to_string());
+        }
         if self.batch.len > 0 {
             self.flush().await?;
         }
@@ -369,8 +413,10 @@ impl Appender {
             resource_type: self.resource_type,
             snapshot_id,
             rows: self.rows,
-            unchanged,
-            stale,
+            unchanged: left_out.unchanged,
+            stale: left_out.stale,
+            deleted: self.deletions,
+            absent: left_out.absent,
         })
     }
 }

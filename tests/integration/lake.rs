@@ -365,3 +365,127 @@ async fn an_unchanged_nightly_export_imports_nothing_and_says_so() {
         vec![vec!["4".to_string()]]
     );
 }
+
+/// Writes an export's `deleted` file as the extract stage keeps it, under
+/// `_export/<run>/`, with the run's manifest when it `finished`.
+async fn export_deleted(t: &TestLake, date: &str, run: &str, urls: &[&str], finished: bool) {
+    let d: ImportDate = date.parse().unwrap();
+    let ehr: SourceSystem = "ehr".parse().unwrap();
+    let entries: Vec<String> = urls
+        .iter()
+        .map(|u| format!(r#"{{"request":{{"method":"DELETE","url":"{u}"}}}}"#))
+        .collect();
+    let line = format!(
+        r#"{{"resourceType":"Bundle","type":"transaction","entry":[{}]}}"#,
+        entries.join(",")
+    );
+    let raw = &t.lake.raw;
+    let path = raw
+        .paths
+        .export_run_file(&tenant(), &ehr, d, run, "deleted/Patient.ndjson");
+    raw.put("t", &path, format!("{line}\n").into_bytes())
+        .await
+        .unwrap();
+    if finished {
+        let manifest = raw
+            .paths
+            .export_run_file(&tenant(), &ehr, d, run, "manifest.json");
+        raw.put("t", &manifest, b"{}".to_vec()).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deletions_leave_the_current_view_stay_in_history_and_are_counted() {
+    let t = TestLake::new();
+    let first = [
+        patient("p1", "1", "One"),
+        patient("p2", "1", "Two"),
+        patient("p3", "1", "Three"),
+    ];
+    land(&t, &tenant(), "2024-05-01", &first).await;
+    let one = import_local(&t, &tenant(), "2024-05-01").await;
+    let before = one.snapshots["Patient"];
+
+    // The next export: p4 is new, p2 and p9 (never held) were deleted; an
+    // export that did not finish (no manifest) says p3 was deleted too.
+    export_deleted(
+        &t,
+        "2024-05-02",
+        "run-a",
+        &["Patient/p2", "Patient/p9"],
+        true,
+    )
+    .await;
+    export_deleted(&t, "2024-05-02", "run-b", &["Patient/p3"], false).await;
+    let dir = t.input("deletions");
+    let p4 = patient("p4", "1", "Four");
+    let file = write_lines(&dir, "Patient.ndjson", &[p4.as_str()]);
+    let ehr: SourceSystem = "ehr".parse().unwrap();
+    let d2: ImportDate = "2024-05-02".parse().unwrap();
+    fhirflow::ingest::ingest(&t.lake, &[file], &tenant(), &ehr, d2)
+        .await
+        .unwrap();
+    let curated = fhirflow::curate::curate(&t.lake, &t.settings, &tenant(), d2, &Quiet)
+        .await
+        .unwrap();
+    assert_eq!(curated.deletions, 2);
+    // The deletions are not in the visible curated folder (HealthLake
+    // imports every object there).
+    let visible = t.sql("SELECT count(*) FROM curated.patient").await;
+    assert_eq!(visible, vec![vec!["4".to_string()]]);
+
+    let two = import_local(&t, &tenant(), "2024-05-02").await;
+    assert_eq!(
+        (
+            two.deletions_read,
+            two.deletions_applied,
+            two.deletions_absent,
+            two.deletions_failed
+        ),
+        (2, 1, 1, 0)
+    );
+    let current = format!("SELECT id FROM lake.patient WHERE tenant_guid = '{TENANT}' ORDER BY id");
+    assert_eq!(
+        t.sql(&current).await,
+        vec![vec!["p1".to_string()], vec!["p3".into()], vec!["p4".into()]]
+    );
+    // In the history, p2's version and its tombstone (an empty resource).
+    assert_eq!(
+        t.sql(&format!(
+            "SELECT id, resource = '' FROM lake_history.patient WHERE tenant_guid = '{TENANT}' AND id = 'p2' ORDER BY imported_at"
+        ))
+        .await,
+        vec![
+            vec!["p2".to_string(), "false".into()],
+            vec!["p2".into(), "true".into()]
+        ]
+    );
+    // Before the deletion, time travel still shows it.
+    assert_eq!(
+        t.sql(&format!(
+            "SELECT count(*) FROM lake_at('Patient', {before}) WHERE id = 'p2'"
+        ))
+        .await,
+        vec![vec!["1".to_string()]]
+    );
+    let metrics = t
+        .sql("SELECT deletions_read, deletions_applied, deletions_absent, deletions_failed, conserved FROM metadata.import_metrics WHERE stage = 'import' AND import_date = DATE '2024-05-02'")
+        .await;
+    assert_eq!(
+        metrics,
+        vec![vec![
+            "2".to_string(),
+            "1".into(),
+            "1".into(),
+            "0".into(),
+            "true".into()
+        ]]
+    );
+
+    // p2 sent again, as it was: the lake no longer holds it, so it is not
+    // "unchanged" but imported, and current again.
+    land(&t, &tenant(), "2024-05-03", &[patient("p2", "1", "Two")]).await;
+    let three = import_local(&t, &tenant(), "2024-05-03").await;
+    assert_eq!((three.records_out, three.records_unchanged), (1, 0));
+    assert_eq!(t.sql(&current).await.len(), 4);
+}

@@ -116,6 +116,9 @@ pub struct CommitRecord {
     pub committed_at: String,
     /// Curated parts (curate runs only).
     pub curated: Vec<Object>,
+    /// The deletions of a curate run, kept out of the visible partition.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deletions: Vec<Object>,
     /// Metadata Parquet files, any table.
     pub metadata: Vec<Object>,
     /// For an import: the sequence of the curate commit it imported.
@@ -142,6 +145,8 @@ impl CommitRecord {
 #[derive(Debug, Clone, Default)]
 pub struct Draft {
     pub curated: Vec<Object>,
+    /// A curate run's deletions object ([`crate::curate::deletions`]).
+    pub deletions: Vec<Object>,
     pub metadata: Vec<Object>,
     pub imported: Option<u64>,
     pub source_system: Option<String>,
@@ -281,6 +286,7 @@ pub async fn commit(
             import_date: date.to_string(),
             committed_at: chrono::Utc::now().to_rfc3339(),
             curated: draft.curated.clone(),
+            deletions: draft.deletions.clone(),
             metadata: draft.metadata.clone(),
             imported: draft.imported,
             source_system: draft.source_system.clone(),
@@ -531,7 +537,7 @@ pub async fn collect_garbage(
         .rev()
         .filter(|r| r.stage == CURATE)
         .take(2)
-        .flat_map(|r| r.curated.iter().map(|o| o.path.clone()))
+        .flat_map(|r| r.curated.iter().chain(&r.deletions).map(|o| o.path.clone()))
         .collect();
     let runs = lake.curated.paths.curated_runs(tenant, date);
     for o in lake.curated.list(STAGE, &runs).await? {
@@ -815,6 +821,7 @@ mod tests {
             CURATE,
             Draft {
                 curated: vec![ob],
+                deletions: Vec::new(),
                 ..Default::default()
             },
         )
@@ -843,6 +850,7 @@ mod tests {
             CURATE,
             Draft {
                 curated: vec![oa],
+                deletions: Vec::new(),
                 ..Default::default()
             },
         )
@@ -932,6 +940,7 @@ mod tests {
             CURATE,
             Draft {
                 curated: vec![o.clone()],
+                deletions: Vec::new(),
                 ..Default::default()
             },
         )

@@ -37,6 +37,7 @@
 
 pub mod check;
 pub mod dedup;
+pub mod deletions;
 pub mod parse;
 pub mod rules_pass;
 mod write;
@@ -120,6 +121,8 @@ pub struct CurateReport {
     pub rule_set: String,
     /// Key rows that did not fit dedup's memory budget and went to disk.
     pub keys_spilled: u64,
+    /// Resources the export's `deleted` files name, kept for the import.
+    pub deletions: u64,
 }
 
 /// What one rule did to the records of one resource type in a run.
@@ -684,6 +687,7 @@ pub async fn curate_with_checks(
     let result = async {
         commit::collect_garbage(lake, tenant, date, &run_id, &dead).await?;
         let files = raw_files(lake, tenant, date).await?;
+        let deletions = deletions::read(lake, tenant, date).await?;
         let files = Arc::new(raw::split(files, settings.curate.range_bytes));
         if files.is_empty() {
             return Err(Error::NothingToDo(format!(
@@ -705,8 +709,13 @@ pub async fn curate_with_checks(
             )
             .await?;
         failpoint("after-metadata-staged");
+        let deletions = deletions::write(lake, tenant, date, &run_id, &deletions)
+            .await?
+            .into_iter()
+            .collect();
         let draft = commit::Draft {
             curated: processed.parts,
+            deletions,
             metadata,
             imported: None,
             source_system: None,
@@ -774,6 +783,7 @@ pub async fn curate_with_checks(
         rules: rule_summaries(rule_counts),
         rule_set,
         keys_spilled,
+        deletions: record.deletions.iter().filter_map(|o| o.records).sum(),
     })
 }
 
@@ -1203,8 +1213,6 @@ impl Run {
             records_duplicate: s.duplicates,
             records_exact_duplicate: s.exact_duplicates,
             records_id_collision: s.id_collisions,
-            records_unchanged: 0,
-            records_stale: 0,
             bytes_in: s.bytes_in,
             bytes_out: s.bytes_out,
             files: None,
@@ -1212,6 +1220,7 @@ impl Run {
             records_per_second: s.records_in as f64 / secs,
             mb_per_second: s.bytes_in as f64 / 1e6 / secs,
             conserved: s.conserved(),
+            ..Default::default()
         }
     }
 

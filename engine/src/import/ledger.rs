@@ -20,7 +20,9 @@ use std::cmp::Ordering;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use arrow::array::{Array, Date32Array, RecordBatch, StringArray, TimestampMicrosecondArray};
+use arrow::array::{
+    Array, BooleanArray, Date32Array, RecordBatch, StringArray, TimestampMicrosecondArray,
+};
 use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use fhirflow_udfs::json::Scanned;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -108,6 +110,8 @@ pub struct Entry {
     pub id: String,
     pub latest: Latest,
     pub hash: u128,
+    /// A deletion the target applied: the resource is no longer held.
+    pub deleted: bool,
 }
 
 impl Entry {
@@ -121,6 +125,22 @@ impl Entry {
                 import_date,
             },
             hash,
+            deleted: false,
+        }
+    }
+
+    /// The entry of a deletion applied on `import_date`.
+    pub fn deletion(resource_type: &str, id: &str, import_date: i32) -> Entry {
+        Entry {
+            resource_type: resource_type.to_string(),
+            id: id.to_string(),
+            latest: Latest {
+                version_id: None,
+                last_updated: None,
+                import_date,
+            },
+            hash: 0,
+            deleted: true,
         }
     }
 }
@@ -143,6 +163,7 @@ fn schema() -> Arc<Schema> {
         ),
         Field::new("import_date", DataType::Date32, false),
         Field::new("content_hash", DataType::Utf8, false),
+        Field::new("deleted", DataType::Boolean, true),
     ]))
 }
 
@@ -186,6 +207,7 @@ impl Ledger {
         let updated = col::<TimestampMicrosecondArray>(b, "last_updated")?;
         let date = col::<Date32Array>(b, "import_date")?;
         let hash = col::<StringArray>(b, "content_hash")?;
+        let deleted = col::<BooleanArray>(b, "deleted").ok();
         for i in 0..b.num_rows() {
             let latest = Latest {
                 version_id: version.is_valid(i).then(|| version.value(i).to_string()),
@@ -194,7 +216,14 @@ impl Ledger {
             };
             let h = u128::from_str_radix(hash.value(i), 16)
                 .map_err(|e| format!("content_hash {}: {e}", hash.value(i)))?;
-            self.hold(ty.value(i).to_string(), id.value(i).to_string(), latest, h);
+            let key = (ty.value(i).to_string(), id.value(i).to_string());
+            if deleted.is_some_and(|d| d.is_valid(i) && d.value(i)) {
+                // Files are read in job order (ids are time-ordered), so a
+                // deletion ends what earlier imports held.
+                self.held.remove(&key);
+            } else {
+                self.hold(key.0, key.1, latest, h);
+            }
         }
         Ok(())
     }
@@ -212,8 +241,9 @@ impl Ledger {
         }
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.held.is_empty()
+    /// Whether the target holds resource `ty`/`id`.
+    pub fn holds(&self, ty: &str, id: &str) -> bool {
+        self.held.contains_key(&(ty.to_string(), id.to_string()))
     }
 
     pub fn judge(&self, e: &Entry) -> Verdict {
@@ -274,6 +304,12 @@ pub async fn save(
             Arc::new(StringArray::from_iter_values(
                 entries.iter().map(|e| format!("{:032x}", e.hash)),
             )),
+            Arc::new(
+                entries
+                    .iter()
+                    .map(|e| Some(e.deleted))
+                    .collect::<BooleanArray>(),
+            ),
         ],
     )
     .expect("ledger columns match");
@@ -331,6 +367,7 @@ mod tests {
             id: "p".into(),
             latest: at(Some(v), None, 11),
             hash,
+            deleted: false,
         };
         assert_eq!(l.judge(&e("2", 7)), Verdict::Unchanged);
         assert_eq!(l.judge(&e("3", 7)), Verdict::Unchanged);

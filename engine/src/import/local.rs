@@ -12,11 +12,13 @@ use std::time::Instant;
 use tokio::task::JoinSet;
 
 use super::ledger::{self, content_hash, Entry, Ledger, Verdict};
-use super::{curated, job_row, metric_rows, ImportReport, ImportRequest, TypeCounts, STAGE};
+use super::{
+    curated, job_row, metric_rows, Deletions, ImportReport, ImportRequest, TypeCounts, STAGE,
+};
 use crate::commit;
 use crate::curate::parse::key_and_scan;
 use crate::error::{Error, Result};
-use crate::lake::{Appended, ImportRun, LocalLake};
+use crate::lake::{Appended, ImportRun, LeftOut, LocalLake};
 use crate::metadata;
 use crate::report::Reporter;
 use crate::settings::{ImportTarget, Settings};
@@ -90,8 +92,20 @@ async fn import_pinned(
     };
     let total: usize = curated.files.values().map(Vec::len).sum();
     reporter.start(STAGE, total as u64);
+    // Each type's files and deletions (a type may have only deletions).
+    let deletions = crate::curate::deletions::of_commit(lake, &curated.record.deletions).await?;
+    let mut by_type: BTreeMap<&'static str, (Vec<commit::Object>, Vec<String>)> = curated
+        .files
+        .into_iter()
+        .map(|(ty, files)| (ty, (files, Vec::new())))
+        .collect();
+    for d in deletions {
+        if let Some(ty) = crate::fhir::resource_type(&d.resource_type) {
+            by_type.entry(ty).or_default().1.push(d.id);
+        }
+    }
     // Largest tables first, so that the last one to finish is a small one.
-    let mut tables: Vec<_> = curated.files.into_iter().collect();
+    let mut tables: Vec<_> = by_type.into_iter().collect();
     tables.sort_by_key(|(ty, _)| Reverse(sizes.get(*ty).copied().unwrap_or(0)));
     let mut tables = tables.into_iter();
     // Dropping the set (on an error) aborts the other tables' imports; a
@@ -104,7 +118,7 @@ async fn import_pinned(
     let mut sent = Vec::new();
     loop {
         while running.len() < settings.curate.concurrency.max(1) {
-            let Some((ty, files)) = tables.next() else {
+            let Some((ty, (files, deletions))) = tables.next() else {
                 break;
             };
             let task = TableImport {
@@ -113,6 +127,7 @@ async fn import_pinned(
                 run: run.clone(),
                 resource_type: ty,
                 files,
+                deletions,
                 max_depth: settings.curate.max_depth,
                 ledger: ledger.clone(),
             };
@@ -126,10 +141,7 @@ async fn import_pinned(
         already += usize::from(done.was_there);
         reporter.advance(done.files as u64);
         bytes.insert(appended.resource_type.clone(), done.bytes_read);
-        left_out.insert(
-            appended.resource_type.clone(),
-            (appended.unchanged, appended.stale),
-        );
+        left_out.insert(appended.resource_type.clone(), appended.clone());
         report.bytes_not_sent += done.bytes_not_sent;
         sent.extend(done.sent);
         report
@@ -144,8 +156,11 @@ async fn import_pinned(
     ledger::save(lake, &req.tenant, LEDGER, &job_id, &sent).await?;
     drop(sent);
     report.records_out = report.by_type.values().sum();
-    report.records_unchanged = left_out.values().map(|c| c.0).sum();
-    report.records_stale = left_out.values().map(|c| c.1).sum();
+    report.records_unchanged = left_out.values().map(|a| a.unchanged).sum();
+    report.records_stale = left_out.values().map(|a| a.stale).sum();
+    report.deletions_applied = left_out.values().map(|a| a.deleted).sum();
+    report.deletions_absent = left_out.values().map(|a| a.absent).sum();
+    report.deletions_read = report.deletions_applied + report.deletions_absent;
     report.records_in = report.records_out + report.records_unchanged + report.records_stale;
     report.seconds = started.elapsed().as_secs_f64();
     let tables = report.by_type.len();
@@ -160,8 +175,15 @@ async fn import_pinned(
         .by_type
         .iter()
         .map(|(ty, &rows)| {
-            let (unchanged, stale) = left_out.get(ty).copied().unwrap_or_default();
+            let a = left_out.get(ty);
+            let (unchanged, stale) = a.map_or((0, 0), |a| (a.unchanged, a.stale));
             let read = rows + unchanged + stale;
+            let deletions = a.map_or_else(Default::default, |a| Deletions {
+                read: a.deleted + a.absent,
+                applied: a.deleted,
+                absent: a.absent,
+                failed: 0,
+            });
             let c = TypeCounts {
                 published: published.get(ty).copied().flatten().unwrap_or(read),
                 imported: rows,
@@ -169,6 +191,7 @@ async fn import_pinned(
                 unchanged,
                 stale,
                 bytes: bytes.get(ty).copied().unwrap_or(0),
+                deletions,
             };
             (ty.clone(), c)
         })
@@ -245,6 +268,8 @@ struct TableImport {
     run: Arc<ImportRun>,
     resource_type: &'static str,
     files: Vec<commit::Object>,
+    /// The ids of this type the partition's export deleted.
+    deletions: Vec<String>,
     max_depth: usize,
     ledger: Arc<Ledger>,
 }
@@ -312,8 +337,26 @@ impl TableImport {
                 }
             }
         }
+        // Deletions after the partition's own records: a resource it both
+        // sends and deletes ends deleted. Only what the lake holds (or this
+        // import just sent) gets a tombstone; the others are already absent.
+        let mut absent = 0;
+        for id in &self.deletions {
+            let sent_now = sent.iter().any(|e: &Entry| &e.id == id);
+            if self.ledger.holds(ty, id) || sent_now {
+                appender.push_deletion(id).await?;
+                sent.push(Entry::deletion(ty, id, date));
+            } else {
+                absent += 1;
+            }
+        }
+        let left_out = LeftOut {
+            unchanged,
+            stale,
+            absent,
+        };
         Ok(TableDone {
-            appended: appender.commit(unchanged, stale).await?,
+            appended: appender.commit(left_out).await?,
             files: self.files.len(),
             bytes_read,
             was_there: false,

@@ -65,6 +65,12 @@ pub struct ImportReport {
     pub records_stale: u64,
     /// The bytes of the records not sent.
     pub bytes_not_sent: u64,
+    /// The partition's deletions (an export's `deleted` files): read =
+    /// applied + already absent + failed.
+    pub deletions_read: u64,
+    pub deletions_applied: u64,
+    pub deletions_absent: u64,
+    pub deletions_failed: u64,
     /// Resources sent, per type.
     pub by_type: BTreeMap<String, u64>,
     /// The local lake: the snapshot of each table.
@@ -109,13 +115,26 @@ pub(crate) struct TypeCounts {
     pub unchanged: u64,
     pub stale: u64,
     pub bytes: u64,
+    pub deletions: Deletions,
+}
+
+/// One resource type's deletions in an import.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Deletions {
+    pub read: u64,
+    pub applied: u64,
+    pub absent: u64,
+    pub failed: u64,
 }
 
 impl TypeCounts {
     /// DESIGN.md, "Conservation": curated = imported + rejected by the
-    /// target + unchanged + stale.
+    /// target + unchanged + stale; deletions read = applied + already
+    /// absent + failed.
     pub fn conserved(&self) -> bool {
+        let d = &self.deletions;
         self.published == self.imported + self.rejected + self.unchanged + self.stale
+            && d.read == d.applied + d.absent + d.failed
     }
 }
 
@@ -198,6 +217,10 @@ pub(crate) fn metric_rows(
             records_rejected: c.rejected,
             records_unchanged: c.unchanged,
             records_stale: c.stale,
+            deletions_read: c.deletions.read,
+            deletions_applied: c.deletions.applied,
+            deletions_absent: c.deletions.absent,
+            deletions_failed: c.deletions.failed,
             bytes_in: c.bytes,
             bytes_out: c.bytes,
             elapsed_seconds: report.seconds,

@@ -98,6 +98,11 @@ pub struct MetricRow {
     /// records older than it; neither is sent.
     pub records_unchanged: u64,
     pub records_stale: u64,
+    /// Import: the partition's deletions, read = applied + absent + failed.
+    pub deletions_read: u64,
+    pub deletions_applied: u64,
+    pub deletions_absent: u64,
+    pub deletions_failed: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
     /// Files written (the extract stage; None for other stages).
@@ -177,6 +182,10 @@ static METRICS: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("records_id_collision", DataType::UInt64, true),
         Field::new("records_unchanged", DataType::UInt64, true),
         Field::new("records_stale", DataType::UInt64, true),
+        Field::new("deletions_read", DataType::UInt64, true),
+        Field::new("deletions_applied", DataType::UInt64, true),
+        Field::new("deletions_absent", DataType::UInt64, true),
+        Field::new("deletions_failed", DataType::UInt64, true),
         Field::new("bytes_in", DataType::UInt64, false),
         Field::new("bytes_out", DataType::UInt64, false),
         Field::new("files", DataType::UInt64, true),
@@ -294,6 +303,10 @@ pub fn metrics_batch(rows: &[MetricRow]) -> RecordBatch {
             u64s(r.iter().map(|x| x.records_id_collision)),
             u64s(r.iter().map(|x| x.records_unchanged)),
             u64s(r.iter().map(|x| x.records_stale)),
+            u64s(r.iter().map(|x| x.deletions_read)),
+            u64s(r.iter().map(|x| x.deletions_applied)),
+            u64s(r.iter().map(|x| x.deletions_absent)),
+            u64s(r.iter().map(|x| x.deletions_failed)),
             u64s(r.iter().map(|x| x.bytes_in)),
             u64s(r.iter().map(|x| x.bytes_out)),
             Arc::new(r.iter().map(|x| x.files).collect::<UInt64Array>()),
@@ -387,6 +400,7 @@ pub async fn publish_stage_rows(
     }
     let draft = crate::commit::Draft {
         curated: Vec::new(),
+        deletions: Vec::new(),
         metadata,
         imported,
         source_system: rows.source_system.map(str::to_string),

@@ -69,6 +69,10 @@ pub async fn register(ctx: &SessionContext, lake: &Lake) -> Result<()> {
 /// latest `meta.lastUpdated`, then the latest import date, then the latest
 /// import. So a late re-send of an old version, imported after a newer one,
 /// stays in the history and does not become current.
+///
+/// A deletion is a row whose `resource` is empty (a tombstone, written by
+/// the import of a partition whose export deleted the resource): a version
+/// imported no later than the tombstone is not current.
 fn current_view(all: Arc<dyn TableProvider>) -> datafusion::error::Result<Arc<dyn TableProvider>> {
     let numeric_version = try_cast(col("version_id"), DataType::Decimal128(38, 0));
     let rank = row_number()
@@ -83,9 +87,32 @@ fn current_view(all: Arc<dyn TableProvider>) -> datafusion::error::Result<Arc<dy
         ])
         .build()?
         .alias("__rank");
-    let plan = LogicalPlanBuilder::scan("lake", provider_as_source(all), None)?
+    let source = provider_as_source(all);
+    let tombstones = LogicalPlanBuilder::scan("tomb", source.clone(), None)?
+        .filter(col("resource").eq(lit("")))?
+        .aggregate(
+            vec![col("tenant_guid").alias("__t"), col("id").alias("__id")],
+            vec![
+                datafusion::functions_aggregate::expr_fn::max(col("imported_at"))
+                    .alias("__deleted_at"),
+            ],
+        )?
+        .build()?;
+    let plan = LogicalPlanBuilder::scan("lake", source, None)?
+        .filter(col("resource").not_eq(lit("")))?
         .window(vec![rank])?
         .filter(col("__rank").eq(lit(1u64)))?
+        .join(
+            tombstones,
+            datafusion::logical_expr::JoinType::Left,
+            (vec!["tenant_guid", "id"], vec!["__t", "__id"]),
+            None,
+        )?
+        .filter(
+            col("__deleted_at")
+                .is_null()
+                .or(col("__deleted_at").lt(col("imported_at"))),
+        )?
         .project(COLUMNS.iter().map(|c| col(*c)))?
         .build()?;
     Ok(Arc::new(ViewTable::new(plan, None)))
