@@ -4,7 +4,9 @@
 //! `message` with status 400), so the real aws-sdk-healthlake client drives it.
 //!
 //! Operations: StartFHIRImportJob, DescribeFHIRImportJob, ListFHIRImportJobs,
-//! DescribeFHIRDatastore. Like the service (AWS HealthLake Developer Guide,
+//! DescribeFHIRDatastore; and the datastore's FHIR REST API for deletions
+//! (`DELETE …/r4/<Type>/<id>`, a batch Bundle of DELETE entries), which
+//! answers only requests that carry a SigV4 signature. Like the service (AWS HealthLake Developer Guide,
 //! "Importing FHIR data", "Manifest JSON file"; API Reference,
 //! StartFHIRImportJob, ImportJobProperties, JobProgressReport) it
 //! * answers a repeated `ClientToken` with the job it already has;
@@ -86,6 +88,9 @@ struct State {
     /// `manifest.json`, as documented, or `Manifest.json`, as some users
     /// report.
     manifest_name: &'static str,
+    /// The size of each batch Bundle received, and each DELETE URL in it.
+    batches: Vec<usize>,
+    deleted_urls: Vec<String>,
 }
 
 /// Faults the next jobs meet.
@@ -93,6 +98,7 @@ struct State {
 struct Faults {
     server_errors: usize,
     lost_server_errors: usize,
+    failed_deletes: usize,
 }
 
 pub struct HealthLake {
@@ -181,6 +187,27 @@ impl HealthLake {
 
     pub fn set_work_time(&self, d: Duration) {
         self.state.lock().unwrap().work_time = d;
+    }
+
+    /// The next `n` deletions fail with status 500.
+    pub fn fail_deletes(&self, n: usize) {
+        self.state.lock().unwrap().faults.failed_deletes = n;
+    }
+
+    /// The size of each batch Bundle of deletions received.
+    pub fn batches(&self) -> Vec<usize> {
+        self.state.lock().unwrap().batches.clone()
+    }
+
+    /// Stores a resource as an import would have.
+    pub fn hold(&self, datastore: &str, key: &str, text: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .stored
+            .entry(datastore.to_string())
+            .or_default()
+            .insert(key.to_string(), text.to_string());
     }
 
     /// Names the manifests of the next jobs `Manifest.json`.
@@ -284,6 +311,9 @@ async fn handle(
     req: Request<hyper::body::Incoming>,
     state: Arc<Mutex<State>>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    if req.uri().path().starts_with("/datastore/") {
+        return Ok(fhir_rest(req, state).await);
+    }
     let target = req
         .headers()
         .get("x-amz-target")
@@ -432,6 +462,121 @@ async fn handle(
     })
 }
 
+fn fhir_reply(status: u16, body: Value) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("Content-Type", "application/fhir+json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap()
+}
+
+/// Whether a request carries a SigV4 signature for HealthLake: an
+/// `Authorization` header of the AWS4-HMAC-SHA256 scheme whose credential
+/// scope names the service, and its `X-Amz-Date`. (Present, not verified:
+/// the stand-in does not know the secret.)
+fn signed(req: &Request<hyper::body::Incoming>) -> bool {
+    let header = |k: &str| req.headers().get(k).and_then(|v| v.to_str().ok());
+    header("authorization").is_some_and(|a| {
+        a.starts_with("AWS4-HMAC-SHA256 Credential=")
+            && a.contains("/healthlake/aws4_request")
+            && a.contains("SignedHeaders=")
+            && a.contains("Signature=")
+    }) && header("x-amz-date").is_some()
+}
+
+/// The datastore's FHIR REST API, as far as deletions need it:
+/// `DELETE /datastore/<id>/r4/<Type>/<id>` and a batch Bundle of DELETE
+/// entries `POST /datastore/<id>/r4/` (at most 160 entries). Unsigned
+/// requests get 403; `throttle(n)` answers 429.
+async fn fhir_rest(
+    req: Request<hyper::body::Incoming>,
+    state: Arc<Mutex<State>>,
+) -> Response<Full<Bytes>> {
+    let outcome =
+        |status: u16, code: &str, text: &str| fhir_reply(status, outcome(code, text, None));
+    let is_signed = signed(&req);
+    let method = req.method().as_str().to_string();
+    let path = req.uri().path().to_string();
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let rest = path.trim_start_matches("/datastore/");
+    let Some((datastore, resource)) = rest.split_once("/r4") else {
+        return outcome(404, "not-found", "no such endpoint");
+    };
+    let resource = resource.trim_matches('/').to_string();
+    let mut s = state.lock().unwrap();
+    s.requests.push(format!("FHIR {method} /{resource}"));
+    if !is_signed {
+        return outcome(403, "security", "Missing Authentication Token");
+    }
+    if s.throttle > 0 {
+        s.throttle -= 1;
+        s.throttled += 1;
+        return outcome(429, "throttled", "Rate exceeded");
+    }
+    if !s.datastores.contains_key(datastore) {
+        return outcome(404, "not-found", "Datastore not found");
+    }
+    let delete = |s: &mut State, key: &str| -> &'static str {
+        if s.faults.failed_deletes > 0 {
+            s.faults.failed_deletes -= 1;
+            return "500 Internal Server Error";
+        }
+        let held = s.stored.entry(datastore.to_string()).or_default();
+        if held.remove(key).is_some() {
+            "204 No Content"
+        } else {
+            "404 Not Found"
+        }
+    };
+    match method.as_str() {
+        "DELETE" if resource.split('/').count() == 2 => {
+            let status = delete(&mut s, &resource);
+            let code: u16 = status[..3].parse().unwrap();
+            fhir_reply(code, json!({}))
+        }
+        "POST" if resource.is_empty() => {
+            let Ok(bundle) = serde_json::from_slice::<Value>(&body) else {
+                return outcome(400, "structure", "the body is not JSON");
+            };
+            let entries = bundle
+                .get("entry")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            if bundle.get("type").and_then(Value::as_str) != Some("batch") {
+                return outcome(400, "invalid", "only batch Bundles are supported");
+            }
+            if entries.len() > 160 {
+                return outcome(400, "too-costly", "a Bundle holds at most 160 entries");
+            }
+            let mut answers = Vec::new();
+            for e in &entries {
+                let method = e.pointer("/request/method").and_then(Value::as_str);
+                let url = e.pointer("/request/url").and_then(Value::as_str);
+                let status = match (method, url) {
+                    (Some("DELETE"), Some(u)) if u.split('/').count() == 2 => {
+                        s.deleted_urls.push(u.to_string());
+                        delete(&mut s, u)
+                    }
+                    _ => "400 Bad Request",
+                };
+                answers.push(json!({ "response": { "status": status } }));
+            }
+            s.batches.push(entries.len());
+            fhir_reply(
+                200,
+                json!({ "resourceType": "Bundle", "type": "batch-response", "entry": answers }),
+            )
+        }
+        _ => outcome(405, "not-supported", "not supported by the stand-in"),
+    }
+}
+
 /// Runs the jobs: one at a time in the Region, in submission order.
 async fn work(state: Arc<Mutex<State>>, s3: String) {
     loop {
@@ -458,7 +603,12 @@ async fn work(state: Arc<Mutex<State>>, s3: String) {
                 }
             }
             next.map(|j| {
-                let faults = std::mem::take(&mut s.faults);
+                // The job's faults; deletions keep theirs.
+                let faults = Faults {
+                    server_errors: std::mem::take(&mut s.faults.server_errors),
+                    lost_server_errors: std::mem::take(&mut s.faults.lost_server_errors),
+                    failed_deletes: 0,
+                };
                 let setup = (s.datastores.clone(), faults, s.manifest_name);
                 (j, s.work_time, setup)
             })

@@ -245,6 +245,41 @@ pub fn write_lines(dir: &Path, name: &str, lines: &[&str]) -> PathBuf {
 }
 
 /// The tenant label for `code`, as fhirflow writes it.
+/// Writes an export's `deleted` file for tenant [`TENANT`], source system
+/// `ehr`, as the extract stage keeps it (under `_export/<run>/`), with the
+/// run's manifest when it `finished`. One Bundle line of DELETE entries.
+pub async fn export_deleted(
+    lake: &fhirflow::storage::Lake,
+    date: &str,
+    run: &str,
+    urls: &[&str],
+    finished: bool,
+) {
+    let d: ImportDate = date.parse().unwrap();
+    let ehr: fhirflow::layout::SourceSystem = "ehr".parse().unwrap();
+    let entries: Vec<String> = urls
+        .iter()
+        .map(|u| format!(r#"{{"request":{{"method":"DELETE","url":"{u}"}}}}"#))
+        .collect();
+    let line = format!(
+        r#"{{"resourceType":"Bundle","type":"transaction","entry":[{}]}}"#,
+        entries.join(",")
+    );
+    let raw = &lake.raw;
+    let path = raw
+        .paths
+        .export_run_file(&tenant(), &ehr, d, run, "deleted/Patient.ndjson");
+    raw.put("t", &path, format!("{line}\n").into_bytes())
+        .await
+        .unwrap();
+    if finished {
+        let manifest = raw
+            .paths
+            .export_run_file(&tenant(), &ehr, d, run, "manifest.json");
+        raw.put("t", &manifest, b"{}".to_vec()).await.unwrap();
+    }
+}
+
 pub fn label(code: &str) -> String {
     format!(r#"{{"system":"{LABEL_SYSTEM}","code":"{code}"}}"#)
 }

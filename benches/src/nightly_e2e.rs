@@ -43,6 +43,7 @@ fn main() {
         fs::create_dir_all(&args.common.work).unwrap();
         fs::canonicalize(&args.common.work).unwrap()
     });
+    let fhirflow = fs::canonicalize(&args.common.fhirflow).expect("the fhirflow binary");
     let data = work.join(format!("data-{}mb", args.size_mb));
     let (bytes, lines) = generate(&args.common.sample, &data, args.size_mb * 1_000_000);
     println!(
@@ -72,7 +73,7 @@ fn main() {
             format!("lake = \"{}\"\n", dir.join("lake").display()),
         )
         .unwrap();
-        nights(&args.common.fhirflow, &dir, &data, "local");
+        nights(&fhirflow, &dir, &data, "local");
     }
     if want("healthlake") {
         let moto = Moto::start();
@@ -95,6 +96,10 @@ allow_http = true
 access_key_id = "testing"
 secret_access_key = "testing"
 
+[glue]
+endpoint = "{s3}"
+region = "us-east-1"
+
 [healthlake]
 endpoint = "{hl}"
 region = "us-east-1"
@@ -111,7 +116,7 @@ poll_max_seconds = 1.0
             hl = hl.endpoint(),
         );
         fs::write(dir.join("fhirflow.toml"), config).unwrap();
-        nights(&args.common.fhirflow, &dir, &data, "healthlake");
+        nights(&fhirflow, &dir, &data, "healthlake");
         println!(
             "HealthLake stand-in: {} jobs, {} resources stored",
             hl.jobs().len(),

@@ -804,3 +804,111 @@ async fn only_what_changed_is_sent_and_an_unchanged_night_sends_nothing() {
         vec![vec!["succeeded".to_string(), "6".into(), "0".into()]]
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deletions_reach_healthlake_through_signed_batch_bundles_and_are_counted() {
+    let s = setup(ROLE);
+    land(&s.t, "2024-05-01", &patients(3)).await;
+    import(
+        &s.t.lake,
+        &s.t.settings,
+        &request("2024-05-01", true),
+        &Quiet,
+    )
+    .await
+    .expect("first import");
+
+    // The next export: p1 deleted, and p7, which HealthLake never had.
+    export_deleted(
+        &s.t.lake,
+        "2024-05-02",
+        "run-a",
+        &["Patient/p1", "Patient/p7"],
+        true,
+    )
+    .await;
+    land(&s.t, "2024-05-02", &[patients(4)[3].clone()]).await;
+    let two = import(
+        &s.t.lake,
+        &s.t.settings,
+        &request("2024-05-02", true),
+        &Quiet,
+    )
+    .await
+    .expect("import with deletions");
+    assert_eq!(
+        (
+            two.deletions_read,
+            two.deletions_applied,
+            two.deletions_absent,
+            two.deletions_failed
+        ),
+        (2, 1, 1, 0)
+    );
+    let stored = s.hl.stored(DATASTORE);
+    assert!(!stored.contains_key("Patient/p1"), "{stored:?}");
+    assert!(stored.contains_key("Patient/p3"));
+    assert_eq!(s.hl.batches(), vec![2]);
+    // After the job: the deletions follow the partition's import.
+    let ops = s.hl.requests();
+    let post = ops.iter().position(|o| o == "FHIR POST /").unwrap();
+    assert!(
+        ops[..post].iter().any(|o| o == "StartFHIRImportJob"),
+        "{ops:?}"
+    );
+
+    // 170 deletions go as Bundles of at most 160, throttling is retried,
+    // and a deletion HealthLake fails is counted and recorded.
+    let many: Vec<String> = (0..170).map(|i| format!("Patient/x{i}")).collect();
+    let mut urls: Vec<&str> = many.iter().map(String::as_str).collect();
+    urls.push("Patient/p0");
+    export_deleted(&s.t.lake, "2024-05-03", "run-b", &urls, true).await;
+    // The same record as the night before: nothing to import, deletions
+    // all the same.
+    land(&s.t, "2024-05-03", &[patients(4)[3].clone()]).await;
+    s.hl.throttle(2);
+    s.hl.fail_deletes(1);
+    let three = import(
+        &s.t.lake,
+        &s.t.settings,
+        &request("2024-05-03", true),
+        &Quiet,
+    )
+    .await
+    .expect("import of deletions only");
+    assert_eq!(three.status, "nothing to send");
+    assert_eq!(
+        (
+            three.deletions_read,
+            three.deletions_applied,
+            three.deletions_absent,
+            three.deletions_failed
+        ),
+        (171, 0, 170, 1)
+    );
+    assert_eq!(s.hl.batches()[1..], [160, 11]);
+    // The failed one (the first sent, p0) is still there.
+    assert!(s.hl.stored(DATASTORE).contains_key("Patient/p0"));
+    let rows = s
+        .t
+        .sql("SELECT error_code, resource_id FROM metadata.import_errors WHERE stage = 'import' AND import_date = DATE '2024-05-03'")
+        .await;
+    assert_eq!(
+        rows,
+        vec![vec!["HEALTHLAKE_DELETE_FAILED".to_string(), "p0".into()]]
+    );
+    let metrics = s
+        .t
+        .sql("SELECT deletions_read, deletions_applied, deletions_absent, deletions_failed, conserved FROM metadata.import_metrics WHERE stage = 'import' AND import_date = DATE '2024-05-03'")
+        .await;
+    assert_eq!(
+        metrics,
+        vec![vec![
+            "171".to_string(),
+            "0".into(),
+            "170".into(),
+            "1".into(),
+            "true".into()
+        ]]
+    );
+}

@@ -366,34 +366,6 @@ async fn an_unchanged_nightly_export_imports_nothing_and_says_so() {
     );
 }
 
-/// Writes an export's `deleted` file as the extract stage keeps it, under
-/// `_export/<run>/`, with the run's manifest when it `finished`.
-async fn export_deleted(t: &TestLake, date: &str, run: &str, urls: &[&str], finished: bool) {
-    let d: ImportDate = date.parse().unwrap();
-    let ehr: SourceSystem = "ehr".parse().unwrap();
-    let entries: Vec<String> = urls
-        .iter()
-        .map(|u| format!(r#"{{"request":{{"method":"DELETE","url":"{u}"}}}}"#))
-        .collect();
-    let line = format!(
-        r#"{{"resourceType":"Bundle","type":"transaction","entry":[{}]}}"#,
-        entries.join(",")
-    );
-    let raw = &t.lake.raw;
-    let path = raw
-        .paths
-        .export_run_file(&tenant(), &ehr, d, run, "deleted/Patient.ndjson");
-    raw.put("t", &path, format!("{line}\n").into_bytes())
-        .await
-        .unwrap();
-    if finished {
-        let manifest = raw
-            .paths
-            .export_run_file(&tenant(), &ehr, d, run, "manifest.json");
-        raw.put("t", &manifest, b"{}".to_vec()).await.unwrap();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn deletions_leave_the_current_view_stay_in_history_and_are_counted() {
     let t = TestLake::new();
@@ -409,14 +381,14 @@ async fn deletions_leave_the_current_view_stay_in_history_and_are_counted() {
     // The next export: p4 is new, p2 and p9 (never held) were deleted; an
     // export that did not finish (no manifest) says p3 was deleted too.
     export_deleted(
-        &t,
+        &t.lake,
         "2024-05-02",
         "run-a",
         &["Patient/p2", "Patient/p9"],
         true,
     )
     .await;
-    export_deleted(&t, "2024-05-02", "run-b", &["Patient/p3"], false).await;
+    export_deleted(&t.lake, "2024-05-02", "run-b", &["Patient/p3"], false).await;
     let dir = t.input("deletions");
     let p4 = patient("p4", "1", "Four");
     let file = write_lines(&dir, "Patient.ndjson", &[p4.as_str()]);

@@ -30,7 +30,10 @@ use serde::{Deserialize, Serialize};
 
 use super::hl_output::{self, Answered, Published, Reconciled, Response};
 use super::ledger::{self, content_hash, Entry, Ledger, Verdict};
-use super::{curated, job_row, metric_rows, ImportReport, ImportRequest, TypeCounts, STAGE};
+use super::{
+    curated, hl_rest, job_row, metric_rows, Deletions, ImportReport, ImportRequest, TypeCounts,
+    STAGE,
+};
 use crate::commit::{
     self,
     lease::{Lease, Take},
@@ -335,7 +338,16 @@ pub(super) async fn import(
             };
             if selection.sent() == 0 {
                 let report = nothing_to_send(
-                    lake, req, &lease, &curated, &selection, &job_id, started_at, &input_uri,
+                    lake,
+                    settings,
+                    datastore_id,
+                    req,
+                    &lease,
+                    &curated,
+                    &selection,
+                    &job_id,
+                    started_at,
+                    &input_uri,
                 )
                 .await;
                 lease.release().await?;
@@ -643,9 +655,21 @@ async fn follow(
             read_output(lake, settings, &state, &props, &output_uri, req, &selection).await?;
         let r = output.reconciled;
         errors = output.errors;
-        let counts = type_counts(&selection, &r, &curated.bytes());
+        let mut counts = type_counts(&selection, &r, &curated.bytes());
         fill_report(&mut report, &selection, &counts);
         report.records_server_error = r.total.server_error;
+        // Deletions once the partition's records are in (not after a job
+        // that failed: the partition is to be imported again first).
+        let deleted = if matches!(
+            props.job_status(),
+            JobStatus::Completed | JobStatus::CompletedWithErrors
+        ) {
+            let datastore = &state.datastore_id;
+            apply_deletions(lake, settings, req, datastore, &curated, &state.job_id).await?
+        } else {
+            DeletionsDone::default()
+        };
+        add_deletions(&mut report, &mut counts, &deleted);
         // What HealthLake now holds, for the next import's ledger: what was
         // sent, but what failed.
         let mut failed: BTreeMap<String, std::collections::BTreeSet<u64>> = BTreeMap::new();
@@ -655,7 +679,9 @@ async fn follow(
                 .or_default()
                 .extend(a.failures.iter().filter_map(Response::line));
         }
-        let entries = imported_entries(settings, req, &state, &selection, &failed).await?;
+        let mut entries = imported_entries(settings, req, &state, &selection, &failed).await?;
+        entries.extend(deleted.entries);
+        errors.extend(deleted.errors);
         let target = ledger_target(&state.datastore_id);
         ledger::save(lake, &req.tenant, &target, &state.job_id, &entries).await?;
         report.seconds = (chrono::Utc::now().timestamp_micros() - state.started_at) as f64 / 1e6;
@@ -747,6 +773,82 @@ async fn follow(
     Ok(report)
 }
 
+/// What applying a partition's deletions did.
+#[derive(Default)]
+struct DeletionsDone {
+    per_type: BTreeMap<String, Deletions>,
+    errors: Vec<ErrorRow>,
+    /// For the ledger: what HealthLake no longer holds.
+    entries: Vec<Entry>,
+}
+
+/// Applies the curate commit's deletions through the FHIR REST API.
+async fn apply_deletions(
+    lake: &Lake,
+    settings: &Settings,
+    req: &ImportRequest,
+    datastore: &str,
+    curated: &super::Curated,
+    job_id: &str,
+) -> Result<DeletionsDone> {
+    let deletions = crate::curate::deletions::of_commit(lake, &curated.record.deletions).await?;
+    let outcomes = hl_rest::delete(settings, datastore, &deletions).await?;
+    let source = curated
+        .record
+        .deletions
+        .first()
+        .map(|o| lake.curated.url_of(&o.location()))
+        .unwrap_or_default();
+    let date = req.date.days_since_epoch();
+    let mut done = DeletionsDone::default();
+    for (d, o) in deletions.iter().zip(outcomes) {
+        let c = done.per_type.entry(d.resource_type.clone()).or_default();
+        c.read += 1;
+        match o {
+            hl_rest::Outcome::Deleted => c.applied += 1,
+            hl_rest::Outcome::Absent => c.absent += 1,
+            hl_rest::Outcome::Failed(why) => {
+                c.failed += 1;
+                done.errors.push(ErrorRow {
+                    job_id: job_id.to_string(),
+                    stage: STAGE.into(),
+                    tenant_guid: req.tenant.to_string(),
+                    import_date: date,
+                    source_file: source.clone(),
+                    line_no: None,
+                    resource_type: Some(d.resource_type.clone()),
+                    resource_id: Some(d.id.clone()),
+                    error_code: "HEALTHLAKE_DELETE_FAILED".into(),
+                    message: format!("DELETE {}/{}: {why}", d.resource_type, d.id),
+                    location: None,
+                    record: None,
+                    rule: None,
+                    warning: false,
+                });
+                continue;
+            }
+        }
+        done.entries
+            .push(Entry::deletion(&d.resource_type, &d.id, date));
+    }
+    Ok(done)
+}
+
+/// Adds the deletions' counts to the per-type counts and the report.
+fn add_deletions(
+    report: &mut ImportReport,
+    counts: &mut BTreeMap<String, TypeCounts>,
+    done: &DeletionsDone,
+) {
+    for (ty, d) in &done.per_type {
+        counts.entry(ty.clone()).or_default().deletions = *d;
+        report.deletions_read += d.read;
+        report.deletions_applied += d.applied;
+        report.deletions_absent += d.absent;
+        report.deletions_failed += d.failed;
+    }
+}
+
 /// Per type: what curate published (sent, unchanged, stale) and what
 /// HealthLake did with what was sent.
 fn type_counts(
@@ -795,6 +897,8 @@ fn fill_report(
 #[allow(clippy::too_many_arguments)]
 async fn nothing_to_send(
     lake: &Lake,
+    settings: &Settings,
+    datastore: &str,
     req: &ImportRequest,
     lease: &Lease,
     curated: &super::Curated,
@@ -810,8 +914,12 @@ async fn nothing_to_send(
         status: "nothing to send".into(),
         ..Default::default()
     };
-    let counts = type_counts(selection, &Reconciled::default(), &curated.bytes());
+    let mut counts = type_counts(selection, &Reconciled::default(), &curated.bytes());
     fill_report(&mut report, selection, &counts);
+    let deleted = apply_deletions(lake, settings, req, datastore, curated, job_id).await?;
+    add_deletions(&mut report, &mut counts, &deleted);
+    let target = ledger_target(datastore);
+    ledger::save(lake, &req.tenant, &target, job_id, &deleted.entries).await?;
     report.seconds = (chrono::Utc::now().timestamp_micros() - started_at) as f64 / 1e6;
     report.message = Some(format!(
         "HealthLake holds every curated record already: {} unchanged, {} stale; no import job",
@@ -829,7 +937,7 @@ async fn nothing_to_send(
     let rows = metadata::StageRows {
         source_system: None,
         jobs: &[job],
-        errors: &[],
+        errors: &deleted.errors,
         metrics: &metrics,
     };
     metadata::publish_stage_rows(

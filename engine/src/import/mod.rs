@@ -15,6 +15,7 @@
 
 pub mod healthlake;
 mod hl_output;
+mod hl_rest;
 pub mod ledger;
 pub mod local;
 
