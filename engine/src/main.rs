@@ -983,6 +983,20 @@ fn print_import(r: &fhirflow::import::ImportReport, quiet: bool) {
             r.records_in, r.records_out, r.records_rejected, r.records_server_error
         );
     }
+    if r.records_unchanged + r.records_stale > 0 {
+        println!(
+            "not sent: {} unchanged, {} stale ({:.1} MB): the target holds them or newer versions",
+            r.records_unchanged,
+            r.records_stale,
+            r.bytes_not_sent as f64 / 1e6
+        );
+    }
+    if r.deletions_read > 0 {
+        println!(
+            "deletions: {} read, {} applied, {} already absent, {} failed",
+            r.deletions_read, r.deletions_applied, r.deletions_absent, r.deletions_failed
+        );
+    }
     for (ty, n) in &r.by_type {
         match r.snapshots.get(ty) {
             Some(snap) => println!("{ty:<28} {n:>10}  snapshot {snap}"),

@@ -763,13 +763,7 @@ async fn follow(
             props.message().unwrap_or("(no message)")
         )));
     }
-    if !mismatches.is_empty() {
-        return Err(Error::ImportNotConserved {
-            tenant: req.tenant.to_string(),
-            date: req.date.to_string(),
-            detail: mismatches,
-        });
-    }
+    super::check_conserved(req, mismatches)?;
     Ok(report)
 }
 

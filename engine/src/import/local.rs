@@ -236,13 +236,7 @@ async fn import_pinned(
         Some(curated.record.sequence),
     )
     .await?;
-    if !unconserved.is_empty() {
-        return Err(Error::ImportNotConserved {
-            tenant: req.tenant.to_string(),
-            date: req.date.to_string(),
-            detail: unconserved,
-        });
-    }
+    super::check_conserved(req, unconserved)?;
     Ok(report)
 }
 

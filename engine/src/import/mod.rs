@@ -198,6 +198,19 @@ pub(crate) fn job_row(
     }
 }
 
+/// Fails with exit code 3 when an import's account does not add up:
+/// `detail` names each file or type that does not.
+pub(crate) fn check_conserved(req: &ImportRequest, detail: Vec<String>) -> Result<()> {
+    if detail.is_empty() {
+        return Ok(());
+    }
+    Err(Error::ImportNotConserved {
+        tenant: req.tenant.to_string(),
+        date: req.date.to_string(),
+        detail,
+    })
+}
+
 /// One `import_metrics` row per resource type, `conserved` computed.
 pub(crate) fn metric_rows(
     req: &ImportRequest,
