@@ -345,6 +345,73 @@ mod tests {
         assert!(at(Some("b"), None, 1) > at(Some("a"), None, 1));
     }
 
+    /// The order here is dedup.sql's: the survivor ORDER BY of the real
+    /// file, run by DataFusion over the same cases, ranks them as
+    /// [`Latest`] does.
+    #[tokio::test]
+    async fn latest_orders_as_dedup_sql_does() {
+        let sql = crate::curate::dedup::DEDUP_SQL;
+        let start = sql.find("ORDER BY TRY_CAST").expect("dedup's ORDER BY");
+        let end = start
+            + sql[start..]
+                .find("k.source_file")
+                .expect("its file tie-break");
+        let order = sql[start..end]
+            .replace("k.", "")
+            .trim()
+            .trim_end_matches(',')
+            .to_string();
+        let cases = [
+            (Some("10"), None, 1),
+            (Some("9"), Some(5), 2),
+            (Some("2"), None, 1),
+            (None, Some(9), 9),
+            (Some("b"), None, 1),
+            (Some("a"), Some(3), 4),
+            (Some("007"), Some(1), 1),
+            (Some("1"), Some(2), 1),
+            (Some("1"), Some(1), 5),
+            (Some("1"), None, 2),
+            (None, None, 3),
+        ];
+        let values: Vec<String> = cases
+            .iter()
+            .enumerate()
+            .map(|(i, (v, lu, d))| {
+                format!(
+                    "({i}, {}, {}, {d})",
+                    v.map_or("CAST(NULL AS VARCHAR)".into(), |v| format!("'{v}'")),
+                    lu.map_or("CAST(NULL AS BIGINT)".into(), |n| n.to_string()),
+                )
+            })
+            .collect();
+        let q = format!(
+            "SELECT n FROM (VALUES {}) AS t(n, version_id, last_updated, import_date) {order}",
+            values.join(", ")
+        );
+        let ctx = datafusion::prelude::SessionContext::new();
+        let batches = ctx.sql(&q).await.unwrap().collect().await.unwrap();
+        let from_sql: Vec<i64> = batches
+            .iter()
+            .flat_map(|b| {
+                let c = b
+                    .column(0)
+                    .as_any()
+                    .downcast_ref::<arrow::array::Int64Array>()
+                    .unwrap();
+                c.values().to_vec()
+            })
+            .collect();
+        let mut from_rust: Vec<(Latest, i64)> = cases
+            .iter()
+            .enumerate()
+            .map(|(i, (v, lu, d))| (at(*v, *lu, *d), i as i64))
+            .collect();
+        from_rust.sort_by(|a, b| b.0.cmp(&a.0));
+        let from_rust: Vec<i64> = from_rust.into_iter().map(|(_, i)| i).collect();
+        assert_eq!(from_sql, from_rust, "{order}");
+    }
+
     #[test]
     fn the_content_hash_ignores_only_version_and_last_updated() {
         let hash = |t: &str| {
