@@ -438,6 +438,19 @@ impl Paths {
         ])
     }
 
+    /// The ledger entries of the records a HealthLake import sends, in the
+    /// order it sends them, kept until the job has ended and those it took
+    /// join the ledger.
+    pub fn ledger_pending(&self, t: &TenantGuid, d: ImportDate, job: &str) -> Path {
+        self.join([
+            "metadata",
+            "_import",
+            &tenant_seg(t),
+            &date_seg(d),
+            &format!("ledger-{job}.parquet"),
+        ])
+    }
+
     /// The records one HealthLake import sends when the ledger leaves some
     /// of the partition's out: a prefix of their own beside (not under) the
     /// curated layer, since HealthLake reads every object under its input.

@@ -125,6 +125,7 @@ async fn select(
     let ledger = Ledger::load(lake, &req.tenant, &ledger_target(datastore)).await?;
     let date = req.date.days_since_epoch();
     let mut files = Vec::new();
+    let mut sent = Vec::new();
     let mut kept: Vec<(String, Vec<u8>)> = Vec::new();
     for (ty, parts) in &curated.files {
         for part in parts {
@@ -152,6 +153,7 @@ async fn select(
                 let entry = Entry::of(&keys, date, content_hash(keys.text, &scan));
                 match ledger.judge(&entry) {
                     Verdict::Send => {
+                        sent.push(entry);
                         match f.lines.last_mut() {
                             Some([first, count]) if *first + *count == n => *count += 1,
                             _ => f.lines.push([n, 1]),
@@ -176,6 +178,11 @@ async fn select(
             files.push(f);
         }
     }
+    let pending = lake
+        .metadata
+        .paths
+        .ledger_pending(&req.tenant, req.date, job_id);
+    ledger::write_entries(lake, &pending, &sent).await?;
     if files.iter().all(|f| f.unchanged + f.stale == 0) {
         return Ok(Selection {
             prefix: None,
@@ -197,34 +204,28 @@ async fn select(
     })
 }
 
-/// The ledger entries of what the job imported: each sent record but those
-/// HealthLake failed.
+/// The ledger entries of what the job imported: the entries [`select`]
+/// kept for the records it sent (in the order of the selection's files and
+/// lines), but those HealthLake failed. A state written before selections
+/// kept none: the ledger then learns nothing from the job.
 async fn imported_entries(
-    settings: &Settings,
+    lake: &Lake,
     req: &ImportRequest,
     state: &State,
     selection: &Selection,
     failed: &BTreeMap<String, std::collections::BTreeSet<u64>>,
 ) -> Result<Vec<Entry>> {
-    let date = req.date.days_since_epoch();
+    let path = lake
+        .metadata
+        .paths
+        .ledger_pending(&req.tenant, req.date, &state.job_id);
+    let mut pending = ledger::read_entries(lake, &path).await?.into_iter();
     let mut entries = Vec::new();
-    for f in selection.files.iter().filter(|f| f.sent > 0) {
-        let root = Root::open(&state.input_uri, &settings.s3)?;
-        let path = root.paths.prefix.clone().join(f.name.as_str());
-        let data = root.get_bytes(STAGE, &path).await?.unwrap_or_default();
-        let no_fail = std::collections::BTreeSet::new();
-        let failed = failed.get(&f.name).unwrap_or(&no_fail);
-        for (k, line) in data
-            .split(|&b| b == b'\n')
-            .filter(|l| !l.is_empty())
-            .enumerate()
-        {
-            if failed.contains(&(k as u64 + 1)) {
-                continue;
-            }
-            let ty = crate::layout::curated_file_type(&f.name);
-            if let Ok((keys, scan)) = key_and_scan(line, ty, settings.curate.max_depth, false) {
-                entries.push(Entry::of(&keys, date, content_hash(keys.text, &scan)));
+    for f in &selection.files {
+        let failed = failed.get(&f.name);
+        for (k, e) in pending.by_ref().take(f.sent as usize).enumerate() {
+            if !failed.is_some_and(|lines| lines.contains(&(k as u64 + 1))) {
+                entries.push(e);
             }
         }
     }
@@ -679,7 +680,7 @@ async fn follow(
                 .or_default()
                 .extend(a.failures.iter().filter_map(Response::line));
         }
-        let mut entries = imported_entries(settings, req, &state, &selection, &failed).await?;
+        let mut entries = imported_entries(lake, req, &state, &selection, &failed).await?;
         entries.extend(deleted.entries);
         errors.extend(deleted.errors);
         let target = ledger_target(&state.datastore_id);

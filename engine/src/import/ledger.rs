@@ -32,6 +32,7 @@ use crate::curate::parse::Keys;
 use crate::error::{Error, Result};
 use crate::layout::TenantGuid;
 use crate::storage::Lake;
+use object_store::path::Path;
 
 /// The order of versions of one resource (DESIGN.md, "Latest"): the highest
 /// `meta.versionId` as a number when it is one, else as text, then the latest
@@ -171,61 +172,20 @@ impl Ledger {
     /// Reads every file of the tenant's ledger for `target`.
     pub async fn load(lake: &Lake, tenant: &TenantGuid, target: &str) -> Result<Ledger> {
         let root = &lake.metadata;
-        let dir = root.paths.ledger(tenant, target);
         let mut ledger = Ledger::default();
-        for obj in root.list(STAGE, &dir).await? {
-            let Some(bytes) = root.get_bytes(STAGE, &obj.location).await? else {
-                continue;
-            };
-            let bad = |e: &dyn std::fmt::Display| Error::Input {
-                path: root.url_of(&obj.location).into(),
-                reason: format!("not a ledger file: {e}"),
-            };
-            let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
-                .and_then(|b| b.build())
-                .map_err(|e| bad(&e))?;
-            for batch in reader {
-                let batch = batch.map_err(|e| bad(&e))?;
-                ledger.read_batch(&batch).map_err(|e| bad(&e))?;
+        for obj in root.list(STAGE, &root.paths.ledger(tenant, target)).await? {
+            for e in read_entries(lake, &obj.location).await? {
+                let key = (e.resource_type, e.id);
+                if e.deleted {
+                    // Files are read in job order (ids are time-ordered), so
+                    // a deletion ends what earlier imports held.
+                    ledger.held.remove(&key);
+                } else {
+                    ledger.hold(key.0, key.1, e.latest, e.hash);
+                }
             }
         }
         Ok(ledger)
-    }
-
-    fn read_batch(&mut self, b: &RecordBatch) -> std::result::Result<(), String> {
-        fn col<'a, T: 'static>(
-            b: &'a RecordBatch,
-            name: &str,
-        ) -> std::result::Result<&'a T, String> {
-            b.column_by_name(name)
-                .and_then(|c| c.as_any().downcast_ref::<T>())
-                .ok_or_else(|| format!("no column {name} of the ledger's type"))
-        }
-        let ty = col::<StringArray>(b, "resource_type")?;
-        let id = col::<StringArray>(b, "id")?;
-        let version = col::<StringArray>(b, "version_id")?;
-        let updated = col::<TimestampMicrosecondArray>(b, "last_updated")?;
-        let date = col::<Date32Array>(b, "import_date")?;
-        let hash = col::<StringArray>(b, "content_hash")?;
-        let deleted = col::<BooleanArray>(b, "deleted").ok();
-        for i in 0..b.num_rows() {
-            let latest = Latest {
-                version_id: version.is_valid(i).then(|| version.value(i).to_string()),
-                last_updated: updated.is_valid(i).then(|| updated.value(i)),
-                import_date: date.value(i),
-            };
-            let h = u128::from_str_radix(hash.value(i), 16)
-                .map_err(|e| format!("content_hash {}: {e}", hash.value(i)))?;
-            let key = (ty.value(i).to_string(), id.value(i).to_string());
-            if deleted.is_some_and(|d| d.is_valid(i) && d.value(i)) {
-                // Files are read in job order (ids are time-ordered), so a
-                // deletion ends what earlier imports held.
-                self.held.remove(&key);
-            } else {
-                self.hold(key.0, key.1, latest, h);
-            }
-        }
-        Ok(())
     }
 
     fn hold(&mut self, ty: String, id: String, latest: Latest, hash: u128) {
@@ -262,6 +222,58 @@ impl Ledger {
     }
 }
 
+/// The entries of one ledger-format file (a ledger file, or the entries an
+/// import is about to send); none when it is absent.
+pub async fn read_entries(lake: &Lake, path: &Path) -> Result<Vec<Entry>> {
+    let root = &lake.metadata;
+    let Some(bytes) = root.get_bytes(STAGE, path).await? else {
+        return Ok(Vec::new());
+    };
+    let bad = |e: &dyn std::fmt::Display| Error::Input {
+        path: root.url_of(path).into(),
+        reason: format!("not a ledger file: {e}"),
+    };
+    let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
+        .and_then(|b| b.build())
+        .map_err(|e| bad(&e))?;
+    let mut out = Vec::new();
+    for batch in reader {
+        let batch = batch.map_err(|e| bad(&e))?;
+        entries_of(&batch, &mut out).map_err(|e| bad(&e))?;
+    }
+    Ok(out)
+}
+
+fn entries_of(b: &RecordBatch, out: &mut Vec<Entry>) -> std::result::Result<(), String> {
+    fn col<'a, T: 'static>(b: &'a RecordBatch, name: &str) -> std::result::Result<&'a T, String> {
+        b.column_by_name(name)
+            .and_then(|c| c.as_any().downcast_ref::<T>())
+            .ok_or_else(|| format!("no column {name} of the ledger's type"))
+    }
+    let ty = col::<StringArray>(b, "resource_type")?;
+    let id = col::<StringArray>(b, "id")?;
+    let version = col::<StringArray>(b, "version_id")?;
+    let updated = col::<TimestampMicrosecondArray>(b, "last_updated")?;
+    let date = col::<Date32Array>(b, "import_date")?;
+    let hash = col::<StringArray>(b, "content_hash")?;
+    let deleted = col::<BooleanArray>(b, "deleted").ok();
+    for i in 0..b.num_rows() {
+        out.push(Entry {
+            resource_type: ty.value(i).to_string(),
+            id: id.value(i).to_string(),
+            latest: Latest {
+                version_id: version.is_valid(i).then(|| version.value(i).to_string()),
+                last_updated: updated.is_valid(i).then(|| updated.value(i)),
+                import_date: date.value(i),
+            },
+            hash: u128::from_str_radix(hash.value(i), 16)
+                .map_err(|e| format!("content_hash {}: {e}", hash.value(i)))?,
+            deleted: deleted.is_some_and(|d| d.is_valid(i) && d.value(i)),
+        });
+    }
+    Ok(())
+}
+
 /// Writes the entries the target took as the import's ledger file.
 pub async fn save(
     lake: &Lake,
@@ -270,6 +282,17 @@ pub async fn save(
     job_id: &str,
     entries: &[Entry],
 ) -> Result<()> {
+    let path = lake
+        .metadata
+        .paths
+        .ledger(tenant, target)
+        .join(format!("{job_id}.parquet").as_str());
+    write_entries(lake, &path, entries).await
+}
+
+/// Writes `entries` in the ledger's format at `path` (nothing when there
+/// are none).
+pub async fn write_entries(lake: &Lake, path: &Path, entries: &[Entry]) -> Result<()> {
     if entries.is_empty() {
         return Ok(());
     }
@@ -313,12 +336,7 @@ pub async fn save(
         ],
     )
     .expect("ledger columns match");
-    let path = lake
-        .metadata
-        .paths
-        .ledger(tenant, target)
-        .join(format!("{job_id}.parquet").as_str());
-    crate::metadata::write_parquet(&lake.metadata, STAGE, &path, &batch).await?;
+    crate::metadata::write_parquet(&lake.metadata, STAGE, path, &batch).await?;
     Ok(())
 }
 
