@@ -233,7 +233,8 @@ pub struct CurateSettings {
     pub range_bytes: u64,
     /// Memory for dedup, in MiB: half holds key rows (past it they spill to
     /// a temporary folder), half is the dedup query's pool (its aggregation
-    /// and sort spill past it).
+    /// and sort spill past it; the pool is at least 16 MiB, the room
+    /// DataFusion needs to spill at all).
     pub memory_limit_mb: usize,
     /// Step 2, FHIR R4 validation: `strict` (any error rejects),
     /// `structure-only` (value-set bindings are not checked) or `off`.

@@ -8,8 +8,9 @@
 //!   file's batches have their own dictionaries) in a temporary folder, so their
 //!   memory does not grow with the number of records;
 //! * the query reads them as a stream ([`KeyStore`] is a table provider),
-//!   in a DataFusion session whose memory pool has the other half: its
-//!   aggregation and the sort behind its window spill to disk past it.
+//!   in a DataFusion session whose memory pool has the other half (at least
+//!   16 MiB, the working room its spilling needs): its aggregation and the
+//!   sort behind its window spill to disk past it.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -228,9 +229,16 @@ pub struct Collision {
     pub survivor_line: u64,
 }
 
-/// The dedup query's memory pool: the other half of `curate.memory_limit_mb`.
+/// The least the dedup query's pool holds, in MiB. DataFusion's aggregation
+/// spills by sorting its state in memory first (up to twice the state), and
+/// with one aggregation and one sort per core a pool of a few MiB can leave
+/// no room for that sort: the query then fails instead of spilling.
+const QUERY_MEMORY_FLOOR_MB: usize = 16;
+
+/// The dedup query's memory pool: the other half of `curate.memory_limit_mb`,
+/// and at least [`QUERY_MEMORY_FLOOR_MB`].
 pub fn query_memory_mb(settings: &crate::settings::Settings) -> usize {
-    (settings.curate.memory_limit_mb / 2).max(1)
+    (settings.curate.memory_limit_mb / 2).max(QUERY_MEMORY_FLOOR_MB)
 }
 
 /// The duplicates among the rows of `keys`. `memory_limit_mb` is the
