@@ -171,10 +171,19 @@ impl TestLake {
 
     /// The visible curated folder of the partition, on any store: name → bytes.
     pub async fn visible_files(&self) -> std::collections::BTreeMap<String, Vec<u8>> {
+        self.visible_files_of(&tenant(), date()).await
+    }
+
+    /// The visible curated folder of one partition, on any store.
+    pub async fn visible_files_of(
+        &self,
+        tenant: &TenantGuid,
+        date: ImportDate,
+    ) -> std::collections::BTreeMap<String, Vec<u8>> {
         use futures::TryStreamExt;
         use object_store::ObjectStoreExt;
         let root = &self.lake.curated;
-        let folder = root.paths.curated_partition(&tenant(), date());
+        let folder = root.paths.curated_partition(tenant, date);
         let listed: Vec<_> = root.store.list(Some(&folder)).try_collect().await.unwrap();
         let mut out = std::collections::BTreeMap::new();
         for o in listed {

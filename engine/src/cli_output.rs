@@ -18,6 +18,7 @@ pub fn exit_reason(code: u8) -> &'static str {
         2 => "usage",
         3 => "not_conserved",
         4 => "busy",
+        10 => "skipped",
         5 => "nothing_to_do",
         _ => "failed",
     }
@@ -171,4 +172,26 @@ pub fn run(r: &fhirflow::run::RunReport) -> Value {
         "import": r.import.as_ref().map(import),
         "catalog": r.catalog.as_ref().map(catalog),
     })
+}
+
+pub fn plan(r: &fhirflow::fleet::PlanReport) -> Value {
+    json!({ "plan": {
+        "id": r.id,
+        "uri": r.uri,
+        "bytes": r.bytes,
+        "units": r.units.len(),
+    }})
+}
+
+pub fn work(r: &fhirflow::fleet::WorkReport) -> Value {
+    let outcome = match &r.outcome {
+        fhirflow::fleet::Outcome::Curated(c) => json!({ "curate": curate(c) }),
+        fhirflow::fleet::Outcome::Imported(i) => json!({ "import": import(i) }),
+    };
+    json!({ "work": {
+        "plan": r.plan,
+        "index": r.index,
+        "unit": r.unit,
+        "outcome": outcome,
+    }})
 }

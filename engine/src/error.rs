@@ -171,6 +171,11 @@ pub enum Error {
     #[error("import: {0}")]
     Import(String),
 
+    /// The unit of a plan was done by another worker since it was planned
+    /// (exit code 10): nothing to do, and nothing was written.
+    #[error("{0}")]
+    AlreadyDone(String),
+
     /// Another run holds the partition's lease (exit code 4): nothing was
     /// written; try again later.
     #[error("{stage}: {partition} is busy: {holder}")]
@@ -279,6 +284,7 @@ impl Error {
             | Error::ImportNotConserved { .. } => 3,
             Error::Busy { .. } => 4,
             Error::NothingToDo(_) => 5,
+            Error::AlreadyDone(_) => 10,
             _ => 1,
         }
     }

@@ -320,6 +320,38 @@ enum Command {
         #[command(flatten)]
         out: Output,
     },
+    /// List what is pending (raw partitions not curated since their newest object, curated
+    /// partitions not imported) as a plan of units in the lake, for `work` on many machines.
+    Plan {
+        /// Which units: curate, import, or both.
+        #[arg(long, value_enum, default_value_t = PlanStageArg::All)]
+        stage: PlanStageArg,
+        /// Only this tenant.
+        #[arg(long)]
+        tenant: Option<TenantGuid>,
+        /// Only this import date.
+        #[arg(long, conflicts_with = "since")]
+        date: Option<ImportDate>,
+        /// Only import dates from this one on.
+        #[arg(long)]
+        since: Option<ImportDate>,
+        #[command(flatten)]
+        out: Output,
+    },
+    /// Run one unit of a plan. Exit codes: 0 done, 10 skipped (done before), 4 busy (another
+    /// worker holds the partition: retry later), 3 not conserved and 1 failed (do not retry).
+    ///
+    /// Prints CloudWatch Embedded Metric Format lines on stdout, then the summary.
+    Work {
+        /// The plan, as `plan` printed it (or its id).
+        #[arg(long)]
+        plan: String,
+        /// The unit, from 0 (default: AWS_BATCH_JOB_ARRAY_INDEX, else JOB_COMPLETION_INDEX).
+        #[arg(long)]
+        index: Option<usize>,
+        #[command(flatten)]
+        out: Output,
+    },
     /// Validate FHIR R4 files: NDJSON line by line, .json as one resource or Bundle.
     ///
     /// Exit code 0 when every resource is valid, 1 when one is not, 2 for usage or I/O errors.
@@ -364,6 +396,13 @@ struct ImportArgs {
     no_wait: bool,
     #[command(flatten)]
     out: Output,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PlanStageArg {
+    Curate,
+    Import,
+    All,
 }
 
 #[derive(Subcommand)]
@@ -458,7 +497,9 @@ fn main() -> ExitCode {
         Ok(_) => 0,
         Err(e) => e.exit_code(),
     };
-    if let Err(e) = &result {
+    if let Err(Error::AlreadyDone(why)) = &result {
+        eprintln!("fhirflow: skipped: {why}");
+    } else if let Err(e) = &result {
         match log_format {
             LogFormat::Text => eprintln!("fhirflow: error: {}", error_text(e)),
             LogFormat::Json => tracing::error!(exit_code = code, "{}", error_text(e)),
@@ -533,6 +574,8 @@ impl Command {
                 command: CatalogCommand::Sync { out, .. },
             } => ("catalog sync", out.output),
             Command::Run { out, .. } => ("run", out.output),
+            Command::Plan { out, .. } => ("plan", out.output),
+            Command::Work { out, .. } => ("work", out.output),
             Command::Sql { .. } => ("sql", text),
             Command::Validate { .. } => ("validate", text),
             Command::Rules { .. } => ("rules", text),
@@ -771,6 +814,65 @@ async fn run(cli: Cli, json: bool) -> Result<serde_json::Value> {
                 None => {}
             }
             cli_output::run(&report)
+        }
+        Command::Plan {
+            stage,
+            tenant,
+            date,
+            since,
+            ..
+        } => {
+            use fhirflow::fleet::PlanStage;
+            let req = fhirflow::fleet::PlanRequest {
+                stage: match stage {
+                    PlanStageArg::Curate => PlanStage::Curate,
+                    PlanStageArg::Import => PlanStage::Import,
+                    PlanStageArg::All => PlanStage::All,
+                },
+                tenant,
+                date,
+                since,
+            };
+            let report = fhirflow::fleet::plan(&lake, &settings, &req).await?;
+            if !quiet {
+                println!(
+                    "plan: {} units ({} bytes) at {}",
+                    report.units.len(),
+                    report.bytes,
+                    report.uri
+                );
+            }
+            cli_output::plan(&report)
+        }
+        Command::Work { plan, index, .. } => {
+            let index = fhirflow::fleet::worker_index(index)?;
+            let result = fhirflow::fleet::work(&lake, &settings, &plan, index, &bar).await;
+            let unit = fhirflow::fleet::unit(&lake, &plan, index).await.ok();
+            let (stage, tenant) = unit.as_ref().map_or(("unknown", String::new()), |(_, u)| {
+                let stage = match u.stage {
+                    fhirflow::fleet::UnitStage::Curate => "curate",
+                    fhirflow::fleet::UnitStage::Import => "import",
+                };
+                (stage, u.tenant.clone())
+            });
+            let mut lines = match &result {
+                Ok(w) => match &w.outcome {
+                    fhirflow::fleet::Outcome::Curated(c) => fhirflow::emf::curate(c),
+                    fhirflow::fleet::Outcome::Imported(i) => fhirflow::emf::import(&tenant, i),
+                },
+                Err(_) => Vec::new(),
+            };
+            let code = result.as_ref().map_or_else(|e| e.exit_code(), |_| 0);
+            lines.push(fhirflow::emf::unit(stage, &tenant, code));
+            for l in lines {
+                println!("{l}");
+            }
+            let report = result?;
+            match &report.outcome {
+                fhirflow::fleet::Outcome::Curated(c) => print_summary(c, json),
+                fhirflow::fleet::Outcome::Imported(i) => print_import(i, quiet),
+            }
+            cli_output::work(&report)
         }
         Command::Sql { query, format } => {
             let ctx = fhirflow::sql::session(&lake, &settings).await?;

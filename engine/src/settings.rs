@@ -34,6 +34,25 @@ pub struct Settings {
     pub s3: S3Settings,
     pub lease: LeaseSettings,
     pub sql: SqlSettings,
+    pub fleet: FleetSettings,
+}
+
+/// `[fleet]`: how `fhirflow plan` sizes the units `fhirflow work` runs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FleetSettings {
+    /// A curate unit whose raw bytes are at most this many MiB is marked
+    /// `lambda` (Lambda allows 15 minutes and 10 GB of memory); a larger
+    /// one `batch`.
+    pub lambda_max_mb: u64,
+}
+
+impl Default for FleetSettings {
+    fn default() -> Self {
+        FleetSettings {
+            lambda_max_mb: 1024,
+        }
+    }
 }
 
 /// `[sql]`: what every `fhirflow sql` session registers besides the layers.
@@ -298,6 +317,7 @@ impl Default for Settings {
             extract: ExtractSettings::default(),
             import: ImportSettings::default(),
             healthlake: HealthLakeSettings::default(),
+            fleet: FleetSettings::default(),
             glue: GlueSettings::default(),
             s3: S3Settings::default(),
             lease: LeaseSettings::default(),

@@ -8,6 +8,7 @@ mod concurrency;
 mod crash;
 mod dedup;
 mod extract;
+mod fleet;
 mod healthlake;
 mod labels;
 mod lake;

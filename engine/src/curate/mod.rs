@@ -648,6 +648,35 @@ pub async fn curate_with_checks(
     reporter: &dyn Reporter,
     checks: Vec<Arc<dyn LineCheck>>,
 ) -> Result<CurateReport> {
+    curate_inner(lake, settings, tenant, date, reporter, checks, None).await
+}
+
+/// [`curate`] as a plan's unit: `after` is the partition's latest curate
+/// commit when the unit was planned. Once this run holds the lease, a later
+/// commit means another worker did the unit: the run stops with
+/// [`Error::AlreadyDone`] (after finishing that commit's publication, if its
+/// run died before it), so a unit is curated once however often it is run.
+pub async fn curate_planned(
+    lake: &Lake,
+    settings: &Settings,
+    tenant: &TenantGuid,
+    date: ImportDate,
+    reporter: &dyn Reporter,
+    after: Option<u64>,
+) -> Result<CurateReport> {
+    let checks = step_two(settings);
+    curate_inner(lake, settings, tenant, date, reporter, checks, Some(after)).await
+}
+
+async fn curate_inner(
+    lake: &Lake,
+    settings: &Settings,
+    tenant: &TenantGuid,
+    date: ImportDate,
+    reporter: &dyn Reporter,
+    checks: Vec<Arc<dyn LineCheck>>,
+    planned: Option<Option<u64>>,
+) -> Result<CurateReport> {
     let started = Instant::now();
     let started_at = chrono::Utc::now().timestamp_micros();
     let run_id = uuid::Uuid::now_v7().to_string();
@@ -684,6 +713,32 @@ pub async fn curate_with_checks(
         .map(|r| r.run_id.clone())
         .into_iter()
         .collect();
+    if let Some(after) = planned {
+        let since: Result<Option<commit::CommitRecord>> = async {
+            let latest = commit::latest_curate(lake, tenant, date).await?;
+            match latest.filter(|r| Some(r.sequence) != after) {
+                // A dead run committed but may not have published.
+                Some(r) if !dead.is_empty() => {
+                    commit::mirror(lake, tenant, date, &r).await?;
+                    commit::collect_garbage(lake, tenant, date, &run_id, &dead).await?;
+                    Ok(Some(r))
+                }
+                other => Ok(other),
+            }
+        }
+        .await;
+        if !matches!(since, Ok(None)) {
+            let released = lease.release().await;
+            let r = since?;
+            released?;
+            let r = r.expect("matched");
+            return Err(Error::AlreadyDone(format!(
+                "curate: tenant {tenant} date {date} was curated since it was planned \
+                 (commit {}, run {})",
+                r.sequence, r.run_id
+            )));
+        }
+    }
     let result = async {
         commit::collect_garbage(lake, tenant, date, &run_id, &dead).await?;
         let files = raw_files(lake, tenant, date).await?;

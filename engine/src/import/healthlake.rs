@@ -639,6 +639,8 @@ async fn follow(
     let mut errors = Vec::new();
     let mut metrics = Vec::new();
     let mut mismatches = Vec::new();
+    // The curate commit a completed job imported: what `plan` compares.
+    let mut imported = None;
     if ended(props.job_status()) {
         let curated = curated(lake, &req.tenant, req.date).await?;
         if curated.record.run_id != state.curate_run {
@@ -665,6 +667,7 @@ async fn follow(
             props.job_status(),
             JobStatus::Completed | JobStatus::CompletedWithErrors
         ) {
+            imported = Some(curated.record.sequence);
             let datastore = &state.datastore_id;
             apply_deletions(lake, settings, req, datastore, &curated, &state.job_id).await?
         } else {
@@ -736,7 +739,7 @@ async fn follow(
         req.date,
         &state.job_id,
         rows,
-        None,
+        imported,
     )
     .await;
     if let Err(e) = published {
@@ -943,7 +946,7 @@ async fn nothing_to_send(
         req.date,
         job_id,
         rows,
-        None,
+        Some(curated.record.sequence),
     )
     .await?;
     Ok(report)

@@ -1,0 +1,415 @@
+//! A night's work as units, for many machines: `fhirflow plan` lists what is
+//! pending and writes it as an immutable plan; `fhirflow work --plan … --index N`
+//! runs unit N on whichever machine an existing engine (AWS Batch array
+//! jobs, Step Functions' Distributed Map, Kubernetes Indexed Jobs) starts it.
+//!
+//! * A plan is JSON Lines, one [`Unit`] per line, at
+//!   `metadata/_plans/<plan id>.jsonl` (written with a conditional create and
+//!   never changed; the id is a time-ordered UUID).
+//! * Pending means: a (tenant, date) whose newest raw object is newer than
+//!   the start of its latest curate run (or that has none) is a `curate`
+//!   unit; one whose latest curate commit no import has imported is an
+//!   `import` unit. Re-planning after a partial night lists only what is left.
+//! * A unit is idempotent. Its done marker, `metadata/_plans/<plan id>/done/<N>.json`,
+//!   is created once; a worker that finds it skips. A curate unit carries the
+//!   partition's latest curate commit at planning time: a worker that, holding
+//!   the partition lease, finds a later one skips (another worker did it), so
+//!   duplicated or retried workers curate a partition once. An import is
+//!   "already imported" when its curate commit was imported.
+
+use std::collections::BTreeMap;
+
+use object_store::path::Path;
+use serde::{Deserialize, Serialize};
+
+use crate::curate::CurateReport;
+use crate::error::{Error, Result};
+use crate::import::{ImportReport, ImportRequest};
+use crate::layout::{ImportDate, Layer, TenantGuid};
+use crate::report::Reporter;
+use crate::settings::Settings;
+use crate::storage::Lake;
+
+const STAGE: &str = "plan";
+
+/// What a unit does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnitStage {
+    /// Curate the (tenant, date): every source system's raw files.
+    Curate,
+    /// Import the (tenant, date)'s latest curate commit into `[import] target`.
+    Import,
+}
+
+/// Where a unit is meant to run: its raw size against `[fleet] lambda_max_mb`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Runner {
+    Lambda,
+    Batch,
+}
+
+/// One line of a plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Unit {
+    pub stage: UnitStage,
+    /// The tenant GUID and import date, as `--tenant` and `--date` take them.
+    pub tenant: String,
+    pub date: String,
+    /// The raw bytes of the partition (every source system).
+    pub raw_bytes: u64,
+    pub runner: Runner,
+    /// The partition's latest curate commit when planned (curate units).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<u64>,
+}
+
+/// Which units `plan` lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlanStage {
+    Curate,
+    Import,
+    All,
+}
+
+/// What `plan` looks at.
+#[derive(Debug, Clone)]
+pub struct PlanRequest {
+    pub stage: PlanStage,
+    pub tenant: Option<TenantGuid>,
+    /// One date, or every date from `since` on.
+    pub date: Option<ImportDate>,
+    pub since: Option<ImportDate>,
+}
+
+/// A written plan.
+#[derive(Debug, Clone)]
+pub struct PlanReport {
+    pub id: String,
+    pub uri: String,
+    pub bytes: u64,
+    pub units: Vec<Unit>,
+}
+
+/// What one partition holds, for planning.
+#[derive(Default)]
+struct Partition {
+    raw_bytes: u64,
+    /// Microseconds since the epoch of its newest raw object.
+    newest_raw: i64,
+}
+
+/// The pending units, curate units first, each in (tenant, date) order.
+pub async fn pending(lake: &Lake, settings: &Settings, req: &PlanRequest) -> Result<Vec<Unit>> {
+    let raw = &lake.raw;
+    let mut partitions: BTreeMap<(TenantGuid, ImportDate), Partition> = BTreeMap::new();
+    let prefix = match &req.tenant {
+        Some(t) => raw.paths.raw_tenant(t),
+        None => raw.paths.layer(Layer::Raw),
+    };
+    for f in crate::raw::list_files(raw, STAGE, &prefix).await? {
+        let Some(date) = ImportDate::from_days_since_epoch(f.origin.import_date) else {
+            continue;
+        };
+        let wanted = req.date.is_none_or(|d| d == date) && req.since.is_none_or(|s| date >= s);
+        if !wanted {
+            continue;
+        }
+        let tenant: TenantGuid = f.origin.tenant.parse()?;
+        let p = partitions.entry((tenant, date)).or_default();
+        p.raw_bytes += f.meta.size;
+        p.newest_raw = p.newest_raw.max(f.meta.last_modified.timestamp_micros());
+    }
+    let lambda_max = settings.fleet.lambda_max_mb << 20;
+    let mut curate = Vec::new();
+    let mut import = Vec::new();
+    for ((tenant, date), p) in partitions {
+        let log = crate::commit::log(lake, &tenant, date).await?;
+        let latest_curate = log.iter().rev().find(|r| r.stage == crate::commit::CURATE);
+        let imported = log
+            .iter()
+            .rev()
+            .find(|r| r.stage == crate::import::STAGE)
+            .and_then(|r| r.imported);
+        let runner = if p.raw_bytes <= lambda_max {
+            Runner::Lambda
+        } else {
+            Runner::Batch
+        };
+        let unit = |stage, after| Unit {
+            stage,
+            tenant: tenant.to_string(),
+            date: date.to_string(),
+            raw_bytes: p.raw_bytes,
+            runner,
+            after,
+        };
+        let curated_since_raw = latest_curate.is_some_and(|r| run_start(&r.run_id) >= p.newest_raw);
+        if !curated_since_raw {
+            curate.push(unit(UnitStage::Curate, latest_curate.map(|r| r.sequence)));
+        } else if latest_curate.map(|r| r.sequence) != imported {
+            import.push(unit(UnitStage::Import, None));
+        }
+    }
+    Ok(match req.stage {
+        PlanStage::Curate => curate,
+        PlanStage::Import => import,
+        PlanStage::All => curate.into_iter().chain(import).collect(),
+    })
+}
+
+/// When a run began: its id is a time-ordered (v7) UUID. An id that is not
+/// one counts as the epoch, so its partition is planned again.
+fn run_start(run_id: &str) -> i64 {
+    uuid::Uuid::parse_str(run_id)
+        .ok()
+        .and_then(|u| u.get_timestamp())
+        .map_or(0, |t| {
+            let (secs, nanos) = t.to_unix();
+            secs as i64 * 1_000_000 + i64::from(nanos / 1000)
+        })
+}
+
+fn plan_path(lake: &Lake, id: &str) -> Path {
+    lake.metadata
+        .paths
+        .layer(Layer::Metadata)
+        .join("_plans")
+        .join(format!("{id}.jsonl"))
+}
+
+fn done_path(lake: &Lake, id: &str, index: usize) -> Path {
+    lake.metadata
+        .paths
+        .layer(Layer::Metadata)
+        .join("_plans")
+        .join(id)
+        .join("done")
+        .join(format!("{index:06}.json"))
+}
+
+/// Lists what is pending and writes it as a new plan (an empty plan too:
+/// it says there was nothing to do).
+pub async fn plan(lake: &Lake, settings: &Settings, req: &PlanRequest) -> Result<PlanReport> {
+    let units = pending(lake, settings, req).await?;
+    let mut text = Vec::new();
+    for u in &units {
+        serde_json::to_writer(&mut text, u).expect("a unit serialises");
+        text.push(b'\n');
+    }
+    let id = uuid::Uuid::now_v7().to_string();
+    let path = plan_path(lake, &id);
+    let bytes = text.len() as u64;
+    if !lake.metadata.create(STAGE, &path, text).await? {
+        return Err(Error::Corrupt {
+            stage: STAGE,
+            location: lake.metadata.url_of(&path),
+            detail: "a plan with this new id exists already".into(),
+        });
+    }
+    Ok(PlanReport {
+        uri: lake.metadata.url_of(&path),
+        id,
+        bytes,
+        units,
+    })
+}
+
+/// A plan's id from its URI (as `plan` printed it), a local path ending in
+/// its file name, or its bare id. A URI must be this lake's; the plan is
+/// always read from this lake's plans folder.
+fn plan_id(lake: &Lake, plan: &str) -> Result<String> {
+    let name = plan.rsplit('/').next().unwrap_or(plan);
+    let id = name.strip_suffix(".jsonl").unwrap_or(name);
+    let ok = uuid::Uuid::parse_str(id).is_ok()
+        && (!plan.contains("://") || lake.metadata.url_of(&plan_path(lake, id)) == plan);
+    if !ok {
+        let example = lake.metadata.url_of(&plan_path(lake, "ID"));
+        return Err(Error::Usage(format!(
+            "work: {plan} is not a plan of this lake (its plans are {}<ID>.jsonl)",
+            example.strip_suffix("ID.jsonl").unwrap_or(&example)
+        )));
+    }
+    Ok(id.to_string())
+}
+
+/// What a worker did.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Curated(CurateReport),
+    Imported(ImportReport),
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkReport {
+    pub plan: String,
+    pub index: usize,
+    pub unit: Unit,
+    pub outcome: Outcome,
+}
+
+/// Reads a plan: its id and its units.
+pub async fn units(lake: &Lake, plan: &str) -> Result<(String, Vec<Unit>)> {
+    let id = plan_id(lake, plan)?;
+    let path = plan_path(lake, &id);
+    let location = lake.metadata.url_of(&path);
+    let text = lake
+        .metadata
+        .get_bytes(STAGE, &path)
+        .await?
+        .ok_or_else(|| Error::Usage(format!("work: no plan at {location}")))?;
+    let units = text
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .enumerate()
+        .map(|(n, line)| {
+            serde_json::from_slice(line).map_err(|e| Error::Corrupt {
+                stage: STAGE,
+                location: format!("{location}, line {}", n + 1),
+                detail: format!("not a unit: {e}"),
+            })
+        })
+        .collect::<Result<Vec<Unit>>>()?;
+    Ok((id, units))
+}
+
+/// Reads unit `index` of a plan.
+pub async fn unit(lake: &Lake, plan: &str, index: usize) -> Result<(String, Unit)> {
+    let (id, mut units) = units(lake, plan).await?;
+    if index >= units.len() {
+        return Err(Error::Usage(format!(
+            "work: the plan {plan} has {} units; there is no unit {index}",
+            units.len()
+        )));
+    }
+    Ok((id, units.swap_remove(index)))
+}
+
+/// Runs unit `index` of `plan`. A unit done before (by this or another
+/// worker) is [`Error::AlreadyDone`]; a partition another worker holds is
+/// [`Error::Busy`]: retry later.
+pub async fn work(
+    lake: &Lake,
+    settings: &Settings,
+    plan: &str,
+    index: usize,
+    reporter: &dyn Reporter,
+) -> Result<WorkReport> {
+    let (id, unit) = unit(lake, plan, index).await?;
+    let tenant: TenantGuid = unit.tenant.parse()?;
+    let date: ImportDate = unit.date.parse()?;
+    let done = done_path(lake, &id, index);
+    if lake.metadata.get_bytes(STAGE, &done).await?.is_some() {
+        return Err(Error::AlreadyDone(format!(
+            "work: unit {index} of plan {id} is done ({})",
+            lake.metadata.url_of(&done)
+        )));
+    }
+    let outcome = match unit.stage {
+        UnitStage::Curate => crate::curate::curate_planned(
+            lake,
+            settings,
+            &tenant,
+            date,
+            reporter,
+            unit.after,
+        )
+        .await
+        .map(Outcome::Curated),
+        UnitStage::Import => {
+            let req = ImportRequest {
+                tenant,
+                date,
+                target: settings.import.target,
+                wait: true,
+            };
+            match crate::import::import(lake, settings, &req, reporter).await {
+                Ok(r) if r.status == "already imported" => Err(Error::AlreadyDone(format!(
+                    "import: tenant {} date {} was imported since it was planned",
+                    unit.tenant, unit.date
+                ))),
+                other => other.map(Outcome::Imported),
+            }
+        }
+    };
+    let marker = |how: &str| {
+        serde_json::to_vec(&serde_json::json!({
+            "plan": id,
+            "index": index,
+            "unit": unit,
+            "outcome": how,
+            "finished_at": chrono::Utc::now().to_rfc3339(),
+        }))
+        .expect("a marker serialises")
+    };
+    match outcome {
+        Ok(outcome) => {
+            lake.metadata.create(STAGE, &done, marker("done")).await?;
+            Ok(WorkReport {
+                plan: lake.metadata.url_of(&plan_path(lake, &id)),
+                index,
+                unit,
+                outcome,
+            })
+        }
+        Err(Error::AlreadyDone(why)) => {
+            lake.metadata.create(STAGE, &done, marker("skipped")).await?;
+            Err(Error::AlreadyDone(why))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The unit index of this worker: `--index`, else AWS Batch's array index,
+/// else a Kubernetes Indexed Job's completion index.
+pub fn worker_index(given: Option<usize>) -> Result<usize> {
+    if let Some(n) = given {
+        return Ok(n);
+    }
+    for var in ["AWS_BATCH_JOB_ARRAY_INDEX", "JOB_COMPLETION_INDEX"] {
+        if let Ok(v) = std::env::var(var) {
+            return v
+                .trim()
+                .parse()
+                .map_err(|_| Error::Usage(format!("work: {var}={v:?} is not a unit index")));
+        }
+    }
+    Err(Error::Usage(
+        "work: give --index, or run as an AWS Batch array child (AWS_BATCH_JOB_ARRAY_INDEX) \
+         or a Kubernetes Indexed Job (JOB_COMPLETION_INDEX)"
+            .into(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_starts_when_its_v7_id_says() {
+        let before = chrono::Utc::now().timestamp_micros();
+        let id = uuid::Uuid::now_v7().to_string();
+        let at = run_start(&id);
+        assert!(at >= before - 1000 && at <= chrono::Utc::now().timestamp_micros());
+        assert_eq!(run_start("not-a-uuid"), 0);
+    }
+
+    #[test]
+    fn units_read_back_as_written() {
+        let u = Unit {
+            stage: UnitStage::Curate,
+            tenant: "0f8fad5b-d9cb-469f-a165-70867728950e".into(),
+            date: "2026-12-01".into(),
+            raw_bytes: 12,
+            runner: Runner::Lambda,
+            after: Some(3),
+        };
+        let line = serde_json::to_string(&u).unwrap();
+        assert_eq!(
+            line,
+            r#"{"stage":"curate","tenant":"0f8fad5b-d9cb-469f-a165-70867728950e","date":"2026-12-01","raw_bytes":12,"runner":"lambda","after":3}"#
+        );
+        assert_eq!(serde_json::from_str::<Unit>(&line).unwrap(), u);
+    }
+}

@@ -1,0 +1,278 @@
+//! A night's work on many machines, played on one: `fhirflow plan` on a lake
+//! on moto S3, then `fhirflow work` processes started as AWS Batch array
+//! children (`AWS_BATCH_JOB_ARRAY_INDEX`), four at a time, some indexes twice
+//! and one child killed with SIGKILL and retried. Every unit is done once,
+//! a re-plan after a partial night lists only what is left, and the curated
+//! bytes and metadata equal those of one `fhirflow run` per partition on a
+//! second lake.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use fhirflow::layout::{ImportDate, TenantGuid};
+use fhirflow::settings::ImportTarget;
+use fhirflow_tests::healthlake::HealthLake;
+use fhirflow_tests::*;
+
+const TENANTS: usize = 8;
+const DATES: [&str; 3] = ["2026-11-01", "2026-11-02", "2026-11-03"];
+
+fn tenant_of(i: usize) -> String {
+    format!("{:08x}-5a1e-4c0d-8e2f-{:012x}", 0x1000 + i, 0xfeed00 + i)
+}
+
+/// The partitions of the night, in the plan's (tenant, date) order.
+fn partitions() -> Vec<(String, String)> {
+    let mut all: Vec<(String, String)> = (0..TENANTS)
+        .flat_map(|i| DATES.iter().map(move |d| (tenant_of(i), d.to_string())))
+        .collect();
+    all.sort();
+    all
+}
+
+/// Input of one partition, different for each: some patients and
+/// conditions of the Synthea sample, one duplicated line and one that is
+/// not JSON.
+fn write_input(t: &TestLake, n: usize) -> PathBuf {
+    let dir = t.input(&format!("p{n}"));
+    let sample = shared().join("data/synthea-10");
+    for (name, take) in [("Patient", 1 + n % 5), ("Condition", 10 + 3 * n)] {
+        let text = std::fs::read_to_string(sample.join(format!("{name}.000.ndjson"))).unwrap();
+        let mut lines: Vec<&str> = text.lines().take(take).collect();
+        if name == "Condition" {
+            lines.push(lines[0]);
+            lines.push("{not json");
+        }
+        write_lines(&dir, &format!("{name}.ndjson"), &lines);
+    }
+    dir
+}
+
+/// `fhirflow plan`: the URI it printed, and the (tenant, date) of its units
+/// as the lake holds them.
+async fn plan(t: &TestLake, stage: &str) -> (String, Vec<(String, String)>) {
+    let out = t.cli(&["plan", "--stage", stage], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let uri = text.split_whitespace().last().unwrap().to_string();
+    let (_, units) = fhirflow::fleet::units(&t.lake, &uri).await.expect("the plan");
+    for u in &units {
+        assert_eq!(serde_json::to_value(u.stage).unwrap(), stage);
+    }
+    let keys = units.into_iter().map(|u| (u.tenant, u.date)).collect();
+    (uri, keys)
+}
+
+fn worker(t: &TestLake, plan: &str, index: usize) -> Child {
+    t.command(
+        &["work", "--plan", plan],
+        &[("AWS_BATCH_JOB_ARRAY_INDEX", &index.to_string())],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("spawn a worker")
+}
+
+/// What one worker did: its index, exit code and EMF lines.
+struct Done {
+    index: usize,
+    code: i32,
+    emf: Vec<serde_json::Value>,
+    stderr: String,
+}
+
+fn finish(index: usize, child: Child) -> Done {
+    let out = child.wait_with_output().unwrap();
+    let emf = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).expect("an EMF line is JSON"))
+        .collect();
+    Done {
+        index,
+        code: out.status.code().expect("a worker exits"),
+        emf,
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Runs the workers of `indexes`, four at a time (a Batch array's
+/// concurrency), and returns what each did.
+fn run_workers(t: &TestLake, plan: &str, indexes: &[usize]) -> Vec<Done> {
+    let mut done = Vec::new();
+    for wave in indexes.chunks(4) {
+        let children: Vec<(usize, Child)> =
+            wave.iter().map(|&i| (i, worker(t, plan, i))).collect();
+        done.extend(children.into_iter().map(|(i, c)| finish(i, c)));
+    }
+    done
+}
+
+/// Every index worked: exactly one worker of each did it (exit 0), every
+/// other one skipped it as done (exit 10); each says so in EMF.
+fn assert_once(done: &[Done], stage: &str, indexes: &BTreeSet<usize>, killed: Option<usize>) {
+    let mut by_index: BTreeMap<usize, Vec<i32>> = BTreeMap::new();
+    for d in done {
+        assert!(
+            d.code == 0 || d.code == 10,
+            "worker {} exited {}: {}",
+            d.index,
+            d.code,
+            d.stderr
+        );
+        by_index.entry(d.index).or_default().push(d.code);
+        let unit = d.emf.last().expect("a worker's last EMF line is its unit's");
+        assert_eq!(unit["_aws"]["CloudWatchMetrics"][0]["Namespace"], "fhirflow");
+        assert_eq!(unit["stage"], stage);
+        let done_n = if d.code == 0 { 1.0 } else { 0.0 };
+        assert_eq!(unit["UnitsDone"], done_n);
+        assert_eq!(unit["UnitsSkipped"], 1.0 - done_n);
+        if d.code == 0 {
+            // The unit's counts come before it, per resource type.
+            let types: BTreeSet<&str> = d.emf[..d.emf.len() - 1]
+                .iter()
+                .filter_map(|m| m["resource_type"].as_str())
+                .collect();
+            assert!(types.contains("Patient"), "{:?}", d.emf);
+        }
+    }
+    assert_eq!(&by_index.keys().copied().collect::<BTreeSet<_>>(), indexes);
+    for (i, codes) in by_index {
+        let worked = codes.iter().filter(|&&c| c == 0).count();
+        // A child killed after its commit leaves the work done: its retry skips.
+        let expected = if Some(i) == killed { 0..=1 } else { 1..=1 };
+        assert!(expected.contains(&worked), "unit {i}: exit codes {codes:?}");
+    }
+}
+
+const METRICS: &str = "SELECT tenant_guid, CAST(import_date AS VARCHAR), stage, resource_type, \
+    records_in, records_out, records_rejected, records_duplicate, bytes_in, conserved \
+    FROM metadata.import_metrics ORDER BY 1, 2, 3, 4";
+
+const ROLE: &str = "arn:aws:iam::123456789012:role/healthlake-import";
+
+/// The HealthLake data store of tenant `i` in the fleet's lake (0) or the
+/// second lake (1).
+fn datastore(lake: usize, i: usize) -> String {
+    format!("{:032x}", (lake << 8) + i + 0xd5)
+}
+
+/// A lake at `s3://<bucket>/night` on `moto`, importing into HealthLake.
+fn lake_on(moto: &Moto, hl: &HealthLake, bucket: &str, n: usize) -> TestLake {
+    TestLake::with(|s| {
+        moto.configure(s, bucket, "night");
+        for i in 0..TENANTS {
+            hl.configure(s, &tenant_of(i), &datastore(n, i), ROLE);
+        }
+        s.import.target = ImportTarget::Healthlake;
+        // `fhirflow run` on S3 syncs the Glue catalog: moto's, one per lake.
+        s.glue.endpoint = Some(moto.endpoint());
+        s.glue.env = bucket.into();
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fleet_of_workers_does_every_unit_once_and_matches_one_run_per_partition() {
+    let moto = Moto::start();
+    for bucket in ["fleet", "single", "hl-output"] {
+        moto.create_bucket(bucket);
+    }
+    let stores: Vec<(String, &str)> = (0..2)
+        .flat_map(|n| (0..TENANTS).map(move |i| (datastore(n, i), ROLE)))
+        .collect();
+    let stores: Vec<(&str, &str)> = stores.iter().map(|(d, r)| (d.as_str(), *r)).collect();
+    let hl = HealthLake::start(&moto.endpoint(), &stores);
+    let fleet = lake_on(&moto, &hl, "fleet", 0);
+    let f = &fleet;
+    let reference = lake_on(&moto, &hl, "single", 1);
+    let all = partitions();
+    for (n, (tenant, date)) in all.iter().enumerate() {
+        let input = write_input(f, n);
+        let input = input.to_str().unwrap();
+        let out = f.cli(
+            &["ingest", input, "--tenant", tenant, "--source-system", "synthea", "--date", date],
+            &[],
+        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        // The second lake: one `fhirflow run` per partition.
+        let out = reference.cli(
+            &["run", input, "--tenant", tenant, "--source-system", "synthea", "--date", date],
+            &[],
+        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    // Night 1, partial: the first eight curate units, one index twice and
+    // one child killed and retried.
+    let (first, units) = plan(f, "curate").await;
+    assert_eq!(units, all);
+    let mut killed = worker(f, &first, 5);
+    std::thread::sleep(Duration::from_millis(300));
+    killed.kill().unwrap(); // SIGKILL
+    killed.wait().unwrap();
+    let mut done = run_workers(f, &first, &[0, 1, 2, 3, 3, 4, 6, 7]);
+    // The retry of the killed child waits for its lease to lapse.
+    done.extend(run_workers(f, &first, &[5]));
+    assert_once(&done, "curate", &(0..8).collect(), Some(5));
+
+    // Re-planning lists only the sixteen partitions left.
+    let (second, units) = plan(f, "curate").await;
+    assert_eq!(units, all[8..].to_vec());
+    // A retried child of the first plan skips, whatever the second plan says.
+    let again = run_workers(f, &first, &[2]);
+    assert_eq!(again[0].code, 10, "{}", again[0].stderr);
+
+    // The rest of the night: every unit of the second plan, two of them twice
+    // and at the same time.
+    let mut indexes: Vec<usize> = (0..16).collect();
+    indexes.insert(1, 0);
+    indexes.insert(9, 8);
+    let done = run_workers(f, &second, &indexes);
+    assert_once(&done, "curate", &(0..16).collect(), None);
+    assert!(plan(f, "curate").await.1.is_empty(), "nothing left to curate");
+
+    // Then the imports, the same way.
+    let (imports, units) = plan(f, "import").await;
+    assert_eq!(units, all);
+    let mut indexes: Vec<usize> = (0..24).collect();
+    indexes.insert(4, 3);
+    let done = run_workers(f, &imports, &indexes);
+    assert_once(&done, "import", &(0..24).collect(), None);
+    assert!(plan(f, "all").await.1.is_empty(), "nothing left at all");
+
+    // One curate and one import commit per partition, however many workers.
+    let jobs = f
+        .sql("SELECT stage, count(*), count(DISTINCT tenant_guid || CAST(import_date AS VARCHAR)) FROM metadata.import_jobs_history GROUP BY stage ORDER BY stage")
+        .await;
+    assert_eq!(
+        jobs,
+        vec![
+            vec!["curate".to_string(), "24".into(), "24".into()],
+            vec!["import".to_string(), "24".into(), "24".into()],
+        ]
+    );
+    // The same bytes and the same accounts as one run per partition.
+    for (tenant, date) in &all {
+        let t: TenantGuid = tenant.parse().unwrap();
+        let d: ImportDate = date.parse().unwrap();
+        let (a, b) = (f.visible_files_of(&t, d).await, reference.visible_files_of(&t, d).await);
+        assert!(!a.is_empty(), "{tenant} {date}: curated");
+        assert_eq!(a, b, "{tenant} {date}: curated bytes");
+    }
+    let metrics = f.sql(METRICS).await;
+    let accounted: BTreeSet<_> = metrics.iter().map(|r| (&r[0], &r[1], &r[2])).collect();
+    assert_eq!(accounted.len(), 24 * 2, "each partition's curate and import");
+    assert_eq!(metrics, reference.sql(METRICS).await);
+    let rejected = f
+        .sql("SELECT count(*) FROM metadata.import_errors WHERE stage = 'curate'")
+        .await;
+    assert_eq!(rejected, vec![vec!["24".to_string()]], "one bad line per partition");
+    for i in 0..TENANTS {
+        let (a, b) = (hl.stored(&datastore(0, i)), hl.stored(&datastore(1, i)));
+        assert!(!a.is_empty());
+        assert_eq!(a, b, "tenant {i}: HealthLake holds the same resources");
+    }
+}
