@@ -186,7 +186,9 @@ pub fn plan(r: &fhirflow::fleet::PlanReport) -> Value {
 pub fn work(r: &fhirflow::fleet::WorkReport) -> Value {
     let outcome = match &r.outcome {
         fhirflow::fleet::Outcome::Curated(c) => json!({ "curate": curate(c) }),
-        fhirflow::fleet::Outcome::Imported(i) => json!({ "import": import(i) }),
+        fhirflow::fleet::Outcome::Imported(i) => {
+            json!({ "import": i.iter().map(import).collect::<Vec<_>>() })
+        }
     };
     json!({ "work": {
         "plan": r.plan,

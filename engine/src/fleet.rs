@@ -8,8 +8,12 @@
 //!   never changed; the id is a time-ordered UUID).
 //! * Pending means: a (tenant, date) whose newest raw object is newer than
 //!   the start of its latest curate run (or that has none) is a `curate`
-//!   unit; one whose latest curate commit no import has imported is an
-//!   `import` unit. Re-planning after a partial night lists only what is left.
+//!   unit; a tenant with curate commits no import has imported is one
+//!   `import` unit, its dates in order: the import's ledger judges each
+//!   record against what earlier dates sent, so one worker takes a tenant's
+//!   dates oldest first, as one machine would (HealthLake runs one import
+//!   job per Region at a time, so this costs no import throughput).
+//!   Re-planning after a partial night lists only what is left.
 //! * A unit is idempotent. Its done marker, `metadata/_plans/<plan id>/done/<N>.json`,
 //!   is created once; a worker that finds it skips. A curate unit carries the
 //!   partition's latest curate commit at planning time: a worker that, holding
@@ -38,7 +42,8 @@ const STAGE: &str = "plan";
 pub enum UnitStage {
     /// Curate the (tenant, date): every source system's raw files.
     Curate,
-    /// Import the (tenant, date)'s latest curate commit into `[import] target`.
+    /// Import the tenant's dates' latest curate commits into `[import]
+    /// target`, oldest date first.
     Import,
 }
 
@@ -54,10 +59,11 @@ pub enum Runner {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Unit {
     pub stage: UnitStage,
-    /// The tenant GUID and import date, as `--tenant` and `--date` take them.
+    /// The tenant GUID and import dates, as `--tenant` and `--date` take
+    /// them: one date for a curate unit, in order for an import unit.
     pub tenant: String,
-    pub date: String,
-    /// The raw bytes of the partition (every source system).
+    pub dates: Vec<String>,
+    /// The raw bytes of its partitions (every source system).
     pub raw_bytes: u64,
     pub runner: Runner,
     /// The partition's latest curate commit when planned (curate units).
@@ -122,8 +128,15 @@ pub async fn pending(lake: &Lake, settings: &Settings, req: &PlanRequest) -> Res
         p.newest_raw = p.newest_raw.max(f.meta.last_modified.timestamp_micros());
     }
     let lambda_max = settings.fleet.lambda_max_mb << 20;
+    let runner = |raw_bytes| {
+        if raw_bytes <= lambda_max {
+            Runner::Lambda
+        } else {
+            Runner::Batch
+        }
+    };
     let mut curate = Vec::new();
-    let mut import = Vec::new();
+    let mut import: Vec<Unit> = Vec::new();
     for ((tenant, date), p) in partitions {
         let log = crate::commit::log(lake, &tenant, date).await?;
         let latest_curate = log.iter().rev().find(|r| r.stage == crate::commit::CURATE);
@@ -132,24 +145,32 @@ pub async fn pending(lake: &Lake, settings: &Settings, req: &PlanRequest) -> Res
             .rev()
             .find(|r| r.stage == crate::import::STAGE)
             .and_then(|r| r.imported);
-        let runner = if p.raw_bytes <= lambda_max {
-            Runner::Lambda
-        } else {
-            Runner::Batch
-        };
-        let unit = |stage, after| Unit {
-            stage,
-            tenant: tenant.to_string(),
-            date: date.to_string(),
-            raw_bytes: p.raw_bytes,
-            runner,
-            after,
-        };
         let curated_since_raw = latest_curate.is_some_and(|r| run_start(&r.run_id) >= p.newest_raw);
         if !curated_since_raw {
-            curate.push(unit(UnitStage::Curate, latest_curate.map(|r| r.sequence)));
+            curate.push(Unit {
+                stage: UnitStage::Curate,
+                tenant: tenant.to_string(),
+                dates: vec![date.to_string()],
+                raw_bytes: p.raw_bytes,
+                runner: runner(p.raw_bytes),
+                after: latest_curate.map(|r| r.sequence),
+            });
         } else if latest_curate.map(|r| r.sequence) != imported {
-            import.push(unit(UnitStage::Import, None));
+            match import.last_mut() {
+                Some(u) if u.tenant == tenant.to_string() => {
+                    u.dates.push(date.to_string());
+                    u.raw_bytes += p.raw_bytes;
+                    u.runner = runner(u.raw_bytes);
+                }
+                _ => import.push(Unit {
+                    stage: UnitStage::Import,
+                    tenant: tenant.to_string(),
+                    dates: vec![date.to_string()],
+                    raw_bytes: p.raw_bytes,
+                    runner: runner(p.raw_bytes),
+                    after: None,
+                }),
+            }
         }
     }
     Ok(match req.stage {
@@ -238,7 +259,8 @@ fn plan_id(lake: &Lake, plan: &str) -> Result<String> {
 #[derive(Debug, Clone)]
 pub enum Outcome {
     Curated(CurateReport),
-    Imported(ImportReport),
+    /// Each date's import, oldest first; dates imported before are left out.
+    Imported(Vec<ImportReport>),
 }
 
 #[derive(Debug, Clone)]
@@ -298,7 +320,11 @@ pub async fn work(
 ) -> Result<WorkReport> {
     let (id, unit) = unit(lake, plan, index).await?;
     let tenant: TenantGuid = unit.tenant.parse()?;
-    let date: ImportDate = unit.date.parse()?;
+    let dates = unit
+        .dates
+        .iter()
+        .map(|d| d.parse())
+        .collect::<Result<Vec<ImportDate>>>()?;
     let done = done_path(lake, &id, index);
     if lake.metadata.get_bytes(STAGE, &done).await?.is_some() {
         return Err(Error::AlreadyDone(format!(
@@ -307,31 +333,19 @@ pub async fn work(
         )));
     }
     let outcome = match unit.stage {
-        UnitStage::Curate => crate::curate::curate_planned(
-            lake,
-            settings,
-            &tenant,
-            date,
-            reporter,
-            unit.after,
-        )
-        .await
-        .map(Outcome::Curated),
-        UnitStage::Import => {
-            let req = ImportRequest {
-                tenant,
-                date,
-                target: settings.import.target,
-                wait: true,
-            };
-            match crate::import::import(lake, settings, &req, reporter).await {
-                Ok(r) if r.status == "already imported" => Err(Error::AlreadyDone(format!(
-                    "import: tenant {} date {} was imported since it was planned",
-                    unit.tenant, unit.date
-                ))),
-                other => other.map(Outcome::Imported),
+        UnitStage::Curate => match dates[..] {
+            [date] => {
+                crate::curate::curate_planned(lake, settings, &tenant, date, reporter, unit.after)
+                    .await
+                    .map(Outcome::Curated)
             }
-        }
+            _ => Err(Error::Corrupt {
+                stage: STAGE,
+                location: format!("{}, unit {index}", lake.metadata.url_of(&plan_path(lake, &id))),
+                detail: "a curate unit names one date".into(),
+            }),
+        },
+        UnitStage::Import => import_dates(lake, settings, tenant, &dates, reporter).await,
     };
     let marker = |how: &str| {
         serde_json::to_vec(&serde_json::json!({
@@ -359,6 +373,38 @@ pub async fn work(
         }
         Err(e) => Err(e),
     }
+}
+
+/// Imports a tenant's dates in order. A date imported since the plan was
+/// written is left out; when every date was, the unit is done already. A
+/// failed date stops the unit: the dates before it stay imported, and a
+/// retry takes up from it.
+async fn import_dates(
+    lake: &Lake,
+    settings: &Settings,
+    tenant: TenantGuid,
+    dates: &[ImportDate],
+    reporter: &dyn Reporter,
+) -> Result<Outcome> {
+    let mut reports = Vec::new();
+    for &date in dates {
+        let req = ImportRequest {
+            tenant: tenant.clone(),
+            date,
+            target: settings.import.target,
+            wait: true,
+        };
+        let r = crate::import::import(lake, settings, &req, reporter).await?;
+        if r.status != "already imported" {
+            reports.push(r);
+        }
+    }
+    if reports.is_empty() {
+        return Err(Error::AlreadyDone(format!(
+            "import: every date of tenant {tenant} in this unit was imported since it was planned"
+        )));
+    }
+    Ok(Outcome::Imported(reports))
 }
 
 /// The unit index of this worker: `--index`, else AWS Batch's array index,
@@ -400,7 +446,7 @@ mod tests {
         let u = Unit {
             stage: UnitStage::Curate,
             tenant: "0f8fad5b-d9cb-469f-a165-70867728950e".into(),
-            date: "2026-12-01".into(),
+            dates: vec!["2026-12-01".into()],
             raw_bytes: 12,
             runner: Runner::Lambda,
             after: Some(3),
@@ -408,7 +454,7 @@ mod tests {
         let line = serde_json::to_string(&u).unwrap();
         assert_eq!(
             line,
-            r#"{"stage":"curate","tenant":"0f8fad5b-d9cb-469f-a165-70867728950e","date":"2026-12-01","raw_bytes":12,"runner":"lambda","after":3}"#
+            r#"{"stage":"curate","tenant":"0f8fad5b-d9cb-469f-a165-70867728950e","dates":["2026-12-01"],"raw_bytes":12,"runner":"lambda","after":3}"#
         );
         assert_eq!(serde_json::from_str::<Unit>(&line).unwrap(), u);
     }

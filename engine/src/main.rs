@@ -858,7 +858,9 @@ async fn run(cli: Cli, json: bool) -> Result<serde_json::Value> {
             let mut lines = match &result {
                 Ok(w) => match &w.outcome {
                     fhirflow::fleet::Outcome::Curated(c) => fhirflow::emf::curate(c),
-                    fhirflow::fleet::Outcome::Imported(i) => fhirflow::emf::import(&tenant, i),
+                    fhirflow::fleet::Outcome::Imported(i) => {
+                        i.iter().flat_map(|i| fhirflow::emf::import(&tenant, i)).collect()
+                    }
                 },
                 Err(_) => Vec::new(),
             };
@@ -870,7 +872,7 @@ async fn run(cli: Cli, json: bool) -> Result<serde_json::Value> {
             let report = result?;
             match &report.outcome {
                 fhirflow::fleet::Outcome::Curated(c) => print_summary(c, json),
-                fhirflow::fleet::Outcome::Imported(i) => print_import(i, quiet),
+                fhirflow::fleet::Outcome::Imported(i) => i.iter().for_each(|i| print_import(i, quiet)),
             }
             cli_output::work(&report)
         }
