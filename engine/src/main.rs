@@ -352,6 +352,11 @@ enum Command {
         #[command(flatten)]
         out: Output,
     },
+    /// Serve AWS Lambda invocations, one plan unit each (the custom runtime's `bootstrap`:
+    /// started with no arguments where AWS_LAMBDA_RUNTIME_API is set, the binary does this).
+    #[cfg(feature = "lambda")]
+    #[command(hide = true)]
+    Lambda,
     /// Validate FHIR R4 files: NDJSON line by line, .json as one resource or Bundle.
     ///
     /// Exit code 0 when every resource is valid, 1 when one is not, 2 for usage or I/O errors.
@@ -477,7 +482,15 @@ fn parse_param(text: &str) -> std::result::Result<(String, String), String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Lambda's custom runtime starts `bootstrap` with no arguments.
+    let lambda = cfg!(feature = "lambda")
+        && std::env::args_os().len() == 1
+        && std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some();
+    let cli = if lambda {
+        Cli::parse_from(["fhirflow", "lambda"])
+    } else {
+        Cli::parse()
+    };
     init_logs(&cli.global);
     #[cfg(not(feature = "failpoints"))]
     if std::env::var_os("FHIRFLOW_FAILPOINT").is_some() {
@@ -511,6 +524,42 @@ fn main() -> ExitCode {
         println!("{doc}");
     }
     ExitCode::from(code)
+}
+
+/// Runs unit `index` of `plan` and prints its CloudWatch EMF lines on
+/// stdout (per-type counts when it ran, then the unit's own line, whatever
+/// became of it).
+async fn work_unit(
+    lake: &Lake,
+    settings: &Settings,
+    plan: &str,
+    index: usize,
+    bar: &Bar,
+) -> Result<fhirflow::fleet::WorkReport> {
+    let result = fhirflow::fleet::work(lake, settings, plan, index, bar).await;
+    let unit = fhirflow::fleet::unit(lake, plan, index).await.ok();
+    let (stage, tenant) = unit.as_ref().map_or(("unknown", String::new()), |(_, u)| {
+        let stage = match u.stage {
+            fhirflow::fleet::UnitStage::Curate => "curate",
+            fhirflow::fleet::UnitStage::Import => "import",
+        };
+        (stage, u.tenant.clone())
+    });
+    let mut lines = match &result {
+        Ok(w) => match &w.outcome {
+            fhirflow::fleet::Outcome::Curated(c) => fhirflow::emf::curate(c),
+            fhirflow::fleet::Outcome::Imported(i) => {
+                i.iter().flat_map(|i| fhirflow::emf::import(&tenant, i)).collect()
+            }
+        },
+        Err(_) => Vec::new(),
+    };
+    let code = result.as_ref().map_or_else(|e| e.exit_code(), |_| 0);
+    lines.push(fhirflow::emf::unit(stage, &tenant, code));
+    for l in lines {
+        println!("{l}");
+    }
+    result
 }
 
 /// An error with the sources its own text does not already show.
@@ -576,6 +625,8 @@ impl Command {
             Command::Run { out, .. } => ("run", out.output),
             Command::Plan { out, .. } => ("plan", out.output),
             Command::Work { out, .. } => ("work", out.output),
+            #[cfg(feature = "lambda")]
+            Command::Lambda => ("lambda", text),
             Command::Sql { .. } => ("sql", text),
             Command::Validate { .. } => ("validate", text),
             Command::Rules { .. } => ("rules", text),
@@ -846,35 +897,35 @@ async fn run(cli: Cli, json: bool) -> Result<serde_json::Value> {
         }
         Command::Work { plan, index, .. } => {
             let index = fhirflow::fleet::worker_index(index)?;
-            let result = fhirflow::fleet::work(&lake, &settings, &plan, index, &bar).await;
-            let unit = fhirflow::fleet::unit(&lake, &plan, index).await.ok();
-            let (stage, tenant) = unit.as_ref().map_or(("unknown", String::new()), |(_, u)| {
-                let stage = match u.stage {
-                    fhirflow::fleet::UnitStage::Curate => "curate",
-                    fhirflow::fleet::UnitStage::Import => "import",
-                };
-                (stage, u.tenant.clone())
-            });
-            let mut lines = match &result {
-                Ok(w) => match &w.outcome {
-                    fhirflow::fleet::Outcome::Curated(c) => fhirflow::emf::curate(c),
-                    fhirflow::fleet::Outcome::Imported(i) => {
-                        i.iter().flat_map(|i| fhirflow::emf::import(&tenant, i)).collect()
-                    }
-                },
-                Err(_) => Vec::new(),
-            };
-            let code = result.as_ref().map_or_else(|e| e.exit_code(), |_| 0);
-            lines.push(fhirflow::emf::unit(stage, &tenant, code));
-            for l in lines {
-                println!("{l}");
-            }
-            let report = result?;
+            let report = work_unit(&lake, &settings, &plan, index, &bar).await?;
             match &report.outcome {
                 fhirflow::fleet::Outcome::Curated(c) => print_summary(c, json),
                 fhirflow::fleet::Outcome::Imported(i) => i.iter().for_each(|i| print_import(i, quiet)),
             }
             cli_output::work(&report)
+        }
+        #[cfg(feature = "lambda")]
+        Command::Lambda => {
+            let (lake, settings) = (&lake, &settings);
+            let bar = Bar::new(true);
+            let bar = &bar;
+            fhirflow_lambda::serve(|event| async move {
+                match work_unit(lake, settings, &event.plan, event.index, bar).await {
+                    Ok(report) => Ok(serde_json::json!({ "status": "done", "summary": cli_output::work(&report) })),
+                    Err(Error::AlreadyDone(why)) => Ok(serde_json::json!({ "status": "skipped", "reason": why })),
+                    Err(e) => Err(fhirflow_lambda::Failure {
+                        error_type: match e.exit_code() {
+                            4 => fhirflow_lambda::BUSY,
+                            3 => fhirflow_lambda::NOT_CONSERVED,
+                            _ => fhirflow_lambda::FAILED,
+                        },
+                        message: error_text(&e),
+                    }),
+                }
+            })
+            .await
+            .map_err(|e| Error::Usage(format!("lambda: the runtime stopped: {e}")))?;
+            serde_json::Value::Null
         }
         Command::Sql { query, format } => {
             let ctx = fhirflow::sql::session(&lake, &settings).await?;

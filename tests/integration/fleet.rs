@@ -124,6 +124,9 @@ fn assert_once(done: &[Done], stage: &str, indexes: &BTreeSet<usize>, killed: Op
             d.stderr
         );
         by_index.entry(d.index).or_default().push(d.code);
+        for line in &d.emf {
+            check_emf(line).unwrap_or_else(|e| panic!("worker {}: EMF line {line}: {e}", d.index));
+        }
         let unit = d.emf.last().expect("a worker's last EMF line is its unit's");
         assert_eq!(unit["_aws"]["CloudWatchMetrics"][0]["Namespace"], "fhirflow");
         assert_eq!(unit["stage"], stage);

@@ -12,6 +12,7 @@ mod fleet;
 mod healthlake;
 mod labels;
 mod lake;
+mod lambda;
 mod lossless;
 mod ranges;
 mod relanding;
