@@ -349,6 +349,10 @@ enum Command {
         /// The unit, from 0 (default: AWS_BATCH_JOB_ARRAY_INDEX, else JOB_COMPLETION_INDEX).
         #[arg(long)]
         index: Option<usize>,
+        /// Exit 0, not 10, when the unit was done before (for runners, such as an AWS Batch
+        /// array job, that count any other exit code as a failure).
+        #[arg(long)]
+        skipped_ok: bool,
         #[command(flatten)]
         out: Output,
     },
@@ -895,9 +899,20 @@ async fn run(cli: Cli, json: bool) -> Result<serde_json::Value> {
             }
             cli_output::plan(&report)
         }
-        Command::Work { plan, index, .. } => {
+        Command::Work {
+            plan,
+            index,
+            skipped_ok,
+            ..
+        } => {
             let index = fhirflow::fleet::worker_index(index)?;
-            let report = work_unit(&lake, &settings, &plan, index, &bar).await?;
+            let report = match work_unit(&lake, &settings, &plan, index, &bar).await {
+                Err(Error::AlreadyDone(why)) if skipped_ok => {
+                    eprintln!("fhirflow: skipped: {why}");
+                    return Ok(serde_json::json!({ "work": { "index": index, "skipped": why } }));
+                }
+                other => other?,
+            };
             match &report.outcome {
                 fhirflow::fleet::Outcome::Curated(c) => print_summary(c, json),
                 fhirflow::fleet::Outcome::Imported(i) => i.iter().for_each(|i| print_import(i, quiet)),

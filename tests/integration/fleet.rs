@@ -229,6 +229,10 @@ async fn a_fleet_of_workers_does_every_unit_once_and_matches_one_run_per_partiti
     // A retried child of the first plan skips, whatever the second plan says.
     let again = run_workers(f, &first, &[2]);
     assert_eq!(again[0].code, 10, "{}", again[0].stderr);
+    // ... and exits 0 with --skipped-ok, for a Batch array job.
+    let out = f.cli(&["work", "--plan", &first, "--index", "2", "--skipped-ok"], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("skipped"));
 
     // The rest of the night: every unit of the second plan, two of them twice
     // and at the same time.
