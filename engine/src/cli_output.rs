@@ -185,6 +185,7 @@ pub fn plan(r: &fhirflow::fleet::PlanReport) -> Value {
 
 pub fn work(r: &fhirflow::fleet::WorkReport) -> Value {
     let outcome = match &r.outcome {
+        fhirflow::fleet::Outcome::Extracted(x) => json!({ "extract": extract(x) }),
         fhirflow::fleet::Outcome::Curated(c) => json!({ "curate": curate(c) }),
         fhirflow::fleet::Outcome::Imported(i) => {
             json!({ "import": i.iter().map(import).collect::<Vec<_>>() })

@@ -15,6 +15,7 @@
 use serde_json::{json, Map, Value};
 
 use crate::curate::CurateReport;
+use crate::extract::ExtractReport;
 use crate::import::ImportReport;
 
 pub const NAMESPACE: &str = "fhirflow";
@@ -122,6 +123,31 @@ pub fn import(tenant: &str, r: &ImportReport) -> Vec<String> {
             ("BytesNotSent", BYTES, n(r.bytes_not_sent)),
             ("DeletionsFailed", COUNT, n(r.deletions_failed)),
             ("HealthLakeJobsFailed", COUNT, if failed { 1.0 } else { 0.0 }),
+        ],
+    ));
+    out
+}
+
+/// An extraction: one line per resource type landed, then its total.
+pub fn extract(r: &ExtractReport) -> Vec<String> {
+    let tenant = r.tenant.as_str();
+    let mut out: Vec<String> = r
+        .by_type()
+        .iter()
+        .map(|(ty, &(_, resources, bytes))| {
+            line(
+                &[("stage", "extract"), ("tenant", tenant), ("resource_type", ty)],
+                &[("RecordsExtracted", COUNT, n(resources)), ("BytesExtracted", BYTES, n(bytes))],
+            )
+        })
+        .collect();
+    let secs = r.seconds.max(1e-9);
+    out.push(line(
+        &[("stage", "extract"), ("tenant", tenant)],
+        &[
+            ("RecordsExtracted", COUNT, n(r.resources())),
+            ("BytesExtracted", BYTES, n(r.bytes())),
+            ("Throughput", RATE, r.bytes() as f64 / 1e6 / secs),
         ],
     ));
     out

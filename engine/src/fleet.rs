@@ -6,7 +6,10 @@
 //! * A plan is JSON Lines, one [`Unit`] per line, at
 //!   `metadata/_plans/<plan id>.jsonl` (written with a conditional create and
 //!   never changed; the id is a time-ordered UUID).
-//! * Pending means: a (tenant, date) whose newest raw object is newer than
+//! * Pending means: a tenant and source system of the tenants file
+//!   (`[fleet] tenants`) whose last complete extraction began longer ago
+//!   than its schedule allows (or that has none, or one pending) is an
+//!   `extract` unit; a (tenant, date) whose newest raw object is newer than
 //!   the start of its latest curate run (or that has none) is a `curate`
 //!   unit; a tenant with curate commits no import has imported is one
 //!   `import` unit, its dates in order: the import's ledger judges each
@@ -27,9 +30,10 @@ use object_store::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::curate::CurateReport;
+use crate::extract::{ExtractReport, ExtractRequest};
 use crate::error::{Error, Result};
 use crate::import::{ImportReport, ImportRequest};
-use crate::layout::{ImportDate, Layer, TenantGuid};
+use crate::layout::{ImportDate, Layer, SourceSystem, TenantGuid};
 use crate::report::Reporter;
 use crate::settings::Settings;
 use crate::storage::Lake;
@@ -40,6 +44,10 @@ const STAGE: &str = "plan";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum UnitStage {
+    /// Extract the tenant and source system from its FHIR server: an
+    /// incremental Bulk Data export (everything, the first time), landed
+    /// under the unit's date.
+    Extract,
     /// Curate the (tenant, date): every source system's raw files.
     Curate,
     /// Import the tenant's dates' latest curate commits into `[import]
@@ -63,6 +71,11 @@ pub struct Unit {
     /// them: one date for a curate unit, in order for an import unit.
     pub tenant: String,
     pub dates: Vec<String>,
+    /// Extract units: the source system and its FHIR server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_system: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fhir_url: Option<String>,
     /// The raw bytes of its partitions (every source system).
     pub raw_bytes: u64,
     pub runner: Runner,
@@ -74,6 +87,7 @@ pub struct Unit {
 /// Which units `plan` lists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PlanStage {
+    Extract,
     Curate,
     Import,
     All,
@@ -98,6 +112,124 @@ pub struct PlanReport {
     pub units: Vec<Unit>,
 }
 
+/// One entry of the tenants file: a tenant's source system, its FHIR
+/// server, and how often to extract it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TenantSource {
+    pub tenant: TenantGuid,
+    pub source_system: SourceSystem,
+    pub fhir_url: url::Url,
+    /// Extract when the last complete extraction began at least this many
+    /// hours ago, less a tenth (a nightly run that starts a little earlier
+    /// than the night before still extracts).
+    pub every_hours: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SourceEntry {
+    tenant: String,
+    source_system: String,
+    fhir_url: String,
+    #[serde(default = "daily")]
+    every_hours: u32,
+}
+
+fn daily() -> u32 {
+    24
+}
+
+/// The tenants file: TOML, one `[[tenant]]` table per tenant and source
+/// system.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TenantsFile {
+    #[serde(default)]
+    tenant: Vec<SourceEntry>,
+}
+
+/// Reads the tenants file `location`: a local path, or a URL of any store
+/// the lake can be on.
+pub async fn read_tenants(location: &str, settings: &Settings) -> Result<Vec<TenantSource>> {
+    let text = if location.contains("://") {
+        let (dir, name) = location
+            .rsplit_once('/')
+            .filter(|(d, n)| !n.is_empty() && d.contains("://"))
+            .ok_or_else(|| Error::Config(format!("[fleet] tenants {location:?}: not a file's URL")))?;
+        let root = crate::storage::Root::open(dir, &settings.s3)?;
+        let path = root.paths.file(name);
+        root.get_bytes(STAGE, &path)
+            .await?
+            .ok_or_else(|| Error::Config(format!("[fleet] tenants: no file at {location}")))?
+            .to_vec()
+    } else {
+        std::fs::read(location)
+            .map_err(|e| Error::Config(format!("[fleet] tenants {location}: {e}")))?
+    };
+    let text = String::from_utf8(text)
+        .map_err(|_| Error::Config(format!("[fleet] tenants {location}: not UTF-8")))?;
+    let file: TenantsFile = toml::from_str(&text).map_err(|e| Error::ConfigFile {
+        path: location.into(),
+        source: Box::new(e),
+    })?;
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = Vec::new();
+    for (n, e) in file.tenant.into_iter().enumerate() {
+        let bad = |what: String| {
+            Error::Config(format!("[fleet] tenants {location}: [[tenant]] number {}: {what}", n + 1))
+        };
+        let source = TenantSource {
+            tenant: e.tenant.parse().map_err(|x: Error| bad(x.to_string()))?,
+            source_system: e.source_system.parse().map_err(|x: Error| bad(x.to_string()))?,
+            fhir_url: url::Url::parse(&e.fhir_url).map_err(|x| bad(format!("fhir_url: {x}")))?,
+            every_hours: e.every_hours.max(1),
+        };
+        if !seen.insert((e.tenant, e.source_system)) {
+            return Err(bad(format!(
+                "tenant {} source system {} is listed twice",
+                source.tenant, source.source_system
+            )));
+        }
+        out.push(source);
+    }
+    Ok(out)
+}
+
+/// The tenants file's sources whose extraction is due at `now` (µs).
+async fn due_extracts(lake: &Lake, settings: &Settings, req: &PlanRequest, now: i64) -> Result<Vec<Unit>> {
+    let Some(location) = &settings.fleet.tenants else {
+        return Ok(Vec::new());
+    };
+    let mut units = Vec::new();
+    for t in read_tenants(location, settings).await? {
+        if req.tenant.as_ref().is_some_and(|w| *w != t.tenant) {
+            continue;
+        }
+        let standing = crate::extract::standing(lake, &t.tenant, &t.source_system).await?;
+        let interval = i64::from(t.every_hours) * 3_600_000_000;
+        let due = standing.pending
+            || standing
+                .last_run
+                .as_deref()
+                .is_none_or(|r| now - run_start(r) >= interval - interval / 10);
+        if due {
+            units.push(Unit {
+                stage: UnitStage::Extract,
+                tenant: t.tenant.to_string(),
+                dates: vec![req.date.unwrap_or_else(ImportDate::today).to_string()],
+                source_system: Some(t.source_system.to_string()),
+                fhir_url: Some(t.fhir_url.to_string()),
+                raw_bytes: 0,
+                // An export waits on its server for as long as it takes,
+                // past Lambda's 15 minutes.
+                runner: Runner::Batch,
+                after: None,
+            });
+        }
+    }
+    Ok(units)
+}
+
 /// What one partition holds, for planning.
 #[derive(Default)]
 struct Partition {
@@ -106,8 +238,18 @@ struct Partition {
     newest_raw: i64,
 }
 
-/// The pending units, curate units first, each in (tenant, date) order.
+/// The pending units: extract, then curate, then import, each in (tenant,
+/// date) order.
 pub async fn pending(lake: &Lake, settings: &Settings, req: &PlanRequest) -> Result<Vec<Unit>> {
+    let extract = match req.stage {
+        PlanStage::Extract | PlanStage::All => {
+            due_extracts(lake, settings, req, chrono::Utc::now().timestamp_micros()).await?
+        }
+        _ => Vec::new(),
+    };
+    if req.stage == PlanStage::Extract {
+        return Ok(extract);
+    }
     let raw = &lake.raw;
     let mut partitions: BTreeMap<(TenantGuid, ImportDate), Partition> = BTreeMap::new();
     let prefix = match &req.tenant {
@@ -151,6 +293,8 @@ pub async fn pending(lake: &Lake, settings: &Settings, req: &PlanRequest) -> Res
                 stage: UnitStage::Curate,
                 tenant: tenant.to_string(),
                 dates: vec![date.to_string()],
+                source_system: None,
+                fhir_url: None,
                 raw_bytes: p.raw_bytes,
                 runner: runner(p.raw_bytes),
                 after: latest_curate.map(|r| r.sequence),
@@ -166,6 +310,8 @@ pub async fn pending(lake: &Lake, settings: &Settings, req: &PlanRequest) -> Res
                     stage: UnitStage::Import,
                     tenant: tenant.to_string(),
                     dates: vec![date.to_string()],
+                    source_system: None,
+                    fhir_url: None,
                     raw_bytes: p.raw_bytes,
                     runner: runner(p.raw_bytes),
                     after: None,
@@ -174,9 +320,10 @@ pub async fn pending(lake: &Lake, settings: &Settings, req: &PlanRequest) -> Res
         }
     }
     Ok(match req.stage {
+        PlanStage::Extract => unreachable!("returned above"),
         PlanStage::Curate => curate,
         PlanStage::Import => import,
-        PlanStage::All => curate.into_iter().chain(import).collect(),
+        PlanStage::All => extract.into_iter().chain(curate).chain(import).collect(),
     })
 }
 
@@ -258,6 +405,7 @@ fn plan_id(lake: &Lake, plan: &str) -> Result<String> {
 /// What a worker did.
 #[derive(Debug, Clone)]
 pub enum Outcome {
+    Extracted(ExtractReport),
     Curated(CurateReport),
     /// Each date's import, oldest first; dates imported before are left out.
     Imported(Vec<ImportReport>),
@@ -346,6 +494,7 @@ pub async fn work(
             }),
         },
         UnitStage::Import => import_dates(lake, settings, tenant, &dates, reporter).await,
+        UnitStage::Extract => extract_unit(lake, settings, &id, &unit, tenant, &dates, reporter).await,
     };
     let marker = |how: &str| {
         serde_json::to_vec(&serde_json::json!({
@@ -373,6 +522,50 @@ pub async fn work(
         }
         Err(e) => Err(e),
     }
+}
+
+/// Extracts the unit's source system, incrementally, under its date. An
+/// extraction completed since the plan was written means another worker
+/// did it; a pending one (a killed worker's) is resumed.
+async fn extract_unit(
+    lake: &Lake,
+    settings: &Settings,
+    plan: &str,
+    unit: &Unit,
+    tenant: TenantGuid,
+    dates: &[ImportDate],
+    reporter: &dyn Reporter,
+) -> Result<Outcome> {
+    let bad = |detail: &str| Error::Corrupt {
+        stage: STAGE,
+        location: lake.metadata.url_of(&plan_path(lake, plan)),
+        detail: detail.into(),
+    };
+    let (Some(system), Some(url), [date]) = (&unit.source_system, &unit.fhir_url, dates) else {
+        return Err(bad("an extract unit names a source system, a FHIR URL and one date"));
+    };
+    let system: SourceSystem = system.parse()?;
+    let fhir_url = url::Url::parse(url).map_err(|e| bad(&format!("fhir_url: {e}")))?;
+    let standing = crate::extract::standing(lake, &tenant, &system).await?;
+    if !standing.pending && standing.last_run.as_deref().is_some_and(|r| run_start(r) >= run_start(plan)) {
+        return Err(Error::AlreadyDone(format!(
+            "extract: tenant {tenant} source system {system} was extracted since the plan was written"
+        )));
+    }
+    let request = ExtractRequest {
+        fhir_url,
+        tenant,
+        source_system: system,
+        date: *date,
+        level: crate::extract::export::Level::System,
+        types: Vec::new(),
+        type_filters: Vec::new(),
+        since: crate::extract::Since::Incremental,
+        restart: false,
+    };
+    crate::extract::extract(lake, settings, &request, reporter)
+        .await
+        .map(Outcome::Extracted)
 }
 
 /// Imports a tenant's dates in order. A date imported since the plan was
@@ -447,6 +640,8 @@ mod tests {
             stage: UnitStage::Curate,
             tenant: "0f8fad5b-d9cb-469f-a165-70867728950e".into(),
             dates: vec!["2026-12-01".into()],
+            source_system: None,
+            fhir_url: None,
             raw_bytes: 12,
             runner: Runner::Lambda,
             after: Some(3),

@@ -297,6 +297,11 @@ impl Paths {
         p
     }
 
+    /// An object directly under the root (a file a setting names by URL).
+    pub fn file(&self, name: &str) -> Path {
+        self.join([name])
+    }
+
     pub fn layer(&self, layer: Layer) -> Path {
         self.join([layer.dir()])
     }

@@ -409,6 +409,7 @@ struct ImportArgs {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum PlanStageArg {
+    Extract,
     Curate,
     Import,
     All,
@@ -544,6 +545,7 @@ async fn work_unit(
     let unit = fhirflow::fleet::unit(lake, plan, index).await.ok();
     let (stage, tenant) = unit.as_ref().map_or(("unknown", String::new()), |(_, u)| {
         let stage = match u.stage {
+            fhirflow::fleet::UnitStage::Extract => "extract",
             fhirflow::fleet::UnitStage::Curate => "curate",
             fhirflow::fleet::UnitStage::Import => "import",
         };
@@ -551,6 +553,7 @@ async fn work_unit(
     });
     let mut lines = match &result {
         Ok(w) => match &w.outcome {
+            fhirflow::fleet::Outcome::Extracted(x) => fhirflow::emf::extract(x),
             fhirflow::fleet::Outcome::Curated(c) => fhirflow::emf::curate(c),
             fhirflow::fleet::Outcome::Imported(i) => {
                 i.iter().flat_map(|i| fhirflow::emf::import(&tenant, i)).collect()
@@ -880,6 +883,7 @@ async fn run(cli: Cli, json: bool) -> Result<serde_json::Value> {
             use fhirflow::fleet::PlanStage;
             let req = fhirflow::fleet::PlanRequest {
                 stage: match stage {
+                    PlanStageArg::Extract => PlanStage::Extract,
                     PlanStageArg::Curate => PlanStage::Curate,
                     PlanStageArg::Import => PlanStage::Import,
                     PlanStageArg::All => PlanStage::All,
@@ -914,6 +918,7 @@ async fn run(cli: Cli, json: bool) -> Result<serde_json::Value> {
                 other => other?,
             };
             match &report.outcome {
+                fhirflow::fleet::Outcome::Extracted(x) => print_extract(x, quiet),
                 fhirflow::fleet::Outcome::Curated(c) => print_summary(c, json),
                 fhirflow::fleet::Outcome::Imported(i) => i.iter().for_each(|i| print_import(i, quiet)),
             }

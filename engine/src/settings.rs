@@ -45,12 +45,18 @@ pub struct FleetSettings {
     /// `lambda` (Lambda allows 15 minutes and 10 GB of memory); a larger
     /// one `batch`.
     pub lambda_max_mb: u64,
+    /// The tenants file (a local path or a URL such as `s3://bucket/key`):
+    /// which tenants and source systems `plan` extracts, from where, how
+    /// often. Without one, `plan` lists no extract units.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenants: Option<String>,
 }
 
 impl Default for FleetSettings {
     fn default() -> Self {
         FleetSettings {
             lambda_max_mb: 1024,
+            tenants: None,
         }
     }
 }

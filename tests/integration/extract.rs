@@ -1162,3 +1162,69 @@ async fn two_extractions_of_one_source_at_once_run_one_at_a_time() {
         of_types(&all, &["Patient", "Condition"])
     );
 }
+
+/// `plan` lists the tenants file's sources that are due; `work` extracts
+/// one, once: a repeated worker skips, a re-plan lists only the other, and
+/// the landed data is then a curate unit.
+#[tokio::test(flavor = "multi_thread")]
+async fn extract_units_come_from_the_tenants_file_when_due() {
+    use fhirflow::fleet::{self, Outcome, PlanRequest, PlanStage};
+    let (server, all) = loaded_server(ServerAuth::Bearer(TOKEN.into())).await;
+    let files = tempfile::tempdir().unwrap();
+    let tenants = files.path().join("tenants.toml");
+    std::fs::write(
+        &tenants,
+        format!(
+            "[[tenant]]\ntenant = \"{TENANT}\"\nsource_system = \"ehr-a\"\nfhir_url = \"{0}\"\n\n\
+             [[tenant]]\ntenant = \"{TENANT}\"\nsource_system = \"ehr-b\"\nfhir_url = \"{0}\"\nevery_hours = 6\n",
+            server.base()
+        ),
+    )
+    .unwrap();
+    let location = tenants.to_str().unwrap().to_string();
+    let t = TestLake::with(|s| {
+        configure(s, &server);
+        s.fleet.tenants = Some(location.clone());
+    });
+    let req = |stage| PlanRequest {
+        stage,
+        tenant: None,
+        date: Some(date()),
+        since: None,
+    };
+    let systems = |units: &[fleet::Unit]| -> Vec<String> {
+        units.iter().map(|u| u.source_system.clone().unwrap()).collect()
+    };
+    let quiet = &fhirflow::report::Quiet;
+
+    let first = fleet::plan(&t.lake, &t.settings, &req(PlanStage::Extract)).await.unwrap();
+    assert_eq!(systems(&first.units), ["ehr-a", "ehr-b"]);
+    assert!(first.units.iter().all(|u| u.fhir_url.as_deref() == Some(server.base().as_str())));
+    let done = fleet::work(&t.lake, &t.settings, &first.uri, 0, quiet).await.unwrap();
+    let Outcome::Extracted(x) = done.outcome else { panic!("not an extraction") };
+    assert_eq!(x.resources(), all.len() as u64);
+    assert_eq!(raw_resources(&t, "ehr-a", &date().to_string()).len(), all.len());
+    // The same unit again: skipped.
+    let again = fleet::work(&t.lake, &t.settings, &first.uri, 0, quiet).await;
+    assert!(matches!(again, Err(fhirflow::Error::AlreadyDone(_))), "{again:?}");
+
+    // Re-planned: only the source not yet extracted.
+    let second = fleet::plan(&t.lake, &t.settings, &req(PlanStage::Extract)).await.unwrap();
+    assert_eq!(systems(&second.units), ["ehr-b"]);
+    fleet::work(&t.lake, &t.settings, &second.uri, 0, quiet).await.unwrap();
+    let none = fleet::plan(&t.lake, &t.settings, &req(PlanStage::Extract)).await.unwrap();
+    assert!(none.units.is_empty(), "{:?}", none.units);
+    // A unit of the first plan whose source was extracted since: skipped.
+    let late = fleet::work(&t.lake, &t.settings, &first.uri, 1, quiet).await;
+    assert!(matches!(late, Err(fhirflow::Error::AlreadyDone(_))), "{late:?}");
+
+    // Both sources landed under one (tenant, date): one curate unit.
+    let curate = fleet::plan(&t.lake, &t.settings, &req(PlanStage::All)).await.unwrap();
+    assert_eq!(curate.units.len(), 1, "{:?}", curate.units);
+    assert_eq!(serde_json::to_value(curate.units[0].stage).unwrap(), "curate");
+
+    // A tenants file with a bad entry names it.
+    std::fs::write(&tenants, "[[tenant]]\ntenant = \"nope\"\nsource_system = \"a\"\nfhir_url = \"http://x/\"\n").unwrap();
+    let err = fleet::plan(&t.lake, &t.settings, &req(PlanStage::Extract)).await.unwrap_err();
+    assert!(err.to_string().contains("[[tenant]] number 1"), "{err}");
+}

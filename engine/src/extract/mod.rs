@@ -198,6 +198,35 @@ impl ExtractReport {
     }
 }
 
+/// Where the extractions of a tenant and source system stand, for planning.
+#[derive(Debug, Clone, Default)]
+pub struct Standing {
+    /// The run id of the last complete extraction.
+    pub last_run: Option<String>,
+    /// An extraction was started and has not completed (the next run of it
+    /// resumes it).
+    pub pending: bool,
+}
+
+pub async fn standing(lake: &Lake, tenant: &TenantGuid, system: &SourceSystem) -> Result<Standing> {
+    let root = &lake.raw;
+    let last_path = root.paths.extract_state(tenant, system, LAST);
+    let last_run = match root.get_bytes(STAGE, &last_path).await? {
+        Some(b) => Some(
+            serde_json::from_slice::<Last>(&b)
+                .map_err(|e| Error::Input {
+                    path: root.url_of(&last_path).into(),
+                    reason: e.to_string(),
+                })?
+                .run_id,
+        ),
+        None => None,
+    };
+    let pending_path = root.paths.extract_state(tenant, system, PENDING);
+    let pending = root.get_bytes(STAGE, &pending_path).await?.is_some();
+    Ok(Standing { last_run, pending })
+}
+
 fn auth_for(settings: &Settings) -> Result<Auth> {
     let x = &settings.extract;
     Ok(match (&x.smart, &x.bearer_token, &x.bearer_token_file) {
