@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Runs the whole test suite from a fresh clone: installs what the tests need
 # (a Python virtual environment in .venv for the servers later stages test
-# against, from tests/requirements.txt), checks the formatting, builds the
-# binary the CLI tests call, runs every Rust test, and runs clippy with
-# warnings as errors. The tests start and stop their own servers.
+# against, from tests/requirements.txt; podman for the worker image), checks
+# the formatting, builds the binary the CLI tests call, runs every Rust
+# test, and runs clippy with warnings as errors. The tests start and stop their own servers.
 #
 # Needs ../shared beside the repository (the public FHIR data sets).
 set -euo pipefail
@@ -18,6 +18,13 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 .venv/bin/pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+# podman builds the worker image (tests/deploy/container.sh), from Debian's packages.
+if ! command -v podman >/dev/null; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo=sudo
+    $sudo apt-get install -y -q podman >/dev/null \
+        || { $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q podman >/dev/null; }
+fi
 
 cargo fmt --all --check
 

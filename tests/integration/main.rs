@@ -7,6 +7,7 @@ mod cli;
 mod concurrency;
 mod crash;
 mod dedup;
+mod deploy;
 mod extract;
 mod fleet;
 mod healthlake;
