@@ -531,6 +531,69 @@ fn main() -> ExitCode {
     ExitCode::from(code)
 }
 
+impl From<PlanStageArg> for fhirflow::fleet::PlanStage {
+    fn from(a: PlanStageArg) -> Self {
+        match a {
+            PlanStageArg::Extract => Self::Extract,
+            PlanStageArg::Curate => Self::Curate,
+            PlanStageArg::Import => Self::Import,
+            PlanStageArg::All => Self::All,
+        }
+    }
+}
+
+/// One Lambda invocation: a unit (its summary), a plan (where it is: the
+/// bucket and key a Distributed Map's ItemReader reads), or a catalog sync.
+#[cfg(feature = "lambda")]
+async fn lambda_event(
+    lake: &Lake,
+    settings: &Settings,
+    bar: &Bar,
+    event: fhirflow_lambda::Event,
+) -> Result<serde_json::Value> {
+    use fhirflow_lambda::{CommandEvent, Event};
+    use serde_json::json;
+    match event {
+        Event::Work(w) => {
+            let report = work_unit(lake, settings, &w.plan, w.index, bar).await?;
+            Ok(json!({ "status": "done", "summary": cli_output::work(&report) }))
+        }
+        Event::Command(CommandEvent::Plan {
+            stage,
+            tenant,
+            date,
+            since,
+        }) => {
+            let bad = |what: &str, e: &dyn std::fmt::Display| Error::Usage(format!("plan: {what}: {e}"));
+            let stage = match stage {
+                Some(s) => PlanStageArg::from_str(&s, true).map_err(|e| bad("stage", &e))?,
+                None => PlanStageArg::All,
+            };
+            let req = fhirflow::fleet::PlanRequest {
+                stage: stage.into(),
+                tenant: tenant.map(|t| t.parse()).transpose()?,
+                date: date.map(|d| d.parse()).transpose()?,
+                since: since.map(|d| d.parse()).transpose()?,
+            };
+            let report = fhirflow::fleet::plan(lake, settings, &req).await?;
+            let (bucket, key) = match report.uri.strip_prefix("s3://").and_then(|r| r.split_once('/')) {
+                Some((b, k)) => (json!(b), json!(k)),
+                None => (serde_json::Value::Null, serde_json::Value::Null),
+            };
+            let mut answer = cli_output::plan(&report);
+            answer["status"] = json!("planned");
+            answer["units"] = json!(report.units.len());
+            answer["bucket"] = bucket;
+            answer["key"] = key;
+            Ok(answer)
+        }
+        Event::Command(CommandEvent::CatalogSync) => {
+            let report = fhirflow::catalog::sync(lake, settings).await?;
+            Ok(json!({ "status": "done", "catalog": cli_output::catalog(&report) }))
+        }
+    }
+}
+
 /// Runs unit `index` of `plan` and prints its CloudWatch EMF lines on
 /// stdout (per-type counts when it ran, then the unit's own line, whatever
 /// became of it).
@@ -661,6 +724,9 @@ async fn run(cli: Cli, json: bool) -> Result<serde_json::Value> {
         Command::Catalog {
             command: CatalogCommand::Sync { env, .. },
         } => env.clone(),
+        // Lambda starts the binary with no flags: the variable `--env` reads.
+        #[cfg(feature = "lambda")]
+        Command::Lambda => std::env::var("FHIRFLOW_ENV").ok().filter(|e| !e.is_empty()),
         _ => None,
     };
     let overrides = Overrides {
@@ -880,14 +946,8 @@ async fn run(cli: Cli, json: bool) -> Result<serde_json::Value> {
             since,
             ..
         } => {
-            use fhirflow::fleet::PlanStage;
             let req = fhirflow::fleet::PlanRequest {
-                stage: match stage {
-                    PlanStageArg::Extract => PlanStage::Extract,
-                    PlanStageArg::Curate => PlanStage::Curate,
-                    PlanStageArg::Import => PlanStage::Import,
-                    PlanStageArg::All => PlanStage::All,
-                },
+                stage: stage.into(),
                 tenant,
                 date,
                 since,
@@ -930,8 +990,8 @@ async fn run(cli: Cli, json: bool) -> Result<serde_json::Value> {
             let bar = Bar::new(true);
             let bar = &bar;
             fhirflow_lambda::serve(|event| async move {
-                match work_unit(lake, settings, &event.plan, event.index, bar).await {
-                    Ok(report) => Ok(serde_json::json!({ "status": "done", "summary": cli_output::work(&report) })),
+                match lambda_event(lake, settings, bar, event).await {
+                    Ok(answer) => Ok(answer),
                     Err(Error::AlreadyDone(why)) => Ok(serde_json::json!({ "status": "skipped", "reason": why })),
                     Err(e) => Err(fhirflow_lambda::Failure {
                         error_type: match e.exit_code() {

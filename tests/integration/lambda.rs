@@ -1,7 +1,7 @@
 //! The binary as an AWS Lambda function: packaged by
 //! `deploy/package-lambda.sh` as the zip Lambda expects, unpacked as Lambda
 //! would, and started as `bootstrap` against a stand-in of the Lambda
-//! Runtime API. One invocation curates one plan unit and answers on the
+//! Runtime API. One invocation writes a plan, one curates one plan unit and answers on the
 //! response endpoint; a repeated one says it skipped; a unit that cannot
 //! run is reported on the error endpoint with an `errorType` Step Functions
 //! can tell apart.
@@ -61,9 +61,6 @@ async fn the_packaged_bootstrap_serves_one_unit_per_invocation() {
         );
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
-    let out = t.cli(&["plan", "--stage", "curate"], &[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let plan = String::from_utf8(out.stdout).unwrap().split_whitespace().last().unwrap().to_string();
 
     // The package: one entry, `bootstrap`, executable.
     let dir = tempfile::tempdir().unwrap();
@@ -94,6 +91,21 @@ async fn the_packaged_bootstrap_serves_one_unit_per_invocation() {
         .spawn()
         .expect("start bootstrap");
 
+    // The plan, written by the function.
+    let Outcome::Response(planned) = response(&api, json!({ "command": "plan", "stage": "curate" }))
+    else {
+        panic!("plan failed");
+    };
+    assert_eq!(planned["status"], "planned", "{planned}");
+    assert_eq!(planned["units"], 2, "{planned}");
+    assert!(planned["key"].is_null(), "a local lake has no S3 key: {planned}");
+    let plan = planned["plan"]["uri"].as_str().unwrap().to_string();
+    let Outcome::Error(bad_stage) = response(&api, json!({ "command": "plan", "stage": "nope" }))
+    else {
+        panic!("a plan of stage nope succeeded");
+    };
+    assert_eq!(bad_stage["errorType"], "Failed", "{bad_stage}");
+
     // One unit, done.
     let Outcome::Response(done) = response(&api, json!({ "plan": plan, "index": 0 })) else {
         panic!("unit 0 failed");
@@ -116,7 +128,7 @@ async fn the_packaged_bootstrap_serves_one_unit_per_invocation() {
     let Outcome::Error(bad) = response(&api, json!({ "plan": plan })) else {
         panic!("an event without an index succeeded");
     };
-    assert!(bad["errorMessage"].as_str().unwrap().contains("index"), "{bad}");
+    assert!(bad["errorMessage"].as_str().unwrap().contains("deserialize"), "{bad}");
     // The process serves on after a failure.
     let Outcome::Response(second) = response(&api, json!({ "plan": plan, "index": 1 })) else {
         panic!("unit 1 failed");
