@@ -151,21 +151,9 @@ struct TenantsFile {
 /// Reads the tenants file `location`: a local path, or a URL of any store
 /// the lake can be on.
 pub async fn read_tenants(location: &str, settings: &Settings) -> Result<Vec<TenantSource>> {
-    let text = if location.contains("://") {
-        let (dir, name) = location
-            .rsplit_once('/')
-            .filter(|(d, n)| !n.is_empty() && d.contains("://"))
-            .ok_or_else(|| Error::Config(format!("[fleet] tenants {location:?}: not a file's URL")))?;
-        let root = crate::storage::Root::open(dir, &settings.s3)?;
-        let path = root.paths.file(name);
-        root.get_bytes(STAGE, &path)
-            .await?
-            .ok_or_else(|| Error::Config(format!("[fleet] tenants: no file at {location}")))?
-            .to_vec()
-    } else {
-        std::fs::read(location)
-            .map_err(|e| Error::Config(format!("[fleet] tenants {location}: {e}")))?
-    };
+    let text = crate::storage::read_url(location, &settings.s3)
+        .await
+        .map_err(|e| Error::Config(format!("[fleet] tenants: {e}")))?;
     let text = String::from_utf8(text)
         .map_err(|_| Error::Config(format!("[fleet] tenants {location}: not UTF-8")))?;
     let file: TenantsFile = toml::from_str(&text).map_err(|e| Error::ConfigFile {

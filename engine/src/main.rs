@@ -753,7 +753,18 @@ async fn run(cli: Cli, json: bool) -> Result<serde_json::Value> {
         lease_wait_seconds: g.wait,
         lease_ttl_seconds: g.lease_ttl_seconds,
     };
-    let settings = Settings::resolve(g.config.as_deref(), &overrides)?;
+    // A config file on S3 (how a Lambda function or a Batch job gets the
+    // deployment's): fetched with the AWS chain's credentials and region.
+    let settings = match g.config.as_deref().and_then(|p| p.to_str()) {
+        Some(url) if url.contains("://") => {
+            let text = fhirflow::storage::read_url(url, &Default::default()).await?;
+            let text = String::from_utf8(text)
+                .map_err(|_| Error::Config(format!("config file {url}: not UTF-8")))?;
+            let base = Settings::from_text(&text, std::path::Path::new(url))?;
+            Settings::resolve_from(base, &overrides)?
+        }
+        _ => Settings::resolve(g.config.as_deref(), &overrides)?,
+    };
     if let Command::Config = cli.command {
         print!("{}", settings.to_masked_toml());
         return Ok(serde_json::Value::Null);

@@ -458,10 +458,17 @@ impl Settings {
             None if default_path.is_file() => Some(default_path),
             None => None,
         };
-        let mut s = match &path {
+        let base = match &path {
             Some(p) => Self::from_file(p)?,
             None => Settings::default(),
         };
+        Self::resolve_from(base, overrides)
+    }
+
+    /// Applies `overrides` to settings read already (a config file fetched
+    /// from a URL).
+    pub fn resolve_from(base: Settings, overrides: &Overrides) -> Result<Settings> {
+        let mut s = base;
         let o = overrides.clone();
         macro_rules! set {
             ($($field:ident).+ <- $value:expr) => {
@@ -519,8 +526,13 @@ impl Settings {
             path: path.to_path_buf(),
             source: Box::new(e),
         })?;
-        toml::from_str(&text).map_err(|e| Error::ConfigFile {
-            path: path.to_path_buf(),
+        Self::from_text(&text, path)
+    }
+
+    /// Parses a config file's text; `origin` names it in errors.
+    pub fn from_text(text: &str, origin: &FsPath) -> Result<Settings> {
+        toml::from_str(text).map_err(|e| Error::ConfigFile {
+            path: origin.to_path_buf(),
             source: Box::new(e),
         })
     }

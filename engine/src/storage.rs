@@ -54,6 +54,25 @@ impl Lake {
     }
 }
 
+/// The bytes of one object named by URL (`s3://bucket/key`, `file:///…`),
+/// or of a local file.
+pub async fn read_url(location: &str, s3: &S3Settings) -> Result<Vec<u8>> {
+    if !location.contains("://") {
+        return std::fs::read(location).map_err(|e| Error::Config(format!("{location}: {e}")));
+    }
+    let (dir, name) = location
+        .rsplit_once('/')
+        .filter(|(d, n)| !n.is_empty() && d.contains("://"))
+        .ok_or_else(|| Error::Config(format!("{location:?} is not a file's URL")))?;
+    let root = Root::open(dir, s3)?;
+    let path = root.paths.file(name);
+    Ok(root
+        .get_bytes("settings", &path)
+        .await?
+        .ok_or_else(|| Error::Config(format!("no file at {location}")))?
+        .to_vec())
+}
+
 impl Root {
     /// `location` is a URL or a local folder (created when missing).
     pub fn open(location: &str, s3: &S3Settings) -> Result<Root> {

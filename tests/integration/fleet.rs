@@ -255,6 +255,24 @@ async fn a_fleet_of_workers_does_every_unit_once_and_matches_one_run_per_partiti
     let done = run_workers(f, &imports, &indexes);
     assert_once(&done, "import", &(0..TENANTS).collect(), None);
     assert!(plan(f, "all").await.1.is_empty(), "nothing left at all");
+    // The same, with the config file on S3, as a deployment keeps it (read
+    // with the AWS chain: here the environment's keys and endpoint).
+    let config = f.lake.metadata.paths.file("fhirflow.toml");
+    let text = toml::to_string(&f.settings).unwrap().into_bytes();
+    f.lake.metadata.put("test", &config, text).await.unwrap();
+    let url = f.lake.metadata.url_of(&config);
+    let endpoint = moto.endpoint();
+    let aws = [
+        ("FHIRFLOW_CONFIG", url.as_str()),
+        ("AWS_ENDPOINT_URL", endpoint.as_str()),
+        ("AWS_ALLOW_HTTP", "true"),
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_REGION", "us-east-1"),
+    ];
+    let out = f.cli(&["plan", "--stage", "all"], &aws);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("plan: 0 units"));
 
     // One curate and one import commit per partition, however many workers.
     let jobs = f
