@@ -124,7 +124,12 @@ async fn handle(
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     let Some(rest) = path.strip_prefix(PREFIX) else {
         return Ok(reply(404, r#"{"errorType":"NotFound"}"#));
     };
@@ -142,7 +147,10 @@ async fn handle(
                         "Lambda-Runtime-Invoked-Function-Arn",
                         "arn:aws:lambda:us-east-1:123456789012:function:fhirflow-worker",
                     )
-                    .header("Lambda-Runtime-Trace-Id", "Root=1-5bef4de7-ad49b0e87f6ef6c87fc2e700")
+                    .header(
+                        "Lambda-Runtime-Trace-Id",
+                        "Root=1-5bef4de7-ad49b0e87f6ef6c87fc2e700",
+                    )
                     .body(Full::new(Bytes::from(event.to_string())))
                     .unwrap();
                 return Ok(resp);
@@ -167,7 +175,11 @@ async fn handle(
                 "error" => Outcome::Error(v),
                 _ => return Ok(reply(404, r#"{"errorType":"NotFound"}"#)),
             };
-            state.lock().unwrap().outcomes.insert(id.to_string(), outcome);
+            state
+                .lock()
+                .unwrap()
+                .outcomes
+                .insert(id.to_string(), outcome);
             Ok(reply(202, r#"{"status":"OK"}"#))
         }
         _ => Ok(reply(404, r#"{"errorType":"NotFound"}"#)),

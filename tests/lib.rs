@@ -147,7 +147,12 @@ impl TestLake {
 
     /// `program` (a copy of the binary, such as a packaged `bootstrap`) on
     /// this lake, as [`TestLake::command`] runs the binary.
-    pub fn command_of(&self, program: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Command {
+    pub fn command_of(
+        &self,
+        program: &std::path::Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Command {
         let mut cmd = Command::new(program);
         if self.settings.s3.endpoint.is_some() {
             // A lake on moto: the binary reads the same settings from a file.
@@ -462,14 +467,39 @@ impl Drop for Moto {
 /// root member that is a number or a list of at most 100 numbers).
 pub fn check_emf(line: &serde_json::Value) -> Result<(), String> {
     const UNITS: &[&str] = &[
-        "Seconds", "Microseconds", "Milliseconds", "Bytes", "Kilobytes", "Megabytes",
-        "Gigabytes", "Terabytes", "Bits", "Kilobits", "Megabits", "Gigabits", "Terabits",
-        "Percent", "Count", "Bytes/Second", "Kilobytes/Second", "Megabytes/Second",
-        "Gigabytes/Second", "Terabytes/Second", "Bits/Second", "Kilobits/Second",
-        "Megabits/Second", "Gigabits/Second", "Terabits/Second", "Count/Second", "None",
+        "Seconds",
+        "Microseconds",
+        "Milliseconds",
+        "Bytes",
+        "Kilobytes",
+        "Megabytes",
+        "Gigabytes",
+        "Terabytes",
+        "Bits",
+        "Kilobits",
+        "Megabits",
+        "Gigabits",
+        "Terabits",
+        "Percent",
+        "Count",
+        "Bytes/Second",
+        "Kilobytes/Second",
+        "Megabytes/Second",
+        "Gigabytes/Second",
+        "Terabytes/Second",
+        "Bits/Second",
+        "Kilobits/Second",
+        "Megabits/Second",
+        "Gigabits/Second",
+        "Terabits/Second",
+        "Count/Second",
+        "None",
     ];
     let root = line.as_object().ok_or("not an object")?;
-    let aws = root.get("_aws").and_then(|a| a.as_object()).ok_or("no _aws object")?;
+    let aws = root
+        .get("_aws")
+        .and_then(|a| a.as_object())
+        .ok_or("no _aws object")?;
     aws.get("Timestamp")
         .and_then(|t| t.as_i64())
         .filter(|t| *t > 0)
@@ -483,11 +513,15 @@ pub fn check_emf(line: &serde_json::Value) -> Result<(), String> {
     }
     let name_ok = |s: &str| !s.is_empty() && s.chars().count() <= 1024;
     for d in directives {
-        let ns = d["Namespace"].as_str().ok_or("a directive without Namespace")?;
+        let ns = d["Namespace"]
+            .as_str()
+            .ok_or("a directive without Namespace")?;
         if !name_ok(ns) {
             return Err(format!("Namespace {ns:?} is not 1 to 1024 characters"));
         }
-        let sets = d["Dimensions"].as_array().ok_or("a directive without Dimensions")?;
+        let sets = d["Dimensions"]
+            .as_array()
+            .ok_or("a directive without Dimensions")?;
         for set in sets {
             let set = set.as_array().ok_or("a dimension set is not a list")?;
             if set.len() > 30 {
@@ -496,16 +530,23 @@ pub fn check_emf(line: &serde_json::Value) -> Result<(), String> {
             for dim in set {
                 let dim = dim.as_str().ok_or("a dimension name is not a string")?;
                 if !root.get(dim).is_some_and(|v| v.is_string()) {
-                    return Err(format!("dimension {dim} is not a string member of the root"));
+                    return Err(format!(
+                        "dimension {dim} is not a string member of the root"
+                    ));
                 }
             }
         }
-        let metrics = d["Metrics"].as_array().ok_or("a directive without Metrics")?;
+        let metrics = d["Metrics"]
+            .as_array()
+            .ok_or("a directive without Metrics")?;
         if metrics.len() > 100 {
             return Err("more than 100 metrics in a directive".into());
         }
         for m in metrics {
-            let name = m["Name"].as_str().filter(|n| name_ok(n)).ok_or("a metric without a Name")?;
+            let name = m["Name"]
+                .as_str()
+                .filter(|n| name_ok(n))
+                .ok_or("a metric without a Name")?;
             if let Some(unit) = m.get("Unit") {
                 let unit = unit.as_str().ok_or("a Unit is not a string")?;
                 if !UNITS.contains(&unit) {
@@ -514,7 +555,9 @@ pub fn check_emf(line: &serde_json::Value) -> Result<(), String> {
             }
             let ok = match root.get(name) {
                 Some(serde_json::Value::Number(_)) => true,
-                Some(serde_json::Value::Array(v)) => v.len() <= 100 && v.iter().all(|x| x.is_number()),
+                Some(serde_json::Value::Array(v)) => {
+                    v.len() <= 100 && v.iter().all(|x| x.is_number())
+                }
                 _ => false,
             };
             if !ok {

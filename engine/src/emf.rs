@@ -91,7 +91,11 @@ pub fn curate(r: &CurateReport) -> Vec<String> {
                 RATE,
                 t.bytes_in as f64 / 1e6 / r.seconds.max(1e-9),
             ),
-            ("ConservationFailures", COUNT, if t.conserved() { 0.0 } else { 1.0 }),
+            (
+                "ConservationFailures",
+                COUNT,
+                if t.conserved() { 0.0 } else { 1.0 },
+            ),
             ("CurateSucceeded", COUNT, 1.0),
         ],
     ));
@@ -106,7 +110,11 @@ pub fn import(tenant: &str, r: &ImportReport) -> Vec<String> {
         .iter()
         .map(|(ty, &sent)| {
             line(
-                &[("stage", "import"), ("tenant", tenant), ("resource_type", ty)],
+                &[
+                    ("stage", "import"),
+                    ("tenant", tenant),
+                    ("resource_type", ty),
+                ],
                 &[("RecordsSent", COUNT, n(sent))],
             )
         })
@@ -122,7 +130,11 @@ pub fn import(tenant: &str, r: &ImportReport) -> Vec<String> {
             ("RecordsStale", COUNT, n(r.records_stale)),
             ("BytesNotSent", BYTES, n(r.bytes_not_sent)),
             ("DeletionsFailed", COUNT, n(r.deletions_failed)),
-            ("HealthLakeJobsFailed", COUNT, if failed { 1.0 } else { 0.0 }),
+            (
+                "HealthLakeJobsFailed",
+                COUNT,
+                if failed { 1.0 } else { 0.0 },
+            ),
         ],
     ));
     out
@@ -136,8 +148,15 @@ pub fn extract(r: &ExtractReport) -> Vec<String> {
         .iter()
         .map(|(ty, &(_, resources, bytes))| {
             line(
-                &[("stage", "extract"), ("tenant", tenant), ("resource_type", ty)],
-                &[("RecordsExtracted", COUNT, n(resources)), ("BytesExtracted", BYTES, n(bytes))],
+                &[
+                    ("stage", "extract"),
+                    ("tenant", tenant),
+                    ("resource_type", ty),
+                ],
+                &[
+                    ("RecordsExtracted", COUNT, n(resources)),
+                    ("BytesExtracted", BYTES, n(bytes)),
+                ],
             )
         })
         .collect();
@@ -183,7 +202,10 @@ mod tests {
         let d = &v["_aws"]["CloudWatchMetrics"][0];
         assert_eq!(d["Namespace"], "fhirflow");
         assert_eq!(d["Dimensions"], json!([["stage", "tenant"]]));
-        assert_eq!(d["Metrics"], json!([{ "Name": "RecordsIn", "Unit": "Count" }]));
+        assert_eq!(
+            d["Metrics"],
+            json!([{ "Name": "RecordsIn", "Unit": "Count" }])
+        );
         assert!(v["_aws"]["Timestamp"].as_i64().unwrap() > 1_600_000_000_000);
         assert_eq!(v["stage"], "curate");
         assert_eq!(v["RecordsIn"], 3.0);

@@ -30,8 +30,8 @@ use object_store::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::curate::CurateReport;
-use crate::extract::{ExtractReport, ExtractRequest};
 use crate::error::{Error, Result};
+use crate::extract::{ExtractReport, ExtractRequest};
 use crate::import::{ImportReport, ImportRequest};
 use crate::layout::{ImportDate, Layer, SourceSystem, TenantGuid};
 use crate::report::Reporter;
@@ -164,11 +164,17 @@ pub async fn read_tenants(location: &str, settings: &Settings) -> Result<Vec<Ten
     let mut out = Vec::new();
     for (n, e) in file.tenant.into_iter().enumerate() {
         let bad = |what: String| {
-            Error::Config(format!("[fleet] tenants {location}: [[tenant]] number {}: {what}", n + 1))
+            Error::Config(format!(
+                "[fleet] tenants {location}: [[tenant]] number {}: {what}",
+                n + 1
+            ))
         };
         let source = TenantSource {
             tenant: e.tenant.parse().map_err(|x: Error| bad(x.to_string()))?,
-            source_system: e.source_system.parse().map_err(|x: Error| bad(x.to_string()))?,
+            source_system: e
+                .source_system
+                .parse()
+                .map_err(|x: Error| bad(x.to_string()))?,
             fhir_url: url::Url::parse(&e.fhir_url).map_err(|x| bad(format!("fhir_url: {x}")))?,
             every_hours: e.every_hours.max(1),
         };
@@ -184,7 +190,12 @@ pub async fn read_tenants(location: &str, settings: &Settings) -> Result<Vec<Ten
 }
 
 /// The tenants file's sources whose extraction is due at `now` (µs).
-async fn due_extracts(lake: &Lake, settings: &Settings, req: &PlanRequest, now: i64) -> Result<Vec<Unit>> {
+async fn due_extracts(
+    lake: &Lake,
+    settings: &Settings,
+    req: &PlanRequest,
+    now: i64,
+) -> Result<Vec<Unit>> {
     let Some(location) = &settings.fleet.tenants else {
         return Ok(Vec::new());
     };
@@ -477,12 +488,17 @@ pub async fn work(
             }
             _ => Err(Error::Corrupt {
                 stage: STAGE,
-                location: format!("{}, unit {index}", lake.metadata.url_of(&plan_path(lake, &id))),
+                location: format!(
+                    "{}, unit {index}",
+                    lake.metadata.url_of(&plan_path(lake, &id))
+                ),
                 detail: "a curate unit names one date".into(),
             }),
         },
         UnitStage::Import => import_dates(lake, settings, tenant, &dates, reporter).await,
-        UnitStage::Extract => extract_unit(lake, settings, &id, &unit, tenant, &dates, reporter).await,
+        UnitStage::Extract => {
+            extract_unit(lake, settings, &id, &unit, tenant, &dates, reporter).await
+        }
     };
     let marker = |how: &str| {
         serde_json::to_vec(&serde_json::json!({
@@ -505,7 +521,9 @@ pub async fn work(
             })
         }
         Err(Error::AlreadyDone(why)) => {
-            lake.metadata.create(STAGE, &done, marker("skipped")).await?;
+            lake.metadata
+                .create(STAGE, &done, marker("skipped"))
+                .await?;
             Err(Error::AlreadyDone(why))
         }
         Err(e) => Err(e),
@@ -530,12 +548,19 @@ async fn extract_unit(
         detail: detail.into(),
     };
     let (Some(system), Some(url), [date]) = (&unit.source_system, &unit.fhir_url, dates) else {
-        return Err(bad("an extract unit names a source system, a FHIR URL and one date"));
+        return Err(bad(
+            "an extract unit names a source system, a FHIR URL and one date",
+        ));
     };
     let system: SourceSystem = system.parse()?;
     let fhir_url = url::Url::parse(url).map_err(|e| bad(&format!("fhir_url: {e}")))?;
     let standing = crate::extract::standing(lake, &tenant, &system).await?;
-    if !standing.pending && standing.last_run.as_deref().is_some_and(|r| run_start(r) >= run_start(plan)) {
+    if !standing.pending
+        && standing
+            .last_run
+            .as_deref()
+            .is_some_and(|r| run_start(r) >= run_start(plan))
+    {
         return Err(Error::AlreadyDone(format!(
             "extract: tenant {tenant} source system {system} was extracted since the plan was written"
         )));

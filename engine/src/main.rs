@@ -564,7 +564,8 @@ async fn lambda_event(
             date,
             since,
         }) => {
-            let bad = |what: &str, e: &dyn std::fmt::Display| Error::Usage(format!("plan: {what}: {e}"));
+            let bad =
+                |what: &str, e: &dyn std::fmt::Display| Error::Usage(format!("plan: {what}: {e}"));
             let stage = match stage {
                 Some(s) => PlanStageArg::from_str(&s, true).map_err(|e| bad("stage", &e))?,
                 None => PlanStageArg::All,
@@ -576,7 +577,11 @@ async fn lambda_event(
                 since: since.map(|d| d.parse()).transpose()?,
             };
             let report = fhirflow::fleet::plan(lake, settings, &req).await?;
-            let (bucket, key) = match report.uri.strip_prefix("s3://").and_then(|r| r.split_once('/')) {
+            let (bucket, key) = match report
+                .uri
+                .strip_prefix("s3://")
+                .and_then(|r| r.split_once('/'))
+            {
                 Some((b, k)) => (json!(b), json!(k)),
                 None => (serde_json::Value::Null, serde_json::Value::Null),
             };
@@ -618,9 +623,10 @@ async fn work_unit(
         Ok(w) => match &w.outcome {
             fhirflow::fleet::Outcome::Extracted(x) => fhirflow::emf::extract(x),
             fhirflow::fleet::Outcome::Curated(c) => fhirflow::emf::curate(c),
-            fhirflow::fleet::Outcome::Imported(i) => {
-                i.iter().flat_map(|i| fhirflow::emf::import(&tenant, i)).collect()
-            }
+            fhirflow::fleet::Outcome::Imported(i) => i
+                .iter()
+                .flat_map(|i| fhirflow::emf::import(&tenant, i))
+                .collect(),
         },
         Err(_) => Vec::new(),
     };
@@ -991,7 +997,9 @@ async fn run(cli: Cli, json: bool) -> Result<serde_json::Value> {
             match &report.outcome {
                 fhirflow::fleet::Outcome::Extracted(x) => print_extract(x, quiet),
                 fhirflow::fleet::Outcome::Curated(c) => print_summary(c, json),
-                fhirflow::fleet::Outcome::Imported(i) => i.iter().for_each(|i| print_import(i, quiet)),
+                fhirflow::fleet::Outcome::Imported(i) => {
+                    i.iter().for_each(|i| print_import(i, quiet))
+                }
             }
             cli_output::work(&report)
         }
@@ -1003,7 +1011,9 @@ async fn run(cli: Cli, json: bool) -> Result<serde_json::Value> {
             fhirflow_lambda::serve(|event| async move {
                 match lambda_event(lake, settings, bar, event).await {
                     Ok(answer) => Ok(answer),
-                    Err(Error::AlreadyDone(why)) => Ok(serde_json::json!({ "status": "skipped", "reason": why })),
+                    Err(Error::AlreadyDone(why)) => {
+                        Ok(serde_json::json!({ "status": "skipped", "reason": why }))
+                    }
                     Err(e) => Err(fhirflow_lambda::Failure {
                         error_type: match e.exit_code() {
                             4 => fhirflow_lambda::BUSY,

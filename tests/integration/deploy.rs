@@ -42,5 +42,9 @@ fn the_worker_image_builds_and_runs() {
         .output()
         .expect("run tests/deploy/container.sh");
     assert!(out.status.success(), "{}", show(&out));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("container.sh: ok"), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("container.sh: ok"),
+        "{}",
+        show(&out)
+    );
 }

@@ -1193,38 +1193,76 @@ async fn extract_units_come_from_the_tenants_file_when_due() {
         since: None,
     };
     let systems = |units: &[fleet::Unit]| -> Vec<String> {
-        units.iter().map(|u| u.source_system.clone().unwrap()).collect()
+        units
+            .iter()
+            .map(|u| u.source_system.clone().unwrap())
+            .collect()
     };
     let quiet = &fhirflow::report::Quiet;
 
-    let first = fleet::plan(&t.lake, &t.settings, &req(PlanStage::Extract)).await.unwrap();
+    let first = fleet::plan(&t.lake, &t.settings, &req(PlanStage::Extract))
+        .await
+        .unwrap();
     assert_eq!(systems(&first.units), ["ehr-a", "ehr-b"]);
-    assert!(first.units.iter().all(|u| u.fhir_url.as_deref() == Some(server.base().as_str())));
-    let done = fleet::work(&t.lake, &t.settings, &first.uri, 0, quiet).await.unwrap();
-    let Outcome::Extracted(x) = done.outcome else { panic!("not an extraction") };
+    assert!(first
+        .units
+        .iter()
+        .all(|u| u.fhir_url.as_deref() == Some(server.base().as_str())));
+    let done = fleet::work(&t.lake, &t.settings, &first.uri, 0, quiet)
+        .await
+        .unwrap();
+    let Outcome::Extracted(x) = done.outcome else {
+        panic!("not an extraction")
+    };
     assert_eq!(x.resources(), all.len() as u64);
-    assert_eq!(raw_resources(&t, "ehr-a", &date().to_string()).len(), all.len());
+    assert_eq!(
+        raw_resources(&t, "ehr-a", &date().to_string()).len(),
+        all.len()
+    );
     // The same unit again: skipped.
     let again = fleet::work(&t.lake, &t.settings, &first.uri, 0, quiet).await;
-    assert!(matches!(again, Err(fhirflow::Error::AlreadyDone(_))), "{again:?}");
+    assert!(
+        matches!(again, Err(fhirflow::Error::AlreadyDone(_))),
+        "{again:?}"
+    );
 
     // Re-planned: only the source not yet extracted.
-    let second = fleet::plan(&t.lake, &t.settings, &req(PlanStage::Extract)).await.unwrap();
+    let second = fleet::plan(&t.lake, &t.settings, &req(PlanStage::Extract))
+        .await
+        .unwrap();
     assert_eq!(systems(&second.units), ["ehr-b"]);
-    fleet::work(&t.lake, &t.settings, &second.uri, 0, quiet).await.unwrap();
-    let none = fleet::plan(&t.lake, &t.settings, &req(PlanStage::Extract)).await.unwrap();
+    fleet::work(&t.lake, &t.settings, &second.uri, 0, quiet)
+        .await
+        .unwrap();
+    let none = fleet::plan(&t.lake, &t.settings, &req(PlanStage::Extract))
+        .await
+        .unwrap();
     assert!(none.units.is_empty(), "{:?}", none.units);
     // A unit of the first plan whose source was extracted since: skipped.
     let late = fleet::work(&t.lake, &t.settings, &first.uri, 1, quiet).await;
-    assert!(matches!(late, Err(fhirflow::Error::AlreadyDone(_))), "{late:?}");
+    assert!(
+        matches!(late, Err(fhirflow::Error::AlreadyDone(_))),
+        "{late:?}"
+    );
 
     // Both sources landed under one (tenant, date): one curate unit.
-    let curate = fleet::plan(&t.lake, &t.settings, &req(PlanStage::All)).await.unwrap();
+    let curate = fleet::plan(&t.lake, &t.settings, &req(PlanStage::All))
+        .await
+        .unwrap();
     assert_eq!(curate.units.len(), 1, "{:?}", curate.units);
-    assert_eq!(serde_json::to_value(curate.units[0].stage).unwrap(), "curate");
+    assert_eq!(
+        serde_json::to_value(curate.units[0].stage).unwrap(),
+        "curate"
+    );
 
     // A tenants file with a bad entry names it.
-    std::fs::write(&tenants, "[[tenant]]\ntenant = \"nope\"\nsource_system = \"a\"\nfhir_url = \"http://x/\"\n").unwrap();
-    let err = fleet::plan(&t.lake, &t.settings, &req(PlanStage::Extract)).await.unwrap_err();
+    std::fs::write(
+        &tenants,
+        "[[tenant]]\ntenant = \"nope\"\nsource_system = \"a\"\nfhir_url = \"http://x/\"\n",
+    )
+    .unwrap();
+    let err = fleet::plan(&t.lake, &t.settings, &req(PlanStage::Extract))
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("[[tenant]] number 1"), "{err}");
 }

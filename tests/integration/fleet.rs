@@ -54,10 +54,16 @@ fn write_input(t: &TestLake, n: usize) -> PathBuf {
 /// as the lake holds them.
 async fn plan(t: &TestLake, stage: &str) -> (String, Vec<(String, Vec<String>)>) {
     let out = t.cli(&["plan", "--stage", stage], &[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     let uri = text.split_whitespace().last().unwrap().to_string();
-    let (_, units) = fhirflow::fleet::units(&t.lake, &uri).await.expect("the plan");
+    let (_, units) = fhirflow::fleet::units(&t.lake, &uri)
+        .await
+        .expect("the plan");
     for u in &units {
         assert_eq!(serde_json::to_value(u.stage).unwrap(), stage);
     }
@@ -104,8 +110,7 @@ fn finish(index: usize, child: Child) -> Done {
 fn run_workers(t: &TestLake, plan: &str, indexes: &[usize]) -> Vec<Done> {
     let mut done = Vec::new();
     for wave in indexes.chunks(4) {
-        let children: Vec<(usize, Child)> =
-            wave.iter().map(|&i| (i, worker(t, plan, i))).collect();
+        let children: Vec<(usize, Child)> = wave.iter().map(|&i| (i, worker(t, plan, i))).collect();
         done.extend(children.into_iter().map(|(i, c)| finish(i, c)));
     }
     done
@@ -127,8 +132,14 @@ fn assert_once(done: &[Done], stage: &str, indexes: &BTreeSet<usize>, killed: Op
         for line in &d.emf {
             check_emf(line).unwrap_or_else(|e| panic!("worker {}: EMF line {line}: {e}", d.index));
         }
-        let unit = d.emf.last().expect("a worker's last EMF line is its unit's");
-        assert_eq!(unit["_aws"]["CloudWatchMetrics"][0]["Namespace"], "fhirflow");
+        let unit = d
+            .emf
+            .last()
+            .expect("a worker's last EMF line is its unit's");
+        assert_eq!(
+            unit["_aws"]["CloudWatchMetrics"][0]["Namespace"],
+            "fhirflow"
+        );
         assert_eq!(unit["stage"], stage);
         let done_n = if d.code == 0 { 1.0 } else { 0.0 };
         assert_eq!(unit["UnitsDone"], done_n);
@@ -197,21 +208,50 @@ async fn a_fleet_of_workers_does_every_unit_once_and_matches_one_run_per_partiti
         let input = write_input(f, n);
         let input = input.to_str().unwrap();
         let out = f.cli(
-            &["ingest", input, "--tenant", tenant, "--source-system", "synthea", "--date", date],
+            &[
+                "ingest",
+                input,
+                "--tenant",
+                tenant,
+                "--source-system",
+                "synthea",
+                "--date",
+                date,
+            ],
             &[],
         );
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         // The second lake: one `fhirflow run` per partition.
         let out = reference.cli(
-            &["run", input, "--tenant", tenant, "--source-system", "synthea", "--date", date],
+            &[
+                "run",
+                input,
+                "--tenant",
+                tenant,
+                "--source-system",
+                "synthea",
+                "--date",
+                date,
+            ],
             &[],
         );
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     // Night 1, partial: the first eight curate units, one index twice and
     // one child killed and retried.
-    let one_date: Vec<_> = all.iter().map(|(t, d)| (t.clone(), vec![d.clone()])).collect();
+    let one_date: Vec<_> = all
+        .iter()
+        .map(|(t, d)| (t.clone(), vec![d.clone()]))
+        .collect();
     let (first, units) = plan(f, "curate").await;
     assert_eq!(units, one_date);
     let mut killed = worker(f, &first, 5);
@@ -230,8 +270,15 @@ async fn a_fleet_of_workers_does_every_unit_once_and_matches_one_run_per_partiti
     let again = run_workers(f, &first, &[2]);
     assert_eq!(again[0].code, 10, "{}", again[0].stderr);
     // ... and exits 0 with --skipped-ok, for a Batch array job.
-    let out = f.cli(&["work", "--plan", &first, "--index", "2", "--skipped-ok"], &[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = f.cli(
+        &["work", "--plan", &first, "--index", "2", "--skipped-ok"],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("skipped"));
 
     // The rest of the night: every unit of the second plan, two of them twice
@@ -241,7 +288,10 @@ async fn a_fleet_of_workers_does_every_unit_once_and_matches_one_run_per_partiti
     indexes.insert(9, 8);
     let done = run_workers(f, &second, &indexes);
     assert_once(&done, "curate", &(0..16).collect(), None);
-    assert!(plan(f, "curate").await.1.is_empty(), "nothing left to curate");
+    assert!(
+        plan(f, "curate").await.1.is_empty(),
+        "nothing left to curate"
+    );
 
     // Then the imports, the same way: one unit per tenant, its dates in order.
     let (imports, units) = plan(f, "import").await;
@@ -271,7 +321,11 @@ async fn a_fleet_of_workers_does_every_unit_once_and_matches_one_run_per_partiti
         ("AWS_REGION", "us-east-1"),
     ];
     let out = f.cli(&["plan", "--stage", "all"], &aws);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("plan: 0 units"));
 
     // One curate and one import commit per partition, however many workers.
@@ -289,20 +343,38 @@ async fn a_fleet_of_workers_does_every_unit_once_and_matches_one_run_per_partiti
     for (tenant, date) in &all {
         let t: TenantGuid = tenant.parse().unwrap();
         let d: ImportDate = date.parse().unwrap();
-        let (a, b) = (f.visible_files_of(&t, d).await, reference.visible_files_of(&t, d).await);
+        let (a, b) = (
+            f.visible_files_of(&t, d).await,
+            reference.visible_files_of(&t, d).await,
+        );
         assert!(!a.is_empty(), "{tenant} {date}: curated");
         assert_eq!(a, b, "{tenant} {date}: curated bytes");
     }
     let metrics = f.sql(METRICS).await;
     let accounted: BTreeSet<_> = metrics.iter().map(|r| (&r[0], &r[1], &r[2])).collect();
-    assert_eq!(accounted.len(), 24 * 2, "each partition's curate and import");
+    assert_eq!(
+        accounted.len(),
+        24 * 2,
+        "each partition's curate and import"
+    );
     let expected = reference.sql(METRICS).await;
-    let differ: Vec<_> = metrics.iter().zip(&expected).filter(|(a, b)| a != b).collect();
-    assert!(differ.is_empty() && metrics.len() == expected.len(), "metrics differ: {differ:?}");
+    let differ: Vec<_> = metrics
+        .iter()
+        .zip(&expected)
+        .filter(|(a, b)| a != b)
+        .collect();
+    assert!(
+        differ.is_empty() && metrics.len() == expected.len(),
+        "metrics differ: {differ:?}"
+    );
     let rejected = f
         .sql("SELECT count(*) FROM metadata.import_errors WHERE stage = 'curate'")
         .await;
-    assert_eq!(rejected, vec![vec!["24".to_string()]], "one bad line per partition");
+    assert_eq!(
+        rejected,
+        vec![vec!["24".to_string()]],
+        "one bad line per partition"
+    );
     for i in 0..TENANTS {
         let (a, b) = (hl.stored(&datastore(0, i)), hl.stored(&datastore(1, i)));
         assert!(!a.is_empty());

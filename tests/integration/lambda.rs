@@ -36,13 +36,22 @@ fn unpack(zip: &Path, dir: &Path) -> Vec<String> {
         .arg(dir)
         .output()
         .expect("python3 unpacks the zip");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().lines().map(String::from).collect()
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect()
 }
 
 fn response(api: &LambdaApi, event: Value) -> Outcome {
     let id = api.invoke(event);
-    api.outcome(&id, Duration::from_secs(120)).expect("the function answers")
+    api.outcome(&id, Duration::from_secs(120))
+        .expect("the function answers")
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -56,18 +65,40 @@ async fn the_packaged_bootstrap_serves_one_unit_per_invocation() {
         write_lines(&dir, "Patient.ndjson", &lines[n * 3..n * 3 + 3]);
         let input = dir.to_str().unwrap();
         let out = t.cli(
-            &["ingest", input, "--tenant", tenant, "--source-system", "ehr", "--date", DATE],
+            &[
+                "ingest",
+                input,
+                "--tenant",
+                tenant,
+                "--source-system",
+                "ehr",
+                "--date",
+                DATE,
+            ],
             &[],
         );
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     // The package: one entry, `bootstrap`, executable.
     let dir = tempfile::tempdir().unwrap();
     let zip = dir.path().join("fhirflow.zip");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/package-lambda.sh");
-    let out = Command::new("bash").arg(&script).arg(binary()).arg(&zip).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg(binary())
+        .arg(&zip)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let task = dir.path().join("task");
     assert_eq!(unpack(&zip, &task), vec!["bootstrap".to_string()]);
     let bootstrap = task.join("bootstrap");
@@ -92,13 +123,17 @@ async fn the_packaged_bootstrap_serves_one_unit_per_invocation() {
         .expect("start bootstrap");
 
     // The plan, written by the function.
-    let Outcome::Response(planned) = response(&api, json!({ "command": "plan", "stage": "curate" }))
+    let Outcome::Response(planned) =
+        response(&api, json!({ "command": "plan", "stage": "curate" }))
     else {
         panic!("plan failed");
     };
     assert_eq!(planned["status"], "planned", "{planned}");
     assert_eq!(planned["units"], 2, "{planned}");
-    assert!(planned["key"].is_null(), "a local lake has no S3 key: {planned}");
+    assert!(
+        planned["key"].is_null(),
+        "a local lake has no S3 key: {planned}"
+    );
     let plan = planned["plan"]["uri"].as_str().unwrap().to_string();
     let Outcome::Error(bad_stage) = response(&api, json!({ "command": "plan", "stage": "nope" }))
     else {
@@ -112,7 +147,10 @@ async fn the_packaged_bootstrap_serves_one_unit_per_invocation() {
     };
     assert_eq!(done["status"], "done", "{done}");
     assert_eq!(done["summary"]["work"]["unit"]["tenant"], TENANTS[0]);
-    assert_eq!(done["summary"]["work"]["outcome"]["curate"]["total"]["curated"], 3, "{done}");
+    assert_eq!(
+        done["summary"]["work"]["outcome"]["curate"]["total"]["curated"], 3,
+        "{done}"
+    );
     // The same unit again (a retried invocation): skipped, not redone.
     let Outcome::Response(again) = response(&api, json!({ "plan": plan, "index": 0 })) else {
         panic!("the repeated unit failed");
@@ -123,12 +161,24 @@ async fn the_packaged_bootstrap_serves_one_unit_per_invocation() {
         panic!("unit 7 succeeded");
     };
     assert_eq!(failed["errorType"], "Failed", "{failed}");
-    assert!(failed["errorMessage"].as_str().unwrap().contains("no unit 7"), "{failed}");
+    assert!(
+        failed["errorMessage"]
+            .as_str()
+            .unwrap()
+            .contains("no unit 7"),
+        "{failed}"
+    );
     // An event that is not a unit's.
     let Outcome::Error(bad) = response(&api, json!({ "plan": plan })) else {
         panic!("an event without an index succeeded");
     };
-    assert!(bad["errorMessage"].as_str().unwrap().contains("deserialize"), "{bad}");
+    assert!(
+        bad["errorMessage"]
+            .as_str()
+            .unwrap()
+            .contains("deserialize"),
+        "{bad}"
+    );
     // The process serves on after a failure.
     let Outcome::Response(second) = response(&api, json!({ "plan": plan, "index": 1 })) else {
         panic!("unit 1 failed");
@@ -156,12 +206,20 @@ async fn the_packaged_bootstrap_serves_one_unit_per_invocation() {
         .collect();
     assert_eq!(
         units,
-        vec![(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0), (1.0, 0.0, 0.0)],
+        vec![
+            (1.0, 0.0, 0.0),
+            (0.0, 1.0, 0.0),
+            (0.0, 0.0, 1.0),
+            (1.0, 0.0, 0.0)
+        ],
         "one unit line per invocation that reached a unit"
     );
     let date: ImportDate = DATE.parse().unwrap();
     for tenant in TENANTS {
         let t_guid: TenantGuid = tenant.parse().unwrap();
-        assert!(!t.visible_files_of(&t_guid, date).await.is_empty(), "{tenant}: curated");
+        assert!(
+            !t.visible_files_of(&t_guid, date).await.is_empty(),
+            "{tenant}: curated"
+        );
     }
 }
