@@ -84,6 +84,28 @@ pub struct Unit {
     pub after: Option<u64>,
 }
 
+impl Unit {
+    /// A unit of one (tenant, date).
+    fn partition(
+        stage: UnitStage,
+        tenant: &TenantGuid,
+        date: ImportDate,
+        raw_bytes: u64,
+        runner: impl Fn(u64) -> Runner,
+    ) -> Unit {
+        Unit {
+            stage,
+            tenant: tenant.to_string(),
+            dates: vec![date.to_string()],
+            source_system: None,
+            fhir_url: None,
+            raw_bytes,
+            runner: runner(raw_bytes),
+            after: None,
+        }
+    }
+}
+
 /// Which units `plan` lists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PlanStage {
@@ -288,16 +310,9 @@ pub async fn pending(lake: &Lake, settings: &Settings, req: &PlanRequest) -> Res
             .and_then(|r| r.imported);
         let curated_since_raw = latest_curate.is_some_and(|r| run_start(&r.run_id) >= p.newest_raw);
         if !curated_since_raw {
-            curate.push(Unit {
-                stage: UnitStage::Curate,
-                tenant: tenant.to_string(),
-                dates: vec![date.to_string()],
-                source_system: None,
-                fhir_url: None,
-                raw_bytes: p.raw_bytes,
-                runner: runner(p.raw_bytes),
-                after: latest_curate.map(|r| r.sequence),
-            });
+            let mut unit = Unit::partition(UnitStage::Curate, &tenant, date, p.raw_bytes, runner);
+            unit.after = latest_curate.map(|r| r.sequence);
+            curate.push(unit);
         } else if latest_curate.map(|r| r.sequence) != imported {
             match import.last_mut() {
                 Some(u) if u.tenant == tenant.to_string() => {
@@ -305,16 +320,7 @@ pub async fn pending(lake: &Lake, settings: &Settings, req: &PlanRequest) -> Res
                     u.raw_bytes += p.raw_bytes;
                     u.runner = runner(u.raw_bytes);
                 }
-                _ => import.push(Unit {
-                    stage: UnitStage::Import,
-                    tenant: tenant.to_string(),
-                    dates: vec![date.to_string()],
-                    source_system: None,
-                    fhir_url: None,
-                    raw_bytes: p.raw_bytes,
-                    runner: runner(p.raw_bytes),
-                    after: None,
-                }),
+                _ => import.push(Unit::partition(UnitStage::Import, &tenant, date, p.raw_bytes, runner)),
             }
         }
     }

@@ -211,20 +211,20 @@ pub struct Standing {
 pub async fn standing(lake: &Lake, tenant: &TenantGuid, system: &SourceSystem) -> Result<Standing> {
     let root = &lake.raw;
     let last_path = root.paths.extract_state(tenant, system, LAST);
-    let last_run = match root.get_bytes(STAGE, &last_path).await? {
-        Some(b) => Some(
-            serde_json::from_slice::<Last>(&b)
-                .map_err(|e| Error::Input {
-                    path: root.url_of(&last_path).into(),
-                    reason: e.to_string(),
-                })?
-                .run_id,
-        ),
-        None => None,
-    };
+    let last_run = read_last(root, &last_path).await?.map(|l| l.run_id);
     let pending_path = root.paths.extract_state(tenant, system, PENDING);
     let pending = root.get_bytes(STAGE, &pending_path).await?.is_some();
     Ok(Standing { last_run, pending })
+}
+
+async fn read_last(root: &crate::storage::Root, path: &object_store::path::Path) -> Result<Option<Last>> {
+    let Some(b) = root.get_bytes(STAGE, path).await? else {
+        return Ok(None);
+    };
+    serde_json::from_slice(&b).map(Some).map_err(|e| Error::Input {
+        path: root.url_of(path).into(),
+        reason: e.to_string(),
+    })
 }
 
 fn auth_for(settings: &Settings) -> Result<Auth> {
@@ -297,17 +297,7 @@ async fn extract_leased(
     let since = match &request.since {
         Since::All => None,
         Since::At(s) => Some(s.clone()),
-        Since::Incremental => match root.get_bytes(STAGE, &last_path).await? {
-            Some(b) => Some(
-                serde_json::from_slice::<Last>(&b)
-                    .map_err(|e| Error::Input {
-                        path: root.url_of(&last_path).into(),
-                        reason: e.to_string(),
-                    })?
-                    .transaction_time,
-            ),
-            None => None,
-        },
+        Since::Incremental => read_last(root, &last_path).await?.map(|l| l.transaction_time),
     };
     let params = Parameters {
         types: request.types.clone(),
