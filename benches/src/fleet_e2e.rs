@@ -94,9 +94,11 @@ fn single(bin: &Path, lake: &Path, args: &Args) {
 
 /// `plan`, then `workers` slots working through its units.
 fn fleet(bin: &Path, lake: &Path, workers: usize) -> usize {
-    let out = fhirflow(bin, lake)
+    // Not quiet: the plan's line is what it says.
+    let out = Command::new(bin)
+        .env("FHIRFLOW_LAKE", lake)
+        .env_remove("FHIRFLOW_CONFIG")
         .args(["plan", "--stage", "curate"])
-        .stdout(Stdio::piped())
         .output()
         .unwrap();
     check("plan", out.status);
