@@ -462,7 +462,7 @@ impl Drop for Moto {
 /// milliseconds since the epoch) and `CloudWatchMetrics`, a list of metric
 /// directives, each with a `Namespace` (1 to 1024 characters), `Dimensions`
 /// (a list of dimension sets, each of at most 30 names of root members
-/// whose values are strings) and `Metrics` (at most 100, each a `Name` of 1
+/// whose values are strings; CloudWatch takes 1 to 1024 characters) and `Metrics` (at most 100, each a `Name` of 1
 /// to 1024 characters and an optional `Unit` from CloudWatch's list, naming a
 /// root member that is a number or a list of at most 100 numbers).
 pub fn check_emf(line: &serde_json::Value) -> Result<(), String> {
@@ -529,9 +529,9 @@ pub fn check_emf(line: &serde_json::Value) -> Result<(), String> {
             }
             for dim in set {
                 let dim = dim.as_str().ok_or("a dimension name is not a string")?;
-                if !root.get(dim).is_some_and(|v| v.is_string()) {
+                if !root.get(dim).and_then(|v| v.as_str()).is_some_and(name_ok) {
                     return Err(format!(
-                        "dimension {dim} is not a string member of the root"
+                        "dimension {dim} is not a string of 1 to 1024 characters at the root"
                     ));
                 }
             }

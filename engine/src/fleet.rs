@@ -320,7 +320,13 @@ pub async fn pending(lake: &Lake, settings: &Settings, req: &PlanRequest) -> Res
                     u.raw_bytes += p.raw_bytes;
                     u.runner = runner(u.raw_bytes);
                 }
-                _ => import.push(Unit::partition(UnitStage::Import, &tenant, date, p.raw_bytes, runner)),
+                _ => import.push(Unit::partition(
+                    UnitStage::Import,
+                    &tenant,
+                    date,
+                    p.raw_bytes,
+                    runner,
+                )),
             }
         }
     }

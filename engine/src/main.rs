@@ -611,14 +611,17 @@ async fn work_unit(
 ) -> Result<fhirflow::fleet::WorkReport> {
     let result = fhirflow::fleet::work(lake, settings, plan, index, bar).await;
     let unit = fhirflow::fleet::unit(lake, plan, index).await.ok();
-    let (stage, tenant) = unit.as_ref().map_or(("unknown", String::new()), |(_, u)| {
-        let stage = match u.stage {
-            fhirflow::fleet::UnitStage::Extract => "extract",
-            fhirflow::fleet::UnitStage::Curate => "curate",
-            fhirflow::fleet::UnitStage::Import => "import",
-        };
-        (stage, u.tenant.clone())
-    });
+    // CloudWatch takes no empty dimension value.
+    let (stage, tenant) = unit
+        .as_ref()
+        .map_or(("unknown", "unknown".to_string()), |(_, u)| {
+            let stage = match u.stage {
+                fhirflow::fleet::UnitStage::Extract => "extract",
+                fhirflow::fleet::UnitStage::Curate => "curate",
+                fhirflow::fleet::UnitStage::Import => "import",
+            };
+            (stage, u.tenant.clone())
+        });
     let mut lines = match &result {
         Ok(w) => match &w.outcome {
             fhirflow::fleet::Outcome::Extracted(x) => fhirflow::emf::extract(x),

@@ -217,14 +217,19 @@ pub async fn standing(lake: &Lake, tenant: &TenantGuid, system: &SourceSystem) -
     Ok(Standing { last_run, pending })
 }
 
-async fn read_last(root: &crate::storage::Root, path: &object_store::path::Path) -> Result<Option<Last>> {
+async fn read_last(
+    root: &crate::storage::Root,
+    path: &object_store::path::Path,
+) -> Result<Option<Last>> {
     let Some(b) = root.get_bytes(STAGE, path).await? else {
         return Ok(None);
     };
-    serde_json::from_slice(&b).map(Some).map_err(|e| Error::Input {
-        path: root.url_of(path).into(),
-        reason: e.to_string(),
-    })
+    serde_json::from_slice(&b)
+        .map(Some)
+        .map_err(|e| Error::Input {
+            path: root.url_of(path).into(),
+            reason: e.to_string(),
+        })
 }
 
 fn auth_for(settings: &Settings) -> Result<Auth> {
@@ -297,7 +302,9 @@ async fn extract_leased(
     let since = match &request.since {
         Since::All => None,
         Since::At(s) => Some(s.clone()),
-        Since::Incremental => read_last(root, &last_path).await?.map(|l| l.transaction_time),
+        Since::Incremental => read_last(root, &last_path)
+            .await?
+            .map(|l| l.transaction_time),
     };
     let params = Parameters {
         types: request.types.clone(),
