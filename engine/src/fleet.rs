@@ -298,6 +298,12 @@ pub async fn pending(lake: &Lake, settings: &Settings, req: &PlanRequest) -> Res
             Runner::Batch
         }
     };
+    // A HealthLake import waits for its job, which can take longer than
+    // Lambda's 15 minutes whatever the unit's size.
+    let import_runner = |raw_bytes| match settings.import.target {
+        crate::settings::ImportTarget::Healthlake => Runner::Batch,
+        crate::settings::ImportTarget::Local => runner(raw_bytes),
+    };
     let mut curate = Vec::new();
     let mut import: Vec<Unit> = Vec::new();
     for ((tenant, date), p) in partitions {
@@ -318,14 +324,14 @@ pub async fn pending(lake: &Lake, settings: &Settings, req: &PlanRequest) -> Res
                 Some(u) if u.tenant == tenant.to_string() => {
                     u.dates.push(date.to_string());
                     u.raw_bytes += p.raw_bytes;
-                    u.runner = runner(u.raw_bytes);
+                    u.runner = import_runner(u.raw_bytes);
                 }
                 _ => import.push(Unit::partition(
                     UnitStage::Import,
                     &tenant,
                     date,
                     p.raw_bytes,
-                    runner,
+                    import_runner,
                 )),
             }
         }

@@ -300,6 +300,15 @@ async fn a_fleet_of_workers_does_every_unit_once_and_matches_one_run_per_partiti
         .map(|c| (c[0].0.clone(), c.iter().map(|(_, d)| d.clone()).collect()))
         .collect();
     assert_eq!(units, per_tenant);
+    // Small, but HealthLake imports wait for their jobs: Batch, not Lambda.
+    let (_, listed) = fhirflow::fleet::units(&f.lake, &imports).await.unwrap();
+    assert!(listed
+        .iter()
+        .all(|u| u.runner == fhirflow::fleet::Runner::Batch));
+    let (_, listed) = fhirflow::fleet::units(&f.lake, &second).await.unwrap();
+    assert!(listed
+        .iter()
+        .all(|u| u.runner == fhirflow::fleet::Runner::Lambda));
     let mut indexes: Vec<usize> = (0..TENANTS).collect();
     indexes.insert(4, 3);
     let done = run_workers(f, &imports, &indexes);
