@@ -320,10 +320,11 @@ enum Command {
         #[command(flatten)]
         out: Output,
     },
-    /// List what is pending (raw partitions not curated since their newest object, curated
-    /// partitions not imported) as a plan of units in the lake, for `work` on many machines.
+    /// List what is pending (sources of the tenants file due for extraction, raw partitions
+    /// not curated since their newest object, curated partitions not imported) as a plan of
+    /// units in the lake, for `work` on many machines.
     Plan {
-        /// Which units: curate, import, or both.
+        /// Which units: extract, curate, import, or all of them.
         #[arg(long, value_enum, default_value_t = PlanStageArg::All)]
         stage: PlanStageArg,
         /// Only this tenant.
