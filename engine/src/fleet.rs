@@ -9,9 +9,9 @@
 //! * Pending means: a tenant and source system of the tenants file
 //!   (`[fleet] tenants`) whose last complete extraction began longer ago
 //!   than its schedule allows (or that has none, or one pending) is an
-//!   `extract` unit; a (tenant, date) whose newest raw object is newer than
-//!   the start of its latest curate run (or that has none) is a `curate`
-//!   unit; a tenant with curate commits no import has imported is one
+//!   `extract` unit; a (tenant, date) with a raw object its latest curate
+//!   run did not read (or that has none) is a `curate` unit (the raw layer
+//!   is append-only: a new landing is a new object); a tenant with curate commits no import has imported is one
 //!   `import` unit, its dates in order: the import's ledger judges each
 //!   record against what earlier dates sent, so one worker takes a tenant's
 //!   dates oldest first, as one machine would (HealthLake runs one import
@@ -257,6 +257,8 @@ struct Partition {
     raw_bytes: u64,
     /// Microseconds since the epoch of its newest raw object.
     newest_raw: i64,
+    /// Its raw objects' paths.
+    files: Vec<String>,
 }
 
 /// The pending units: extract, then curate, then import, each in (tenant,
@@ -289,6 +291,7 @@ pub async fn pending(lake: &Lake, settings: &Settings, req: &PlanRequest) -> Res
         let p = partitions.entry((tenant, date)).or_default();
         p.raw_bytes += f.meta.size;
         p.newest_raw = p.newest_raw.max(f.meta.last_modified.timestamp_micros());
+        p.files.push(f.meta.location.to_string());
     }
     let lambda_max = settings.fleet.lambda_max_mb << 20;
     let runner = |raw_bytes| {
@@ -314,7 +317,18 @@ pub async fn pending(lake: &Lake, settings: &Settings, req: &PlanRequest) -> Res
             .rev()
             .find(|r| r.stage == crate::import::STAGE)
             .and_then(|r| r.imported);
-        let curated_since_raw = latest_curate.is_some_and(|r| run_start(&r.run_id) >= p.newest_raw);
+        // A curate run lists the raw objects it read; an older commit that
+        // does not is compared by time (its start against the newest
+        // object's LastModified, two clocks).
+        let curated_since_raw = latest_curate.is_some_and(|r| {
+            if r.raw_inputs.is_empty() {
+                run_start(&r.run_id) >= p.newest_raw
+            } else {
+                let read: std::collections::HashSet<&str> =
+                    r.raw_inputs.iter().map(String::as_str).collect();
+                p.files.iter().all(|f| read.contains(f.as_str()))
+            }
+        });
         if !curated_since_raw {
             let mut unit = Unit::partition(UnitStage::Curate, &tenant, date, p.raw_bytes, runner);
             unit.after = latest_curate.map(|r| r.sequence);

@@ -390,3 +390,59 @@ async fn a_fleet_of_workers_does_every_unit_once_and_matches_one_run_per_partiti
         assert_eq!(a, b, "tenant {i}: HealthLake holds the same resources");
     }
 }
+
+/// A raw object the latest curate run did not read makes its partition
+/// pending, whatever its timestamp says: here one lands with a LastModified
+/// a day in the past, as a writer whose clock runs behind would leave it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_landing_the_curate_did_not_read_is_pending_whatever_its_clock() {
+    let t = TestLake::new();
+    let (tenant, date) = (tenant_of(0), DATES[0]);
+    let dir = write_input(&t, 0);
+    let input = dir.to_str().unwrap();
+    for args in [
+        vec![
+            "ingest",
+            input,
+            "--tenant",
+            &tenant,
+            "--source-system",
+            "ehr",
+            "--date",
+            date,
+        ],
+        vec!["curate", "--tenant", &tenant, "--date", date],
+    ] {
+        let out = t.cli(&args, &[]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(
+        plan(&t, "curate").await.1.is_empty(),
+        "curated: nothing pending"
+    );
+
+    // A second landing, backdated.
+    let landed = t
+        .root()
+        .join("raw")
+        .join(format!("tenantGuid={tenant}"))
+        .join("source_system=ehr")
+        .join(format!("import_date={date}"))
+        .join("Encounter.ndjson");
+    let sample =
+        std::fs::read_to_string(shared().join("data/synthea-10/Encounter.000.ndjson")).unwrap();
+    std::fs::write(&landed, format!("{}\n", sample.lines().next().unwrap())).unwrap();
+    let day_ago = std::time::SystemTime::now() - Duration::from_secs(86_400);
+    std::fs::File::options()
+        .write(true)
+        .open(&landed)
+        .unwrap()
+        .set_modified(day_ago)
+        .unwrap();
+    let (_, units) = plan(&t, "curate").await;
+    assert_eq!(units, vec![(tenant.clone(), vec![date.to_string()])]);
+}

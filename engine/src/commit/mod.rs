@@ -128,6 +128,10 @@ pub struct CommitRecord {
     /// extraction is current).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_system: Option<String>,
+    /// For a curate run: the raw objects it read (their paths in the raw
+    /// root), so that `plan` knows a later landing without comparing clocks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub raw_inputs: Vec<String>,
 }
 
 impl CommitRecord {
@@ -150,6 +154,7 @@ pub struct Draft {
     pub metadata: Vec<Object>,
     pub imported: Option<u64>,
     pub source_system: Option<String>,
+    pub raw_inputs: Vec<String>,
 }
 
 /// Streams bytes into an xxh3-128 checksum.
@@ -290,6 +295,7 @@ pub async fn commit(
             metadata: draft.metadata.clone(),
             imported: draft.imported,
             source_system: draft.source_system.clone(),
+            raw_inputs: draft.raw_inputs.clone(),
         };
         let bytes = serde_json::to_vec_pretty(&record).expect("commit record serialises");
         if lake

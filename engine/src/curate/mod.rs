@@ -742,6 +742,7 @@ async fn curate_inner(
     let result = async {
         commit::collect_garbage(lake, tenant, date, &run_id, &dead).await?;
         let files = raw_files(lake, tenant, date).await?;
+        let raw_inputs: Vec<String> = files.iter().map(|f| f.meta.location.to_string()).collect();
         let deletions = deletions::read(lake, tenant, date).await?;
         let files = Arc::new(raw::split(files, settings.curate.range_bytes));
         if files.is_empty() {
@@ -774,6 +775,7 @@ async fn curate_inner(
             metadata,
             imported: None,
             source_system: None,
+            raw_inputs,
         };
         let record =
             commit::commit(lake, &lease, tenant, date, &run_id, commit::CURATE, draft).await?;

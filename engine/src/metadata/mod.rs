@@ -404,6 +404,7 @@ pub async fn publish_stage_rows(
         metadata,
         imported,
         source_system: rows.source_system.map(str::to_string),
+        raw_inputs: Vec::new(),
     };
     crate::commit::commit(lake, lease, tenant, date, run, stage, draft).await
 }
