@@ -76,6 +76,10 @@ pub struct Unit {
     pub source_system: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fhir_url: Option<String>,
+    /// Extract units: the environment variable that holds this server's
+    /// bearer token (its name; never the token), when it has its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_env: Option<String>,
     /// The raw bytes of its partitions (every source system).
     pub raw_bytes: u64,
     pub runner: Runner,
@@ -99,6 +103,7 @@ impl Unit {
             dates: vec![date.to_string()],
             source_system: None,
             fhir_url: None,
+            token_env: None,
             raw_bytes,
             runner: runner(raw_bytes),
             after: None,
@@ -145,6 +150,10 @@ pub struct TenantSource {
     /// hours ago, less a tenth (a nightly run that starts a little earlier
     /// than the night before still extracts).
     pub every_hours: u32,
+    /// The environment variable holding this server's bearer token (an AWS
+    /// Batch job definition's `secrets` put a Secrets Manager value there);
+    /// without one, `[extract]`'s credentials.
+    pub token_env: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -155,6 +164,8 @@ struct SourceEntry {
     fhir_url: String,
     #[serde(default = "daily")]
     every_hours: u32,
+    #[serde(default)]
+    token_env: Option<String>,
 }
 
 fn daily() -> u32 {
@@ -199,6 +210,7 @@ pub async fn read_tenants(location: &str, settings: &Settings) -> Result<Vec<Ten
                 .map_err(|x: Error| bad(x.to_string()))?,
             fhir_url: url::Url::parse(&e.fhir_url).map_err(|x| bad(format!("fhir_url: {x}")))?,
             every_hours: e.every_hours.max(1),
+            token_env: e.token_env.clone().filter(|v| !v.is_empty()),
         };
         if !seen.insert((e.tenant, e.source_system)) {
             return Err(bad(format!(
@@ -240,6 +252,7 @@ async fn due_extracts(
                 dates: vec![req.date.unwrap_or_else(ImportDate::today).to_string()],
                 source_system: Some(t.source_system.to_string()),
                 fhir_url: Some(t.fhir_url.to_string()),
+                token_env: t.token_env.clone(),
                 raw_bytes: 0,
                 // An export waits on its server for as long as it takes,
                 // past Lambda's 15 minutes.
@@ -608,6 +621,24 @@ async fn extract_unit(
         since: crate::extract::Since::Incremental,
         restart: false,
     };
+    let own;
+    let settings = match &unit.token_env {
+        Some(var) => {
+            let token = std::env::var(var).ok().filter(|t| !t.trim().is_empty()).ok_or_else(|| {
+                Error::Config(format!(
+                    "extract: tenant {} source system {} takes its token from {var}, which is not set",
+                    request.tenant, request.source_system
+                ))
+            })?;
+            let mut s = settings.clone();
+            s.extract.bearer_token = Some(token.trim().to_string());
+            s.extract.bearer_token_file = None;
+            s.extract.smart = None;
+            own = s;
+            &own
+        }
+        None => settings,
+    };
     crate::extract::extract(lake, settings, &request, reporter)
         .await
         .map(Outcome::Extracted)
@@ -687,6 +718,7 @@ mod tests {
             dates: vec!["2026-12-01".into()],
             source_system: None,
             fhir_url: None,
+            token_env: None,
             raw_bytes: 12,
             runner: Runner::Lambda,
             after: Some(3),

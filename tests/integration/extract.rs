@@ -1176,7 +1176,8 @@ async fn extract_units_come_from_the_tenants_file_when_due() {
         &tenants,
         format!(
             "[[tenant]]\ntenant = \"{TENANT}\"\nsource_system = \"ehr-a\"\nfhir_url = \"{0}\"\n\n\
-             [[tenant]]\ntenant = \"{TENANT}\"\nsource_system = \"ehr-b\"\nfhir_url = \"{0}\"\nevery_hours = 6\n",
+             [[tenant]]\ntenant = \"{TENANT}\"\nsource_system = \"ehr-b\"\nfhir_url = \"{0}\"\nevery_hours = 6\n\
+             token_env = \"FHIRFLOW_TEST_EHR_B_TOKEN\"\n",
             server.base()
         ),
     )
@@ -1231,9 +1232,30 @@ async fn extract_units_come_from_the_tenants_file_when_due() {
         .await
         .unwrap();
     assert_eq!(systems(&second.units), ["ehr-b"]);
-    fleet::work(&t.lake, &t.settings, &second.uri, 0, quiet)
-        .await
-        .unwrap();
+    assert_eq!(
+        second.units[0].token_env.as_deref(),
+        Some("FHIRFLOW_TEST_EHR_B_TOKEN")
+    );
+    // Its token comes from the variable the tenants file names (the plan
+    // holds the name, never the token): unset, the unit cannot run...
+    let work = ["work", "--plan", second.uri.as_str(), "--index", "0"];
+    let out = t.cli(&work, &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("FHIRFLOW_TEST_EHR_B_TOKEN"), "{err}");
+    // ... set, it extracts (the server refuses requests without it).
+    let out = t.cli(&work, &[("FHIRFLOW_TEST_EHR_B_TOKEN", TOKEN)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!String::from_utf8_lossy(&out.stderr).contains(TOKEN));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(TOKEN));
+    assert_eq!(
+        raw_resources(&t, "ehr-b", &date().to_string()).len(),
+        all.len()
+    );
     let none = fleet::plan(&t.lake, &t.settings, &req(PlanStage::Extract))
         .await
         .unwrap();
