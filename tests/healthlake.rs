@@ -110,9 +110,6 @@ impl HealthLake {
     /// Starts the stand-in on a free loopback port, reading and writing S3
     /// through `s3_endpoint` (moto). `datastores`: id → data access role ARN.
     pub fn start(s3_endpoint: &str, datastores: &[(&str, &str)]) -> HealthLake {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap();
         let state = Arc::new(Mutex::new(State {
             datastores: datastores
                 .iter()
@@ -122,34 +119,11 @@ impl HealthLake {
             manifest_name: "manifest.json",
             ..Default::default()
         }));
-        let s3 = s3_endpoint.to_string();
-        let shared = state.clone();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let worker_state = shared.clone();
-                let worker_s3 = s3.clone();
-                tokio::spawn(async move { work(worker_state, worker_s3).await });
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                loop {
-                    let Ok((stream, _)) = listener.accept().await else {
-                        continue;
-                    };
-                    let state = shared.clone();
-                    tokio::spawn(async move {
-                        let service =
-                            hyper::service::service_fn(move |req| handle(req, state.clone()));
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                            .await;
-                    });
-                }
-            });
-        });
+        let (shared, worker_state) = (state.clone(), state.clone());
+        let addr = crate::serve_loopback(
+            move |req| handle(req, shared.clone()),
+            work(worker_state, s3_endpoint.to_string()),
+        );
         HealthLake { addr, state }
     }
 

@@ -21,6 +21,50 @@ pub const OTHER_TENANT: &str = "7c9e6679-7425-40de-944b-e07fc1f90ae7";
 pub const DATE: &str = "2024-05-01";
 pub const LABEL_SYSTEM: &str = "http://thirdopinion.io/identity/claims/tenant";
 
+/// A stand-in's HTTP/1.1 server: listens on a free loopback port, answers
+/// each request with `handle` on a runtime in a thread of its own, and runs
+/// `background` (a stand-in's own work) beside. Returns the address.
+pub fn serve_loopback<H, F, B>(handle: H, background: B) -> std::net::SocketAddr
+where
+    H: Fn(hyper::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: std::future::Future<
+            Output = Result<
+                hyper::Response<http_body_util::Full<bytes::Bytes>>,
+                std::convert::Infallible,
+            >,
+        > + Send
+        + 'static,
+    B: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            tokio::spawn(background);
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let handle = handle.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(handle);
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+    });
+    addr
+}
+
 /// `../shared` beside the repository: the public data sets. Tests that need
 /// it fail (never skip) when it is missing.
 pub fn shared() -> PathBuf {

@@ -55,6 +55,17 @@ pub enum UnitStage {
     Import,
 }
 
+impl UnitStage {
+    /// Its name in a plan, and the `stage` of its metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            UnitStage::Extract => "extract",
+            UnitStage::Curate => "curate",
+            UnitStage::Import => "import",
+        }
+    }
+}
+
 /// Where a unit is meant to run: its raw size against `[fleet] lambda_max_mb`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -511,6 +522,19 @@ pub async fn work(
     reporter: &dyn Reporter,
 ) -> Result<WorkReport> {
     let (id, unit) = unit(lake, plan, index).await?;
+    work_on(lake, settings, &id, index, unit, reporter).await
+}
+
+/// [`work`] on unit `index` of plan `id`, read already (by [`unit`]).
+pub async fn work_on(
+    lake: &Lake,
+    settings: &Settings,
+    id: &str,
+    index: usize,
+    unit: Unit,
+    reporter: &dyn Reporter,
+) -> Result<WorkReport> {
+    let id = id.to_string();
     let tenant: TenantGuid = unit.tenant.parse()?;
     let dates = unit
         .dates
@@ -729,5 +753,8 @@ mod tests {
             r#"{"stage":"curate","tenant":"0f8fad5b-d9cb-469f-a165-70867728950e","dates":["2026-12-01"],"raw_bytes":12,"runner":"lambda","after":3}"#
         );
         assert_eq!(serde_json::from_str::<Unit>(&line).unwrap(), u);
+        for stage in [UnitStage::Extract, UnitStage::Curate, UnitStage::Import] {
+            assert_eq!(serde_json::to_value(stage).unwrap(), stage.name());
+        }
     }
 }

@@ -610,19 +610,16 @@ async fn work_unit(
     index: usize,
     bar: &Bar,
 ) -> Result<fhirflow::fleet::WorkReport> {
-    let result = fhirflow::fleet::work(lake, settings, plan, index, bar).await;
-    let unit = fhirflow::fleet::unit(lake, plan, index).await.ok();
-    // CloudWatch takes no empty dimension value.
-    let (stage, tenant) = unit
-        .as_ref()
-        .map_or(("unknown", "unknown".to_string()), |(_, u)| {
-            let stage = match u.stage {
-                fhirflow::fleet::UnitStage::Extract => "extract",
-                fhirflow::fleet::UnitStage::Curate => "curate",
-                fhirflow::fleet::UnitStage::Import => "import",
-            };
-            (stage, u.tenant.clone())
-        });
+    // CloudWatch takes no empty dimension value: a unit that cannot be
+    // read is "unknown".
+    let (stage, tenant, result) = match fhirflow::fleet::unit(lake, plan, index).await {
+        Ok((id, unit)) => (
+            unit.stage.name(),
+            unit.tenant.clone(),
+            fhirflow::fleet::work_on(lake, settings, &id, index, unit, bar).await,
+        ),
+        Err(e) => ("unknown", "unknown".to_string(), Err(e)),
+    };
     let mut lines = match &result {
         Ok(w) => match &w.outcome {
             fhirflow::fleet::Outcome::Extracted(x) => fhirflow::emf::extract(x),

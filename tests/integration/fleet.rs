@@ -207,9 +207,11 @@ async fn a_fleet_of_workers_does_every_unit_once_and_matches_one_run_per_partiti
     for (n, (tenant, date)) in all.iter().enumerate() {
         let input = write_input(f, n);
         let input = input.to_str().unwrap();
-        let out = f.cli(
-            &[
-                "ingest",
+        // The fleet's lake gets the raw data; the second lake one `fhirflow
+        // run` per partition.
+        for (lake, command) in [(f, "ingest"), (&reference, "run")] {
+            let args = [
+                command,
                 input,
                 "--tenant",
                 tenant,
@@ -217,33 +219,14 @@ async fn a_fleet_of_workers_does_every_unit_once_and_matches_one_run_per_partiti
                 "synthea",
                 "--date",
                 date,
-            ],
-            &[],
-        );
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        // The second lake: one `fhirflow run` per partition.
-        let out = reference.cli(
-            &[
-                "run",
-                input,
-                "--tenant",
-                tenant,
-                "--source-system",
-                "synthea",
-                "--date",
-                date,
-            ],
-            &[],
-        );
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+            ];
+            let out = lake.cli(&args, &[]);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
     }
 
     // Night 1, partial: the first eight curate units, one index twice and
