@@ -96,6 +96,8 @@ impl TestLake {
     }
 
     pub fn with(adjust: impl FnOnce(&mut Settings)) -> Self {
+        // As the binary does: the stages reach HealthLake and Glue.
+        fhirflow_aws::install();
         let dir = tempfile::tempdir().expect("tempdir");
         let mut settings = Settings::resolve(
             None,

@@ -233,33 +233,6 @@ impl Error {
         }
     }
 
-    /// An AWS SDK error with the service's code and message (the SDK's own
-    /// Display says only "service error").
-    pub(crate) fn aws<E, R>(
-        stage: &'static str,
-        operation: impl Into<String>,
-        err: aws_smithy_runtime_api::client::result::SdkError<E, R>,
-    ) -> Self
-    where
-        E: aws_smithy_types::error::metadata::ProvideErrorMetadata + std::error::Error + 'static,
-        R: std::fmt::Debug,
-    {
-        use aws_smithy_types::error::display::DisplayErrorContext;
-        let message = match err.as_service_error() {
-            Some(e) => format!(
-                "{}: {}",
-                e.code().unwrap_or("error"),
-                e.message().unwrap_or("(no message)")
-            ),
-            None => DisplayErrorContext(&err).to_string(),
-        };
-        Error::Aws {
-            stage,
-            operation: operation.into(),
-            message,
-        }
-    }
-
     pub(crate) fn lake(
         stage: &'static str,
         context: impl Into<String>,

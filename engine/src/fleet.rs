@@ -148,6 +148,9 @@ pub struct PlanReport {
     pub uri: String,
     pub bytes: u64,
     pub units: Vec<Unit>,
+    /// Why units that are pending were not planned (the plan can run none of
+    /// them), if any were left out.
+    pub left_out: Option<String>,
 }
 
 /// One entry of the tenants file: a tenant's source system, its FHIR
@@ -286,8 +289,12 @@ struct Partition {
 }
 
 /// The pending units: extract, then curate, then import, each in (tenant,
-/// date) order.
-pub async fn pending(lake: &Lake, settings: &Settings, req: &PlanRequest) -> Result<Vec<Unit>> {
+/// date) order; and why some were left out, if any were.
+async fn pending(
+    lake: &Lake,
+    settings: &Settings,
+    req: &PlanRequest,
+) -> Result<(Vec<Unit>, Option<String>)> {
     let extract = match req.stage {
         PlanStage::Extract | PlanStage::All => {
             due_extracts(lake, settings, req, chrono::Utc::now().timestamp_micros()).await?
@@ -295,7 +302,7 @@ pub async fn pending(lake: &Lake, settings: &Settings, req: &PlanRequest) -> Res
         _ => Vec::new(),
     };
     if req.stage == PlanStage::Extract {
-        return Ok(extract);
+        return Ok((extract, None));
     }
     let raw = &lake.raw;
     let mut partitions: BTreeMap<(TenantGuid, ImportDate), Partition> = BTreeMap::new();
@@ -374,12 +381,27 @@ pub async fn pending(lake: &Lake, settings: &Settings, req: &PlanRequest) -> Res
             }
         }
     }
-    Ok(match req.stage {
+    // The local Iceberg lake needs a file system (its catalog is SQLite): on
+    // an S3 lake its import units could only fail.
+    let local_on_s3 = settings.import.target == crate::settings::ImportTarget::Local
+        && lake.metadata.store_url.scheme() != "file";
+    let left_out = (local_on_s3 && !import.is_empty()).then(|| {
+        let why = format!(
+            "{} import unit(s) left out: the local lake needs a local lake root, not {}; \
+             set [import] target = \"healthlake\" for an S3 lake",
+            import.len(),
+            lake.metadata.store_url
+        );
+        import.clear();
+        why
+    });
+    let units = match req.stage {
         PlanStage::Extract => unreachable!("returned above"),
         PlanStage::Curate => curate,
         PlanStage::Import => import,
         PlanStage::All => extract.into_iter().chain(curate).chain(import).collect(),
-    })
+    };
+    Ok((units, left_out.filter(|_| req.stage != PlanStage::Curate)))
 }
 
 /// When a run began: its id is a time-ordered (v7) UUID. An id that is not
@@ -415,7 +437,10 @@ fn done_path(lake: &Lake, id: &str, index: usize) -> Path {
 /// Lists what is pending and writes it as a new plan (an empty plan too:
 /// it says there was nothing to do).
 pub async fn plan(lake: &Lake, settings: &Settings, req: &PlanRequest) -> Result<PlanReport> {
-    let units = pending(lake, settings, req).await?;
+    let (units, left_out) = pending(lake, settings, req).await?;
+    if let Some(why) = &left_out {
+        tracing::warn!("plan: {why}");
+    }
     let mut text = Vec::new();
     for u in &units {
         serde_json::to_writer(&mut text, u).expect("a unit serialises");
@@ -436,6 +461,7 @@ pub async fn plan(lake: &Lake, settings: &Settings, req: &PlanRequest) -> Result
         id,
         bytes,
         units,
+        left_out,
     })
 }
 

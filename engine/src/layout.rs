@@ -8,7 +8,7 @@
 //! curated/tenantGuid=<guid>/import_date=<YYYY-MM-DD>/<Type>-processed[.NNN].ndjson
 //! metadata/<table>/tenantGuid=<guid>/import_date=<YYYY-MM-DD>/<run_id>.parquet
 //! metadata/_commits/tenantGuid=<guid>/import_date=<YYYY-MM-DD>/<sequence>.json
-//! metadata/_leases/tenantGuid=<guid>/{import_date=<date>|source_system=<system>}/<generation>.json
+//! metadata/_leases/tenantGuid=<guid>/{import_date=<date>|source_system=<system>|imports}/<generation>.json
 //! curated/_runs/tenantGuid=<guid>/import_date=<date>/<run_id>/...  (immutable parts; commits list them)
 //! ```
 //!
@@ -489,6 +489,13 @@ impl Paths {
     /// The lease of a (tenant, date) partition: curate and import of it.
     pub fn partition_lease(&self, t: &TenantGuid, d: ImportDate) -> Path {
         self.join(["metadata", "_leases", &tenant_seg(t), &date_seg(d)])
+    }
+
+    /// The lease of a tenant's imports: the import ledger judges each record
+    /// against what the imports before it sent, so one tenant's imports run
+    /// one at a time.
+    pub fn import_lease(&self, t: &TenantGuid) -> Path {
+        self.join(["metadata", "_leases", &tenant_seg(t), "imports"])
     }
 
     /// The lease of a (tenant, source system): its extraction.

@@ -9,8 +9,10 @@
 //! * [`curate`]: parse and key, dedup, label, write (DESIGN.md's steps);
 //! * [`rules`]: step 3, the analysts' SQL rules;
 //! * [`import`]: a curated partition into the local Iceberg [`lake`] or
-//!   AWS HealthLake;
-//! * [`catalog`]: the AWS Glue Data Catalog over every layer;
+//!   AWS HealthLake ([`services::HealthLake`]);
+//! * [`catalog`]: the names of the AWS Glue Data Catalog over every layer;
+//! * [`services`]: how the stages reach HealthLake and Glue, whose clients
+//!   are the `fhirflow-aws` crate;
 //! * [`commit`]: the commit log and the partition lease every write goes through;
 //! * [`metadata`]: `import_jobs`, `import_errors`, `import_metrics`;
 //! * [`sql`]: one DataFusion session over every layer;
@@ -19,7 +21,6 @@
 //! [`layout`] is the one place that builds object paths; [`storage`] opens
 //! layer roots; [`settings`] resolves configuration.
 
-pub mod aws;
 pub mod catalog;
 pub mod commit;
 pub mod curate;
@@ -38,6 +39,7 @@ pub mod raw;
 pub mod report;
 pub mod rules;
 pub mod run;
+pub mod services;
 pub mod settings;
 pub mod sql;
 pub mod storage;

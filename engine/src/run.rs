@@ -80,7 +80,7 @@ pub async fn run(
         None => None,
     };
     let catalog = if crate::catalog::on_s3(lake) {
-        Some(crate::catalog::sync(lake, settings).await?)
+        Some(crate::services::catalog()?.sync(lake, settings).await?)
     } else {
         None
     };

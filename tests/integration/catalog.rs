@@ -46,7 +46,7 @@ async fn run_on_s3_imports_and_describes_every_layer_in_glue() {
     assert!(sync.partitions_added > 0);
 
     // Read the catalog back through the Glue API.
-    let config = fhirflow::aws::sdk_config(&t.settings, Some(&moto.endpoint()), None, 3).await;
+    let config = fhirflow_aws::sdk::sdk_config(&t.settings, Some(&moto.endpoint()), None, 3).await;
     let glue = Client::new(&config);
     let dbs: Vec<String> = glue
         .get_databases()
@@ -147,7 +147,7 @@ async fn run_on_s3_imports_and_describes_every_layer_in_glue() {
     );
 
     // Again: nothing new to register, tables updated in place.
-    let again = fhirflow::catalog::sync(&t.lake, &t.settings)
+    let again = fhirflow_aws::glue::sync(&t.lake, &t.settings)
         .await
         .expect("sync again");
     assert_eq!((again.tables_created, again.partitions_added), (0, 0));
@@ -171,7 +171,7 @@ async fn run_on_s3_imports_and_describes_every_layer_in_glue() {
         .put(&state, "{\"registered\": ".into())
         .await
         .unwrap();
-    let err = fhirflow::catalog::sync(&t.lake, &t.settings)
+    let err = fhirflow_aws::glue::sync(&t.lake, &t.settings)
         .await
         .unwrap_err()
         .to_string();

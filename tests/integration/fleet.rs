@@ -429,3 +429,54 @@ async fn a_landing_the_curate_did_not_read_is_pending_whatever_its_clock() {
     let (_, units) = plan(&t, "curate").await;
     assert_eq!(units, vec![(tenant.clone(), vec![date.to_string()])]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_s3_lake_importing_locally_plans_no_imports_and_says_why() {
+    let moto = Moto::start();
+    moto.create_bucket("fleet-local");
+    let t = TestLake::with(|s| moto.configure(s, "fleet-local", "night"));
+    let (tenant, date) = (tenant_of(0), DATES[0]);
+    let dir = write_input(&t, 0);
+    let input = dir.to_str().unwrap();
+    for args in [
+        vec![
+            "ingest",
+            input,
+            "--tenant",
+            &tenant,
+            "--source-system",
+            "ehr",
+            "--date",
+            date,
+        ],
+        vec!["curate", "--tenant", &tenant, "--date", date],
+    ] {
+        let out = t.cli(&args, &[]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // The local lake needs a file system: import units here could only fail.
+    for stage in ["import", "all"] {
+        let out = t.cli(&["plan", "--stage", stage, "--output", "json"], &[]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(doc["plan"]["units"], 0, "{stage}: {doc}");
+        let why = doc["plan"]["left_out"].as_str().unwrap_or_default();
+        assert!(
+            why.starts_with("1 import unit(s) left out") && why.contains("healthlake"),
+            "{stage}: {doc}"
+        );
+        assert!(String::from_utf8_lossy(&out.stderr).contains("left out"));
+    }
+    let out = t.cli(&["plan", "--stage", "curate", "--output", "json"], &[]);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(doc["plan"]["left_out"].is_null(), "{doc}");
+}

@@ -4,10 +4,11 @@
 
 use std::time::Duration;
 
-use fhirflow::import::{healthlake, import, ImportRequest};
+use fhirflow::import::{import, ImportRequest};
 use fhirflow::layout::{ImportDate, SourceSystem};
 use fhirflow::report::Quiet;
 use fhirflow::settings::ImportTarget;
+use fhirflow_aws::healthlake;
 use fhirflow_tests::healthlake::HealthLake;
 use fhirflow_tests::*;
 use object_store::ObjectStoreExt;

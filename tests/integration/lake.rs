@@ -461,3 +461,55 @@ async fn deletions_leave_the_current_view_stay_in_history_and_are_counted() {
     assert_eq!((three.records_out, three.records_unchanged), (1, 0));
     assert_eq!(t.sql(&current).await.len(), 4);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_tenants_imports_take_turns_on_its_ledger() {
+    let t = TestLake::with(|s| s.lease.wait_seconds = 0);
+    land(&t, &tenant(), "2024-05-01", &[patient("p1", "1", "One")]).await;
+    land(&t, &tenant(), "2024-05-02", &[patient("p1", "2", "Two")]).await;
+
+    // Another import of the tenant (another date) is under way: this one
+    // does not judge against the ledger meanwhile; it is busy.
+    let other = fhirflow::commit::lease_imports(&t.lake, &t.settings, &tenant(), "import", "other")
+        .await
+        .expect("the other import's turn");
+    let err = import(
+        &t.lake,
+        &t.settings,
+        &local(&tenant(), "2024-05-02".parse().unwrap()),
+        &Quiet,
+    )
+    .await
+    .expect_err("busy while the other import runs");
+    assert!(
+        matches!(err, fhirflow::Error::Busy { .. }) && err.exit_code() == 4,
+        "{err}"
+    );
+    // Another tenant's imports do not wait for it.
+    let someone: TenantGuid = "7c9e6679-7425-40de-944b-e07fc1f90ae7".parse().unwrap();
+    land(&t, &someone, "2024-05-01", &[patient("p9", "1", "Nine")]).await;
+    assert_eq!(
+        import_local(&t, &someone, "2024-05-01").await.records_out,
+        1
+    );
+    other.release().await.expect("release");
+
+    // Two at once, each willing to wait: both run, one after the other, and
+    // every record is accounted for once.
+    let t = std::sync::Arc::new(TestLake::with(|s| s.lease.wait_seconds = 60));
+    land(&t, &tenant(), "2024-05-01", &[patient("p1", "1", "One")]).await;
+    land(&t, &tenant(), "2024-05-02", &[patient("p1", "2", "Two")]).await;
+    let both = futures::future::join_all(["2024-05-01", "2024-05-02"].map(|d| {
+        let t = t.clone();
+        async move { import_local(&t, &tenant(), d).await }
+    }))
+    .await;
+    let sent: u64 = both.iter().map(|r| r.records_out).sum();
+    let stale: u64 = both.iter().map(|r| r.records_stale).sum();
+    // In date order both versions go in; the other way round the older one
+    // is judged stale against the newer one the ledger holds.
+    assert!(
+        (sent, stale) == (2, 0) || (sent, stale) == (1, 1),
+        "{sent} sent, {stale} stale"
+    );
+}

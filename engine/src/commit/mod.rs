@@ -245,6 +245,27 @@ pub async fn lease_source(
     .await
 }
 
+/// Takes the lease of a tenant's imports (held for one import, beside its
+/// partition's lease).
+pub async fn lease_imports(
+    lake: &Lake,
+    settings: &crate::settings::Settings,
+    tenant: &TenantGuid,
+    stage: &'static str,
+    run_id: &str,
+) -> Result<Lease> {
+    Lease::acquire(
+        &lake.metadata,
+        lake.metadata.paths.import_lease(tenant),
+        format!("tenant {tenant} imports"),
+        stage,
+        run_id,
+        lease::Timing::from_settings(&settings.lease),
+        lease::Take::Free,
+    )
+    .await
+}
+
 /// Takes the (tenant, date) lease for `stage`, with the settings' timing.
 pub async fn lease_partition(
     lake: &Lake,

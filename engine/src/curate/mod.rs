@@ -681,7 +681,7 @@ async fn curate_inner(
     let started_at = chrono::Utc::now().timestamp_micros();
     let run_id = uuid::Uuid::now_v7().to_string();
     // A HealthLake job that read this partition and has ended since frees it.
-    let settled = crate::import::healthlake::settle(lake, settings, tenant, date).await;
+    let settled = crate::services::settle(lake, settings, tenant, date).await;
     let lease = commit::lease_partition(
         lake,
         settings,

@@ -2,7 +2,8 @@
 //! into its destination.
 //!
 //! * [`local`]: the local Iceberg lake ([`crate::lake`]), the default;
-//! * [`healthlake`]: AWS HealthLake, through StartFHIRImportJob.
+//! * AWS HealthLake, through StartFHIRImportJob: the `fhirflow-aws` crate,
+//!   reached through [`crate::services::HealthLake`].
 //!
 //! Either way the stage holds the partition's lease (so no curate run
 //! republishes it meanwhile), pins the partition's latest curate commit,
@@ -13,9 +14,6 @@
 //! stage. A retried import never imports twice: the local lake recognises the
 //! snapshots of the same curate run, HealthLake the same `ClientToken`.
 
-pub mod healthlake;
-mod hl_output;
-mod hl_rest;
 pub mod ledger;
 pub mod local;
 
@@ -28,7 +26,7 @@ use crate::metadata::{JobRow, MetricRow};
 use crate::settings::ImportTarget;
 use crate::storage::Lake;
 
-pub(crate) const STAGE: &str = "import";
+pub const STAGE: &str = "import";
 
 /// What to import and where.
 #[derive(Debug, Clone)]
@@ -82,7 +80,7 @@ pub struct ImportReport {
 }
 
 /// The committed curated parts of a partition, by resource type.
-pub(crate) struct Curated {
+pub struct Curated {
     pub record: CommitRecord,
     pub files: BTreeMap<&'static str, Vec<commit::Object>>,
 }
@@ -109,7 +107,7 @@ impl Curated {
 /// One resource type's import: what curate published, what the destination
 /// took and rejected.
 #[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct TypeCounts {
+pub struct TypeCounts {
     pub published: u64,
     pub imported: u64,
     pub rejected: u64,
@@ -121,7 +119,7 @@ pub(crate) struct TypeCounts {
 
 /// One resource type's deletions in an import.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Deletions {
+pub struct Deletions {
     pub read: u64,
     pub applied: u64,
     pub absent: u64,
@@ -139,7 +137,7 @@ impl TypeCounts {
     }
 }
 
-pub(crate) async fn curated(lake: &Lake, tenant: &TenantGuid, date: ImportDate) -> Result<Curated> {
+pub async fn curated(lake: &Lake, tenant: &TenantGuid, date: ImportDate) -> Result<Curated> {
     let record = commit::latest_curate(lake, tenant, date)
         .await?
         .ok_or_else(|| {
@@ -161,14 +159,28 @@ pub async fn import(
     req: &ImportRequest,
     reporter: &dyn crate::report::Reporter,
 ) -> Result<ImportReport> {
-    match req.target {
+    // The ledger judges each record against what this tenant's imports sent
+    // before; two at once would judge against the same ledger and could send
+    // an older version after a newer one. So they take turns (the second
+    // waits up to `[lease] wait_seconds`, then is Busy). A HealthLake job
+    // submitted with `--no-wait` joins the ledger once it is settled.
+    let run_id = uuid::Uuid::now_v7().to_string();
+    let turn = commit::lease_imports(lake, settings, &req.tenant, STAGE, &run_id).await?;
+    let result = match req.target {
         ImportTarget::Local => local::import(lake, settings, req, reporter).await,
-        ImportTarget::Healthlake => healthlake::import(lake, settings, req, reporter).await,
-    }
+        ImportTarget::Healthlake => match crate::services::healthlake() {
+            Ok(hl) => hl.import(lake, settings, req, reporter).await,
+            Err(e) => Err(e),
+        },
+    };
+    let released = turn.release().await;
+    let report = result?;
+    released?;
+    Ok(report)
 }
 
 /// The `import_jobs` row of an import, with what every target fills in.
-pub(crate) fn job_row(
+pub fn job_row(
     req: &ImportRequest,
     report: &ImportReport,
     started_at: i64,
@@ -200,7 +212,7 @@ pub(crate) fn job_row(
 
 /// Fails with exit code 3 when an import's account does not add up:
 /// `detail` names each file or type that does not.
-pub(crate) fn check_conserved(req: &ImportRequest, detail: Vec<String>) -> Result<()> {
+pub fn check_conserved(req: &ImportRequest, detail: Vec<String>) -> Result<()> {
     if detail.is_empty() {
         return Ok(());
     }
@@ -212,7 +224,7 @@ pub(crate) fn check_conserved(req: &ImportRequest, detail: Vec<String>) -> Resul
 }
 
 /// One `import_metrics` row per resource type, `conserved` computed.
-pub(crate) fn metric_rows(
+pub fn metric_rows(
     req: &ImportRequest,
     report: &ImportReport,
     counts: &BTreeMap<String, TypeCounts>,

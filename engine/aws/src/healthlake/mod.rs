@@ -18,6 +18,9 @@
 //! [`status`] (`fhirflow import status`) looks at it later and records the
 //! outcome once the job has ended.
 
+mod output;
+mod rest;
+
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -28,23 +31,22 @@ use aws_sdk_healthlake::types::{
 use aws_sdk_healthlake::Client;
 use serde::{Deserialize, Serialize};
 
-use super::hl_output::{self, Answered, Published, Reconciled, Response};
-use super::ledger::{self, content_hash, Entry, Ledger, Verdict};
-use super::{
-    curated, hl_rest, job_row, metric_rows, Deletions, ImportReport, ImportRequest, TypeCounts,
-    STAGE,
-};
-use crate::commit::{
+use self::output::{Answered, Published, Reconciled, Response};
+use fhirflow::commit::{
     self,
     lease::{Lease, Take},
 };
-use crate::curate::parse::key_and_scan;
-use crate::error::{Error, Result};
-use crate::layout::{ImportDate, TenantGuid};
-use crate::metadata::{self, ErrorRow};
-use crate::report::Reporter;
-use crate::settings::{ImportTarget, Settings};
-use crate::storage::{Lake, Root};
+use fhirflow::curate::parse::key_and_scan;
+use fhirflow::error::{Error, Result};
+use fhirflow::import::ledger::{self, content_hash, Entry, Ledger, Verdict};
+use fhirflow::import::{
+    curated, job_row, metric_rows, Deletions, ImportReport, ImportRequest, TypeCounts, STAGE,
+};
+use fhirflow::layout::{ImportDate, TenantGuid};
+use fhirflow::metadata::{self, ErrorRow};
+use fhirflow::report::Reporter;
+use fhirflow::settings::{ImportTarget, Settings};
+use fhirflow::storage::{Lake, Root};
 
 /// What a submitted import needs to be looked at again (saved in the
 /// metadata layer; holds no credentials and no record data).
@@ -118,7 +120,7 @@ async fn select(
     lake: &Lake,
     settings: &Settings,
     req: &ImportRequest,
-    curated: &super::Curated,
+    curated: &fhirflow::import::Curated,
     datastore: &str,
     job_id: &str,
 ) -> Result<Selection> {
@@ -232,7 +234,7 @@ async fn imported_entries(
     Ok(entries)
 }
 
-pub(super) async fn import(
+pub async fn import(
     lake: &Lake,
     settings: &Settings,
     req: &ImportRequest,
@@ -408,7 +410,7 @@ pub(super) async fn import(
                 .client_token(&s.client_token)
                 .send()
                 .await
-                .map_err(|e| Error::aws(STAGE, "StartFHIRImportJob", e))?;
+                .map_err(|e| crate::aws_error(STAGE, "StartFHIRImportJob", e))?;
             s.healthlake_job_id = started.job_id().to_string();
             write_state(lake, &state_path, &s).await?;
             lease.note_job(&s.healthlake_job_id).await?;
@@ -478,7 +480,7 @@ pub async fn status(
         &req,
         state,
         false,
-        &crate::report::Quiet,
+        &fhirflow::report::Quiet,
         lease,
     )
     .await
@@ -516,7 +518,7 @@ fn job_marker(s: &State) -> String {
 
 async fn client(settings: &Settings) -> Client {
     let hl = &settings.healthlake;
-    let config = crate::aws::sdk_config(
+    let config = crate::sdk::sdk_config(
         settings,
         hl.endpoint.as_deref(),
         hl.region.as_deref(),
@@ -525,7 +527,7 @@ async fn client(settings: &Settings) -> Client {
     .await;
     Client::from_conf(
         aws_sdk_healthlake::config::Builder::from(&config)
-            .interceptor(crate::aws::LogRetries)
+            .interceptor(crate::sdk::LogRetries)
             .build(),
     )
 }
@@ -561,7 +563,7 @@ async fn describe(client: &Client, state: &State) -> Result<ImportJobProperties>
         .job_id(&state.healthlake_job_id)
         .send()
         .await
-        .map_err(|e| Error::aws(STAGE, "DescribeFHIRImportJob", e))?;
+        .map_err(|e| crate::aws_error(STAGE, "DescribeFHIRImportJob", e))?;
     out.import_job_properties()
         .cloned()
         .ok_or_else(|| Error::Aws {
@@ -767,7 +769,7 @@ async fn follow(
             props.message().unwrap_or("(no message)")
         )));
     }
-    super::check_conserved(req, mismatches)?;
+    fhirflow::import::check_conserved(req, mismatches)?;
     Ok(report)
 }
 
@@ -786,11 +788,11 @@ async fn apply_deletions(
     settings: &Settings,
     req: &ImportRequest,
     datastore: &str,
-    curated: &super::Curated,
+    curated: &fhirflow::import::Curated,
     job_id: &str,
 ) -> Result<DeletionsDone> {
-    let deletions = crate::curate::deletions::of_commit(lake, &curated.record.deletions).await?;
-    let outcomes = hl_rest::delete(settings, datastore, &deletions).await?;
+    let deletions = fhirflow::curate::deletions::of_commit(lake, &curated.record.deletions).await?;
+    let outcomes = rest::delete(settings, datastore, &deletions).await?;
     let source = curated
         .record
         .deletions
@@ -803,9 +805,9 @@ async fn apply_deletions(
         let c = done.per_type.entry(d.resource_type.clone()).or_default();
         c.read += 1;
         match o {
-            hl_rest::Outcome::Deleted => c.applied += 1,
-            hl_rest::Outcome::Absent => c.absent += 1,
-            hl_rest::Outcome::Failed(why) => {
+            rest::Outcome::Deleted => c.applied += 1,
+            rest::Outcome::Absent => c.absent += 1,
+            rest::Outcome::Failed(why) => {
                 c.failed += 1;
                 done.errors.push(ErrorRow {
                     job_id: job_id.to_string(),
@@ -899,7 +901,7 @@ async fn nothing_to_send(
     datastore: &str,
     req: &ImportRequest,
     lease: &Lease,
-    curated: &super::Curated,
+    curated: &fhirflow::import::Curated,
     selection: &Selection,
     job_id: &str,
     started_at: i64,
@@ -989,13 +991,13 @@ async fn read_output(
     req: &ImportRequest,
     selection: &Selection,
 ) -> Result<Output> {
-    let folder = hl_output::job_folder(output_uri, &state.datastore_id, &state.healthlake_job_id);
+    let folder = output::job_folder(output_uri, &state.datastore_id, &state.healthlake_job_id);
     let root = Root::open(&folder, &settings.s3)?;
     let mut manifest = None;
-    for name in hl_output::MANIFEST_NAMES {
+    for name in output::MANIFEST_NAMES {
         let path = root.paths.prefix.clone().join(name);
         if let Some(bytes) = root.get_bytes(STAGE, &path).await? {
-            let m = hl_output::parse_manifest(&bytes).map_err(|reason| Error::Input {
+            let m = output::parse_manifest(&bytes).map_err(|reason| Error::Input {
                 path: root.url_of(&path).into(),
                 reason,
             })?;
@@ -1019,11 +1021,11 @@ async fn read_output(
             // A job that failed before it read anything writes no manifest:
             // nothing was imported, its metrics say so (not conserved), and
             // the job's failure is the import's error.
-            let none = hl_output::Manifest {
+            let none = output::Manifest {
                 number_of_resources_scanned: published.iter().map(|p| p.records).sum(),
                 ..Default::default()
             };
-            let mut reconciled = hl_output::reconcile(&published, &BTreeMap::new(), true, &none);
+            let mut reconciled = output::reconcile(&published, &BTreeMap::new(), true, &none);
             reconciled.mismatches.clear();
             reconciled.unconserved.clear();
             return Ok(Output {
@@ -1072,7 +1074,7 @@ async fn read_output(
                     entry.successes += 1;
                     continue;
                 }
-                match hl_output::parse_response(line) {
+                match output::parse_response(line) {
                     Ok(r) => entry.failures.push(r),
                     Err(reason) => problems.push(format!(
                         "{url} line {}: not a HealthLake response line: {reason}",
@@ -1082,7 +1084,7 @@ async fn read_output(
             }
         }
     }
-    let mut reconciled = hl_output::reconcile(&published, &answered, have_success, &manifest);
+    let mut reconciled = output::reconcile(&published, &answered, have_success, &manifest);
     reconciled.mismatches.extend(problems);
     let mut errors = Vec::new();
     let visible = lake.curated.paths.curated_partition(&req.tenant, req.date);
@@ -1123,7 +1125,7 @@ async fn read_output(
 
 /// A selection of every curated record (for a state written before
 /// selections), counted from the objects where the commit has no counts.
-async fn whole(lake: &Lake, curated: &super::Curated) -> Result<Selection> {
+async fn whole(lake: &Lake, curated: &fhirflow::import::Curated) -> Result<Selection> {
     let mut files = Vec::new();
     for (ty, parts) in &curated.files {
         for part in parts {

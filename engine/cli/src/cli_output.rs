@@ -180,6 +180,7 @@ pub fn plan(r: &fhirflow::fleet::PlanReport) -> Value {
         "uri": r.uri,
         "bytes": r.bytes,
         "units": r.units.len(),
+        "left_out": r.left_out,
     }})
 }
 

@@ -12,7 +12,7 @@ use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_sdk_glue::config::Credentials;
 use aws_smithy_http_client::tls;
 
-use crate::settings::Settings;
+use fhirflow::settings::Settings;
 
 /// An SDK configuration for one service: `endpoint` and `region` are that
 /// service's overrides (`[glue]`, `[healthlake]`); `attempts` the retries of
@@ -102,25 +102,5 @@ impl aws_smithy_runtime_api::client::interceptors::Intercept for LogRetries {
             );
         }
         Ok(())
-    }
-}
-
-/// Splits `s3://bucket/key/prefix` into the bucket and the key prefix.
-pub fn split_s3_uri(uri: &str) -> Option<(&str, &str)> {
-    let rest = uri.strip_prefix("s3://")?;
-    let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
-    (!bucket.is_empty()).then_some((bucket, key.trim_matches('/')))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn s3_uris() {
-        assert_eq!(split_s3_uri("s3://b/p/q/"), Some(("b", "p/q")));
-        assert_eq!(split_s3_uri("s3://b"), Some(("b", "")));
-        assert_eq!(split_s3_uri("s3:///x"), None);
-        assert_eq!(split_s3_uri("file:///x"), None);
     }
 }

@@ -498,6 +498,7 @@ fn main() -> ExitCode {
         Cli::parse()
     };
     init_logs(&cli.global);
+    fhirflow_aws::install();
     #[cfg(not(feature = "failpoints"))]
     if std::env::var_os("FHIRFLOW_FAILPOINT").is_some() {
         tracing::warn!(
@@ -594,7 +595,7 @@ async fn lambda_event(
             Ok(answer)
         }
         Event::Command(CommandEvent::CatalogSync) => {
-            let report = fhirflow::catalog::sync(lake, settings).await?;
+            let report = fhirflow_aws::glue::sync(lake, settings).await?;
             Ok(json!({ "status": "done", "catalog": cli_output::catalog(&report) }))
         }
     }
@@ -872,7 +873,7 @@ async fn run(cli: Cli, json: bool) -> Result<serde_json::Value> {
             command: Some(ImportCommand::Status { partition, .. }),
             ..
         } => {
-            let report = fhirflow::import::healthlake::status(
+            let report = fhirflow_aws::healthlake::status(
                 &lake,
                 &settings,
                 &partition.tenant,
@@ -902,7 +903,7 @@ async fn run(cli: Cli, json: bool) -> Result<serde_json::Value> {
         Command::Catalog {
             command: CatalogCommand::Sync { .. },
         } => {
-            let report = fhirflow::catalog::sync(&lake, &settings).await?;
+            let report = fhirflow_aws::glue::sync(&lake, &settings).await?;
             print_catalog(&report, quiet);
             json!({ "catalog": cli_output::catalog(&report) })
         }

@@ -18,9 +18,9 @@ use aws_sigv4::sign::v4;
 use serde_json::{json, Value};
 
 use super::STAGE;
-use crate::curate::deletions::Deletion;
-use crate::error::{Error, Result};
-use crate::settings::Settings;
+use fhirflow::curate::deletions::Deletion;
+use fhirflow::error::{Error, Result};
+use fhirflow::settings::Settings;
 
 /// HealthLake's limit of entries in one Bundle.
 pub(super) const BUNDLE_ENTRIES: usize = 160;
@@ -55,7 +55,7 @@ pub(super) async fn delete(
     }
     let hl = &settings.healthlake;
     let config =
-        crate::aws::sdk_config(settings, hl.endpoint.as_deref(), hl.region.as_deref(), 1).await;
+        crate::sdk::sdk_config(settings, hl.endpoint.as_deref(), hl.region.as_deref(), 1).await;
     let region = config.region().map(|r| r.to_string()).ok_or_else(|| {
         Error::Config(
             "HealthLake deletions need a region ([healthlake] region or the AWS chain)".into(),
