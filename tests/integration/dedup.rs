@@ -105,7 +105,7 @@ async fn the_dedup_query_is_a_readable_sql_file() {
     ))
     .unwrap();
     assert_eq!(sql, fhirflow::curate::dedup::DEDUP_SQL);
-    assert!(sql.contains("ROW_NUMBER()"));
+    assert!(sql.contains("ORDER BY k.tenant_guid, k.resource_type, k.id"));
 }
 
 /// A step-2 check for the test: rejects `entered-in-error` records with two

@@ -1,5 +1,7 @@
 //! Curation step 4: runs `dedup.sql` over the key columns of every
-//! accepted record and returns the duplicates.
+//! accepted record and returns the duplicates. The query gives the rows of
+//! each repeated id together, survivor first; [`find_duplicates`] walks
+//! them.
 //!
 //! Memory is set by `curate.memory_limit_mb`, half for the key rows and half
 //! for the query:
@@ -9,8 +11,17 @@
 //!   memory does not grow with the number of records;
 //! * the query reads them as a stream ([`KeyStore`] is a table provider),
 //!   in a DataFusion session whose memory pool has the other half (at least
-//!   16 MiB, the working room its spilling needs): its aggregation and the
-//!   sort behind its window spill to disk past it.
+//!   16 MiB, the working room its spilling needs): its aggregation and its
+//!   sort spill to disk past it.
+//!
+//! Most records are not duplicates, and the query's first step (`repeated`)
+//! is to find the ids that occur more than once. So as the rows arrive the
+//! store marks their `key_hash` in two fixed-size bit sets ([`Seen`]: seen
+//! once, seen again), and the query is given only the rows whose hash may
+//! be repeated. A key that is repeated always passes; a few that are not
+//! pass too (their bit is shared) and `repeated` drops them, so the result
+//! is the query's over every row, and its input is the duplicates and a
+//! small fraction of the rest.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -44,6 +55,7 @@ pub struct KeyStore {
 struct Stored {
     memory: Vec<RecordBatch>,
     bytes: usize,
+    seen: Seen,
     /// The spill file, once the budget was passed.
     disk: Option<Spill>,
 }
@@ -72,12 +84,82 @@ fn spill_error(e: impl std::fmt::Display) -> Error {
     )
 }
 
+/// Which key hashes were seen once and which again, in two bit sets of a
+/// fixed size (a hash picks one bit of each): memory that does not grow
+/// with the number of records. "Seen again" is never wrong for a repeated
+/// key; as the sets fill, it also holds for more keys that are not.
+#[derive(Default)]
+struct Seen {
+    once: Vec<u64>,
+    again: Vec<u64>,
+}
+
+impl Seen {
+    /// Bit sets of `bytes` each (a power of two, at least 8 KiB).
+    fn with_bytes(bytes: usize) -> Seen {
+        let words = (bytes.next_power_of_two().max(8 << 10)) / 8;
+        Seen {
+            once: vec![0; words],
+            again: vec![0; words],
+        }
+    }
+
+    fn slot(&self, hash: u64) -> (usize, u64) {
+        let bit = hash as usize & (self.once.len() * 64 - 1);
+        (bit / 64, 1 << (bit % 64))
+    }
+
+    fn mark(&mut self, hash: u64) {
+        let (w, b) = self.slot(hash);
+        if self.once[w] & b != 0 {
+            self.again[w] |= b;
+        } else {
+            self.once[w] |= b;
+        }
+    }
+
+    fn maybe_repeated(&self, hash: u64) -> bool {
+        let (w, b) = self.slot(hash);
+        self.again[w] & b != 0
+    }
+
+    fn mark_batch(&mut self, batch: &RecordBatch) {
+        for h in key_hashes(batch).values() {
+            self.mark(*h);
+        }
+    }
+
+    /// The rows of `batch` whose key may be repeated.
+    fn keep(&self, batch: &RecordBatch) -> DfResult<RecordBatch> {
+        let keep: arrow::array::BooleanArray = key_hashes(batch)
+            .values()
+            .iter()
+            .map(|h| Some(self.maybe_repeated(*h)))
+            .collect();
+        Ok(arrow::compute::filter_record_batch(batch, &keep)?)
+    }
+}
+
+fn key_hashes(batch: &RecordBatch) -> &arrow::array::UInt64Array {
+    static COLUMN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let i = *COLUMN.get_or_init(|| {
+        schema(Shape::Keyed)
+            .index_of("key_hash")
+            .expect("keyed rows have key_hash")
+    });
+    batch.column(i).as_primitive::<UInt64Type>()
+}
+
 impl KeyStore {
-    /// A store that keeps up to `budget` bytes of key rows in memory.
+    /// A store that keeps up to `budget` bytes of key rows in memory (its
+    /// [`Seen`] sets take a sixteenth of it besides, at most 8 MiB).
     pub fn new(budget: usize) -> Self {
         KeyStore {
             budget,
-            inner: Mutex::new(Stored::default()),
+            inner: Mutex::new(Stored {
+                seen: Seen::with_bytes((budget / 32).min(4 << 20)),
+                ..Stored::default()
+            }),
         }
     }
 
@@ -91,6 +173,7 @@ impl KeyStore {
     pub fn push(&self, batches: Vec<RecordBatch>) -> Result<()> {
         let mut s = self.inner.lock().expect("not poisoned");
         for b in batches.into_iter().filter(|b| b.num_rows() > 0) {
+            s.seen.mark_batch(&b);
             s.bytes += b.get_array_memory_size();
             s.memory.push(b);
         }
@@ -161,6 +244,10 @@ impl PartitionStream for KeyStream {
             let s = self.0.inner.lock().expect("not poisoned");
             (s.memory.clone(), s.disk.as_ref().map(Spill::path))
         };
+        let store = self.0.clone();
+        let keep = move |b: DfResult<RecordBatch>| {
+            b.and_then(|b| store.inner.lock().expect("not poisoned").seen.keep(&b))
+        };
         // The spilled batches, read one at a time on a blocking thread.
         let (tx, rx) = tokio::sync::mpsc::channel::<DfResult<RecordBatch>>(2);
         if let Some(path) = path {
@@ -190,7 +277,9 @@ impl PartitionStream for KeyStream {
             drop(tx);
         }
         let disk = tokio_stream_of(rx);
-        let stream = futures::stream::iter(memory.into_iter().map(Ok)).chain(disk);
+        let stream = futures::stream::iter(memory.into_iter().map(Ok))
+            .chain(disk)
+            .map(keep);
         Box::pin(RecordBatchStreamAdapter::new(self.schema().clone(), stream))
     }
 }
@@ -227,6 +316,14 @@ pub struct Collision {
     pub survivor_system: Option<String>,
     pub survivor_file: String,
     pub survivor_line: u64,
+}
+
+/// The first row of an id in dedup.sql's order.
+struct Survivor {
+    file: String,
+    line: u64,
+    hash: u64,
+    system: Option<String>,
 }
 
 /// The least the dedup query's pool holds, in MiB. DataFusion's aggregation
@@ -276,45 +373,63 @@ pub async fn find_duplicates(keys: Arc<KeyStore>, memory_limit_mb: usize) -> Res
     let df = ctx.sql(DEDUP_SQL).await.map_err(q("dedup.sql"))?;
     let mut stream = df.execute_stream().await.map_err(q("dedup.sql"))?;
     let mut out: Duplicates = HashMap::new();
+    // The current id's key and its survivor, as the rows come by.
+    let mut current: Option<((String, Option<String>, Option<String>), Survivor)> = None;
     while let Some(batch) = stream.next().await {
         let batch = batch.map_err(q("dedup.sql"))?;
-        // source_file is dictionary encoded in `keyed`.
-        let file = arrow::compute::cast(batch.column(0), &arrow::datatypes::DataType::Utf8)
-            .map_err(|e| Error::query(stage, "dedup.sql", e.into()))?;
-        let file = file.as_string::<i32>();
-        let line = batch.column(1).as_primitive::<UInt64Type>();
-        let exact = batch.column(4).as_boolean();
-        let text = |c: usize| {
+        // The per-file columns are dictionary encoded in `keyed`.
+        let utf8 = |c: usize| {
             arrow::compute::cast(batch.column(c), &arrow::datatypes::DataType::Utf8)
                 .map_err(|e| Error::query(stage, "dedup.sql", e.into()))
         };
-        let (ty, id) = (text(2)?, text(3)?);
-        let (ty, id) = (ty.as_string::<i32>(), id.as_string::<i32>());
-        let collision = batch.column(5).as_boolean();
-        let (system, survivor_system, survivor_file) = (text(6)?, text(7)?, text(8)?);
-        let (system, survivor_system, survivor_file) = (
+        let (tenant, ty, id, file, system) = (utf8(0)?, utf8(1)?, utf8(2)?, utf8(3)?, utf8(6)?);
+        let (tenant, ty, id, file, system) = (
+            tenant.as_string::<i32>(),
+            ty.as_string::<i32>(),
+            id.as_string::<i32>(),
+            file.as_string::<i32>(),
             system.as_string::<i32>(),
-            survivor_system.as_string::<i32>(),
-            survivor_file.as_string::<i32>(),
         );
-        let survivor_line = batch.column(9).as_primitive::<UInt64Type>();
+        let line = batch.column(4).as_primitive::<UInt64Type>();
+        let hash = batch.column(5).as_primitive::<UInt64Type>();
         let opt = |a: &arrow::array::StringArray, i: usize| {
             (!a.is_null(i)).then(|| a.value(i).to_string())
         };
         for i in 0..batch.num_rows() {
-            let collision = collision.value(i).then(|| Collision {
-                resource_type: ty.value(i).to_string(),
-                id: id.value(i).to_string(),
-                source_system: opt(system, i),
-                survivor_system: opt(survivor_system, i),
-                survivor_file: survivor_file.value(i).to_string(),
-                survivor_line: survivor_line.value(i),
+            let same_id = current.as_ref().is_some_and(|((t, r, d), _)| {
+                t == tenant.value(i)
+                    && r.as_deref() == (!ty.is_null(i)).then(|| ty.value(i))
+                    && d.as_deref() == (!id.is_null(i)).then(|| id.value(i))
+            });
+            if !same_id {
+                // The id's first row: its survivor.
+                current = Some((
+                    (tenant.value(i).to_string(), opt(ty, i), opt(id, i)),
+                    Survivor {
+                        file: file.value(i).to_string(),
+                        line: line.value(i),
+                        hash: hash.value(i),
+                        system: opt(system, i),
+                    },
+                ));
+                continue;
+            }
+            let ((_, r, d), survivor) = current.as_ref().expect("same id");
+            let exact = hash.value(i) == survivor.hash;
+            let system = opt(system, i);
+            let collision = (!exact && system != survivor.system).then(|| Collision {
+                resource_type: r.clone().unwrap_or_default(),
+                id: d.clone().unwrap_or_default(),
+                source_system: system,
+                survivor_system: survivor.system.clone(),
+                survivor_file: survivor.file.clone(),
+                survivor_line: survivor.line,
             });
             out.entry(file.value(i).to_string())
                 .or_default()
                 .push(Duplicate {
                     line: line.value(i),
-                    exact: exact.value(i),
+                    exact,
                     collision,
                 });
         }
@@ -323,4 +438,32 @@ pub async fn find_duplicates(keys: Arc<KeyStore>, memory_limit_mb: usize) -> Res
         lines.sort_unstable();
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_repeated_key_always_passes_and_few_others_do() {
+        let mut seen = Seen::with_bytes(64 << 10);
+        let hash = |i: u64| xxhash_rust::xxh3::xxh3_64(&i.to_le_bytes());
+        // 20,000 keys once, 1,000 of them a second time.
+        for i in 0..20_000 {
+            seen.mark(hash(i));
+        }
+        for i in 0..1_000 {
+            seen.mark(hash(i * 20));
+        }
+        assert!((0..1_000).all(|i| seen.maybe_repeated(hash(i * 20))));
+        let passing = (0..20_000)
+            .filter(|i| i % 20 != 0)
+            .filter(|i| seen.maybe_repeated(hash(*i)))
+            .count();
+        // 512 Ki bits, 20 k keys: about 4 % of the once-bits are shared.
+        assert!(
+            passing < 20_000 / 10,
+            "{passing} keys pass that are not repeated"
+        );
+    }
 }

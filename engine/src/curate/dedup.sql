@@ -12,50 +12,43 @@
 -- resource text: dedup needs only the keys, so its memory grows with the
 -- number of records, not their size.
 --
--- Output: one row per duplicate. The engine writes every other row. A
--- duplicate from another source system than its survivor's, with other
--- content, is an id collision (two EHRs' `Patient/123` need not be one
--- patient): it comes with the survivor's source system, file and line.
+-- Output: the rows of every id that occurs more than once, each id's rows
+-- together, its survivor first (the ORDER BY below is the survivor order).
+-- The engine (dedup.rs) takes each id's first row as the survivor and the
+-- others as its duplicates: a duplicate is *exact* when its content hash is
+-- the survivor's. A duplicate from another source system than its
+-- survivor's, with other content, is an id collision (two EHRs'
+-- `Patient/123` need not be one patient): it is reported with the
+-- survivor's source system, file and line.
 --
--- Only ids that occur more than once are ranked. `repeated` finds them by
+-- Only ids that occur more than once are sorted. `repeated` finds them by
 -- key_hash, which costs a fraction of grouping by the strings themselves; a
--- hash collision only adds rows to rank (the ranking partitions by the real
+-- hash collision only adds rows to sort (the engine groups by the real
 -- key), so it can never merge two ids.
 --
 -- `repeated` is the join's first input on purpose: the hash join holds its
 -- first input in memory (it cannot spill) and streams the second, so what
 -- it holds is one hash per repeated id, never the key rows themselves.
+--
+-- (A window ranking each id's rows - ROW_NUMBER and FIRST_VALUE over a
+-- PARTITION BY - says the same, but DataFusion's window over tens of
+-- thousands of two-row partitions took longer than the rest of dedup
+-- together; one sort and a walk over it do not.)
 WITH repeated AS (
     SELECT key_hash
     FROM keyed
     GROUP BY key_hash
     HAVING count(*) > 1
-),
-ranked AS (
-    SELECT k.source_file,
-           k.line_no,
-           k.resource_type,
-           k.id,
-           ROW_NUMBER() OVER survivor_first AS survivor_rank,
-           k.content_hash = FIRST_VALUE(k.content_hash) OVER survivor_first AS exact_duplicate,
-           CAST(k.source_system AS VARCHAR) AS source_system,
-           CAST(FIRST_VALUE(k.source_system) OVER survivor_first AS VARCHAR) AS survivor_system,
-           CAST(FIRST_VALUE(k.source_file) OVER survivor_first AS VARCHAR) AS survivor_file,
-           FIRST_VALUE(k.line_no) OVER survivor_first AS survivor_line
-    FROM repeated r
-    JOIN keyed k ON k.key_hash = r.key_hash
-    WINDOW survivor_first AS (
-        PARTITION BY k.tenant_guid, k.resource_type, k.id
-        ORDER BY TRY_CAST(k.version_id AS DECIMAL(38, 0)) DESC NULLS LAST,
-                 k.version_id DESC NULLS LAST,
-                 k.last_updated DESC NULLS LAST,
-                 k.import_date DESC,
-                 k.source_file DESC,
-                 k.line_no DESC
-    )
 )
-SELECT source_file, line_no, resource_type, id, exact_duplicate,
-       NOT exact_duplicate AND source_system IS DISTINCT FROM survivor_system AS collision,
-       source_system, survivor_system, survivor_file, survivor_line
-FROM ranked
-WHERE survivor_rank > 1
+SELECT k.tenant_guid, k.resource_type, k.id, k.source_file, k.line_no,
+       k.content_hash, k.source_system
+FROM repeated r
+JOIN keyed k ON k.key_hash = r.key_hash
+ORDER BY k.tenant_guid, k.resource_type, k.id,
+         -- the survivor first:
+         TRY_CAST(k.version_id AS DECIMAL(38, 0)) DESC NULLS LAST,
+         k.version_id DESC NULLS LAST,
+         k.last_updated DESC NULLS LAST,
+         k.import_date DESC,
+         k.source_file DESC,
+         k.line_no DESC

@@ -369,16 +369,19 @@ mod tests {
     #[tokio::test]
     async fn latest_orders_as_dedup_sql_does() {
         let sql = crate::curate::dedup::DEDUP_SQL;
-        let start = sql.find("ORDER BY TRY_CAST").expect("dedup's ORDER BY");
+        // The survivor order, after the id's key in dedup's ORDER BY.
+        let start = sql.find("TRY_CAST(k.version_id").expect("dedup's ORDER BY");
         let end = start
             + sql[start..]
                 .find("k.source_file")
                 .expect("its file tie-break");
-        let order = sql[start..end]
-            .replace("k.", "")
-            .trim()
-            .trim_end_matches(',')
-            .to_string();
+        let order = format!(
+            "ORDER BY {}",
+            sql[start..end]
+                .replace("k.", "")
+                .trim()
+                .trim_end_matches(',')
+        );
         let cases = [
             (Some("10"), None, 1),
             (Some("9"), Some(5), 2),
