@@ -50,6 +50,34 @@ fn write_input(t: &TestLake, n: usize) -> PathBuf {
     dir
 }
 
+/// Ingests and curates partition 0 with the binary; its tenant and date.
+fn curate_first_partition(t: &TestLake) -> (String, &'static str) {
+    let (tenant, date) = (tenant_of(0), DATES[0]);
+    let dir = write_input(t, 0);
+    let input = dir.to_str().unwrap();
+    for args in [
+        vec![
+            "ingest",
+            input,
+            "--tenant",
+            &tenant,
+            "--source-system",
+            "ehr",
+            "--date",
+            date,
+        ],
+        vec!["curate", "--tenant", &tenant, "--date", date],
+    ] {
+        let out = t.cli(&args, &[]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    (tenant, date)
+}
+
 /// `fhirflow plan`: the URI it printed, and the (tenant, dates) of its units
 /// as the lake holds them.
 async fn plan(t: &TestLake, stage: &str) -> (String, Vec<(String, Vec<String>)>) {
@@ -380,29 +408,7 @@ async fn a_fleet_of_workers_does_every_unit_once_and_matches_one_run_per_partiti
 #[tokio::test(flavor = "multi_thread")]
 async fn a_landing_the_curate_did_not_read_is_pending_whatever_its_clock() {
     let t = TestLake::new();
-    let (tenant, date) = (tenant_of(0), DATES[0]);
-    let dir = write_input(&t, 0);
-    let input = dir.to_str().unwrap();
-    for args in [
-        vec![
-            "ingest",
-            input,
-            "--tenant",
-            &tenant,
-            "--source-system",
-            "ehr",
-            "--date",
-            date,
-        ],
-        vec!["curate", "--tenant", &tenant, "--date", date],
-    ] {
-        let out = t.cli(&args, &[]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    let (tenant, date) = curate_first_partition(&t);
     assert!(
         plan(&t, "curate").await.1.is_empty(),
         "curated: nothing pending"
@@ -435,29 +441,7 @@ async fn an_s3_lake_importing_locally_plans_no_imports_and_says_why() {
     let moto = Moto::start();
     moto.create_bucket("fleet-local");
     let t = TestLake::with(|s| moto.configure(s, "fleet-local", "night"));
-    let (tenant, date) = (tenant_of(0), DATES[0]);
-    let dir = write_input(&t, 0);
-    let input = dir.to_str().unwrap();
-    for args in [
-        vec![
-            "ingest",
-            input,
-            "--tenant",
-            &tenant,
-            "--source-system",
-            "ehr",
-            "--date",
-            date,
-        ],
-        vec!["curate", "--tenant", &tenant, "--date", date],
-    ] {
-        let out = t.cli(&args, &[]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    curate_first_partition(&t);
 
     // The local lake needs a file system: import units here could only fail.
     for stage in ["import", "all"] {

@@ -318,8 +318,11 @@ pub struct Collision {
     pub survivor_line: u64,
 }
 
-/// The first row of an id in dedup.sql's order.
+/// The first row of an id in dedup.sql's order, and the id.
 struct Survivor {
+    tenant: String,
+    resource_type: Option<String>,
+    id: Option<String>,
     file: String,
     line: u64,
     hash: u64,
@@ -373,8 +376,8 @@ pub async fn find_duplicates(keys: Arc<KeyStore>, memory_limit_mb: usize) -> Res
     let df = ctx.sql(DEDUP_SQL).await.map_err(q("dedup.sql"))?;
     let mut stream = df.execute_stream().await.map_err(q("dedup.sql"))?;
     let mut out: Duplicates = HashMap::new();
-    // The current id's key and its survivor, as the rows come by.
-    let mut current: Option<((String, Option<String>, Option<String>), Survivor)> = None;
+    // The current id's survivor, as the rows come by.
+    let mut current: Option<Survivor> = None;
     while let Some(batch) = stream.next().await {
         let batch = batch.map_err(q("dedup.sql"))?;
         // The per-file columns are dictionary encoded in `keyed`.
@@ -396,30 +399,30 @@ pub async fn find_duplicates(keys: Arc<KeyStore>, memory_limit_mb: usize) -> Res
             (!a.is_null(i)).then(|| a.value(i).to_string())
         };
         for i in 0..batch.num_rows() {
-            let same_id = current.as_ref().is_some_and(|((t, r, d), _)| {
-                t == tenant.value(i)
-                    && r.as_deref() == (!ty.is_null(i)).then(|| ty.value(i))
-                    && d.as_deref() == (!id.is_null(i)).then(|| id.value(i))
+            let same_id = current.as_ref().is_some_and(|s| {
+                s.tenant == tenant.value(i)
+                    && s.resource_type.as_deref() == (!ty.is_null(i)).then(|| ty.value(i))
+                    && s.id.as_deref() == (!id.is_null(i)).then(|| id.value(i))
             });
             if !same_id {
                 // The id's first row: its survivor.
-                current = Some((
-                    (tenant.value(i).to_string(), opt(ty, i), opt(id, i)),
-                    Survivor {
-                        file: file.value(i).to_string(),
-                        line: line.value(i),
-                        hash: hash.value(i),
-                        system: opt(system, i),
-                    },
-                ));
+                current = Some(Survivor {
+                    tenant: tenant.value(i).to_string(),
+                    resource_type: opt(ty, i),
+                    id: opt(id, i),
+                    file: file.value(i).to_string(),
+                    line: line.value(i),
+                    hash: hash.value(i),
+                    system: opt(system, i),
+                });
                 continue;
             }
-            let ((_, r, d), survivor) = current.as_ref().expect("same id");
+            let survivor = current.as_ref().expect("same id");
             let exact = hash.value(i) == survivor.hash;
             let system = opt(system, i);
             let collision = (!exact && system != survivor.system).then(|| Collision {
-                resource_type: r.clone().unwrap_or_default(),
-                id: d.clone().unwrap_or_default(),
+                resource_type: survivor.resource_type.clone().unwrap_or_default(),
+                id: survivor.id.clone().unwrap_or_default(),
                 source_system: system,
                 survivor_system: survivor.system.clone(),
                 survivor_file: survivor.file.clone(),
