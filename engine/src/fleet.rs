@@ -33,6 +33,7 @@ use crate::curate::CurateReport;
 use crate::error::{Error, Result};
 use crate::extract::{ExtractReport, ExtractRequest};
 use crate::import::{ImportReport, ImportRequest};
+use crate::lake::LocalLake;
 use crate::layout::{ImportDate, Layer, SourceSystem, TenantGuid};
 use crate::report::Reporter;
 use crate::settings::Settings;
@@ -381,27 +382,27 @@ async fn pending(
             }
         }
     }
-    // The local Iceberg lake needs a file system (its catalog is SQLite): on
-    // an S3 lake its import units could only fail.
-    let local_on_s3 = settings.import.target == crate::settings::ImportTarget::Local
-        && lake.metadata.store_url.scheme() != "file";
-    let left_out = (local_on_s3 && !import.is_empty()).then(|| {
-        let why = format!(
-            "{} import unit(s) left out: the local lake needs a local lake root, not {}; \
-             set [import] target = \"healthlake\" for an S3 lake",
-            import.len(),
-            lake.metadata.store_url
-        );
+    // Import units the local lake could only fail (it is not on a file
+    // system) are left out, and the plan says why.
+    let mut left_out = None;
+    let local = settings.import.target == crate::settings::ImportTarget::Local;
+    if let Some(why) = LocalLake::unsupported(&lake.metadata).filter(|_| local) {
+        if !import.is_empty() && req.stage != PlanStage::Curate {
+            left_out = Some(format!(
+                "{} import unit(s) left out: {why}; set [import] target = \"healthlake\" \
+                 for an S3 lake",
+                import.len()
+            ));
+        }
         import.clear();
-        why
-    });
+    }
     let units = match req.stage {
         PlanStage::Extract => unreachable!("returned above"),
         PlanStage::Curate => curate,
         PlanStage::Import => import,
         PlanStage::All => extract.into_iter().chain(curate).chain(import).collect(),
     };
-    Ok((units, left_out.filter(|_| req.stage != PlanStage::Curate)))
+    Ok((units, left_out))
 }
 
 /// When a run began: its id is a time-ordered (v7) UUID. An id that is not

@@ -104,18 +104,28 @@ pub struct LeftOut {
 }
 
 impl LocalLake {
+    /// Why the local lake cannot live under `root`, if it cannot: its catalog
+    /// is SQLite, which needs a file system.
+    pub fn unsupported(root: &Root) -> Option<String> {
+        (root.store_url.scheme() != "file").then(|| {
+            format!(
+                "the local lake needs a local lake root, not {}",
+                root.store_url
+            )
+        })
+    }
+
     /// Opens the lake's catalog; `create` makes it when missing, otherwise a
-    /// lake that has none gives `None`. The layer root must be a local folder:
-    /// SQLite needs a file system.
+    /// lake that has none gives `None`. The layer root must be a local folder
+    /// ([`LocalLake::unsupported`]).
     pub async fn open(root: &Root, create: bool) -> Result<Option<LocalLake>> {
-        if root.store_url.scheme() != "file" {
+        if let Some(why) = Self::unsupported(root) {
             if !create {
                 return Ok(None);
             }
             return Err(Error::Config(format!(
-                "the local lake needs a local lake root, not {}; import into HealthLake \
-                 (--target healthlake) from an S3 lake, or stop after curate (--no-import)",
-                root.store_url
+                "{why}; import into HealthLake (--target healthlake) from an S3 lake, \
+                 or stop after curate (--no-import)"
             )));
         }
         let dir = std::path::PathBuf::from(format!("/{}", root.paths.iceberg()));

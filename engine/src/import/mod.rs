@@ -164,14 +164,15 @@ pub async fn import(
     // an older version after a newer one. So they take turns (the second
     // waits up to `[lease] wait_seconds`, then is Busy). A HealthLake job
     // submitted with `--no-wait` joins the ledger once it is settled.
+    let healthlake = match req.target {
+        ImportTarget::Local => None,
+        ImportTarget::Healthlake => Some(crate::services::healthlake()?),
+    };
     let run_id = uuid::Uuid::now_v7().to_string();
     let turn = commit::lease_imports(lake, settings, &req.tenant, STAGE, &run_id).await?;
-    let result = match req.target {
-        ImportTarget::Local => local::import(lake, settings, req, reporter).await,
-        ImportTarget::Healthlake => match crate::services::healthlake() {
-            Ok(hl) => hl.import(lake, settings, req, reporter).await,
-            Err(e) => Err(e),
-        },
+    let result = match healthlake {
+        None => local::import(lake, settings, req, reporter).await,
+        Some(hl) => hl.import(lake, settings, req, reporter).await,
     };
     let released = turn.release().await;
     let report = result?;
