@@ -10,14 +10,12 @@
 use std::io::Write;
 
 use fhirflow_udfs::tenant_label::{LabelEdit, TenantLabeller};
-use object_store::buffered::BufWriter;
 use object_store::path::Path;
-use tokio_util::io::SyncIoBridge;
 
 use crate::commit::{Object, Summing};
 use crate::error::{Error, Result};
 use crate::layout::{ImportDate, TenantGuid};
-use crate::storage::{abort_upload, BridgedUpload, Root};
+use crate::storage::{ObjectWriter, Root};
 
 const STAGE: &str = "curate";
 /// Upload buffer: large enough for few multipart requests on S3.
@@ -33,7 +31,7 @@ struct Part {
     /// The checksum is taken below the line buffer, as it hands on 64 KiB
     /// blocks: per piece of a line it cost as much as the rest of pass 2's
     /// copying.
-    writer: std::io::BufWriter<Summing<BridgedUpload>>,
+    writer: std::io::BufWriter<Summing<ObjectWriter>>,
     staged: Path,
     bytes: u64,
     lines: u64,
@@ -111,12 +109,11 @@ impl<'a> PartWriter<'a> {
                 self.root
                     .paths
                     .curated_run_part(self.tenant, self.date, self.run_id, &name);
-            let upload =
-                BufWriter::with_capacity(self.root.store.clone(), staged.clone(), UPLOAD_BUFFER)
-                    .with_max_concurrency(UPLOADS_IN_FLIGHT);
-            let bridge = SyncIoBridge::new_with_handle(upload, tokio::runtime::Handle::current());
+            let object =
+                self.root
+                    .create_sync(STAGE, &staged, UPLOAD_BUFFER, UPLOADS_IN_FLIGHT)?;
             self.current = Some(Part {
-                writer: std::io::BufWriter::with_capacity(LINE_BUFFER, Summing::new(bridge)),
+                writer: std::io::BufWriter::with_capacity(LINE_BUFFER, Summing::new(object)),
                 staged,
                 bytes: 0,
                 lines: 0,
@@ -144,8 +141,8 @@ impl<'a> PartWriter<'a> {
         if let Some(part) = self.current.take() {
             let err = self.io_err(&part.staged);
             let summing = part.writer.into_inner().map_err(|e| err(e.into_error()))?;
-            let (mut bridge, mut object) = summing.into_parts(&part.staged);
-            bridge.shutdown().map_err(err)?;
+            let (writer, mut object) = summing.into_parts(&part.staged);
+            writer.complete().map_err(err)?;
             object.records = Some(part.lines);
             self.done.push(object);
         }
@@ -166,8 +163,8 @@ impl Drop for PartWriter<'_> {
     fn drop(&mut self) {
         if let Some(part) = self.current.take() {
             let (summing, _) = part.writer.into_parts();
-            let (bridge, _) = summing.into_parts(&part.staged);
-            abort_upload(bridge, &self.root.url_of(&part.staged));
+            let (writer, _) = summing.into_parts(&part.staged);
+            writer.abort(&self.root.url_of(&part.staged));
         }
     }
 }

@@ -428,7 +428,7 @@ pub struct ErrorSink {
     location: String,
 }
 
-type SinkWriter = ArrowWriter<crate::commit::Summing<crate::storage::BridgedUpload>>;
+type SinkWriter = ArrowWriter<crate::commit::Summing<crate::storage::ObjectWriter>>;
 
 struct SinkState {
     rows: Vec<ErrorRow>,
@@ -443,18 +443,15 @@ impl ErrorSink {
     /// Opens the sink at `path`. Call from a blocking thread.
     pub fn create(root: &Root, path: &Path) -> Result<ErrorSink> {
         let location = root.url_of(path);
-        let upload = object_store::buffered::BufWriter::new(root.store.clone(), path.clone());
-        let bridge = tokio_util::io::SyncIoBridge::new_with_handle(
-            upload,
-            tokio::runtime::Handle::current(),
-        );
+        // object_store's defaults: 10 MB parts, 8 in flight.
+        let object = root.create_sync("curate", path, 10 << 20, 8)?;
         let props = WriterProperties::builder()
             .set_compression(Compression::SNAPPY)
             .set_max_row_group_row_count(Some(ERROR_BATCH))
             .set_created_by(format!("fhirflow {}", env!("CARGO_PKG_VERSION")))
             .build();
         let writer = ArrowWriter::try_new(
-            crate::commit::Summing::new(bridge),
+            crate::commit::Summing::new(object),
             schema(MetadataTable::ImportErrors),
             Some(props),
         )
@@ -511,8 +508,8 @@ impl ErrorSink {
         self.flush(&mut s)?;
         let writer = s.writer.take().expect("finished once");
         let summing = writer.into_inner().map_err(|e| self.perr(e))?;
-        let (mut bridge, object) = summing.into_parts(&self.path);
-        bridge.shutdown().map_err(|source| Error::Io {
+        let (writer, object) = summing.into_parts(&self.path);
+        writer.complete().map_err(|source| Error::Io {
             stage: "curate",
             location: self.location.clone(),
             source,
@@ -530,7 +527,7 @@ impl Drop for ErrorSink {
         if let (Ok(Some(writer)), Ok(handle)) = (state, tokio::runtime::Handle::try_current()) {
             let (path, location) = (self.path.clone(), self.location.clone());
             handle.spawn_blocking(move || match writer.into_inner() {
-                Ok(summing) => crate::storage::abort_upload(summing.into_parts(&path).0, &location),
+                Ok(summing) => summing.into_parts(&path).0.abort(&location),
                 Err(e) => {
                     tracing::warn!(location, "abandoning the import_errors upload failed: {e}")
                 }
