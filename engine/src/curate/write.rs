@@ -109,9 +109,9 @@ impl<'a> PartWriter<'a> {
                 self.root
                     .paths
                     .curated_run_part(self.tenant, self.date, self.run_id, &name);
-            let object =
-                self.root
-                    .create_sync(STAGE, &staged, UPLOAD_BUFFER, UPLOADS_IN_FLIGHT)?;
+            let object = self
+                .root
+                .create_sync(STAGE, &staged, UPLOAD_BUFFER, UPLOADS_IN_FLIGHT)?;
             self.current = Some(Part {
                 writer: std::io::BufWriter::with_capacity(LINE_BUFFER, Summing::new(object)),
                 staged,
