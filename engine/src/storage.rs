@@ -313,7 +313,7 @@ impl Root {
     /// [`ObjectWriter::complete`] returns, or never. On a local folder it
     /// writes the file directly: going through a multipart upload there
     /// copied every byte once more into buffers that were fresh memory each
-    /// time, which cost pass 2 about a tenth of its CPU. Elsewhere it is a
+    /// time, about a tenth of a curate run's CPU. Elsewhere it is a
     /// multipart upload of `buffer`-byte parts, `in_flight` at a time. Call
     /// from a blocking thread.
     pub fn create_sync(
