@@ -5,9 +5,10 @@
 use std::sync::{Arc, LazyLock};
 
 use arrow::array::{
-    ArrayRef, Date32Array, DictionaryArray, Int32Array, RecordBatch, StringArray, StringBuilder,
-    TimestampMicrosecondBuilder, UInt64Builder,
+    ArrayBuilder, ArrayRef, Date32Array, DictionaryArray, Int32Array, RecordBatch, StringArray,
+    StringBuilder, StringViewArray, StringViewBuilder, TimestampMicrosecondBuilder, UInt64Builder,
 };
+use arrow::buffer::Buffer;
 use arrow::datatypes::{DataType, Field, Int32Type, Schema, SchemaRef, TimeUnit};
 
 use xxhash_rust::xxh3::{xxh3_64, Xxh3};
@@ -25,8 +26,9 @@ pub enum Shape {
     /// tenant, resource type and id), no text: what dedup reads.
     Keyed,
     /// The record model with the per-file columns dictionary encoded (as in
-    /// `Keyed`): what curation rules read, built without copying a file's
-    /// name onto every row.
+    /// `Keyed`) and the text as string views into the buffers the lines were
+    /// read into ([`TextViews`]): what curation rules read, built without
+    /// copying a file's name onto every row or any line's text.
     Rules,
 }
 
@@ -88,7 +90,7 @@ static KEYED: LazyLock<SchemaRef> = LazyLock::new(|| {
 
 static RULES: LazyLock<SchemaRef> = LazyLock::new(|| {
     let mut f = per_file_dictionaries();
-    f.push(Field::new("resource", DataType::Utf8, false));
+    f.push(Field::new("resource", DataType::Utf8View, false));
     Arc::new(Schema::new(f))
 });
 
@@ -121,6 +123,7 @@ pub struct RowsBuilder {
     version_id: StringBuilder,
     last_updated: TimestampMicrosecondBuilder,
     resource: StringBuilder,
+    texts: TextViews,
     error: StringBuilder,
     content_hash: UInt64Builder,
     key_hash: UInt64Builder,
@@ -138,6 +141,7 @@ impl RowsBuilder {
             version_id: StringBuilder::new(),
             last_updated: TimestampMicrosecondBuilder::new().with_timezone("UTC"),
             resource: StringBuilder::new(),
+            texts: TextViews::default(),
             error: StringBuilder::new(),
             content_hash: UInt64Builder::new(),
             key_hash: UInt64Builder::new(),
@@ -159,6 +163,16 @@ impl RowsBuilder {
 
     /// A line that passed step 1.
     pub fn push_keys(&mut self, line_no: u64, k: &Keys<'_>) {
+        self.push(line_no, k, None)
+    }
+
+    /// A line that passed step 1, whose text lies in `block` (the buffer it
+    /// was read into): a `Rules` builder keeps a view of it, not a copy.
+    pub fn push_line(&mut self, line_no: u64, k: &Keys<'_>, block: &Buffer) {
+        self.push(line_no, k, Some(block))
+    }
+
+    fn push(&mut self, line_no: u64, k: &Keys<'_>, block: Option<&Buffer>) {
         self.rows += 1;
         self.line_no.append_value(line_no);
         self.resource_type.append_value(k.resource_type);
@@ -180,7 +194,11 @@ impl RowsBuilder {
                 self.resource.append_value(k.text);
                 self.error.append_null();
             }
-            Shape::Curated | Shape::Rules => self.resource.append_value(k.text),
+            Shape::Curated => self.resource.append_value(k.text),
+            Shape::Rules => match block {
+                Some(block) => self.texts.push(k.text, block),
+                None => self.texts.push_copy(k.text),
+            },
         }
     }
 
@@ -249,8 +267,67 @@ impl RowsBuilder {
                 cols.push(Arc::new(self.resource.finish()));
                 cols.push(Arc::new(self.error.finish()));
             }
-            Shape::Curated | Shape::Rules => cols.push(Arc::new(self.resource.finish())),
+            Shape::Curated => cols.push(Arc::new(self.resource.finish())),
+            Shape::Rules => cols.push(Arc::new(self.texts.finish())),
         }
         RecordBatch::try_new(schema(self.shape), cols).expect("columns match the schema")
+    }
+}
+
+/// A column of line texts built as string views into the buffers the lines
+/// were read into ([`crate::raw::lines::Line::Text`]'s `block`): a row costs
+/// 16 bytes of view, and the text is never copied. The column keeps each
+/// block alive until it is dropped.
+#[derive(Default)]
+pub struct TextViews {
+    builder: StringViewBuilder,
+    /// The block added last and its index in the builder: consecutive lines
+    /// share one.
+    last: Option<(Buffer, u32)>,
+}
+
+impl TextViews {
+    /// Appends `text`, which should lie inside `block`; a text that does not
+    /// is copied.
+    pub fn push(&mut self, text: &str, block: &Buffer) {
+        let offset = (text.as_ptr() as usize).wrapping_sub(block.as_ptr() as usize);
+        let inside = offset <= block.len() && text.len() <= block.len() - offset;
+        if !inside || block.len() >= u32::MAX as usize {
+            return self.push_copy(text);
+        }
+        let index = match &self.last {
+            Some((b, i)) if b.as_ptr() == block.as_ptr() && b.len() == block.len() => *i,
+            _ => {
+                let i = self.builder.append_block(block.clone());
+                self.last = Some((block.clone(), i));
+                i
+            }
+        };
+        // SAFETY: block `index` was added by `append_block` above, the range
+        // `offset..offset + len` was checked to be inside it, and the bytes
+        // there are `text`, valid UTF-8.
+        unsafe {
+            self.builder
+                .append_view_unchecked(index, offset as u32, text.len() as u32)
+        }
+    }
+
+    /// Appends a copy of `text`.
+    pub fn push_copy(&mut self, text: &str) {
+        self.builder.append_value(text);
+    }
+
+    pub fn len(&self) -> usize {
+        self.builder.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The texts so far; the builder is empty afterwards.
+    pub fn finish(&mut self) -> StringViewArray {
+        self.last = None;
+        self.builder.finish()
     }
 }

@@ -24,6 +24,7 @@ use std::collections::BTreeMap;
 use datafusion::logical_expr::ScalarUDF;
 use datafusion::prelude::SessionContext;
 
+pub use strings::replace_views;
 pub use udf_fhir::{parse_instant, FhirFunction, RuleParam};
 pub use udf_tenant_label::TenantLabel;
 pub use udf_validate::FhirValidate;

@@ -5,7 +5,9 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, StringBuilder};
+use arrow::array::builder::make_view;
+use arrow::array::{Array, ArrayRef, AsArray, StringBuilder, StringViewArray};
+use arrow::buffer::{Buffer, NullBuffer};
 use arrow::datatypes::DataType;
 use datafusion::common::{exec_err, Result};
 use datafusion::logical_expr::{ColumnarValue, ScalarFunctionArgs};
@@ -74,4 +76,38 @@ where
         None => out.append_null(),
     })?;
     Ok(ColumnarValue::Array(Arc::new(out.finish())))
+}
+
+/// `array` with the rows of `edits` (row, new text) given new text and the
+/// rows `nulls` marks as null made NULL. The other rows' views and all of
+/// `array`'s data buffers are shared, not copied; the new texts go to new
+/// buffers.
+pub fn replace_views<'a>(
+    array: &StringViewArray,
+    edits: impl IntoIterator<Item = (usize, &'a str)>,
+    nulls: Option<&NullBuffer>,
+) -> StringViewArray {
+    let mut views: Vec<u128> = array.views().to_vec();
+    let mut buffers: Vec<Buffer> = array.data_buffers().to_vec();
+    let mut data: Vec<u8> = Vec::new();
+    for (row, text) in edits {
+        let bytes = text.as_bytes();
+        // A view addresses its buffer with 32-bit offsets.
+        if data.len() + bytes.len() > u32::MAX as usize {
+            buffers.push(Buffer::from_vec(std::mem::take(&mut data)));
+        }
+        views[row] = make_view(bytes, buffers.len() as u32, data.len() as u32);
+        if bytes.len() > 12 {
+            // Longer texts live in the buffer; shorter ones in the view.
+            data.extend_from_slice(bytes);
+        }
+    }
+    if !data.is_empty() {
+        buffers.push(Buffer::from_vec(data));
+    }
+    let nulls = NullBuffer::union(array.nulls(), nulls);
+    // SAFETY: every view is either one of `array`'s, valid for its buffers,
+    // which keep their indexes, or was made above over a `&str` copied whole
+    // into the buffer its index and offset name.
+    unsafe { StringViewArray::new_unchecked(views.into(), buffers, nulls) }
 }

@@ -5,7 +5,8 @@
 //!
 //! The edit functions (`fhir_set`, `fhir_remove`, `fhir_trim`) return the
 //! input column itself when no row changes, so a rule that rarely edits costs
-//! a scan of the text, never a copy of it.
+//! a scan of the text, never a copy of it; over string views (what rules
+//! read) they return views, and only the changed rows' texts are new.
 
 use std::any::Any;
 use std::borrow::Cow;
@@ -13,8 +14,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, Date32Builder, ListBuilder, StringBuilder, TimestampMicrosecondBuilder,
+    Array, ArrayRef, AsArray, BooleanBufferBuilder, Date32Builder, ListBuilder, StringBuilder,
+    TimestampMicrosecondBuilder,
 };
+use arrow::buffer::NullBuffer;
 use arrow::datatypes::{DataType, Field, TimeUnit};
 use chrono::{DateTime, NaiveDate};
 use datafusion::common::{exec_err, Result};
@@ -25,7 +28,7 @@ use datafusion::logical_expr::{
 use sha2::{Digest, Sha256};
 
 use crate::path::{self, FhirPath};
-use crate::strings::for_each_row;
+use crate::strings::{for_each_row, replace_views};
 
 pub(crate) const SECTION: DocSection = DocSection {
     include: true,
@@ -44,6 +47,9 @@ pub struct FhirFunction {
     returns: DataType,
     doc: Documentation,
     eval: Eval,
+    /// An edit function: its result has the type of its first argument's
+    /// string encoding (views stay views).
+    edits: bool,
 }
 
 impl PartialEq for FhirFunction {
@@ -68,8 +74,11 @@ impl ScalarUDFImpl for FhirFunction {
     fn signature(&self) -> &Signature {
         &self.signature
     }
-    fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
-        Ok(self.returns.clone())
+    fn return_type(&self, arg_types: &[DataType]) -> Result<DataType> {
+        Ok(match arg_types.first() {
+            Some(DataType::Utf8View) if self.edits => DataType::Utf8View,
+            _ => self.returns.clone(),
+        })
     }
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
         (self.eval)(self.name, args)
@@ -113,6 +122,7 @@ pub fn functions() -> Vec<ScalarUDF> {
             returns,
             doc,
             eval,
+            edits: matches!(name, "fhir_set" | "fhir_remove" | "fhir_trim"),
         })
     };
     let list = DataType::List(Arc::new(Field::new("item", DataType::Utf8, true)));
@@ -308,22 +318,25 @@ where
 }
 
 /// For the edit functions: `f` returns the row's new text, or None when the
-/// row is unchanged. With no change at all, the input column is returned.
+/// row is unchanged. With no change at all, the input column is returned;
+/// over string views, only the changed rows' texts are new.
 fn map_edits<F>(name: &str, args: ScalarFunctionArgs, mut f: F) -> Result<ColumnarValue>
 where
     F: for<'r> FnMut(&'r str, &[Option<&'r str>]) -> Result<Option<String>>,
 {
     let mut edits: Vec<(usize, String)> = Vec::new();
+    // Rows whose arguments are all non-NULL (the others give NULL).
+    let mut valid = BooleanBufferBuilder::new(args.number_rows);
     let mut err = None;
     let mut i = 0;
     for_each_row(name, &args, |row| {
-        if let (None, Some(resource)) = (&err, row[0]) {
-            if row[1..].iter().all(Option::is_some) {
-                match f(resource, row) {
-                    Ok(Some(new)) => edits.push((i, new)),
-                    Ok(None) => {}
-                    Err(e) => err = Some(e),
-                }
+        let all_set = row.iter().all(Option::is_some);
+        valid.append(all_set);
+        if let (None, true) = (&err, all_set) {
+            match f(row[0].expect("checked"), row) {
+                Ok(Some(new)) => edits.push((i, new)),
+                Ok(None) => {}
+                Err(e) => err = Some(e),
             }
         }
         i += 1;
@@ -331,20 +344,26 @@ where
     if let Some(e) = err {
         return Err(e);
     }
+    let valid = NullBuffer::new(valid.finish());
     let input = &args.args[0];
-    let nulls_in_args = args.args[1..].iter().any(|a| match a {
-        ColumnarValue::Scalar(s) => s.is_null(),
-        ColumnarValue::Array(a) => a.null_count() > 0,
-    });
-    if let (true, false, ColumnarValue::Array(a)) = (edits.is_empty(), nulls_in_args, input) {
-        if a.data_type() == &DataType::Utf8 {
-            return Ok(ColumnarValue::Array(a.clone()));
+    if let ColumnarValue::Array(a) = input {
+        let extra_nulls = valid.null_count() > a.null_count();
+        match a.data_type() {
+            DataType::Utf8 | DataType::Utf8View if edits.is_empty() && !extra_nulls => {
+                return Ok(ColumnarValue::Array(a.clone()));
+            }
+            DataType::Utf8View => {
+                let new = edits.iter().map(|(i, text)| (*i, text.as_str()));
+                let out = replace_views(a.as_string_view(), new, Some(&valid));
+                return Ok(ColumnarValue::Array(Arc::new(out)));
+            }
+            _ => {}
         }
     }
-    // Some rows changed: the column again, with their new text.
+    // The column again, with the changed rows' new text.
     let mut next = edits.into_iter().peekable();
     let mut i = 0;
-    map_text(name, &args, |row| {
+    let out = map_text(name, &args, |row| {
         let here = i;
         i += 1;
         if row.iter().any(Option::is_none) {
@@ -354,7 +373,14 @@ where
             Some((_, new)) => Cow::Owned(new),
             None => Cow::Borrowed(row[0].expect("checked")),
         }))
-    })
+    })?;
+    // A scalar view argument gives a view column, as `return_type` says.
+    match (input.data_type(), out) {
+        (DataType::Utf8View, ColumnarValue::Array(a)) => Ok(ColumnarValue::Array(
+            arrow::compute::cast(&a, &DataType::Utf8View)?,
+        )),
+        (_, out) => Ok(out),
+    }
 }
 
 fn eval_get(name: &str, args: ScalarFunctionArgs) -> Result<ColumnarValue> {

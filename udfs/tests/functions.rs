@@ -115,6 +115,50 @@ async fn edits_keep_every_other_byte() {
     assert!(err.to_string().contains("a..b"), "{err}");
 }
 
+/// Rules read the text as string views: the edit functions return views,
+/// with changed rows new, unchanged rows as they were and rows with a NULL
+/// argument NULL.
+#[tokio::test]
+async fn edits_over_string_views() {
+    use std::sync::Arc;
+
+    use arrow::array::{Array, AsArray, RecordBatch, StringViewArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+
+    let other = r#"{"resourceType":"Patient","id":"a-patient-with-no-performer"}"#;
+    let texts = StringViewArray::from(vec![Some(OBS), Some(other), None, Some(OBS)]);
+    let paths = StringViewArray::from(vec![
+        Some("performer[1]"),
+        Some("performer[1]"),
+        Some("performer[1]"),
+        None,
+    ]);
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("r", DataType::Utf8View, true),
+        Field::new("p", DataType::Utf8View, true),
+    ]));
+    let batch = RecordBatch::try_new(schema, vec![Arc::new(texts), Arc::new(paths)]).unwrap();
+    let mut ctx = SessionContext::new();
+    fhirflow_udfs::register_all(&mut ctx).unwrap();
+    ctx.register_batch("t", batch).unwrap();
+    for (sql, first) in [
+        (
+            "SELECT fhir_remove(r, p) FROM t",
+            OBS.replace(r##",{"reference":"#c1"}"##, ""),
+        ),
+        ("SELECT fhir_remove(r, 'nothing') FROM t", OBS.to_string()),
+    ] {
+        let out = ctx.sql(sql).await.unwrap().collect().await.unwrap();
+        let col = out[0].column(0);
+        assert_eq!(col.data_type(), &DataType::Utf8View, "{sql}");
+        let col = col.as_string_view();
+        assert_eq!(col.value(0), first, "{sql}");
+        assert_eq!(col.value(1), other, "{sql}");
+        assert!(col.is_null(2), "{sql}");
+        assert_eq!(col.is_null(3), sql.contains("(r, p)"), "{sql}");
+    }
+}
+
 #[tokio::test]
 async fn dates_and_hashes() {
     assert_eq!(

@@ -330,6 +330,7 @@ impl Run {
                     Line::Text {
                         bytes,
                         last_unterminated,
+                        block,
                     } => {
                         match self.key_and_check(bytes, file.file_type, last_unterminated) {
                             Ok((keys, scanned, findings)) => 'accepted: {
@@ -339,7 +340,7 @@ impl Run {
                                 }
                                 rows.push_keys(line_no, &keys);
                                 if applier.is_some() {
-                                    records.push_keys(line_no, &keys);
+                                    records.push_line(line_no, &keys, block);
                                 }
                                 if rows.len() >= c.batch_rows {
                                     let batch = rows.finish();
@@ -456,7 +457,7 @@ impl Run {
         &self,
         file: &LayerFile,
         plans: &[LinePlan],
-        mut f: impl FnMut(&LinePlan, &[u8]) -> Result<()>,
+        mut f: impl FnMut(&LinePlan, &[u8], &arrow::buffer::Buffer) -> Result<()>,
     ) -> Result<()> {
         let mut next = 0;
         let max = self.settings.curate.max_line_bytes;
@@ -467,7 +468,9 @@ impl Run {
             };
             next += 1;
             match line {
-                Line::Text { bytes, .. } if bytes.len() == plan.len as usize => f(plan, bytes),
+                Line::Text { bytes, block, .. } if bytes.len() == plan.len as usize => {
+                    f(plan, bytes, block)
+                }
                 _ => Err(input_changed(
                     file,
                     format!("line {line_no} is not the line read before"),
@@ -1330,7 +1333,7 @@ impl Run {
         let fail_writing = commit::failpoint_active("pass-2-write-fails");
         let dups = &work.duplicates;
         let mut next_dup = 0;
-        self.reread(file, &work.plans, |plan, bytes| {
+        self.reread(file, &work.plans, |plan, bytes, _| {
             let line_no = plan.line_no;
             while next_dup < dups.len() && dups[next_dup] < line_no {
                 next_dup += 1;

@@ -13,21 +13,22 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
-use arrow::array::{ArrayBuilder, ArrayRef, AsArray, RecordBatch, StringBuilder};
+use arrow::array::{ArrayRef, AsArray, RecordBatch, StringViewArray};
 use arrow::datatypes::UInt64Type;
 use fhirflow_udfs::tenant_label::{LabelEdit, TenantLabeller};
 
 use super::parse::Reject;
 use super::{input_changed, run_blocking, type_key, LinePlan, Run, Scanned};
 use crate::error::Result;
+use crate::model::TextViews;
 use crate::raw::LayerFile;
 use crate::report::Reporter;
 use crate::rules::exec::{records_schema, Chain, RuleCounts, RuleSession};
 use crate::rules::Rule;
 
-/// Rows per batch the rules run over: large enough that planning overhead
-/// is small per row, small enough that a batch's text (about 10 MB) is
-/// reused heap memory, not fresh pages from the kernel each time.
+/// Rows per batch the rules run over: large enough that the fixed cost of
+/// running a rule's plan is small per row, small enough that the read
+/// buffers a batch's texts are views into (about 10 MB) stay few.
 pub(super) const RULE_BATCH_ROWS: usize = 8_192;
 
 /// One file's pass 1 output that the rules pass reads and trims.
@@ -231,7 +232,7 @@ impl<'a> Applier<'a> {
         let texts = records
             .column_by_name("resource")
             .expect("model")
-            .as_string::<i32>();
+            .as_string_view();
         for r in applied.rejected {
             let line = lines.value(r.row);
             self.rejected_lines.insert(line);
@@ -310,12 +311,12 @@ impl Run {
         let FileRows { keyed, plans } = rows;
         let batches = regroup(keyed, RULE_BATCH_ROWS);
         let mut batch_i = 0;
-        let mut texts = StringBuilder::new();
-        self.reread(file, &plans, |plan, bytes| {
+        let mut texts = TextViews::default();
+        self.reread(file, &plans, |plan, bytes, block| {
             let text = std::str::from_utf8(bytes).map_err(|_| {
                 input_changed(file, format!("line {} is no longer UTF-8", plan.line_no))
             })?;
-            texts.append_value(text);
+            texts.push(text, block);
             if texts.len() == batches[batch_i].num_rows() {
                 let records = records_batch(&batches[batch_i], texts.finish());
                 batch_i += 1;
@@ -498,7 +499,7 @@ fn regroup(keyed: Vec<RecordBatch>, rows: usize) -> Vec<RecordBatch> {
 
 /// Record-model rows from keyed rows (whose columns have the same types)
 /// and their text.
-fn records_batch(keyed: &RecordBatch, texts: arrow::array::StringArray) -> RecordBatch {
+fn records_batch(keyed: &RecordBatch, texts: StringViewArray) -> RecordBatch {
     let schema = records_schema();
     let columns: Vec<ArrayRef> = schema
         .fields()

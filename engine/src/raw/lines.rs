@@ -6,17 +6,25 @@
 //!   stream and a `\r` before each `\n` are dropped.
 //! * Line numbers are physical (1-based, blank lines counted), so a user can
 //!   find a reported line in an editor.
+//! * Each line comes with the Arrow buffer it lies in, so a caller can keep
+//!   its text as a string view instead of copying it.
 
 use std::io::{self, Read};
+
+use arrow::buffer::Buffer;
 
 /// One line handed to the callback.
 #[derive(Debug)]
 pub enum Line<'a> {
     /// The line without its terminator. `last_unterminated` is true for a
     /// final line that has no newline (a file possibly cut short).
+    /// `block` is the read buffer `bytes` lies in: a caller that keeps a
+    /// reference to it (an Arrow string view) keeps the text without a copy,
+    /// and the next read goes to fresh memory.
     Text {
         bytes: &'a [u8],
         last_unterminated: bool,
+        block: &'a Buffer,
     },
     /// The line was longer than the limit; `len` is its full length.
     TooLong { len: u64 },
@@ -63,6 +71,7 @@ pub fn for_each_line_after<R: Read, E: From<io::Error>>(
 
     let deliver = |line_no: u64,
                    mut bytes: &[u8],
+                   block: &Buffer,
                    first: &mut bool,
                    last: bool,
                    f: &mut dyn FnMut(u64, Line<'_>) -> Result<(), E>| {
@@ -78,13 +87,18 @@ pub fn for_each_line_after<R: Read, E: From<io::Error>>(
             Line::Text {
                 bytes,
                 last_unterminated: last,
+                block,
             },
         )
     };
 
     loop {
+        // The bytes read so far, frozen so that lines can be handed out as
+        // parts of a shared buffer.
+        let block = Buffer::from_vec(std::mem::take(&mut buf));
+        let data = block.as_slice();
         // Deliver every complete line in the buffer.
-        while let Some(i) = memchr::memchr(b'\n', &buf[start..end]) {
+        while let Some(i) = memchr::memchr(b'\n', &data[start..end]) {
             line_no += 1;
             match skipping.take() {
                 Some(skipped) => {
@@ -100,11 +114,40 @@ pub fn for_each_line_after<R: Read, E: From<io::Error>>(
                     first = false;
                     f(line_no, Line::TooLong { len: i as u64 })?;
                 }
-                None => deliver(line_no, &buf[start..start + i], &mut first, false, &mut f)?,
+                None => deliver(
+                    line_no,
+                    &data[start..start + i],
+                    &block,
+                    &mut first,
+                    false,
+                    &mut f,
+                )?,
             }
             start += i + 1;
         }
         if eof {
+            // What is left is a last line without a newline.
+            if let Some(skipped) = skipping.take() {
+                line_no += 1;
+                f(
+                    line_no,
+                    Line::TooLong {
+                        len: skipped + (end - start) as u64,
+                    },
+                )?;
+            } else if start < end {
+                line_no += 1;
+                if end - start > max_line {
+                    f(
+                        line_no,
+                        Line::TooLong {
+                            len: (end - start) as u64,
+                        },
+                    )?;
+                } else {
+                    deliver(line_no, &data[start..end], &block, &mut first, true, &mut f)?;
+                }
+            }
             break;
         }
         // An unfinished line: stop keeping it once it is over the limit.
@@ -112,12 +155,21 @@ pub fn for_each_line_after<R: Read, E: From<io::Error>>(
             *skipping.get_or_insert(0) += (end - start) as u64;
             start = end;
         }
-        // Make room: move the partial line to the front, grow if it fills the buffer.
-        if start > 0 {
-            buf.copy_within(start..end, 0);
-            end -= start;
-            start = 0;
-        }
+        // Room for the next read, with the partial line at the front: the
+        // same memory when the caller kept no line of it, else fresh memory.
+        let partial = end - start;
+        buf = match block.into_vec::<u8>() {
+            Ok(mut v) => {
+                v.copy_within(start..end, 0);
+                v
+            }
+            Err(kept) => {
+                let mut v = vec![0; kept.len()];
+                v[..partial].copy_from_slice(&kept[start..end]);
+                v
+            }
+        };
+        (start, end) = (0, partial);
         if end == buf.len() {
             buf.resize(buf.len() * 2, 0);
         }
@@ -130,32 +182,7 @@ pub fn for_each_line_after<R: Read, E: From<io::Error>>(
         };
         totals.bytes += n as u64;
         end += n;
-        if n == 0 {
-            eof = true;
-            if let Some(skipped) = skipping.take() {
-                line_no += 1;
-                f(
-                    line_no,
-                    Line::TooLong {
-                        len: skipped + (end - start) as u64,
-                    },
-                )?;
-                start = end;
-            } else if start < end {
-                line_no += 1;
-                if end - start > max_line {
-                    f(
-                        line_no,
-                        Line::TooLong {
-                            len: (end - start) as u64,
-                        },
-                    )?;
-                } else {
-                    deliver(line_no, &buf[start..end], &mut first, true, &mut f)?;
-                }
-                start = end;
-            }
-        }
+        eof = n == 0;
     }
     totals.physical_lines = line_no - lines_before;
     Ok(totals)
@@ -184,6 +211,7 @@ mod tests {
                     Line::Text {
                         bytes,
                         last_unterminated,
+                        ..
                     } => {
                         format!(
                             "{}{}",
@@ -230,5 +258,37 @@ mod tests {
                 (4, "TOO_LONG(30)".into())
             ]
         );
+    }
+
+    #[test]
+    fn lines_lie_in_their_blocks_and_outlive_the_pass() {
+        // A caller that keeps every block (as string views do) still has
+        // each line intact afterwards: across refills into fresh memory and
+        // a buffer grown for a line longer than one read.
+        let mut input = Vec::new();
+        for i in 0..4000 {
+            let pad = "x".repeat(i % 700);
+            input.extend_from_slice(format!("{{\"n\":{i},\"pad\":\"{pad}\"}}\n").as_bytes());
+            if i == 2000 {
+                input.extend(std::iter::repeat_n(b'y', 3 * READ_CHUNK / 2));
+                input.push(b'\n');
+            }
+        }
+        input.extend_from_slice(b"last");
+        let mut kept = Vec::new();
+        for_each_line::<_, io::Error>(&input[..], 4 * READ_CHUNK, |_, l| {
+            let Line::Text { bytes, block, .. } = l else {
+                panic!("no line is too long here");
+            };
+            let at = bytes.as_ptr() as usize - block.as_ptr() as usize;
+            assert!(at + bytes.len() <= block.len());
+            kept.push((block.clone(), at, bytes.len()));
+            Ok(())
+        })
+        .unwrap();
+        let got: Vec<&[u8]> = kept.iter().map(|(b, at, n)| &b[*at..at + n]).collect();
+        let want: Vec<&[u8]> = input.split(|&c| c == b'\n').collect();
+        assert_eq!(got.len(), want.len());
+        assert!(got == want);
     }
 }

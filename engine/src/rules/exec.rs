@@ -15,7 +15,7 @@ use std::any::Any;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, StringArray, UInt32Array};
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, UInt32Array};
 use arrow::datatypes::{DataType, SchemaRef, UInt64Type};
 use async_trait::async_trait;
 use datafusion::catalog::{Session as CatalogSession, TableProvider};
@@ -411,7 +411,7 @@ impl Chain {
                 .column(line_col)
                 .as_primitive::<UInt64Type>()
                 .clone();
-            let texts = current.column(resource_col).as_string::<i32>().clone();
+            let texts = current.column(resource_col).as_string_view().clone();
             let started = std::time::Instant::now();
             let result = session.run(rule, plan, current.clone()).await?;
             let broken = |message: String| Error::Rule {
@@ -430,8 +430,10 @@ impl Chain {
                 };
                 let line = cast("line_no", &DataType::UInt64)?.expect("checked when planned");
                 let line = line.as_primitive::<UInt64Type>();
-                let text = cast("resource", &DataType::Utf8)?.expect("checked when planned");
-                let text = text.as_string::<i32>();
+                // Views of the input's text when the rule passed it through
+                // (a Utf8 result is cast to views of its own buffer).
+                let text = cast("resource", &DataType::Utf8View)?.expect("checked when planned");
+                let text = text.as_string_view();
                 let reason = cast("reject_reason", &DataType::Utf8)?;
                 let reason = reason.as_ref().map(|r| r.as_string::<i32>());
                 for i in 0..batch.num_rows() {
@@ -506,8 +508,8 @@ impl Chain {
                 .collect();
         }
         // The survivors' final text, where it differs from the input's.
-        let before = input.column(resource_col).as_string::<i32>();
-        let after = current.column(resource_col).as_string::<i32>();
+        let before = input.column(resource_col).as_string_view();
+        let after = current.column(resource_col).as_string_view();
         for (pos, &row) in origin.iter().enumerate() {
             let (a, b) = (after.value(pos), before.value(row));
             if !std::ptr::eq(a.as_ptr(), b.as_ptr()) && a != b {
@@ -547,17 +549,14 @@ fn next_rows(current: &RecordBatch, resource_col: usize, fate: &[Fate]) -> Recor
         .map(|c| arrow::compute::take(c, &indices, None).expect("indices in range"))
         .collect();
     if fate.iter().any(|f| matches!(f, Fate::Kept(Some(_)))) {
-        let old = current.column(resource_col).as_string::<i32>();
-        let texts: StringArray = keep
+        let new = keep
             .iter()
-            .map(|&i| {
-                let i = i as usize;
-                Some(match &fate[i] {
-                    Fate::Kept(Some(new)) => new.as_str(),
-                    _ => old.value(i),
-                })
-            })
-            .collect();
+            .enumerate()
+            .filter_map(|(row, &i)| match &fate[i as usize] {
+                Fate::Kept(Some(new)) => Some((row, new.as_str())),
+                _ => None,
+            });
+        let texts = fhirflow_udfs::replace_views(columns[resource_col].as_string_view(), new, None);
         columns[resource_col] = Arc::new(texts);
     }
     RecordBatch::try_new(current.schema(), columns).expect("same schema")

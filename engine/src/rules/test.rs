@@ -242,7 +242,7 @@ fn outcome_batch(records: &RecordBatch, applied: &super::exec::Applied) -> Recor
     let texts = records
         .column_by_name("resource")
         .expect("model")
-        .as_string::<i32>();
+        .as_string_view();
     let mut outcome = vec!["kept"; n];
     let mut reason: Vec<Option<String>> = vec![None; n];
     let mut text: Vec<Option<String>> = (0..n).map(|i| Some(texts.value(i).to_string())).collect();

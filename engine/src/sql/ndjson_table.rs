@@ -250,6 +250,7 @@ impl PartitionStream for FilePartition {
                     Line::Text {
                         bytes,
                         last_unterminated,
+                        ..
                     } => match key_line(bytes, file_type, max_depth, last_unterminated) {
                         Ok(keys) => rows.push_keys(line_no, &keys),
                         Err(r) if shape == Shape::Raw => {
