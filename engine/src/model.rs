@@ -26,9 +26,11 @@ pub enum Shape {
     /// tenant, resource type and id), no text: what dedup reads.
     Keyed,
     /// The record model with the per-file columns dictionary encoded (as in
-    /// `Keyed`) and the text as string views into the buffers the lines were
-    /// read into ([`TextViews`]): what curation rules read, built without
-    /// copying a file's name onto every row or any line's text.
+    /// `Keyed`) and the text as string views: what curation rules read.
+    /// Curation builds it with [`rules_batch`] from the key rows and views
+    /// into the buffers the lines were read into ([`TextViews`]), copying
+    /// neither a file's name onto every row nor any line's text; a
+    /// [`RowsBuilder`] of this shape copies the texts.
     Rules,
 }
 
@@ -103,6 +105,24 @@ pub fn schema(shape: Shape) -> SchemaRef {
     }
 }
 
+/// The rules' rows (`Rules`) from key rows (`Keyed`, whose columns have the
+/// same types) and the lines' texts.
+pub fn rules_batch(keyed: &RecordBatch, texts: StringViewArray) -> RecordBatch {
+    let schema = schema(Shape::Rules);
+    let columns: Vec<ArrayRef> = schema
+        .fields()
+        .iter()
+        .map(|f| match f.name().as_str() {
+            "resource" => Arc::new(texts.clone()) as ArrayRef,
+            name => keyed
+                .column_by_name(name)
+                .expect("keyed has the model's keys")
+                .clone(),
+        })
+        .collect();
+    RecordBatch::try_new(schema, columns).expect("record model")
+}
+
 /// Where the rows of one file come from.
 #[derive(Debug, Clone)]
 pub struct FileOrigin {
@@ -163,16 +183,6 @@ impl RowsBuilder {
 
     /// A line that passed step 1.
     pub fn push_keys(&mut self, line_no: u64, k: &Keys<'_>) {
-        self.push(line_no, k, None)
-    }
-
-    /// A line that passed step 1, whose text lies in `block` (the buffer it
-    /// was read into): a `Rules` builder keeps a view of it, not a copy.
-    pub fn push_line(&mut self, line_no: u64, k: &Keys<'_>, block: &Buffer) {
-        self.push(line_no, k, Some(block))
-    }
-
-    fn push(&mut self, line_no: u64, k: &Keys<'_>, block: Option<&Buffer>) {
         self.rows += 1;
         self.line_no.append_value(line_no);
         self.resource_type.append_value(k.resource_type);
@@ -195,10 +205,7 @@ impl RowsBuilder {
                 self.error.append_null();
             }
             Shape::Curated => self.resource.append_value(k.text),
-            Shape::Rules => match block {
-                Some(block) => self.texts.push(k.text, block),
-                None => self.texts.push_copy(k.text),
-            },
+            Shape::Rules => self.texts.push_copy(k.text),
         }
     }
 

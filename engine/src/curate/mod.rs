@@ -55,7 +55,7 @@ use crate::commit::{self, failpoint};
 use crate::error::{Error, Result};
 use crate::layout::{ImportDate, MetadataTable, TenantGuid};
 use crate::metadata::{self, ErrorRow, ErrorSink, JobRow, MetricRow};
-use crate::model::{RowsBuilder, Shape};
+use crate::model::{rules_batch, RowsBuilder, Shape, TextViews};
 use crate::raw::lines::Line;
 use crate::raw::{self, read_lines, LayerFile};
 use crate::report::Reporter;
@@ -307,7 +307,13 @@ impl Run {
             )?),
         };
         let direct = keys_final && applier.is_none();
-        let mut records = RowsBuilder::new(Shape::Rules, file.origin.clone());
+        // With rules, each batch of key rows is also the rules' batch (with
+        // the lines' texts as views): the keys are built once.
+        let batch_rows = match applier {
+            Some(_) => c.batch_rows.min(rules_pass::RULE_BATCH_ROWS),
+            None => c.batch_rows,
+        };
+        let mut texts = TextViews::default();
         let mut out = Scanned {
             keyed: Vec::new(),
             rejected: 0,
@@ -340,10 +346,15 @@ impl Run {
                                 }
                                 rows.push_keys(line_no, &keys);
                                 if applier.is_some() {
-                                    records.push_line(line_no, &keys, block);
+                                    texts.push(keys.text, block);
                                 }
-                                if rows.len() >= c.batch_rows {
+                                if rows.len() >= batch_rows {
                                     let batch = rows.finish();
+                                    // Step 3, when the rules need no other
+                                    // file.
+                                    if let Some(a) = applier.as_mut() {
+                                        a.process(rules_batch(&batch, texts.finish()))?;
+                                    }
                                     if direct {
                                         self.keys.push(vec![batch])?;
                                     } else {
@@ -364,13 +375,6 @@ impl Run {
                                     insert,
                                     rescan,
                                 });
-                                // Step 3, when the rules need no other file.
-                                if let Some(a) = applier
-                                    .as_mut()
-                                    .filter(|_| records.len() >= rules_pass::RULE_BATCH_ROWS)
-                                {
-                                    a.process(records.finish())?;
-                                }
                                 None
                             }
                             Err(r) => Some((vec![r], Some(bytes))),
@@ -425,12 +429,13 @@ impl Run {
             Err(e) => return Err(e),
         }
         if !rows.is_empty() {
-            out.keyed.push(rows.finish());
-        }
-        if let Some(mut a) = applier {
-            if !records.is_empty() {
-                a.process(records.finish())?;
+            let batch = rows.finish();
+            if let Some(a) = applier.as_mut() {
+                a.process(rules_batch(&batch, texts.finish()))?;
             }
+            out.keyed.push(batch);
+        }
+        if let Some(a) = applier {
             let mut done = a.finish(
                 std::mem::take(&mut out.keyed),
                 std::mem::take(&mut out.plans),

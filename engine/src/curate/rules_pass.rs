@@ -13,17 +13,17 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
-use arrow::array::{ArrayRef, AsArray, RecordBatch, StringViewArray};
+use arrow::array::{AsArray, RecordBatch};
 use arrow::datatypes::UInt64Type;
 use fhirflow_udfs::tenant_label::{LabelEdit, TenantLabeller};
 
 use super::parse::Reject;
 use super::{input_changed, run_blocking, type_key, LinePlan, Run, Scanned};
 use crate::error::Result;
-use crate::model::TextViews;
+use crate::model::{rules_batch, TextViews};
 use crate::raw::LayerFile;
 use crate::report::Reporter;
-use crate::rules::exec::{records_schema, Chain, RuleCounts, RuleSession};
+use crate::rules::exec::{Chain, RuleCounts, RuleSession};
 use crate::rules::Rule;
 
 /// Rows per batch the rules run over: large enough that the fixed cost of
@@ -318,7 +318,7 @@ impl Run {
             })?;
             texts.push(text, block);
             if texts.len() == batches[batch_i].num_rows() {
-                let records = records_batch(&batches[batch_i], texts.finish());
+                let records = rules_batch(&batches[batch_i], texts.finish());
                 batch_i += 1;
                 applier.process(records)?;
             }
@@ -495,24 +495,6 @@ fn regroup(keyed: Vec<RecordBatch>, rows: usize) -> Vec<RecordBatch> {
         out.push(arrow::compute::concat_batches(&schema, &group).expect("same schema"));
     }
     out
-}
-
-/// Record-model rows from keyed rows (whose columns have the same types)
-/// and their text.
-fn records_batch(keyed: &RecordBatch, texts: StringViewArray) -> RecordBatch {
-    let schema = records_schema();
-    let columns: Vec<ArrayRef> = schema
-        .fields()
-        .iter()
-        .map(|f| match f.name().as_str() {
-            "resource" => Arc::new(texts.clone()) as ArrayRef,
-            name => keyed
-                .column_by_name(name)
-                .expect("keyed has the model's keys")
-                .clone(),
-        })
-        .collect();
-    RecordBatch::try_new(schema, columns).expect("record model")
 }
 
 fn without_lines(batch: RecordBatch, lines: &HashSet<u64>) -> RecordBatch {
