@@ -673,4 +673,41 @@ mod tests {
             assert_eq!((b.counts[0].rows_in, b.counts[0].kept), (2, 2));
         }
     }
+
+    /// Rules that return their input as it was are read without a look at
+    /// each row; an edit between them is still seen, and only where it
+    /// changed the text.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn passed_through_rows_and_an_edit_between() {
+        let (batch, keyed) = rows(&[(1, "a"), (2, "b"), (3, "c")]);
+        let session = RuleSession::new(&BTreeMap::new(), keys_from_keyed(&[keyed])).unwrap();
+        let rules = [
+            rule("all.sql", "SELECT * FROM records"),
+            rule(
+                "no_reason.sql",
+                "SELECT *, CASE WHEN id = 'zz' THEN 'never' END AS reject_reason FROM records",
+            ),
+            rule(
+                "edit.sql",
+                "SELECT * REPLACE (CASE WHEN id = 'b' THEN fhir_set(resource, 'active', 'true') \
+                 ELSE resource END AS resource) FROM records",
+            ),
+            rule("all_again.sql", "SELECT * FROM records"),
+        ];
+        let chain = Chain::plan(&session, &rules).await.unwrap();
+        let applied = chain.apply(&session, batch, 1).await.unwrap();
+        assert!(applied.rejected.is_empty());
+        for c in &applied.counts {
+            assert_eq!((c.rows_in, c.kept, c.rejected), (3, 3, 0));
+        }
+        let changed: Vec<u64> = applied.counts.iter().map(|c| c.changed).collect();
+        assert_eq!(changed, [0, 0, 1, 0]);
+        assert_eq!(
+            applied.changed,
+            [(
+                1,
+                r#"{"resourceType":"Patient","id":"b","active":true}"#.to_string()
+            )]
+        );
+    }
 }
