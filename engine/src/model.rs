@@ -29,8 +29,8 @@ pub enum Shape {
     /// `Keyed`) and the text as string views: what curation rules read.
     /// Curation builds it with [`rules_batch`] from the key rows and views
     /// into the buffers the lines were read into ([`TextViews`]), copying
-    /// neither a file's name onto every row nor any line's text; a
-    /// [`RowsBuilder`] of this shape copies the texts.
+    /// neither a file's name onto every row nor any line's text (a
+    /// [`RowsBuilder`] does not make this shape).
     Rules,
 }
 
@@ -143,7 +143,6 @@ pub struct RowsBuilder {
     version_id: StringBuilder,
     last_updated: TimestampMicrosecondBuilder,
     resource: StringBuilder,
-    texts: TextViews,
     error: StringBuilder,
     content_hash: UInt64Builder,
     key_hash: UInt64Builder,
@@ -151,6 +150,7 @@ pub struct RowsBuilder {
 
 impl RowsBuilder {
     pub fn new(shape: Shape, origin: FileOrigin) -> Self {
+        assert_ne!(shape, Shape::Rules, "rules batches are made by rules_batch");
         RowsBuilder {
             shape,
             origin,
@@ -161,7 +161,6 @@ impl RowsBuilder {
             version_id: StringBuilder::new(),
             last_updated: TimestampMicrosecondBuilder::new().with_timezone("UTC"),
             resource: StringBuilder::new(),
-            texts: TextViews::default(),
             error: StringBuilder::new(),
             content_hash: UInt64Builder::new(),
             key_hash: UInt64Builder::new(),
@@ -205,7 +204,7 @@ impl RowsBuilder {
                 self.error.append_null();
             }
             Shape::Curated => self.resource.append_value(k.text),
-            Shape::Rules => self.texts.push_copy(k.text),
+            Shape::Rules => unreachable!("checked in new"),
         }
     }
 
@@ -275,7 +274,7 @@ impl RowsBuilder {
                 cols.push(Arc::new(self.error.finish()));
             }
             Shape::Curated => cols.push(Arc::new(self.resource.finish())),
-            Shape::Rules => cols.push(Arc::new(self.texts.finish())),
+            Shape::Rules => unreachable!("checked in new"),
         }
         RecordBatch::try_new(schema(self.shape), cols).expect("columns match the schema")
     }
@@ -300,7 +299,7 @@ impl TextViews {
         let offset = (text.as_ptr() as usize).wrapping_sub(block.as_ptr() as usize);
         let inside = offset <= block.len() && text.len() <= block.len() - offset;
         if !inside || block.len() >= u32::MAX as usize {
-            return self.push_copy(text);
+            return self.builder.append_value(text);
         }
         let index = match &self.last {
             Some((b, i)) if b.as_ptr() == block.as_ptr() && b.len() == block.len() => *i,
@@ -317,11 +316,6 @@ impl TextViews {
             self.builder
                 .append_view_unchecked(index, offset as u32, text.len() as u32)
         }
-    }
-
-    /// Appends a copy of `text`.
-    pub fn push_copy(&mut self, text: &str) {
-        self.builder.append_value(text);
     }
 
     pub fn len(&self) -> usize {

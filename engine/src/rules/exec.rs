@@ -411,7 +411,6 @@ impl Chain {
                 .column(line_col)
                 .as_primitive::<UInt64Type>()
                 .clone();
-            let texts = current.column(resource_col).as_string_view().clone();
             let started = std::time::Instant::now();
             let result = session.run(rule, plan, current.clone()).await?;
             if passed_through(&result, &current, line_col, resource_col) {
@@ -419,6 +418,7 @@ impl Chain {
                 counts.seconds = started.elapsed().as_secs_f64();
                 continue;
             }
+            let texts = current.column(resource_col).as_string_view().clone();
             let broken = |message: String| Error::Rule {
                 file: rule.path.display().to_string(),
                 message,
@@ -596,7 +596,7 @@ fn next_rows(current: &RecordBatch, resource_col: usize, fate: &[Fate]) -> Recor
 mod tests {
     use super::*;
     use crate::curate::parse::key_line;
-    use crate::model::{FileOrigin, RowsBuilder};
+    use crate::model::{rules_batch, FileOrigin, RowsBuilder};
 
     /// Record-model and keyed rows of Patient lines `(line_no, id)`.
     fn rows(lines: &[(u64, &str)]) -> (RecordBatch, RecordBatch) {
@@ -606,7 +606,6 @@ mod tests {
             import_date: 0,
             source_file: "Patient.ndjson".into(),
         };
-        let mut records = RowsBuilder::new(Shape::Rules, origin.clone());
         let mut keyed = RowsBuilder::new(Shape::Keyed, origin);
         let texts: Vec<String> = lines
             .iter()
@@ -614,10 +613,11 @@ mod tests {
             .collect();
         for ((n, _), text) in lines.iter().zip(&texts) {
             let k = key_line(text.as_bytes(), Some("Patient"), 64, false).unwrap();
-            records.push_keys(*n, &k);
             keyed.push_keys(*n, &k);
         }
-        (records.finish(), keyed.finish())
+        let keyed = keyed.finish();
+        let texts = arrow::array::StringViewArray::from_iter_values(&texts);
+        (rules_batch(&keyed, texts), keyed)
     }
 
     fn rule(name: &str, sql: &str) -> Arc<Rule> {
