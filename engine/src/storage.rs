@@ -291,6 +291,22 @@ impl Root {
             .map_err(|e| Error::store(stage, self.url_of(&meta.location), e))
     }
 
+    /// `meta`'s file, checked as [`Root::open_sync`] checks it, when this
+    /// root is a local folder; None for other stores. Blocking.
+    pub fn open_local(
+        &self,
+        stage: &'static str,
+        meta: &ObjectMeta,
+    ) -> Result<Option<std::fs::File>> {
+        if self.local.is_none() {
+            return Ok(None);
+        }
+        Ok(match self.get_checked(stage, meta, None)?.payload {
+            GetResultPayload::File(file, _) => Some(file),
+            GetResultPayload::Stream(_) => None,
+        })
+    }
+
     /// A blocking `Read` of `meta`'s object from byte `offset` to its end.
     pub fn open_sync_from(
         &self,

@@ -4,7 +4,7 @@
 
 use std::io::Write;
 
-use fhirflow_tests::TestLake;
+use fhirflow_tests::{Moto, TestLake};
 
 /// One Patient line of about `len` bytes.
 fn patient(id: &str, len: usize, version: Option<&str>) -> String {
@@ -48,7 +48,8 @@ fn awkward_file() -> Vec<u8> {
 async fn outcome(t: &TestLake) -> (Vec<u8>, Vec<Vec<String>>, String) {
     let report = t.curate().await.expect("curate");
     let joined: Vec<u8> = t
-        .curated_files()
+        .visible_files()
+        .await
         .into_iter()
         .filter(|(n, _)| n.starts_with("Patient"))
         .flat_map(|(_, b)| b)
@@ -67,8 +68,19 @@ async fn outcome(t: &TestLake) -> (Vec<u8>, Vec<Vec<String>>, String) {
     (joined, errors, counts)
 }
 
+/// On a local folder the ranges are read through memory maps; on S3 each is
+/// one ranged GET, and the line that straddles its end is read on.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_file_read_in_ranges_gives_the_bytes_and_line_numbers_of_one_read() {
+    ranges_give_one_read(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_read_in_ranges_of_s3_gives_the_bytes_and_line_numbers_of_one_read() {
+    ranges_give_one_read(true).await;
+}
+
+async fn ranges_give_one_read(s3: bool) {
     let raw = awkward_file();
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     gz.write_all(&raw).unwrap();
@@ -76,7 +88,15 @@ async fn a_file_read_in_ranges_gives_the_bytes_and_line_numbers_of_one_read() {
     let run = |range_bytes: u64| {
         let (raw, gz) = (raw.clone(), gz.clone());
         async move {
+            let moto = s3.then(|| {
+                let moto = Moto::start();
+                moto.create_bucket("lake");
+                moto
+            });
             let t = TestLake::with(|s| {
+                if let Some(moto) = &moto {
+                    moto.configure(s, "lake", "ranges");
+                }
                 s.curate.range_bytes = range_bytes;
                 s.curate.max_line_bytes = 1500;
             });

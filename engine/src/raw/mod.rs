@@ -11,7 +11,9 @@ use object_store::ObjectMeta;
 
 use crate::error::{Error, Result};
 use crate::layout::{parse_partition, Layer, RawFileName};
-use crate::raw::lines::{for_each_line, for_each_line_after, Line, LineTotals};
+use crate::raw::lines::{
+    count_newlines, for_each_line, for_each_line_after, for_each_line_in, Line, LineTotals, Windows,
+};
 use crate::storage::Root;
 
 /// One NDJSON object of a layer, with what its path says about it.
@@ -252,9 +254,10 @@ pub fn read_lines(
     max_line: usize,
     f: impl FnMut(u64, Line<'_>) -> Result<()>,
 ) -> Result<LineTotals> {
-    let result = match &file.piece {
-        Some(piece) => read_piece(root, stage, file, piece, max_line, f),
-        None => {
+    let result = match (&file.piece, local_map(root, stage, file)?) {
+        (Some(piece), mapped) => read_piece(root, stage, file, piece, mapped, max_line, f),
+        (None, Some(mapped)) => for_each_line_in(&mapped, 0, mapped.size(), max_line, 0, f),
+        (None, None) => {
             let reader = root.open_sync(stage, &file.meta)?;
             let reader: Box<dyn Read> = if file.gzip {
                 Box::new(flate2::read::MultiGzDecoder::new(
@@ -276,16 +279,63 @@ pub fn read_lines(
     })
 }
 
-/// The lines of one piece: its bytes are read whole (one ranged GET of at
-/// most the piece's size), counted, and the count published; then, once the
-/// pieces before it have counted, its lines are handed on with their
-/// numbers in the file. The line that straddles the piece's end is read on
-/// from the bytes after it, up to its newline.
+/// A local file, not compressed, mapped: read with no copy.
+fn local_map(root: &Root, stage: &'static str, file: &LayerFile) -> Result<Option<MappedFile>> {
+    if file.gzip {
+        return Ok(None);
+    }
+    Ok(root.open_local(stage, &file.meta)?.map(|f| MappedFile {
+        file: f,
+        size: file.meta.size,
+    }))
+}
+
+/// A local file read through memory maps of its pages in the page cache,
+/// one window at a time: the lines' Arrow views point into the maps, so a
+/// file's bytes are never copied on the way in.
+pub struct MappedFile {
+    file: std::fs::File,
+    size: u64,
+}
+
+impl Windows for MappedFile {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn window(&self, offset: u64, len: usize) -> std::io::Result<arrow::buffer::Buffer> {
+        // SAFETY: the map is only read, and lives as long as the buffer
+        // that owns it. The lake's files are never changed in place: they
+        // are written under a staging name and moved into place whole
+        // (`Root::create_sync`), and a file that is removed keeps its pages
+        // while mapped. Someone else truncating a raw file during a run
+        // would end the process (SIGBUS), not change what it reports.
+        let map = unsafe {
+            memmap2::MmapOptions::new()
+                .offset(offset)
+                .len(len)
+                .populate()
+                .map(&self.file)?
+        };
+        let ptr = std::ptr::NonNull::from(&map[..]).cast::<u8>();
+        // SAFETY: `ptr` is valid for `map.len()` bytes while `map` lives,
+        // and the buffer owns `map`.
+        Ok(unsafe { arrow::buffer::Buffer::from_custom_allocation(ptr, map.len(), Arc::new(map)) })
+    }
+}
+
+/// The lines of one piece: its lines are counted and the count published;
+/// then, once the pieces before it have counted, its lines are handed on
+/// with their numbers in the file. The line that straddles the piece's end
+/// is read on from the bytes after it, up to its newline. A local file is
+/// read through `mapped`; another store's piece is read whole (one ranged
+/// GET of at most the piece's size).
 fn read_piece(
     root: &Root,
     stage: &'static str,
     file: &LayerFile,
     piece: &Piece,
+    mapped: Option<MappedFile>,
     max_line: usize,
     f: impl FnMut(u64, Line<'_>) -> Result<()>,
 ) -> Result<LineTotals> {
@@ -295,20 +345,28 @@ fn read_piece(
     };
     // One byte before the piece says whether a line starts at its start.
     let from = piece.start.saturating_sub(1);
-    let bytes = root.read_range_sync(stage, &file.meta, from..piece.end)?;
-    let body = &bytes[(piece.start - from) as usize..];
-    let starts_line = piece.start == 0 || bytes[0] == b'\n';
-    let first = if starts_line {
-        Some(0)
-    } else {
-        memchr::memchr(b'\n', body).map(|i| i + 1)
-    }
-    .filter(|&i| i < body.len());
+    let src: Box<dyn Windows> = match mapped {
+        Some(m) => Box::new(m),
+        None => {
+            let bytes = root.read_range_sync(stage, &file.meta, from..piece.end)?;
+            Box::new(Fetched {
+                offset: from,
+                bytes: arrow::buffer::Buffer::from(bytes),
+            })
+        }
+    };
+    let starts_line = piece.start == 0 || src.window(from, 1)?[0] == b'\n';
     // Lines that start in the piece: the first, then one after every
     // newline but the piece's last byte (a line starting at `end` is the
     // next piece's).
+    let first = if starts_line {
+        Some(piece.start)
+    } else {
+        find_newline(src.as_ref(), piece.start..piece.end)?.map(|i| i + 1)
+    }
+    .filter(|&i| i < piece.end);
     let owned = match first {
-        Some(i) => 1 + memchr::memchr_iter(b'\n', &body[i..body.len() - 1]).count() as u64,
+        Some(i) => 1 + count_newlines(src.as_ref(), i..piece.end - 1)?,
         None => 0,
     };
     let changed = |detail: String| Error::InputChanged {
@@ -328,18 +386,54 @@ fn read_piece(
     let Some(first) = first else {
         return Ok(LineTotals::default());
     };
-    let body = &body[first..];
+    if src.size() == file.meta.size {
+        return for_each_line_in(src.as_ref(), first, piece.end, max_line, before, f);
+    }
+    // Fetched bytes end at the piece's end: a line that straddles it is
+    // read on from the store.
+    let body = src.window(first, (piece.end - first) as usize)?;
     let straddles = piece.end < file.meta.size && body.last() != Some(&b'\n');
     let reader: Box<dyn Read> = if straddles {
         let rest = root.open_sync_from(stage, &file.meta, piece.end)?;
-        Box::new(body.chain(ToNewline {
+        Box::new(body.as_slice().chain(ToNewline {
             inner: rest,
             done: false,
         }))
     } else {
-        Box::new(body)
+        Box::new(body.as_slice())
     };
     for_each_line_after(reader, max_line, before, f)
+}
+
+/// Bytes `offset..` of a file, fetched from a store.
+struct Fetched {
+    offset: u64,
+    bytes: arrow::buffer::Buffer,
+}
+
+impl Windows for Fetched {
+    fn size(&self) -> u64 {
+        self.offset + self.bytes.len() as u64
+    }
+
+    fn window(&self, offset: u64, len: usize) -> std::io::Result<arrow::buffer::Buffer> {
+        Ok(self
+            .bytes
+            .slice_with_length((offset - self.offset) as usize, len))
+    }
+}
+
+/// The first newline of `src` in `range`.
+fn find_newline(src: &dyn Windows, range: std::ops::Range<u64>) -> std::io::Result<Option<u64>> {
+    let mut at = range.start;
+    while at < range.end {
+        let n = (range.end - at).min(lines::WINDOW as u64) as usize;
+        if let Some(i) = memchr::memchr(b'\n', &src.window(at, n)?) {
+            return Ok(Some(at + i as u64));
+        }
+        at += n as u64;
+    }
+    Ok(None)
 }
 
 /// Reads up to and including the first newline of `inner`.
